@@ -1,0 +1,348 @@
+"""Benchmark of the JVP attention: ``python -m onestep.kernels.bench`` (or ``python kernels/bench.py``).
+
+CPU (always): peak memory and time of the blockwise fallback's forward+JVP versus the MATH path
+(plain ``softmax(QK^T)V`` + ``torch.func.jvp``), B=1, H=8, d=64, fp32, N in --ns (default
+1024, 4096, 8192).  Every point runs in a fresh subprocess; its peak memory is the process
+high-water RSS (VmHWM) minus the RSS measured right before the timed call
+(after the inputs were created and a tiny warm-up call loaded the math libraries), i.e. the extra
+memory the attention call needed.  A point whose MATH estimate exceeds the free RAM is reported
+as "OOM (est. X GiB)" without running it.
+
+GPU (only when CUDA is present): TFLOP/s, time and peak memory of the fused Triton forward+JVP
+(12 B H N^2 d FLOPs), of ``torch.func.jvp(attention)`` end to end, of SDPA's flash forward
+(4 B H N^2 d) and of MATH SDPA + ``torch.func.jvp`` (skipped / "OOM" where it does not fit), for
+N = 1k ... 64k, d = 64 / 128, bf16 and fp16.
+
+Writes ``results/jvp_attention_<device>.md`` (device name, versions, date, table) and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make `onestep.kernels` (or the repo's kernels/) importable
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0]) == _here:
+        sys.path.pop(0)
+    try:
+        import onestep.kernels as _ok  # noqa: F401
+    except Exception:
+        sys.path.insert(0, os.path.dirname(_here))
+
+import torch
+
+
+def _kernels():
+    try:
+        import onestep.kernels as ok
+    except Exception:  # repo checkout without the editable install
+        import kernels as ok  # type: ignore
+    return ok
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: one measurement per subprocess
+# ------------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    """High-water RSS of this process's address space.
+
+    VmHWM from /proc/self/status (per address space, fresh after exec).  ``getrusage().ru_maxrss``
+    is only the fallback: on Linux it survives fork+exec, so a child of a big parent (e.g. pytest)
+    would report the parent's high-water mark.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                if ln.startswith("VmHWM:"):
+                    return int(ln.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _cpu_point(method: str, N: int, B: int, H: int, d: int, threads: int | None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    ok = _kernels()
+    g = torch.Generator().manual_seed(0)
+    shp = (B, H, N, d)
+    q, k, v, qd, kd, vd = (torch.randn(shp, generator=g) for _ in range(6))
+
+    def run(q, k, v, qd, kd, vd):
+        if method == "math_jvp":
+            f = lambda a, b, c: ok.math_attention(a, b, c)  # noqa: E731
+        elif method == "blockwise_jvp":
+            f = lambda a, b, c: ok.attention(a, b, c, backend="blockwise")  # noqa: E731
+        elif method == "blockwise_fused":
+            return ok.fused_forward_jvp(q, k, v, qd, kd, vd, backend="blockwise")
+        else:
+            raise ValueError(method)
+        return torch.func.jvp(f, (q, k, v), (qd, kd, vd))
+
+    small = [t[:, :, :64].contiguous() for t in (q, k, v, qd, kd, vd)]
+    run(*small)  # warm-up: loads BLAS / threads; tiny transient
+    base = _rss_bytes()
+    t0 = time.perf_counter()
+    o, od = run(q, k, v, qd, kd, vd)
+    dt = time.perf_counter() - t0
+    peak = _maxrss_bytes() - base
+    assert torch.isfinite(od).all()
+    return {"method": method, "N": N, "time_s": dt, "peak_bytes": max(peak, 0),
+            "threads": torch.get_num_threads()}
+
+
+def measure_cpu_point(method: str, N: int, B: int = 1, H: int = 8, d: int = 64,
+                      threads: int | None = None, timeout: float = 1800) -> dict:
+    """Run one CPU measurement in a fresh Python process; returns the dict of :func:`_cpu_point`."""
+    spec = json.dumps({"method": method, "N": N, "B": B, "H": H, "d": d, "threads": threads})
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--point", spec],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    if res.returncode != 0:
+        if res.returncode in (-9, 137) or "MemoryError" in res.stderr or "DefaultCPUAllocator" in res.stderr:
+            return {"method": method, "N": N, "oom": True}
+        raise RuntimeError(f"bench point {spec} failed:\n{res.stderr[-4000:]}")
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("POINT ")][-1]
+    return json.loads(line[len("POINT "):])
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for ln in f:
+                if ln.startswith("MemAvailable:"):
+                    return int(ln.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= s:
+            return f"{b / s:.1f} {unit}"
+    return f"{b:.0f} B"
+
+
+def run_cpu(ns, B=1, H=8, d=64, threads=None):
+    from tqdm import tqdm
+
+    rows = []
+    configs = [(N, m) for N in ns for m in ("blockwise_fused", "blockwise_jvp", "math_jvp")]
+    results = {}
+    for N, m in tqdm(configs, desc="cpu bench", unit="pt"):
+        if m == "math_jvp":
+            est = 6 * B * H * N * N * 4  # ~6 fp32 N x N tensors alive in MATH + jvp
+            if est > 0.8 * _mem_available():
+                results[(N, m)] = {"oom": True, "est": est}
+                continue
+        results[(N, m)] = measure_cpu_point(m, N, B, H, d, threads)
+    for N in ns:
+        bf, bj, mj = (results[(N, m)] for m in ("blockwise_fused", "blockwise_jvp", "math_jvp"))
+
+        def cell_t(r):
+            return "OOM" if r.get("oom") else f"{r['time_s']:.2f}"
+
+        def cell_m(r):
+            if r.get("oom"):
+                return f"OOM (est. {_fmt_bytes(r['est'])})" if "est" in r else "OOM"
+            return _fmt_bytes(r["peak_bytes"])
+
+        ratio = "n/a" if mj.get("oom") else f"{mj['peak_bytes'] / max(bj['peak_bytes'], 1):.1f}x"
+        rows.append([str(N), cell_m(bf), cell_m(bj), cell_m(mj), ratio, cell_t(bf), cell_t(bj), cell_t(mj)])
+    header = ["N", "peak blockwise fused", "peak blockwise func.jvp", "peak MATH+func.jvp",
+              "MATH / blockwise peak", "time fused (s)", "time blockwise func.jvp (s)", "time MATH+jvp (s)"]
+    threads_used = next((r["threads"] for r in results.values() if "threads" in r), torch.get_num_threads())
+    meta = f"B={B}, H={H}, d={d}, fp32, torch threads={threads_used}"
+    return header, rows, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+def _cuda_time(fn, warmup=2, reps=5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def _cuda_measure(fn):
+    """(seconds, peak extra bytes) or ("OOM", "OOM")."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        t = _cuda_time(fn)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM", "OOM"
+    return t, peak
+
+
+def run_gpu(ns, dims=(64, 128), dtypes=("bfloat16", "float16"), tokens=16384, heads=16):
+    from tqdm import tqdm
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ok = _kernels()
+    F = torch.nn.functional
+    rows = []
+    configs = [(dt, d, N) for dt in dtypes for d in dims for N in ns]
+    for dt_name, d, N in tqdm(configs, desc="gpu bench", unit="cfg"):
+        dt = getattr(torch, dt_name)
+        B = max(1, tokens // N)
+        H = heads
+        shp = (B, H, N, d)
+        q, k, v, qd, kd, vd = (torch.randn(shp, device="cuda", dtype=dt) for _ in range(6))
+        fl_fwd = 4 * B * H * N * N * d
+        fl_jvp = 12 * B * H * N * N * d
+
+        def fused():
+            return ok.fused_forward_jvp(q, k, v, qd, kd, vd, backend="triton")
+
+        def e2e():
+            return torch.func.jvp(lambda a, b, c: ok.attention(a, b, c, backend="triton"), (q, k, v), (qd, kd, vd))
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        def math_jvp():
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (qd, kd, vd))
+
+        t_f, m_f = _cuda_measure(fused)
+        t_e, m_e = _cuda_measure(e2e)
+        t_s, m_s = _cuda_measure(flash)
+        free, _ = torch.cuda.mem_get_info()
+        est = 8 * B * H * N * N * (2 if dt != torch.float32 else 4) + 4 * B * H * N * N * 4
+        t_m, m_m = ("OOM", "OOM") if est > 0.9 * free else _cuda_measure(math_jvp)
+
+        def tf(fl, t):
+            return "OOM" if t == "OOM" else f"{fl / t / 1e12:.1f}"
+
+        def ms(t):
+            return "OOM" if t == "OOM" else f"{t * 1e3:.2f}"
+
+        def mem(m):
+            return "OOM" if m == "OOM" else _fmt_bytes(m)
+
+        rows.append([dt_name, str(d), str(N), str(B), tf(fl_jvp, t_f), ms(t_f), mem(m_f), ms(t_e),
+                     tf(fl_fwd, t_s), ms(t_s), tf(fl_jvp, t_m), ms(t_m), mem(m_m)])
+        del q, k, v, qd, kd, vd
+        torch.cuda.empty_cache()
+    header = ["dtype", "d", "N", "B", "fused fwd+JVP TFLOP/s", "fused ms", "fused peak",
+              "func.jvp(attention) ms", "SDPA flash fwd TFLOP/s", "flash ms",
+              "MATH+jvp TFLOP/s (12BHN²d)", "MATH+jvp ms", "MATH+jvp peak"]
+    return header, rows, f"H={heads}, B = max(1, {tokens} // N)"
+
+
+# ------------------------------------------------------------------------------------------------
+def _table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _versions() -> str:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "n/a"
+    return f"torch {torch.__version__}, triton {tv}, python {platform.python_version()}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--ns", default=None, help="comma-separated sequence lengths")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "results"))
+    ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.point:
+        p = json.loads(args.point)
+        print("POINT " + json.dumps(_cpu_point(p["method"], p["N"], p["B"], p["H"], p["d"], p["threads"])))
+        return
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if device == "cpu":
+        ns = [int(x) for x in (args.ns or "1024,4096,8192").split(",")]
+        header, rows, meta = run_cpu(ns, threads=args.threads)
+        name, tag = _cpu_name(), "cpu"
+        title = "Forward + JVP attention on CPU: blockwise fallback vs MATH + torch.func.jvp"
+        note = ("Peak = process high-water RSS (VmHWM) minus RSS before the call, one fresh subprocess per "
+                "point. 'blockwise fused' = `fused_forward_jvp` (one pass); 'blockwise func.jvp' = "
+                "`torch.func.jvp(attention)` (forward, then the fused JVP rule).")
+    else:
+        ns = [int(x) for x in (args.ns or "1024,2048,4096,8192,16384,32768,65536").split(",")]
+        header, rows, meta = run_gpu(ns)
+        name = torch.cuda.get_device_name()
+        tag = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        title = "Forward + JVP attention on GPU: Triton kernel vs SDPA flash forward and MATH + jvp"
+        note = ("TFLOP/s: fused fwd+JVP and MATH+jvp counted as 12 B H N^2 d, SDPA forward as "
+                "4 B H N^2 d. Peak = torch.cuda.max_memory_allocated above the inputs.")
+    md = "\n".join([
+        f"# {title}", "",
+        f"- device: {name}", f"- versions: {_versions()}", f"- date: {date}", f"- config: {meta}",
+        f"- {note}", "", _table(header, rows), "",
+    ])
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"jvp_attention_{tag}.md")
+    with open(path, "w") as f:
+        f.write(md)
+    print(md)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The Denoiser interface shared by teacher, critic and generator.
+
+A Denoiser maps (x_t, t, cond) to its *native* prediction (``self.prediction``) under its own
+``self.schedule``. Every other parametrization is derived by :mod:`onestep.param`, never re-implemented
+per model. Conditioning ``cond`` is opaque to this layer: class labels (LongTensor, with ``num_classes``
+meaning "no label") for the built-in models, a dict of embeddings for text-to-image adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from onestep import param
+from onestep.errors import ConfigError
+from onestep.schedules import Schedule
+
+
+class Denoiser(nn.Module):
+    schedule: Schedule
+    prediction: str = "x0"
+    #: per-sample data shape, e.g. (2,) for 2-D points or (1, 8, 8) for digits
+    data_shape: tuple[int, ...] = ()
+    #: number of classes for class-conditional models (0 = unconditional); label ``num_classes`` = unconditional
+    num_classes: int = 0
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x_t, t, cond)")
+
+    def predict(self, kind: str, x_t: torch.Tensor, t, cond=None) -> torch.Tensor:
+        t = self._time(t, x_t)
+        return param.convert(self(x_t, t, cond), self.prediction, kind, x_t, t, self.schedule)
+
+    def x0(self, x_t, t, cond=None):
+        return self.predict("x0", x_t, t, cond)
+
+    def eps(self, x_t, t, cond=None):
+        return self.predict("eps", x_t, t, cond)
+
+    def v(self, x_t, t, cond=None):
+        return self.predict("v", x_t, t, cond)
+
+    def flow(self, x_t, t, cond=None):
+        return self.predict("flow", x_t, t, cond)
+
+    def score(self, x_t, t, cond=None):
+        return self.predict("score", x_t, t, cond)
+
+    def check_input(self, x: torch.Tensor, what: str = "x") -> None:
+        if self.data_shape and tuple(x.shape[1:]) != tuple(self.data_shape):
+            raise ConfigError(f"{what} has per-sample shape {tuple(x.shape[1:])} but the {type(self).__name__} "
+                              f"expects {tuple(self.data_shape)}; set data/teacher dimensions to agree")
+
+    @staticmethod
+    def _time(t, x: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+class Guided(Denoiser):
+    """Classifier-free guidance: D_w = D(x, t, null) + w (D(x, t, c) - D(x, t, null)).
+
+    Predictions at a fixed (x_t, t) are affine in one another, so combining in the native
+    parametrization equals combining in any other (x0, eps, score...). ``scale`` 1 is the conditional model.
+    """
+
+    def __init__(self, base: Denoiser, scale: float):
+        super().__init__()
+        if not base.num_classes:
+            raise ConfigError(f"guidance scale {scale} needs a class-conditional teacher; this one is unconditional "
+                              "(set teacher.guidance=1 or use a conditional teacher)")
+        self.base, self.scale = base, float(scale)
+        self.schedule, self.prediction = base.schedule, base.prediction
+        self.data_shape, self.num_classes = base.data_shape, base.num_classes
+
+    def forward(self, x_t, t, cond=None):
+        if cond is None or self.scale == 1.0:
+            return self.base(x_t, t, cond)
+        null = torch.full_like(cond, self.num_classes)
+        both = self.base(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+        c, u = both.chunk(2)
+        return u + self.scale * (c - u)
+
+
+def guided(denoiser: Denoiser, scale: float) -> Denoiser:
+    return denoiser if scale == 1.0 else Guided(denoiser, scale)

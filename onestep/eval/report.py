@@ -1,0 +1,88 @@
+"""Student vs teacher at several step counts: same noise, same labels, same sample count, same metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from onestep.sampling import nfe, sample
+
+CHUNK = 2048
+
+
+def chunked(fn: Callable, noise: torch.Tensor, cond: torch.Tensor | None, chunk: int = CHUNK) -> torch.Tensor:
+    outs = []
+    for i in range(0, noise.shape[0], chunk):
+        outs.append(fn(noise[i:i + chunk], None if cond is None else cond[i:i + chunk]).cpu())
+    return torch.cat(outs)
+
+
+def eval_inputs(data, n: int, seed: int):
+    """Fixed evaluation noise and labels (independent of the training RNG stream)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        b = data.batch(n, torch.device("cpu"))
+    return b.noise, b.cond
+
+
+def compare(setup, student, generator, teacher, eval_cfg, *, seed: int = 12345, progress: bool = True):
+    """Rows of metrics for the student at eval_cfg.student_steps and the teacher at eval_cfg.teacher_steps.
+
+    Returns (rows, samples) where samples maps a panel title to (x, cond) for plotting.
+    """
+    noise, cond = eval_inputs(setup.data, eval_cfg.num_samples, seed)
+    device = next(generator.parameters()).device
+    jobs = [("student", "renoise" if student.method == "renoise" else student.method, k) for k in eval_cfg.student_steps]
+    jobs += [("teacher", eval_cfg.teacher_method, k) for k in eval_cfg.teacher_steps]
+    rows, samples = [], {}
+    for model, method, steps in tqdm(jobs, desc="evaluate", disable=not progress, leave=False):
+        rng = torch.Generator(device=device).manual_seed(seed)
+        if model == "student":
+            fn = lambda z, c: student.sample(generator, z.to(device), _dev(c, device), steps, rng)  # noqa: E731
+        else:
+            ts = teacher.schedule.default_ts(steps)
+            fn = lambda z, c: sample(teacher, z.to(device), ts, _dev(c, device), method=method, generator=rng)  # noqa: E731
+        x = chunked(fn, noise, cond)
+        m = setup.evaluator.metrics(x, cond)
+        rows.append({"model": model, "sampler": method, "steps": steps, "nfe": nfe(method, steps),
+                     **{k: v for k, v in m.items() if not isinstance(v, list)}})
+        samples[f"{model} {steps} step{'s' if steps > 1 else ''}"] = (x, cond)
+    return rows, samples
+
+
+def _dev(c, device):
+    return None if c is None else c.to(device)
+
+
+COLUMNS = [("model", "model", "{}"), ("sampler", "sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "NFE", "{}"),
+           ("sliced_w2", "sliced-W2", "{:.4f}"), ("modes_covered", "modes", "{}"),
+           ("worst_mode_mass_err", "worst mode mass err", "{:.1%}"), ("mean_err", "mean err", "{:.4f}"),
+           ("cov_err", "cov err", "{:.4f}"), ("fd", "FD", "{:.3f}")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key, "")
+            if key == "modes_covered" and "num_modes" in r:
+                cells.append(f"{v}/{r['num_modes']}")
+            else:
+                cells.append(fmt.format(v) if v != "" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, rows: list[dict], extra: dict | None = None) -> str:
+    table = markdown_table(rows)
+    (Path(run_dir) / "results.md").write_text(table + "\n")
+    tmp = Path(run_dir) / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2))
+    tmp.replace(Path(run_dir) / "metrics.json")
+    return table

@@ -1,0 +1,112 @@
+"""Assemble an experiment from the config: teacher, the net that initializes generator and critic, data,
+and the evaluator. One builder per ``teacher.kind``; the trainer only sees the resulting ``Setup``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from onestep.denoisers.base import Denoiser
+from onestep.denoisers.gmm import GMMDenoiser, make_mixture
+from onestep.denoisers.nets import MLPDenoiser
+from onestep.errors import ConfigError
+from onestep.objectives.base import Batch
+from onestep.schedules import make_schedule
+from onestep.train.pretrain import fit_dsm
+
+
+class DataSource(Protocol):
+    data_shape: tuple[int, ...]
+
+    def batch(self, n: int, device: torch.device) -> Batch: ...
+
+
+class Evaluator(Protocol):
+    #: the metric that ranks models (lower is better), e.g. "sliced_w2" or "fd"
+    headline: str
+
+    def metrics(self, x: torch.Tensor, cond: torch.Tensor | None) -> dict: ...
+
+    def plot(self, path: Path, panels: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None: ...
+
+
+@dataclass
+class Setup:
+    teacher: Denoiser  # frozen real score, unguided (the trainer applies teacher.guidance)
+    student_init: Denoiser  # copied into generator and critic
+    data: DataSource
+    evaluator: Evaluator
+    num_classes: int = 0
+
+
+class GMMData:
+    def __init__(self, mixture):
+        self.mixture, self.data_shape = mixture, (mixture.dim,)
+
+    def batch(self, n: int, device) -> Batch:
+        cond = self.mixture.sample_labels(n)
+        real = self.mixture.sample(n, cond).float()
+        noise = torch.randn(n, self.mixture.dim)
+        return Batch(noise=noise.to(device), cond=None if cond is None else cond.to(device), real=real.to(device))
+
+    def clean(self, n: int):
+        cond = self.mixture.sample_labels(n)
+        return self.mixture.sample(n, cond).float(), cond
+
+
+def _mixture(cfg):
+    try:
+        return make_mixture(cfg.mixture, **cfg.mixture_args)
+    except TypeError as e:
+        raise ConfigError(f"teacher.mixture_args {dict(cfg.mixture_args)} do not fit mixture '{cfg.mixture}' ({e})") from None
+
+
+def _schedule(cfg):
+    try:
+        return make_schedule(cfg.schedule, **cfg.schedule_args)
+    except TypeError as e:
+        raise ConfigError(f"teacher.schedule_args {dict(cfg.schedule_args)} do not fit schedule '{cfg.schedule}' ({e})") from None
+
+
+def build_gmm(cfg, run_dir: Path, progress: bool = True) -> Setup:
+    from onestep.eval.gmm_eval import GMMEvaluator
+
+    tc = cfg.teacher
+    mix, sched = _mixture(tc), _schedule(tc)
+    data = GMMData(mix)
+    net = MLPDenoiser(sched, mix.dim, hidden=tc.net_hidden, depth=tc.net_depth, num_classes=mix.num_classes)
+    cached = Path(run_dir) / "teacher_net.safetensors"
+    if cached.exists():
+        net.load_state_dict(load_file(str(cached)))
+        net.eval().requires_grad_(False)
+    else:
+        fit_dsm(net, data.clean, steps=tc.net_steps, lr=tc.net_lr, batch=tc.net_batch, seed=cfg.seed,
+                progress=progress)
+        tmp = cached.with_suffix(".tmp")
+        save_file(net.state_dict(), str(tmp))
+        tmp.replace(cached)
+    exact = GMMDenoiser(mix, sched)
+    teacher = exact if tc.kind == "gmm" else copy.deepcopy(net)
+    return Setup(teacher=teacher, student_init=net, data=data, evaluator=GMMEvaluator(mix),
+                 num_classes=mix.num_classes)
+
+
+BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm}
+
+
+def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
+    kind = cfg.teacher.kind
+    if kind not in BUILDERS:
+        raise ConfigError(f"teacher.kind '{kind}' is unknown; choose one of {sorted(BUILDERS)}")
+    setup = BUILDERS[kind](cfg, run_dir, progress)
+    probe = setup.data.batch(2, torch.device("cpu"))
+    if tuple(probe.noise.shape[1:]) != tuple(setup.teacher.data_shape):
+        raise ConfigError(f"data '{cfg.data.kind}' gives samples of shape {tuple(probe.noise.shape[1:])} but the "
+                          f"teacher expects {tuple(setup.teacher.data_shape)}; pick matching data= and teacher=")
+    return setup

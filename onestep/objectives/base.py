@@ -1,0 +1,81 @@
+"""The objective interface.
+
+An objective is a small class: the networks it trains (``networks``), a typed config (``Config``, a
+dataclass registered as a Hydra option of the ``objective`` group), ``generator_loss`` and, when it
+trains a critic, ``critic_loss``. Losses return a dict of named scalars: "loss" is optimized, the rest
+are logged. The trainer owns optimizers, the update schedule (``critic_updates`` per generator step,
+i.e. TTUR), precision, EMA and checkpoints; objectives know nothing of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from onestep.config import store
+from onestep.denoisers.base import Denoiser
+from onestep.errors import ConfigError
+
+OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "?"
+    #: critic (fake-score) updates per generator update: the TTUR ratio (DMD2 uses 5)
+    ttur: int = 1
+
+
+@dataclass
+class Nets:
+    """What an objective sees: the frozen teacher (guided if configured) and the trained networks."""
+
+    teacher: Denoiser
+    generator: Denoiser
+    critic: Denoiser | None = None
+    modules: dict[str, nn.Module] | None = None  # extra trained modules (heads), by name
+
+
+@dataclass
+class Batch:
+    noise: torch.Tensor  # standard normal, generator input
+    cond: torch.Tensor | None = None  # class labels or None
+    real: torch.Tensor | None = None  # real data samples (objectives that use data)
+
+
+class Objective:
+    name: ClassVar[str]
+    Config: ClassVar[type] = ObjectiveConfig
+    #: trained networks besides the generator; "critic" is a copy of the teacher net (fake score)
+    networks: ClassVar[tuple[str, ...]] = ("generator", "critic")
+
+    def __init__(self, cfg, generate):
+        """``generate(nets, batch) -> x0`` maps a batch to generator samples with gradients."""
+        if cfg.ttur < 1:
+            raise ConfigError(f"objective.ttur={cfg.ttur} must be >= 1 (critic updates per generator update)")
+        self.cfg, self.generate = cfg, generate
+
+    @property
+    def critic_updates(self) -> int:
+        return self.cfg.ttur if "critic" in self.networks else 0
+
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"objective {self.name} must define generator_loss")
+
+    def critic_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"objective {self.name} trains a critic and must define critic_loss")
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    OBJECTIVES[cls.name] = cls
+    store(group="objective", name=cls.name, node=cls.Config)
+    return cls
+
+
+def make_objective(cfg, generate) -> Objective:
+    if cfg.name not in OBJECTIVES:
+        raise ConfigError(f"objective '{cfg.name}' is unknown; choose objective=<one of {sorted(OBJECTIVES)}>")
+    return OBJECTIVES[cfg.name](cfg, generate)

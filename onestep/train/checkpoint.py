@@ -1,0 +1,77 @@
+"""Atomic checkpoints: one folder per step, written under a temporary name and renamed into place.
+
+    <run>/checkpoints/step_00000250/{<net>.safetensors..., state.pt}
+
+rename(2) is atomic, so a folder named step_* is always complete; a crash mid-write leaves only a
+``.tmp-*`` folder, which the next save removes. Loading validates every file and falls back to the
+previous checkpoint (with a warning) if the newest one is unreadable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_STEP = re.compile(r"^step_(\d{8})$")
+
+
+def _dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: Path, step: int, modules: dict[str, nn.Module], state: dict, keep: int = 2) -> Path:
+    root = _dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    tmp.mkdir()
+    for name, m in modules.items():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = _dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name))
+
+
+def load_latest(run_dir: Path, modules: dict[str, nn.Module]) -> dict | None:
+    """Load the newest readable checkpoint into ``modules``; return its state (None if there is none)."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            weights = {name: load_file(str(ckpt / f"{name}.safetensors")) for name in modules}
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
+            warnings.warn(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); trying an older one")
+            continue
+        for name, m in modules.items():
+            m.load_state_dict(weights[name])
+        return state
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir() if path.is_dir() else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

@@ -1,0 +1,174 @@
+"""The training loop: generator + frozen teacher + (optional) critic, alternating updates with TTUR.
+
+Order of events per step (reads top to bottom in ``train``):
+    seed this step's RNG -> critic updates (objective.critic_updates times) -> one generator update
+    -> EMA -> stats line -> checkpoint -> periodic eval/samples
+Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
+is picked up; every step reseeds from (seed, step, rank), so an interrupted and resumed run is
+bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from onestep import experiment
+from onestep.denoisers.base import Denoiser, guided
+from onestep.eval.report import compare, eval_inputs, write_report
+from onestep.generator import Student
+from onestep.objectives import make_objective
+from onestep.objectives.base import Nets
+from onestep.train import checkpoint
+from onestep.train.ema import EMA
+from onestep.train.run_dir import prepare_run_dir
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Wrapped(Denoiser):
+    """Keeps the Denoiser API on a module that accelerate wrapped (DDP), so gradient sync hooks run."""
+
+    def __init__(self, wrapped, inner: Denoiser):
+        super().__init__()
+        self.wrapped = wrapped
+        self.schedule, self.prediction = inner.schedule, inner.prediction
+        self.data_shape, self.num_classes = inner.data_shape, inner.num_classes
+
+    def forward(self, x_t, t, cond=None):
+        return self.wrapped(x_t, t, cond)
+
+
+def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> dict:
+    run_dir = prepare_run_dir(cfg, run_dir)
+    tc = cfg.trainer
+    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu)
+    show = tc.progress and acc.is_main_process
+
+    setup = experiment.build(cfg, run_dir, progress=show)
+    teacher = guided(setup.teacher, cfg.teacher.guidance).to(acc.device).requires_grad_(False)
+    gc = cfg.generator
+    student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+    objective = make_objective(cfg.objective, student.train_sample)
+
+    generator = copy.deepcopy(setup.student_init).requires_grad_(True).train()
+    critic = copy.deepcopy(setup.student_init).requires_grad_(True).train() if "critic" in objective.networks else None
+    ema = EMA(generator, tc.ema_decay)
+    opt_g = _adamw(generator, tc.generator_optim)
+    opt_c = _adamw(critic, tc.critic_optim) if critic is not None else None
+
+    modules = {"generator": generator, "generator_ema": ema.model} | ({"critic": critic} if critic else {})
+    state = checkpoint.load_latest(run_dir, modules)
+    start = 0
+    if state is not None:
+        start = state["step"]
+        opt_g.load_state_dict(state["opt_generator"])
+        if opt_c is not None:
+            opt_c.load_state_dict(state["opt_critic"])
+
+    generator, opt_g = acc.prepare(generator, opt_g)
+    if critic is not None:
+        critic, opt_c = acc.prepare(critic, opt_c)
+    ema.model.to(acc.device)
+    nets = Nets(teacher=teacher, generator=_api(generator, modules["generator"]),
+                critic=None if critic is None else _api(critic, modules["critic"]))
+
+    stats_file = Path(run_dir) / "stats.jsonl"
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
+    bad_steps, t0 = 0, time.perf_counter()
+    for step in bar:
+        _seed(cfg.seed, step, acc)
+        logs: dict[str, float] = {}
+        for _ in range(objective.critic_updates):
+            batch = setup.data.batch(tc.batch_size, acc.device)
+            with acc.autocast():
+                out = objective.critic_loss(nets, batch, step)
+            bad_steps = _update(acc, out, critic, opt_c, tc.grad_clip, bad_steps, tc.max_bad_steps, "critic")
+            logs.update({f"critic/{k}": float(v) for k, v in out.items()})
+        batch = setup.data.batch(tc.batch_size, acc.device)
+        with acc.autocast():
+            out = objective.generator_loss(nets, batch, step)
+        bad_steps = _update(acc, out, generator, opt_g, tc.grad_clip, bad_steps, tc.max_bad_steps, "generator")
+        logs.update({f"gen/{k}": float(v) for k, v in out.items()})
+        ema.update(acc.unwrap_model(generator))
+
+        done = step + 1
+        if show and (done % tc.log_every == 0 or done == tc.steps):
+            rate = (done - start) / (time.perf_counter() - t0)
+            bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
+                             if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
+            with open(stats_file, "a") as f:
+                f.write(json.dumps({"step": done, "it_per_s": rate, **logs}) + "\n")
+        if acc.is_main_process and (done % tc.checkpoint_every == 0 or done == tc.steps):
+            checkpoint.save(run_dir, done, modules, _state(done, opt_g, opt_c), keep=tc.keep_checkpoints)
+        if show and tc.sample_every and done % tc.sample_every == 0:
+            _plot_samples(setup, student, ema.model, run_dir / f"samples_{done:08d}.png")
+        for cb in callbacks:
+            cb(done, logs)
+    bar.close()
+
+    if not acc.is_main_process:
+        return {}
+    rows, samples = compare(setup, student, ema.model.eval(), teacher, cfg.eval, progress=show)
+    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name})
+    if cfg.eval.plot:
+        pick = [k for k in samples if k.startswith("student")][:1] + \
+               [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))]
+        setup.evaluator.plot(run_dir / "samples.png", {k: samples[k] for k in dict.fromkeys(pick) if k in samples})
+    print(f"\n{table}\n\nrun folder: {run_dir}")
+    return {"rows": rows, "run_dir": str(run_dir)}
+
+
+def _api(prepared, inner: Denoiser) -> Denoiser:
+    return inner if prepared is inner else Wrapped(prepared, inner)
+
+
+def _adamw(net, oc):
+    return torch.optim.AdamW(net.parameters(), lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def _seed(seed: int, step: int, acc: Accelerator) -> None:
+    torch.manual_seed((seed * 1_000_003 + step) * 64 + acc.process_index)
+
+
+def _update(acc, out, net, opt, clip, bad_steps, max_bad, what) -> int:
+    """Backward + clip + step; a non-finite loss skips the step (and counts toward the run's limit)."""
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        bad_steps += 1
+        opt.zero_grad(set_to_none=True)
+        if bad_steps > max_bad:
+            raise NonFiniteLoss(f"{what} loss was non-finite for {bad_steps} consecutive updates; lower the "
+                                "learning rate (trainer.*_optim.lr) or enable trainer.grad_clip")
+        return bad_steps
+    acc.backward(loss)
+    if clip > 0:
+        acc.clip_grad_norm_(net.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return 0
+
+
+def _state(step, opt_g, opt_c) -> dict:
+    s = {"step": step, "opt_generator": opt_g.state_dict(), "rng": torch.get_rng_state()}
+    if opt_c is not None:
+        s["opt_critic"] = opt_c.state_dict()
+    return s
+
+
+@torch.no_grad()
+def _plot_samples(setup, student, net, path):
+    noise, cond = eval_inputs(setup.data, 2000, 0)
+    device = next(net.parameters()).device
+    x = student.sample(net, noise.to(device), None if cond is None else cond.to(device)).cpu()
+    setup.evaluator.plot(path, {"student (EMA)": (x, cond)})
+
