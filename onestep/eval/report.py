@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from onestep.progress import bar as progress_bar
 
 from onestep.sampling import nfe, sample
 
@@ -39,7 +39,7 @@ def compare(setup, student, generator, teacher, eval_cfg, *, seed: int = 12345, 
     jobs = [("student", "renoise" if student.method == "renoise" else student.method, k) for k in eval_cfg.student_steps]
     jobs += [("teacher", eval_cfg.teacher_method, k) for k in eval_cfg.teacher_steps]
     rows, samples = [], {}
-    for model, method, steps in tqdm(jobs, desc="evaluate", disable=not progress, leave=False):
+    for model, method, steps in progress_bar(jobs, desc="evaluate", disable=not progress, leave=False):
         rng = torch.Generator(device=device).manual_seed(seed)
         if model == "student":
             fn = lambda z, c: student.sample(generator, z.to(device), _dev(c, device), steps, rng)  # noqa: E731

@@ -60,7 +60,16 @@ class Objective:
 
     @property
     def critic_updates(self) -> int:
-        return self.cfg.ttur if "critic" in self.networks else 0
+        return self.cfg.ttur if "critic" in self.networks or self.trains_critic_modules else 0
+
+    #: set by the trainer when build_modules returned modules trained by the critic update
+    trains_critic_modules: bool = False
+
+    def build_modules(self, setup) -> dict[str, tuple[nn.Module, str]]:
+        """Extra trained modules (GAN heads, log-variance heads...): name -> (module, "generator" | "critic"),
+        the second item naming the update (and optimizer) that trains it. The trainer moves them to the
+        device, checkpoints them and passes them in ``Nets.modules``. ``setup`` is the experiment Setup."""
+        return {}
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"objective {self.name} must define generator_loss")

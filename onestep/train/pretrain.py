@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from onestep.progress import bar as progress_bar
 
 from onestep.denoisers.base import Denoiser
 from onestep.objectives.score_matching import dsm_loss
@@ -19,7 +19,7 @@ def fit_dsm(net: Denoiser, data: Callable[[int], tuple[torch.Tensor, torch.Tenso
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     net.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         x0, cond = data(batch)
         if cond is not None and net.num_classes:

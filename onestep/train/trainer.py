@@ -18,9 +18,8 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
-from onestep import experiment
+from onestep import experiment, progress
 from onestep.denoisers.base import Denoiser, guided
 from onestep.eval.report import compare, eval_inputs, write_report
 from onestep.generator import Student
@@ -62,28 +61,44 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
 
     generator = copy.deepcopy(setup.student_init).requires_grad_(True).train()
     critic = copy.deepcopy(setup.student_init).requires_grad_(True).train() if "critic" in objective.networks else None
+    extra = objective.build_modules(setup)
+    for name, (m, role) in extra.items():
+        if role not in ("generator", "critic"):
+            raise ValueError(f"objective {cfg.objective.name}: module '{name}' has role '{role}', not generator|critic")
+        m.requires_grad_(True).train()
+    objective.trains_critic_modules = any(role == "critic" for _, role in extra.values())
     ema = EMA(generator, tc.ema_decay)
-    opt_g = _adamw(generator, tc.generator_optim)
-    opt_c = _adamw(critic, tc.critic_optim) if critic is not None else None
 
     modules = {"generator": generator, "generator_ema": ema.model} | ({"critic": critic} if critic else {})
-    state = checkpoint.load_latest(run_dir, modules)
+    modules |= {name: m for name, (m, _) in extra.items()}
+    state = checkpoint.load_latest(run_dir, modules)  # loads weights in place
+
+    # each optimizer trains its network plus the extra modules of that role
+    g_mods = [generator] + [m for m, role in extra.values() if role == "generator"]
+    c_mods = ([critic] if critic is not None else []) + [m for m, role in extra.values() if role == "critic"]
+    prepared = acc.prepare(*g_mods, *c_mods)
+    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    g_mods, c_mods = prepared[:len(g_mods)], prepared[len(g_mods):]
+    opt_g = acc.prepare(_adamw(g_mods, tc.generator_optim))
+    opt_c = acc.prepare(_adamw(c_mods, tc.critic_optim)) if c_mods else None
     start = 0
     if state is not None:
         start = state["step"]
         opt_g.load_state_dict(state["opt_generator"])
         if opt_c is not None:
             opt_c.load_state_dict(state["opt_critic"])
-
-    generator, opt_g = acc.prepare(generator, opt_g)
+    generator = g_mods[0]
     if critic is not None:
-        critic, opt_c = acc.prepare(critic, opt_c)
+        critic = c_mods[0]
     ema.model.to(acc.device)
+    extra_prepared = dict(zip([n for n, (_, r) in extra.items() if r == "generator"], g_mods[1:]))
+    extra_prepared |= dict(zip([n for n, (_, r) in extra.items() if r == "critic"], c_mods[1 if critic is not None else 0:]))
     nets = Nets(teacher=teacher, generator=_api(generator, modules["generator"]),
-                critic=None if critic is None else _api(critic, modules["critic"]))
+                critic=None if critic is None else _api(critic, modules["critic"]),
+                modules={n: extra_prepared[n] for n in extra})
 
     stats_file = Path(run_dir) / "stats.jsonl"
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
+    bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
     bad_steps, t0 = 0, time.perf_counter()
     for step in bar:
         _seed(cfg.seed, step, acc)
@@ -92,13 +107,13 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
             batch = setup.data.batch(tc.batch_size, acc.device)
             with acc.autocast():
                 out = objective.critic_loss(nets, batch, step)
-            bad_steps = _update(acc, out, critic, opt_c, tc.grad_clip, bad_steps, tc.max_bad_steps, "critic")
-            logs.update({f"critic/{k}": float(v) for k, v in out.items()})
+            bad_steps = _update(acc, out, c_mods, opt_c, tc.grad_clip, bad_steps, tc.max_bad_steps, "critic")
+            logs.update({f"critic/{k}": float(v.detach()) for k, v in out.items()})
         batch = setup.data.batch(tc.batch_size, acc.device)
         with acc.autocast():
             out = objective.generator_loss(nets, batch, step)
-        bad_steps = _update(acc, out, generator, opt_g, tc.grad_clip, bad_steps, tc.max_bad_steps, "generator")
-        logs.update({f"gen/{k}": float(v) for k, v in out.items()})
+        bad_steps = _update(acc, out, g_mods, opt_g, tc.grad_clip, bad_steps, tc.max_bad_steps, "generator")
+        logs.update({f"gen/{k}": float(v.detach()) for k, v in out.items()})
         ema.update(acc.unwrap_model(generator))
 
         done = step + 1
@@ -132,15 +147,19 @@ def _api(prepared, inner: Denoiser) -> Denoiser:
     return inner if prepared is inner else Wrapped(prepared, inner)
 
 
-def _adamw(net, oc):
-    return torch.optim.AdamW(net.parameters(), lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+def _params(mods):
+    return [p for m in mods for p in m.parameters()]
+
+
+def _adamw(mods, oc):
+    return torch.optim.AdamW(_params(mods), lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
 
 
 def _seed(seed: int, step: int, acc: Accelerator) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 64 + acc.process_index)
 
 
-def _update(acc, out, net, opt, clip, bad_steps, max_bad, what) -> int:
+def _update(acc, out, mods, opt, clip, bad_steps, max_bad, what) -> int:
     """Backward + clip + step; a non-finite loss skips the step (and counts toward the run's limit)."""
     loss = out["loss"]
     if not torch.isfinite(loss):
@@ -152,7 +171,7 @@ def _update(acc, out, net, opt, clip, bad_steps, max_bad, what) -> int:
         return bad_steps
     acc.backward(loss)
     if clip > 0:
-        acc.clip_grad_norm_(net.parameters(), clip)
+        acc.clip_grad_norm_(_params(mods), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return 0
