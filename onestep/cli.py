@@ -4,6 +4,7 @@
     onestep train experiment=gmm_dmd2 trainer.steps=3000 objective.ttur=5
     onestep train -m objective.ttur=1,5            # Hydra multirun
     onestep train --cfg job                        # print the composed config
+    onestep bench bench.runs=[runs/gmm_dmd2/a]     # quality vs NFE: teacher samplers and student checkpoints
 
 Errors in user input (ConfigError) print one line and exit with status 2.
 """
@@ -11,6 +12,7 @@ Errors in user input (ConfigError) print one line and exit with status 2.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,7 +23,7 @@ import onestep.objectives  # noqa: F401  (registers the objectives)
 from onestep.errors import ConfigError
 
 CONFIG_PATH = "pkg://onestep.configs"
-COMMANDS = ("train",)
+COMMANDS = ("train", "bench")
 USAGE = f"usage: onestep {{{'|'.join(COMMANDS)}}} [key=value ...]   (see README.md)"
 
 
@@ -41,6 +43,82 @@ def _train(cfg: DictConfig) -> None:
         _fail(str(e))
 
 
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+def _bench(cfg: DictConfig) -> None:
+    from onestep.eval.bench import bench
+
+    try:
+        out = bench(cfg, cfg.bench.out or HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:
+        _fail(str(e))
+    print(f"\n{Path(out['md']).read_text()}\n{out['computed']} points computed, {out['cached']} from cache; "
+          f"{out['csv']}, {out['png']}")
+
+
+def _bench_overrides(args: list[str]) -> list[str]:
+    """Hydra's run folder is the bench folder (bench.out, else <out_root>/bench/<experiment>), with no .hydra/."""
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("bench.out=")), None)
+    run_dir = out or "${out_root}/bench/${hydra:runtime.choices.experiment}"
+    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _explain(e: Exception) -> str:
+    """Hydra's composition errors, as one line naming the key/option and the fix."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(e, MissingConfigException):
+        missing = _first_line(e).split("Could not find ")[-1].strip("'")
+        group, _, name = missing.rpartition("/")
+        return (f"'{name}' is not an option of config group '{group}'; choose {group}=<one of "
+                f"{', '.join(e.options or [])}>")
+    if isinstance(e, OverrideParseException):
+        return f"{_first_line(e)}; overrides look like key=value (see `onestep train --help`)"
+    msg, cause = _first_line(e), e.__cause__
+    if msg.startswith("Could not override"):
+        key = msg.split("'")[1]
+        return (f"unknown config key '{key}'; list the valid keys with `onestep train --cfg job` "
+                f"(or add a new key on purpose with +{key}=...)")
+    if cause is not None:
+        return f"{msg}: {_first_line(cause)}"
+    return msg
+
+
+def _precheck(args: list[str]) -> None:
+    """Compose the config once with Hydra's compose API so that a bad override fails with one line before
+    Hydra prints its multi-line report (and before it creates any output folder)."""
+    from hydra import compose, initialize_config_module
+
+    if any(a.startswith("-") for a in args):  # --cfg, -m, --help...: Hydra's own handling
+        return
+    try:
+        with initialize_config_module("onestep.configs", version_base="1.3"):
+            cfg = compose("config", overrides=args)
+    except Exception as e:  # noqa: BLE001 - every composition error becomes one line
+        _fail(_explain(e))
+    unknown = sorted(set(cfg.keys()) - set(onestep.config.Config.__dataclass_fields__))
+    if unknown:
+        _fail(f"unknown top-level config key(s) {unknown}; see `onestep train --cfg job` for the valid keys")
+    _check_writable("out_root", cfg.out_root)
+    if cfg.run_dir:
+        _check_writable("run_dir", cfg.run_dir)
+
+
+def _check_writable(key: str, folder: str) -> None:
+    """Create the folder (Hydra would anyway) and probe it with a file, or Hydra fails deep inside mkdir."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        _fail(f"{key}={folder!r} cannot be created or written ({e.strerror or e}); pass {key}=<writable folder>")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -49,8 +127,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         _fail(f"unknown command {argv[0]!r}; {USAGE}" if argv else USAGE)
     command, rest = argv[0], argv[1:]
+    _precheck(rest)
+    if command == "bench" and not any(a.startswith("-") for a in rest):
+        rest = rest + _bench_overrides(rest)
     sys.argv = [f"onestep {command}", *rest]
-    {"train": _train}[command]()
+    {"train": _train, "bench": _bench}[command]()
 
 
 if __name__ == "__main__":

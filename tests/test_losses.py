@@ -16,7 +16,7 @@ def gaussian(mean, std, dim=2):
     return GaussianMixture(torch.full((1, dim), float(mean)), (std**2) * torch.eye(dim, dtype=torch.float64)[None], [1.0])
 
 
-@pytest.mark.parametrize("weighting", ["x0", "eps"])
+@pytest.mark.parametrize("weighting", ["x0", "eps", "edm"])
 def test_dsm_loss_of_exact_denoiser_is_posterior_variance(weighting):
     """For data N(0, c^2 I) at fixed t: E||E[x0|x_t] - x0||^2 per dim = c^2 s^2 / (a^2 c^2 + s^2)."""
     torch.manual_seed(0)
@@ -27,7 +27,8 @@ def test_dsm_loss_of_exact_denoiser_is_posterior_variance(weighting):
     t = torch.full((x0.shape[0],), tval, dtype=torch.float64)
     a, sg = float(s.alpha(torch.tensor(tval))), float(s.sigma(torch.tensor(tval)))
     var = c**2 * sg**2 / (a**2 * c**2 + sg**2)
-    want = var if weighting == "x0" else var * a**2 / sg**2
+    sig, sd = sg / a, 0.5
+    want = {"x0": var, "eps": var * a**2 / sg**2, "edm": var * (sig**2 + sd**2) / (sig * sd) ** 2}[weighting]
     got = float(dsm_loss(exact, x0, weighting=weighting, t=t))
     assert abs(got - want) / want < 0.01, (got, want)
 

@@ -53,6 +53,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu)
     show = tc.progress and acc.is_main_process
 
+    torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     setup = experiment.build(cfg, run_dir, progress=show)
     teacher = guided(setup.teacher, cfg.teacher.guidance).to(acc.device).requires_grad_(False)
     gc = cfg.generator

@@ -1,0 +1,34 @@
+"""Shared test helpers: compose a config the way the CLI does, with overrides."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import onestep.config  # noqa: F401  (registers schemas)
+import onestep.objectives  # noqa: F401  (registers objectives)
+
+#: a few-second GMM run: tiny teacher pretraining, few steps, small eval
+TINY = ["experiment=gmm_dmd2", "teacher.net_steps=40", "teacher.net_hidden=32", "trainer.steps=12",
+        "trainer.batch_size=64", "trainer.checkpoint_every=4", "trainer.progress=false",
+        "objective.regression_pairs=64", "objective.regression_steps=4",
+        "eval.num_samples=256", "eval.teacher_steps=[2]", "eval.plot=false"]
+
+
+def compose(overrides=()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("onestep.configs", version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Tests share 2 cores in CI; keep each test single-threaded unless it opts out."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("ONESTEP_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(n)
