@@ -11,8 +11,27 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 _cs = ConfigStore.instance()
+
+#: longest run-folder name made of overrides; longer ones keep a readable prefix plus a hash of the rest
+MAX_RUN_NAME = 120
+
+
+def run_name(override_dirname: str) -> str:
+    """The run folder's name from Hydra's ``override_dirname`` (file-system safe, bounded length)."""
+    import hashlib
+
+    name = override_dirname.replace("/", "_")
+    if len(name) <= MAX_RUN_NAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name[:MAX_RUN_NAME - 13]}-{digest}"
+
+
+if not OmegaConf.has_resolver("onestep.run_name"):
+    OmegaConf.register_new_resolver("onestep.run_name", run_name)
 
 
 def store(group: str | None, name: str, node) -> None:
@@ -47,6 +66,11 @@ class GeneratorConfig:
     sigma_init: Optional[float] = None
     #: multi-step student sampling: renoise (consistency / DMD2 style) or ddim
     method: str = "renoise"
+    #: attention of diffusers-model generators: default (SDPA) | math | jvp_flash (onestep.kernels, O(N)-memory
+    #: JVP for sCM / rCM); a no-op for the MLP. See onestep/denoisers/attention.py
+    attention: str = "default"
+    #: wrap the generator so that x0(x, t_min) = x exactly (consistency models' c_skip / c_out boundary)
+    consistency_boundary: bool = False
 
 
 @dataclass
@@ -84,12 +108,50 @@ class TrainerConfig:
 
 
 @dataclass
+class ClipConfig:
+    #: open_clip architecture name (e.g. ViT-B-32) or a model-config .json file
+    model: str = "ViT-B-32"
+    #: local weights file (.pt / .bin / .safetensors); nothing is downloaded
+    checkpoint: Optional[str] = None
+    #: text file with one prompt per line
+    prompts: Optional[str] = None
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = 10000
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     teacher_method: str = "ddim"
     student_steps: list[int] = field(default_factory=lambda: [1])
     plot: bool = True
+    #: feature space of FD/FID, KID and precision/recall for image experiments: inception (clean-fid) | digits
+    features: str = "inception"
+    #: clean-fid's Inception weights inception-2015-12-05.pt (the file or its folder); never downloaded
+    inception_path: Optional[str] = None
+    #: FD reference: an image folder or an .npz (mu, sigma[, feats]); None = the experiment's own data
+    reference: Optional[str] = None
+    #: folder of cached reference statistics (keyed by feature extractor + content hash)
+    stats_cache: str = "${out_root}/fid_stats"
+    clip: ClipConfig = field(default_factory=lambda: ClipConfig())
+
+
+@dataclass
+class BenchConfig:
+    """`onestep bench`: quality vs number of function evaluations, one protocol for every model."""
+
+    #: student run folders; each contributes its latest checkpoint's generator_ema. With runs, the teacher,
+    #: data and evaluator come from the runs' config (all runs must share one teacher section)
+    runs: list[str] = field(default_factory=list)
+    #: teacher samplers (see onestep.sampling.METHODS) and step counts; NFE = steps (heun: 2 steps - 1)
+    teacher_methods: list[str] = field(default_factory=lambda: ["ddim", "heun"])
+    teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    #: samples per point (None = eval.num_samples); every point uses the same noise and labels
+    num_samples: Optional[int] = None
+    seed: int = 12345
+    #: output folder (None = <out_root>/bench/<experiment>); each finished point is cached there
+    out: Optional[str] = None
+    progress: bool = True
 
 
 @dataclass
@@ -100,6 +162,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
     #: run folder; the CLI fills it from the experiment name and overrides (the run's identity)
     run_dir: Optional[str] = None

@@ -122,7 +122,8 @@ def _cli(args, cwd):
 
 
 def test_cli_end_to_end(tmp_path):
-    args = [a for a in TINY if not a.startswith("eval.plot")] + ["eval.teacher_steps=[1,4]", f"out_root={tmp_path}"]
+    args = [a for a in TINY if not a.startswith("eval.plot")] + ["eval.teacher_steps=[1,4]", "trainer.eval_every=6", "trainer.log_every=4",
+                                                             f"out_root={tmp_path}"]
     r = _cli(args, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     run = next(tmp_path.glob("gmm_dmd2/*"))
@@ -130,6 +131,10 @@ def test_cli_end_to_end(tmp_path):
     assert {row["model"] for row in metrics["rows"]} == {"student", "teacher"}
     assert (run / "samples.png").stat().st_size > 1000 and (run / "config.yaml").exists()
     assert "sliced-W2" in r.stdout
+    stats = [json.loads(ln) for ln in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [4, 8, 12] and all("gen/loss" in s for s in stats)
+    evals = [json.loads(ln) for ln in (run / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [6] and "sliced_w2" in evals[0]
     # the same command again resumes from the final checkpoint: no training, same table
     r2 = _cli(args, tmp_path)
     assert r2.returncode == 0 and len(list(tmp_path.glob("gmm_dmd2/*"))) == 1
@@ -153,3 +158,13 @@ def test_cli_bad_input_is_one_line(tmp_path, bad, says):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("onestep: error:")]
     assert len(lines) == 1 and says in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_long_override_lists_get_a_bounded_unique_folder_name():
+    from onestep.config import MAX_RUN_NAME, run_name
+
+    short = "objective.ttur=1,trainer.steps=5"
+    assert run_name(short) == short
+    a, b = run_name("x=1," + "k" * 400), run_name("x=2," + "k" * 400)
+    assert len(a) == len(b) == MAX_RUN_NAME and a != b and a.startswith("x=1,")
+    assert "/" not in run_name("data.path=/tmp/images")

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from onestep.errors import ConfigError
 
 #: keys that may differ when resuming (extending a run, toggling progress output)
-RESUMABLE_CHANGES = ("trainer.steps", "trainer.progress", "trainer.log_every", "trainer.sample_every",
+RESUMABLE_CHANGES = ("trainer.steps", "trainer.progress", "trainer.log_every", "trainer.sample_every", "trainer.eval_every",
                      "trainer.checkpoint_every", "trainer.keep_checkpoints", "run_dir", "out_root")
 
 

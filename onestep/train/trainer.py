@@ -118,15 +118,17 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
         ema.update(acc.unwrap_model(generator))
 
         done = step + 1
-        if show and (done % tc.log_every == 0 or done == tc.steps):
+        main = acc.is_main_process
+        if main and (done % tc.log_every == 0 or done == tc.steps):
             rate = (done - start) / (time.perf_counter() - t0)
             bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
                              if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
-            with open(stats_file, "a") as f:
-                f.write(json.dumps({"step": done, "it_per_s": rate, **logs}) + "\n")
-        if acc.is_main_process and (done % tc.checkpoint_every == 0 or done == tc.steps):
+            _append(stats_file, {"step": done, "it_per_s": rate, **logs})
+        if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
             checkpoint.save(run_dir, done, modules, _state(done, opt_g, opt_c), keep=tc.keep_checkpoints)
-        if show and tc.sample_every and done % tc.sample_every == 0:
+        if main and tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+            _append(Path(run_dir) / "evals.jsonl", {"step": done, **_eval_student(setup, student, ema.model, cfg.eval)})
+        if main and tc.sample_every and done % tc.sample_every == 0:
             _plot_samples(setup, student, ema.model, run_dir / f"samples_{done:08d}.png")
         for cb in callbacks:
             cb(done, logs)
@@ -176,6 +178,20 @@ def _update(acc, out, mods, opt, clip, bad_steps, max_bad, what) -> int:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return 0
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def _eval_student(setup, student, net, eval_cfg, max_samples: int = 2000) -> dict:
+    """Periodic check of the EMA student at its training step count (a capped sample count)."""
+    noise, cond = eval_inputs(setup.data, min(eval_cfg.num_samples, max_samples), 0)
+    device = next(net.parameters()).device
+    x = student.sample(net, noise.to(device), None if cond is None else cond.to(device)).cpu()
+    return {k: v for k, v in setup.evaluator.metrics(x, cond).items() if not isinstance(v, list)}
 
 
 def _state(step, opt_g, opt_c) -> dict:
