@@ -48,6 +48,9 @@ class TeacherConfig:
     schedule_args: dict[str, Any] = field(default_factory=dict)
     #: classifier-free guidance scale of the real score (1 = no guidance)
     guidance: float = 1.0
+    #: model folder of a trained teacher (diffusers save_pretrained + onestep.json, which carries its schedule
+    #: and prediction type); None = the shipped one for kind=digits
+    path: Optional[str] = None
     #: the DSM-trained MLP: learned teacher, and the init of generator and critic for GMM experiments
     net_hidden: int = 256
     net_depth: int = 3
@@ -130,8 +133,8 @@ class EvalConfig:
     inception_path: Optional[str] = None
     #: FD reference: an image folder or an .npz (mu, sigma[, feats]); None = the experiment's own data
     reference: Optional[str] = None
-    #: folder of cached reference statistics (keyed by feature extractor + content hash)
-    stats_cache: str = "${out_root}/fid_stats"
+    #: folder of cached reference statistics, keyed by feature extractor + content hash (None = <out_root>/fid_stats)
+    stats_cache: Optional[str] = None
     clip: ClipConfig = field(default_factory=lambda: ClipConfig())
 
 
@@ -174,7 +177,10 @@ store("teacher", "gmm_ring", TeacherConfig(mixture="ring"))
 store("teacher", "gmm_grid", TeacherConfig(mixture="grid"))
 store("teacher", "gmm_classes", TeacherConfig(mixture="class_mixture", guidance=2.0))
 store("teacher", "gmm_ring_learned", TeacherConfig(kind="gmm_learned", mixture="ring"))
+store("teacher", "digits", TeacherConfig(kind="digits"))
 store("generator", "default", GeneratorConfig)
 store("data", "gmm", DataConfig)
+store("data", "digits", DataConfig(kind="digits"))
 store("trainer", "default", TrainerConfig)
 store("eval", "gmm", EvalConfig)
+store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], features="digits"))

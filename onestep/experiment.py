@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from onestep.denoisers.attention import check_attention, set_attention
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.gmm import GMMDenoiser, make_mixture
 from onestep.denoisers.nets import MLPDenoiser
@@ -97,16 +98,43 @@ def build_gmm(cfg, run_dir: Path, progress: bool = True) -> Setup:
                  num_classes=mix.num_classes)
 
 
-BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm}
+def build_digits(cfg, run_dir: Path, progress: bool = True) -> Setup:
+    """The shipped digits UNet teacher (or teacher.path), digits train split as data, FD against all digits."""
+    from onestep.data.digits import DigitsData, load_digits_tensors
+    from onestep.denoisers.diffusers import load_unet_denoiser
+    from onestep.eval.digits_eval import DigitsEvaluator
+
+    folder = cfg.teacher.path or Path(__file__).resolve().parent / "assets" / "digits_teacher"
+    teacher = load_unet_denoiser(folder, "digits teacher", "reinstall onestep, rebuild it with "
+                                 "tools/train_digits_teacher.py, or pass teacher.path=<folder>")
+    size = teacher.data_shape[-1]
+    data = DigitsData("train", size)
+    evaluator = DigitsEvaluator(load_digits_tensors("all", size)[0], data.num_classes)
+    return Setup(teacher=teacher, student_init=copy.deepcopy(teacher), data=data, evaluator=evaluator,
+                 num_classes=teacher.num_classes)
+
+
+BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm, "digits": build_digits}
 
 
 def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
     kind = cfg.teacher.kind
     if kind not in BUILDERS:
         raise ConfigError(f"teacher.kind '{kind}' is unknown; choose one of {sorted(BUILDERS)}")
+    check_attention(cfg.generator.attention)  # before any teacher pretraining
     setup = BUILDERS[kind](cfg, run_dir, progress)
     probe = setup.data.batch(2, torch.device("cpu"))
     if tuple(probe.noise.shape[1:]) != tuple(setup.teacher.data_shape):
         raise ConfigError(f"data '{cfg.data.kind}' gives samples of shape {tuple(probe.noise.shape[1:])} but the "
                           f"teacher expects {tuple(setup.teacher.data_shape)}; pick matching data= and teacher=")
+    setup.student_init = shape_student(cfg.generator, setup.student_init)
     return setup
+
+
+def shape_student(gc, net: Denoiser) -> Denoiser:
+    """generator.attention and generator.consistency_boundary applied to the net that generator and critic copy
+    (also what a tool that reloads a generator checkpoint into ``setup.student_init``'s architecture must call)."""
+    from onestep.denoisers.consistency import ConsistencyBoundary
+
+    set_attention(net, gc.attention)
+    return ConsistencyBoundary(net) if gc.consistency_boundary else net

@@ -153,6 +153,7 @@ class VPDiscrete(Schedule):
         else:
             raise ConfigError(f"beta_schedule '{beta_schedule}' is unknown; use 'linear' or 'scaled_linear'")
         self.beta_schedule, self.num_steps = beta_schedule, num_steps
+        self.beta_start, self.beta_end = beta_start, beta_end
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.table_logsnr = torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
         self.t_min, self.t_max = 0.0, 1.0

@@ -36,7 +36,7 @@ class MLPDenoiser(Denoiser):
                  sigma_data: float = 0.5, time_dim: int = 64):
         super().__init__()
         self.schedule, self.data_shape, self.num_classes = schedule, (dim,), num_classes
-        self.sigma_data = sigma_data
+        self.sigma_data, self.feature_dim = sigma_data, hidden
         self.time = FourierTime(time_dim)
         self.label = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
         self.emb = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU())
@@ -47,6 +47,14 @@ class MLPDenoiser(Denoiser):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x_t, t, cond=None):
+        x, c_skip, c_out, h = self._trunk(x_t, t, cond)
+        return c_skip * x + c_out * self.out(h)
+
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        """The last hidden layer (batch, hidden): what discriminator heads (DMD2, SiDA, LADD) read."""
+        return self._trunk(x_t, t, cond)[3]
+
+    def _trunk(self, x_t, t, cond):
         self.check_input(x_t, "x_t")
         t = self._time(t, x_t)
         a, s = bcast(self.schedule.alpha(t), x_t), bcast(self.schedule.sigma(t), x_t)
@@ -65,4 +73,4 @@ class MLPDenoiser(Denoiser):
         h = self.inp(c_in * x) + e
         for blk in self.blocks:
             h = h + blk(h + e)
-        return c_skip * x + c_out * self.out(h)
+        return x, c_skip, c_out, h

@@ -61,7 +61,10 @@ def _dev(c, device):
 COLUMNS = [("model", "model", "{}"), ("sampler", "sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "NFE", "{}"),
            ("sliced_w2", "sliced-W2", "{:.4f}"), ("modes_covered", "modes", "{}"),
            ("worst_mode_mass_err", "worst mode mass err", "{:.1%}"), ("mean_err", "mean err", "{:.4f}"),
-           ("cov_err", "cov err", "{:.4f}"), ("fd", "FD", "{:.3f}")]
+           ("cov_err", "cov err", "{:.4f}"), ("fd", "FD", "{:.3f}"),
+           ("kid", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
+           ("clip_score", "CLIP score", "{:.2f}"), ("class_coverage", "class coverage", "{:.0%}"),
+           ("label_acc", "label acc", "{:.1%}")]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -9,6 +9,7 @@ i.e. TTUR), precision, EMA and checkpoints; objectives know nothing of them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -76,6 +77,20 @@ class Objective:
 
     def critic_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"objective {self.name} trains a critic and must define critic_loss")
+
+
+@contextmanager
+def frozen(*modules: nn.Module | None):
+    """Parameters stop requiring grad for the duration: the generator loss back-propagates *through* the
+    critic and its heads (to their inputs) without leaving gradients on them for the next critic update."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:

@@ -139,8 +139,8 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     rows, samples = compare(setup, student, ema.model.eval(), teacher, cfg.eval, progress=show)
     table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name})
     if cfg.eval.plot:
-        pick = [k for k in samples if k.startswith("student")][:1] + \
-               [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))]
+        pick = [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))] + \
+               [k for k in samples if k.startswith("student")][:1]
         setup.evaluator.plot(run_dir / "samples.png", {k: samples[k] for k in dict.fromkeys(pick) if k in samples})
     print(f"\n{table}\n\nrun folder: {run_dir}")
     return {"rows": rows, "run_dir": str(run_dir)}

@@ -1,0 +1,51 @@
+"""``generator.attention``: which attention implementation a diffusers-model generator runs.
+
+    default    the model's own processors (PyTorch SDPA). Objectives that take a JVP run it under
+               SDPBackend.MATH, the only SDPA backend with a forward-mode rule: O(N^2) memory.
+    math       onestep.kernels' MATH attention (plain ops; JVP, backward and higher orders all work)
+    jvp_flash  onestep.kernels' fused attention: Triton on GPU, blockwise PyTorch on CPU; O(N) memory for
+               forward, backward and the forward-mode JVP that sCM / rCM need
+
+Models without diffusers attention modules (the MLP of the GMM experiments) are left as they are.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from onestep.errors import ConfigError
+
+ATTENTION = ("default", "math", "jvp_flash")
+_BACKEND = {"math": "math", "jvp_flash": "auto"}
+
+
+def check_attention(option: str) -> None:
+    if option not in ATTENTION:
+        raise ConfigError(f"generator.attention '{option}' is unknown; choose one of {ATTENTION}")
+
+
+def has_diffusers_attention(model: nn.Module) -> bool:
+    return any(hasattr(m, "set_processor") and hasattr(m, "processor") for m in model.modules())
+
+
+def set_attention(model: nn.Module, option: str) -> nn.Module:
+    """Route ``model``'s diffusers attention through ``option`` (in place); returns the model."""
+    check_attention(option)
+    if option == "default" or not has_diffusers_attention(model):
+        return model
+    from onestep.kernels import set_jvp_attention
+
+    # on a Denoiser that wraps diffusers models this sets the processor on every attention submodule
+    return set_jvp_attention(model, backend=_BACKEND[option])
+
+
+@contextmanager
+def jvp_attention():
+    """Context for a forward-mode JVP: SDPA restricted to its MATH backend (the fused CPU/GPU SDPA kernels
+    have no forward-AD rule); models routed through onestep.kernels do not call SDPA and are unaffected."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield

@@ -1,0 +1,68 @@
+"""Evaluator for digits experiments: FD / KID / precision / recall in the digits feature space against the real
+digits, plus class coverage and label accuracy from the same network's classifier; a PNG grid of samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from onestep.eval.digits_features import class_metrics, load_digits_features
+from onestep.eval.fid import feature_metrics, stats_of
+
+#: samples per panel row in the grid: GRID_PER_CLASS of each class, in class order
+GRID_PER_CLASS = 2
+FEATURE_BATCH = 1000
+
+
+class DigitsEvaluator:
+    headline = "fd"
+
+    def __init__(self, reference: torch.Tensor, num_classes: int = 10, pr_k: int = 3, kid_subsets: int = 50):
+        """``reference``: real images (N, 1, H, W) in [-1, 1] (the evaluation's target distribution)."""
+        self.net, self.num_classes = load_digits_features(), num_classes
+        self.metric_args = {"pr_k": pr_k, "kid_subsets": kid_subsets, "kid_subset_size": 1000}
+        self.ref = stats_of(self._features(reference)[0])
+
+    @torch.no_grad()
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, logits = [], []
+        for i in range(0, x.shape[0], FEATURE_BATCH):
+            f = self.net.features(x[i:i + FEATURE_BATCH].float().cpu())
+            feats.append(f)
+            logits.append(self.net.head(f))
+        return torch.cat(feats), torch.cat(logits)
+
+    def metrics(self, x, cond):
+        feats, logits = self._features(x)
+        return {**feature_metrics(feats, self.ref, **self.metric_args),
+                **class_metrics(logits, cond, self.num_classes)}
+
+    def plot(self, path: Path, panels):
+        """One row per panel; every row shows the same sample indices (same noise, same label)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        first = next(iter(panels.values()))
+        idx = _grid_indices(first[1], first[0].shape[0], self.num_classes)
+        fig, axes = plt.subplots(len(panels), 1, figsize=(0.55 * len(idx) + 1.6, 0.75 * len(panels) + 0.3),
+                                 squeeze=False)
+        for ax, (title, (x, _)) in zip(axes[:, 0], panels.items()):
+            row = torch.cat(list(x[idx, 0].float().cpu().clamp(-1, 1)), dim=1)  # (H, n W)
+            ax.imshow(row.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _grid_indices(cond: torch.Tensor | None, n: int, num_classes: int) -> torch.Tensor:
+    """GRID_PER_CLASS sample indices per class in class order (the first ones), or the first few if unlabelled."""
+    if cond is None:
+        return torch.arange(min(n, GRID_PER_CLASS * num_classes))
+    picks = [(cond == c).nonzero().flatten()[:GRID_PER_CLASS] for c in range(num_classes)]
+    return torch.cat(picks)

@@ -1,0 +1,51 @@
+"""The fake-score critic update shared by the score-distillation objectives (DMD, DMD2, VSD, SiD, SIM,
+f-distill): denoising score matching on detached generator samples, so the critic tracks the generator's
+score (DMD eq. (6) / DMD2 Sec. 4.2), plus ``disc_weight`` * L_D when the objective has a GAN head
+(adversarial.py). Subclasses give the generator loss and may change the critic's model or labels
+(SiD-LSG trains a guided critic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from onestep.denoisers.base import Denoiser
+from onestep.objectives.adversarial import GANTerm
+from onestep.objectives.base import Batch, Nets, Objective
+from onestep.objectives.score_matching import dsm_loss
+
+
+class CriticObjective(Objective):
+    networks = ("generator", "critic")
+
+    def __init__(self, cfg, generate):
+        super().__init__(cfg, generate)
+        self.gan = GANTerm(cfg, has_critic=True)
+
+    def build_modules(self, setup):
+        return self.gan.build(setup)
+
+    def critic_model(self, nets: Nets) -> Denoiser:
+        return nets.critic
+
+    def critic_cond(self, nets: Nets, batch: Batch):
+        return batch.cond
+
+    def critic_loss(self, nets: Nets, batch: Batch, step: int):
+        with torch.no_grad():
+            x = self.generate(nets, batch)
+        loss = dsm_loss(self.critic_model(nets), x, self.critic_cond(nets, batch), weighting=self.cfg.critic_weighting)
+        out = {"dsm": loss}
+        if self.gan.active:
+            d, logs = self.gan.discriminator_loss(nets, x, batch)
+            loss = loss + d
+            out.update(logs)
+        return {"loss": loss, **out}
+
+    def with_gan(self, loss: torch.Tensor, out: dict, nets: Nets, x: torch.Tensor, cond) -> dict:
+        """Adds lambda * L_G (when gan_weight > 0) and returns the generator's loss dict."""
+        if self.cfg.gan_weight > 0:
+            gan, logs = self.gan.generator_loss(nets, x, cond)
+            loss = loss + gan
+            out.update(logs)
+        return {"loss": loss, **out}

@@ -1,0 +1,80 @@
+"""DMD's regression loss on teacher noise -> ODE-sample pairs, shared by DMD and (optionally) DMD2.
+
+DMD (Yin et al. 2024a) eq. (9): L_reg = E_{(z, y)} d(G(z), y), y = ODE_teacher(z), with d the squared L2
+here (the paper uses LPIPS on images). The pairs are fixed: built once with the teacher's deterministic
+sampler (DDIM, ``steps`` evaluations) and either kept in memory or cached to a safetensors file, which
+``tools/make_dmd_pairs.py`` can also write ahead of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from onestep.denoisers.base import Denoiser
+from onestep.errors import ConfigError
+from onestep.objectives.base import Batch, Nets
+from onestep.sampling import sample
+
+PAIR_SEED = 1234
+
+
+@torch.no_grad()
+def make_pairs(teacher: Denoiser, count: int, steps: int, seed: int = PAIR_SEED,
+               device=None) -> dict[str, torch.Tensor]:
+    """{"noise", "sample"[, "cond"]}: ``count`` teacher ODE solutions from fixed noise (and uniform labels)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(count, *teacher.data_shape, generator=g)
+    out = {"noise": z}
+    cond = None
+    if teacher.num_classes:
+        cond = torch.randint(0, teacher.num_classes, (count,), generator=g)
+        out["cond"] = cond
+    ts = teacher.schedule.default_ts(steps)
+    out["sample"] = sample(teacher, z.to(device), ts, None if cond is None else cond.to(device), method="ddim").cpu()
+    return out
+
+
+def save_pairs(pairs: dict[str, torch.Tensor], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in pairs.items()}, str(tmp))
+    tmp.replace(path)
+
+
+class TeacherPairs:
+    """The fixed pair pool: loaded from ``path`` if it exists, else built at first use (and written to
+    ``path`` when one is given)."""
+
+    def __init__(self, count: int, steps: int, path: str | None = None):
+        if count < 1 or steps < 1:
+            raise ConfigError(f"objective.regression_pairs={count} and regression_steps={steps} must be >= 1")
+        self.count, self.steps, self.path = count, steps, path
+        self.pairs: dict[str, torch.Tensor] | None = None
+
+    def get(self, teacher: Denoiser, device) -> dict[str, torch.Tensor]:
+        if self.pairs is None:
+            if self.path and Path(self.path).exists():
+                pairs = load_file(self.path)
+                if tuple(pairs["noise"].shape[1:]) != tuple(teacher.data_shape):
+                    raise ConfigError(f"objective.pairs_file '{self.path}' holds pairs of shape "
+                                      f"{tuple(pairs['noise'].shape[1:])}, not the teacher's "
+                                      f"{tuple(teacher.data_shape)}; "
+                                      "delete it or point pairs_file elsewhere")
+            else:
+                pairs = make_pairs(teacher, self.count, self.steps, device=device)
+                if self.path:
+                    save_pairs(pairs, self.path)
+            self.pairs = {k: v.to(device) for k, v in pairs.items()}
+        return self.pairs
+
+    def loss(self, nets: Nets, batch: Batch, generate) -> torch.Tensor:
+        """DMD eq. (9) on a random minibatch of the pool (same size as the training batch)."""
+        p = self.get(nets.teacher, batch.noise.device)
+        idx = torch.randint(0, p["noise"].shape[0], (batch.noise.shape[0],), device=batch.noise.device)
+        pair_batch = Batch(noise=p["noise"][idx].to(batch.noise.dtype), cond=p["cond"][idx] if "cond" in p else None)
+        y = p["sample"][idx].to(batch.noise.dtype)
+        return torch.nn.functional.mse_loss(generate(nets, pair_batch), y)

@@ -1,0 +1,183 @@
+"""sCM: continuous-time consistency models in TrigFlow (Lu & Song 2024, "Simplifying, Stabilizing and Scaling
+Continuous-Time Consistency Models"). ``scd`` distills a teacher (sCD), ``sct`` trains from data (sCT).
+
+TrigFlow (Sec. 2): x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2 I); consistency function
+    f_theta(x_t, t) = cos(t) x_t - sin(t) sigma_d F_theta(x_t / sigma_d, t)                           eq. (1)
+with v_theta = sigma_d F_theta the model's velocity. Teacher and student are seen through the exact
+training-free TrigFlow conversion (denoisers/trigflow.py), whatever their own schedule, so
+f_theta = student.x0 and the boundary f(x, 0) = x holds by construction.
+
+One step (Algorithm 1; per sample, D = data dimension):
+    tau ~ N(P_mean, P_std^2),  t = arctan(e^tau / sigma_d)                                         Sec. 4.3 / App. G
+    dx_t/dt = v_teacher(x_t, t)  (sCD, teacher CFG = teacher.guidance)   or  cos(t) z - sin(t) x0  (sCT)
+    (v-, cs dv-/dt) = JVP of v_theta- along (cs dx_t/dt, cs),  cs = cos(t) sin(t)      stop-grad, float32
+    g = -cos^2(t) (v- - dx_t/dt) - r (sin(t) cos(t) x_t + cs dv-/dt),   r = min(1, step / warmup)  eq. (8), tangent warm-up
+    g <- g / (||g|| + c)                                                           tangent normalization, Sec. 4.2
+    L = e^{w_phi(t)} / D ||F_theta - F_theta- - g||^2 - w_phi(t)                    adaptive weighting, eq. (9)
+g is cos(t) times the total derivative df-/dt along the probability-flow ODE (cos(t) df/dt = g at r = 1), so
+the gradient of L at theta = theta- is the continuous-time CM gradient E[w(t) grad f_theta^T df-/dt] (eq. 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from onestep.denoisers.attention import jvp_attention
+from onestep.denoisers.base import Denoiser
+from onestep.denoisers.nets import FourierTime
+from onestep.denoisers.trigflow import as_trigflow, velocity
+from onestep.errors import ConfigError
+from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, register_objective
+from onestep.schedules import bcast
+
+
+@dataclass
+class SCMConfig(ObjectiveConfig):
+    name: str = "scd"
+    #: TrigFlow data standard deviation sigma_d
+    sigma_data: float = 0.5
+    #: proposal of tau = log(sigma_d tan t) ~ N(P_mean, P_std^2) (App. G: -1.0 / 1.4 for CIFAR-10)
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    #: tangent normalization constant c (Sec. 4.2); 0 = off
+    tangent_norm_c: float = 0.1
+    #: tangent warm-up: r rises linearly from 0 to 1 over this many steps (0 = off)
+    warmup_steps: int = 1000
+    #: adaptive weighting with a learned log-variance head w_phi(t) (eq. 9); off = plain mean
+    adaptive_weighting: bool = True
+    #: the head's time embedding: Fourier features of t with frequencies ~ N(0, scale^2) (Sec. 4.1 warns that
+    #: a large Fourier scale makes d/dt of the embedding, and so the tangent, explode)
+    logvar_time_scale: float = 1.0
+    logvar_hidden: int = 64
+
+
+class LogVarHead(nn.Module):
+    """w_phi(t): Fourier(t) -> Linear -> SiLU -> Linear -> scalar; starts at 0 (unit weight)."""
+
+    def __init__(self, hidden: int = 64, time_dim: int = 32, scale: float = 1.0):
+        super().__init__()
+        self.time = FourierTime(time_dim, scale=scale, seed=1)
+        self.net = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.net(self.time(t.float())).squeeze(1)
+
+
+def trig_times(n: int, sigma_data: float, p_mean: float, p_std: float, t_min: float, t_max: float,
+               like: torch.Tensor) -> torch.Tensor:
+    """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2), clamped into [t_min, t_max]."""
+    tau = p_mean + p_std * torch.randn(n, dtype=torch.float64)
+    t = torch.arctan(torch.exp(tau) / sigma_data).clamp(t_min, t_max)
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def scm_tangent(student: Denoiser, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, cond=None, *,
+                warmup: float = 1.0, norm_c: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(v-, g): the stop-grad student velocity and the (normalized) sCM tangent of eq. (8).
+
+    ``student`` is TrigFlow-scheduled. The JVP runs in float32 (or wider) with autocast off, and with SDPA held
+    to its MATH backend unless the model's attention is routed through onestep.kernels (generator.attention).
+    """
+    wdtype = torch.promote_types(x_t.dtype, torch.float32)
+    x, tt, dx = x_t.detach().to(wdtype), t.detach().to(wdtype), dxdt.detach().to(wdtype)
+    cos, sin = torch.cos(tt), torch.sin(tt)
+    cs = cos * sin
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), jvp_attention():
+        v, cs_dvdt = torch.func.jvp(lambda a, b: velocity(student, a, b, cond), (x, tt), (bcast(cs, x) * dx, cs))
+    v = v.to(wdtype)
+    g = -bcast(cos * cos, x) * (v - dx) - warmup * (bcast(cs, x) * x + cs_dvdt.to(wdtype))
+    g_norm = g.flatten(1).norm(dim=1)
+    if norm_c > 0:
+        g = g / bcast(g_norm + norm_c, g)
+    return v, g, {"tangent_norm": g_norm.mean()}
+
+
+class SCM(Objective):
+    """Shared sCD / sCT loss; subclasses say where dx_t/dt comes from."""
+
+    networks = ("generator",)
+
+    def __init__(self, cfg, generate):
+        super().__init__(cfg, generate)
+        if cfg.sigma_data <= 0 or cfg.p_std <= 0:
+            raise ConfigError(f"objective.sigma_data={cfg.sigma_data} and objective.p_std={cfg.p_std} must be > 0")
+        if cfg.tangent_norm_c < 0 or cfg.warmup_steps < 0:
+            raise ConfigError(f"objective.tangent_norm_c={cfg.tangent_norm_c} and objective.warmup_steps="
+                              f"{cfg.warmup_steps} must be >= 0")
+
+    def build_modules(self, setup):
+        if not self.cfg.adaptive_weighting:
+            return {}
+        return {"logvar": (LogVarHead(self.cfg.logvar_hidden, scale=self.cfg.logvar_time_scale), "generator")}
+
+    def dxdt(self, teacher: Denoiser, x0, z, x_t, t, cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scm_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        if batch.real is None:
+            raise ConfigError(f"objective '{self.name}' needs data samples (x0) but the data source gives none; "
+                              "use data with real samples (data=gmm)")
+        c = self.cfg
+        student = as_trigflow(nets.generator, c.sigma_data)
+        teacher = as_trigflow(nets.teacher, c.sigma_data)
+        sched = student.schedule
+        x0, cond = batch.real, batch.cond
+        t = trig_times(x0.shape[0], c.sigma_data, c.p_mean, c.p_std, sched.t_min, sched.t_max, like=x0)
+        z = c.sigma_data * torch.randn_like(x0)
+        x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * z
+        with torch.no_grad():
+            dxdt = self.dxdt(teacher, x0, z, x_t, t, cond)
+        r = min(1.0, step / c.warmup_steps) if c.warmup_steps else 1.0
+        v_minus, g, logs = scm_tangent(student, x_t, t, dxdt, cond, warmup=r, norm_c=c.tangent_norm_c)
+        v = velocity(student, x_t, t, cond)
+        wdtype = v_minus.dtype
+        # F_theta - F_theta- with F = v / sigma_d (eq. 1)
+        err = ((v.to(wdtype) - v_minus) / c.sigma_data - g).flatten(1).pow(2).mean(1)
+        if c.adaptive_weighting:
+            w = nets.modules["logvar"](t)
+            loss = (torch.exp(w) * err - w).mean()  # eq. (9)
+            logs["logvar"] = w.mean().detach()
+        else:
+            loss = err.mean()
+        return {"loss": loss, "scm": err.mean().detach(), **logs}
+
+    def generator_loss(self, nets: Nets, batch: Batch, step: int):
+        return self.scm_loss(nets, batch, step)
+
+
+@dataclass
+class SCDConfig(SCMConfig):
+    name: str = "scd"
+
+
+@register_objective
+class SCD(SCM):
+    """sCD: dx_t/dt is the (guided) teacher's TrigFlow velocity at x_t."""
+
+    name = "scd"
+    Config = SCDConfig
+
+    def dxdt(self, teacher, x0, z, x_t, t, cond):
+        return velocity(teacher, x_t, t, cond)
+
+
+@dataclass
+class SCTConfig(SCMConfig):
+    name: str = "sct"
+
+
+@register_objective
+class SCT(SCM):
+    """sCT: dx_t/dt = cos(t) z - sin(t) x0, the conditional velocity of the data pair (no teacher)."""
+
+    name = "sct"
+    Config = SCTConfig
+
+    def dxdt(self, teacher, x0, z, x_t, t, cond):
+        return bcast(torch.cos(t), x0) * z - bcast(torch.sin(t), x0) * x0
+

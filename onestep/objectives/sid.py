@@ -1,0 +1,131 @@
+"""SiD, SiDA and SiD-LSG: score identity distillation (Zhou et al. 2024a, ICML), its adversarial variant
+(Zhou et al. 2024c, "Adversarial Score identity Distillation") and long-and-short guidance (Zhou et al.
+2024b, "Long and Short Guidance in Score identity Distillation").
+
+Generator loss (SiD Sec. 4, the final alpha-weighted loss of Algorithm 1), x_g = G(z), x_t = a_t x_g + s_t eps,
+f_phi = teacher's x0, f_psi = critic's x0, with gradients through x_t in *both* denoisers and through x_g
+(the critic's parameters are held fixed):
+    L_theta = [ (1 - alpha) ||f_phi(x_t) - f_psi(x_t)||^2 + (f_phi(x_t) - f_psi(x_t))^T (f_psi(x_t) - x_g) ] / w,
+    w = sg(mean |x_g - f_phi(x_t)|)   (the per-sample normalizer of the official code, as DMD eq. (8)),
+mean over elements. Critic: DSM on detached generator samples (critic.py). ``generator.sigma_init`` sets
+the noise level the one-step generator starts from (SiD's sigma_init, 2.5 on EDM).
+
+SiD-LSG: separate CFG scales, applied to the unguided teacher and to the critic:
+    real_guidance    teacher in the generator loss (None = teacher.guidance, as the trainer applies it)
+    fake_guidance    critic in the generator loss
+    critic_guidance  critic while it is trained by DSM (its guided output is what regresses on x0)
+Scale 1 is the plain conditional model, 0 the unconditional one ("zero guidance"), < 1 anti-guidance. The
+critic's unconditional branch is trained by dropping labels with ``critic_label_dropout``.
+SiDA: the same loss plus lambda * L_G of a discriminator head on the critic's features (adversarial.py);
+its L_D joins the critic update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.errors import ConfigError
+from onestep.objectives.adversarial import GANConfig
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, frozen, register_objective
+from onestep.objectives.critic import CriticObjective
+from onestep.objectives.distribution_matching import dmd_normalizer
+from onestep.objectives.score_matching import noised, sample_t
+
+#: the range of alpha SiD studies; beyond 1.5 the negative (1 - alpha) ||delta||^2 term dominates and diverges
+ALPHA_RANGE = (0.0, 1.5)
+
+
+def sid_loss(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, cond=None, *, alpha: float = 1.2,
+             lo: float = 0.02, hi: float = 0.98, t=None, eps=None) -> tuple[torch.Tensor, dict]:
+    """SiD's generator loss at generator samples x (differentiable w.r.t. x through both denoisers)."""
+    t = sample_t(teacher.schedule, x.shape[0], lo, hi, like=x) if t is None else t
+    x_t, _ = noised(teacher.schedule, x, t, eps)
+    with frozen(critic):
+        f_phi, f_psi = teacher.x0(x_t, t, cond), critic.x0(x_t, t, cond)
+    delta = f_phi - f_psi
+    per = (delta * ((f_phi - x) - alpha * delta)).flatten(1).mean(1)  # = (1-alpha)|d|^2 + d.(f_psi - x)
+    loss = (per / dmd_normalizer(x, f_phi.detach()).flatten()).mean()
+    return loss, {"sid_gap": delta.detach().flatten(1).norm(dim=1).mean()}
+
+
+@dataclass
+class SiDConfig(ObjectiveConfig, GANConfig):
+    name: str = "sid"
+    ttur: int = 1
+    #: SiD's alpha, in [0, 1.5]; 1.2 is the paper's default
+    alpha: float = 1.2
+    t_lo: float = 0.02
+    t_hi: float = 0.98
+    critic_weighting: str = "edm"
+    #: SiD-LSG guidance scales (see the module docstring); None = teacher.guidance
+    real_guidance: Optional[float] = None
+    fake_guidance: float = 1.0
+    critic_guidance: float = 1.0
+    #: label dropout of the critic's DSM (trains its unconditional branch) when fake/critic guidance != 1
+    critic_label_dropout: float = 0.1
+
+
+@register_objective
+class SiD(CriticObjective):
+    name = "sid"
+    Config = SiDConfig
+
+    def __init__(self, cfg, generate):
+        super().__init__(cfg, generate)
+        lo, hi = ALPHA_RANGE
+        if not lo <= cfg.alpha <= hi:
+            raise ConfigError(f"objective.alpha={cfg.alpha} is outside SiD's valid range [{lo}, {hi}]; "
+                              "use the paper's 1.2 (or 1.0)")
+        if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
+            raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        if not 0 <= cfg.critic_label_dropout < 1:
+            raise ConfigError(f"objective.critic_label_dropout={cfg.critic_label_dropout} must be in [0, 1)")
+
+    def real_model(self, nets: Nets) -> Denoiser:
+        if self.cfg.real_guidance is None:
+            return nets.teacher
+        base = nets.teacher.base if isinstance(nets.teacher, Guided) else nets.teacher
+        return guided(base, self.cfg.real_guidance)
+
+    def critic_model(self, nets: Nets) -> Denoiser:
+        return guided(nets.critic, self.cfg.critic_guidance)
+
+    def critic_cond(self, nets: Nets, batch: Batch):
+        p = self.cfg.critic_label_dropout
+        plain = self.cfg.fake_guidance == 1 and self.cfg.critic_guidance == 1  # no unconditional critic needed
+        if batch.cond is None or p == 0 or plain or not isinstance(batch.cond, torch.Tensor):
+            return batch.cond
+        null = torch.full_like(batch.cond, nets.critic.num_classes)
+        return torch.where(torch.rand(batch.cond.shape, device=batch.cond.device) < p, null, batch.cond)
+
+    def generator_loss(self, nets: Nets, batch: Batch, step: int):
+        x = self.generate(nets, batch)
+        fake = guided(nets.critic, self.cfg.fake_guidance)
+        loss, logs = sid_loss(self.real_model(nets), fake, x, batch.cond, alpha=self.cfg.alpha,
+                              lo=self.cfg.t_lo, hi=self.cfg.t_hi)
+        return self.with_gan(loss, {"sid": loss.detach(), **logs}, nets, x, batch.cond)
+
+
+@dataclass
+class SiDAConfig(SiDConfig):
+    name: str = "sida"
+    discriminator: str = "critic"
+    gan_weight: float = 0.01
+
+
+@register_objective
+class SiDA(SiD):
+    """SiD + the adversarial term on the critic's features (SiDA); ``gan_weight`` 0 is rejected."""
+
+    name = "sida"
+    Config = SiDAConfig
+
+    def __init__(self, cfg, generate):
+        super().__init__(cfg, generate)
+        if cfg.gan_weight <= 0 or cfg.discriminator != "critic":
+            raise ConfigError(f"objective=sida needs objective.discriminator=critic and gan_weight > 0 (got "
+                              f"{cfg.discriminator}, {cfg.gan_weight}); use objective=sid for plain SiD")
