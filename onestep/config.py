@@ -54,6 +54,9 @@ class TeacherConfig:
     #: the DSM-trained MLP: learned teacher, and the init of generator and critic for GMM experiments
     net_hidden: int = 256
     net_depth: int = 3
+    #: scale of the MLP's Fourier time embedding (frequencies ~ N(0, scale^2) on c_noise = log(sigma)/4); smaller
+    #: scales give smoother d/dt of the net, which the sCM / rCM tangent differentiates
+    net_time_scale: float = 1.0
     net_steps: int = 2000
     net_lr: float = 2e-3
     net_batch: int = 1024

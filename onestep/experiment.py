@@ -81,7 +81,8 @@ def build_gmm(cfg, run_dir: Path, progress: bool = True) -> Setup:
     tc = cfg.teacher
     mix, sched = _mixture(tc), _schedule(tc)
     data = GMMData(mix)
-    net = MLPDenoiser(sched, mix.dim, hidden=tc.net_hidden, depth=tc.net_depth, num_classes=mix.num_classes)
+    net = MLPDenoiser(sched, mix.dim, hidden=tc.net_hidden, depth=tc.net_depth, num_classes=mix.num_classes,
+                      time_scale=tc.net_time_scale)
     cached = Path(run_dir) / "teacher_net.safetensors"
     if cached.exists():
         net.load_state_dict(load_file(str(cached)))

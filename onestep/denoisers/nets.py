@@ -33,11 +33,12 @@ class MLPDenoiser(Denoiser):
     prediction = "x0"
 
     def __init__(self, schedule: Schedule, dim: int, hidden: int = 256, depth: int = 4, num_classes: int = 0,
-                 sigma_data: float = 0.5, time_dim: int = 64):
+                 sigma_data: float = 0.5, time_dim: int = 64, time_scale: float = 1.0):
         super().__init__()
         self.schedule, self.data_shape, self.num_classes = schedule, (dim,), num_classes
         self.sigma_data, self.feature_dim = sigma_data, hidden
-        self.time = FourierTime(time_dim)
+        # Fourier frequencies ~ N(0, time_scale^2): sCM (Lu & Song 2024, Sec. 4.1) traces JVP instability to large scales
+        self.time = FourierTime(time_dim, scale=time_scale)
         self.label = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
         self.emb = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU())
         self.inp = nn.Linear(dim, hidden)

@@ -30,6 +30,7 @@ from onestep.objectives.score_matching import noised, sample_t
 
 DISCRIMINATORS = ("none", "critic", "teacher")
 HEAD = "disc"  # the trained head's name in Nets.modules and in checkpoints
+HEAD_SEED = 0
 
 
 @dataclass
@@ -117,7 +118,10 @@ class GANTerm:
             raise ConfigError(f"objective.discriminator={self.kind} needs a network with features(); "
                               f"{type(net).__name__} has none (use objective.discriminator=none)")
         frozen_net = copy.deepcopy(net).eval().requires_grad_(False) if self.kind == "teacher" else None
-        return {HEAD: (Head(dim, self.cfg.disc_hidden, frozen_net), "critic")}
+        with torch.random.fork_rng(devices=[]):  # the head's init must not depend on what ran before
+            torch.manual_seed(HEAD_SEED)
+            head = Head(dim, self.cfg.disc_hidden, frozen_net)
+        return {HEAD: (head, "critic")}
 
     def logits(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
         head = nets.modules[HEAD]
