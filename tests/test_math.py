@@ -11,7 +11,15 @@ from onestep.denoisers.gmm import GMMDenoiser, class_mixture, grid, ring
 from onestep.errors import ConfigError
 from onestep.schedules import EDM, SCHEDULES, VPDiscrete, make_schedule, match_time
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every tensor these tests create is float64 (restored afterwards: other test files run in float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 ALL = [make_schedule(n) for n in SCHEDULES] + [VPDiscrete("linear", beta_start=1e-4, beta_end=0.02)]
 IDS = [s.name + ("_lin" if getattr(s, "beta_schedule", "") == "linear" else "") for s in ALL]
