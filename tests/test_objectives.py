@@ -241,6 +241,7 @@ def test_time_bin_normalization():
     bins = torch.tensor([0, 0, 1, 1, 3])
     out = normalize_per_bin(h, bins, 4)
     assert out.tolist() == pytest.approx([0.5, 1.5, 0.5, 1.5, 1.0])
+    assert normalize_per_bin(h, bins, 4, max_weight=1.2).tolist() == pytest.approx([0.5, 1.2, 0.5, 1.2, 1.0])
 
 
 def _bin_worker(rank, world, path):

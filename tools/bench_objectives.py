@@ -53,7 +53,7 @@ RCM = ["objective=rcm", "generator.sigma_init=null", "objective.warmup_steps=200
        "objective.ttur=2", "trainer.generator_optim.lr=1e-3", "trainer.critic_optim.lr=1e-3"]
 TWO_STEP = ["generator.steps=2", "generator.ts=[80.0,0.8]", "eval.student_steps=[2]"]
 
-#: objective rows: name -> overrides added to each task's (the tuned settings of configs/experiment/gmm_<name>.yaml)
+#: objective rows: name -> overrides added to each task's bench_<task>.yaml (unset keys: the objective's defaults)
 BENCH: dict[str, list[str]] = {
     "dmd": ["objective=dmd", "objective.regression_weight=0.25"],
     "dmd2": ["objective=dmd2", "objective.discriminator=critic", "objective.gan_weight=0.01"],

@@ -1,6 +1,7 @@
 """Write DMD's regression pairs (noise -> teacher ODE sample, DMD eq. (9)) for an experiment to a file.
 
-    python tools/make_dmd_pairs.py out=pairs/ring.safetensors experiment=gmm_dmd [count=2048] [steps=32] [hydra overrides]
+    python tools/make_dmd_pairs.py out=pairs/ring.safetensors experiment=gmm_dmd [count=2048] [steps=32] \
+        [hydra overrides]
     onestep train experiment=gmm_dmd objective.pairs_file=pairs/ring.safetensors
 
 The pairs use the guided teacher exactly as training does (teacher.guidance), the pool size and ODE steps of

@@ -25,7 +25,7 @@ from torch import nn
 
 from onestep.denoisers.base import Denoiser, Guided
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, frozen, register_objective
+from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, frozen, local, register_objective
 from onestep.objectives.score_matching import noised, sample_t
 
 DISCRIMINATORS = ("none", "critic", "teacher")
@@ -50,10 +50,9 @@ class GANConfig:
 
 
 def base_module(d: nn.Module) -> nn.Module:
-    """The network under accelerate's wrapper (trainer.Wrapped -> DDP .module) and a CFG wrapper."""
-    d = getattr(d, "wrapped", d)
-    d = getattr(d, "module", d)
-    return d.base if isinstance(d, Guided) else d
+    """The network under accelerate's wrapper (trainer.Wrapped -> DDP .module) and CFG wrappers."""
+    d = local(d)
+    return base_module(d.base) if isinstance(d, Guided) else d
 
 
 def features(denoiser: nn.Module, x_t, t, cond=None) -> torch.Tensor:
@@ -123,11 +122,12 @@ class GANTerm:
             head = Head(dim, self.cfg.disc_hidden, frozen_net)
         return {HEAD: (head, "critic")}
 
-    def logits(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
+    def logits(self, nets: Nets, x_t, t, cond, frozen_pass: bool = False) -> torch.Tensor:
+        """D(x_t); ``frozen_pass`` (generator step): through the unwrapped head, see objectives.base.local."""
         head = nets.modules[HEAD]
         inner = base_module(head)
         feats = inner.teacher_features(x_t, t, cond) if self.kind == "teacher" else features(nets.critic, x_t, t, cond)
-        return head(feats)
+        return (local(head) if frozen_pass else head)(feats)
 
     def _noised(self, nets: Nets, x):
         sched = nets.teacher.schedule
@@ -138,7 +138,7 @@ class GANTerm:
         """lambda * L_G at generator samples x (gradient reaches x through the frozen critic and head)."""
         with frozen(nets.critic if self.kind == "critic" else None, nets.modules[HEAD]):
             x_t, t = self._noised(nets, x)
-            loss = F.softplus(-self.logits(nets, x_t, t, cond)).mean()
+            loss = F.softplus(-self.logits(nets, x_t, t, cond, frozen_pass=True)).mean()
         return self.cfg.gan_weight * loss, {"gan_g": loss.detach()}
 
     def discriminator_loss(self, nets: Nets, fake, batch: Batch) -> tuple[torch.Tensor, dict]:

@@ -93,6 +93,14 @@ def frozen(*modules: nn.Module | None):
             p.requires_grad_(True)
 
 
+def local(module: nn.Module | None) -> nn.Module | None:
+    """The module without accelerate's DDP wrapper (trainer.Wrapped -> DDP -> .module), sharing its parameters.
+    Frozen forward passes in the generator step go through it, so DDP does not prepare a gradient reduction for
+    a module that step does not train (2-process gloo runs of sid/sida/sim/fdistill work either way)."""
+    inner = getattr(module, "wrapped", module)
+    return getattr(inner, "module", inner)
+
+
 def register_objective(cls: type[Objective]) -> type[Objective]:
     OBJECTIVES[cls.name] = cls
     store(group="objective", name=cls.name, node=cls.Config)

@@ -7,7 +7,8 @@ so h = 1 (reverse KL) is DMD. r comes from a discriminator trained by the non-sa
 real vs generator samples (at its optimum logit = log r; adversarial.py), read off the critic's features.
 Numerics (Sec. 4.2): log r is clamped to [-log_ratio_clamp, log_ratio_clamp] and h is divided by its mean
 within each of ``time_bins`` bins of t (summed over processes with an all-reduce when torch.distributed is
-initialized), so the ratio reweights samples at one noise level without changing the step size across t.
+initialized), so the ratio reweights samples at one noise level without changing the step size across t; the
+normalized weight is capped at ``max_weight`` (ours: without it a 1000-step grid run diverged).
 In x0 form, with DMD's normalizer (distribution_matching.py):  grad = h_norm(r) (mu_fake - mu_real) / mean|x - mu_real|.
 
 The h table (f with f(1) = 0; D_f(p||q) = E_q f(p/q)):
@@ -22,6 +23,7 @@ The h table (f with f(1) = 0; D_f(p||q) = E_q f(p/q)):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,20 +69,21 @@ def f_weights(logits: torch.Tensor, divergence: str, log_ratio_clamp: float) -> 
     return H[divergence](r)
 
 
-def normalize_per_bin(h: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """h / mean(h over the samples of its time bin), the means taken over all processes."""
+def normalize_per_bin(h: torch.Tensor, bins: torch.Tensor, num_bins: int, max_weight: float = math.inf) -> torch.Tensor:
+    """min(h / mean(h over the samples of its time bin), max_weight), the means taken over all processes."""
     sums = torch.zeros(num_bins, dtype=h.dtype, device=h.device).index_add_(0, bins, h)
     counts = torch.zeros(num_bins, dtype=h.dtype, device=h.device).index_add_(0, bins, torch.ones_like(h))
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     means = (sums / counts.clamp_min(1)).clamp_min(BIN_MEAN_FLOOR)
-    return h / means[bins]
+    return (h / means[bins]).clamp_max(max_weight)
 
 
 def fdistill_gradient(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, logit_fn, cond=None, *,
                       divergence: str = "js", log_ratio_clamp: float = 5.0, time_bins: int = 10,
-                      lo: float = 0.02, hi: float = 0.98, u: torch.Tensor | None = None, eps=None):
+                      max_weight: float = math.inf, lo: float = 0.02, hi: float = 0.98,
+                      u: torch.Tensor | None = None, eps=None):
     """The f-distill direction at generator samples x. ``logit_fn(x_t, t) -> log r`` (no gradient needed);
     ``u`` in [lo, hi] are the unit times (t = schedule.t_from_unit(u)), drawn uniformly when not given."""
     sched = teacher.schedule
@@ -91,7 +94,7 @@ def fdistill_gradient(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, logi
     with torch.no_grad():
         h = f_weights(logit_fn(x_t, t), divergence, log_ratio_clamp).to(mu_real.dtype)
         bins = ((u - lo) / (hi - lo) * time_bins).long().clamp(0, time_bins - 1).to(h.device)
-        h = normalize_per_bin(h, bins, time_bins)
+        h = normalize_per_bin(h, bins, time_bins, max_weight)
         grad = torch.nan_to_num(h.view(-1, *([1] * (x.ndim - 1))) * (mu_fake - mu_real) / dmd_normalizer(x, mu_real))
     return grad.to(x.dtype), {"h_mean": h.mean(), "h_max": h.max()}
 
@@ -104,6 +107,8 @@ class FDistillConfig(ObjectiveConfig, GANConfig):
     divergence: str = "js"
     log_ratio_clamp: float = 5.0
     time_bins: int = 10
+    #: cap of the normalized weight h / mean_bin(h): one sample that dominates its bin cannot take a huge step
+    max_weight: float = 5.0
     t_lo: float = 0.02
     t_hi: float = 0.98
     critic_weighting: str = "edm"
@@ -123,9 +128,9 @@ class FDistill(CriticObjective):
         if cfg.discriminator == "none":
             raise ConfigError("objective=fdistill reads the density ratio from a discriminator; set "
                               "objective.discriminator=critic (or teacher)")
-        if cfg.log_ratio_clamp <= 0 or cfg.time_bins < 1:
-            raise ConfigError(f"objective.log_ratio_clamp={cfg.log_ratio_clamp} must be > 0 and "
-                              f"time_bins={cfg.time_bins} >= 1")
+        if cfg.log_ratio_clamp <= 0 or cfg.time_bins < 1 or cfg.max_weight <= 0:
+            raise ConfigError(f"objective.log_ratio_clamp={cfg.log_ratio_clamp} and max_weight={cfg.max_weight} "
+                              f"must be > 0, time_bins={cfg.time_bins} >= 1")
         if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
             raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
 
@@ -135,9 +140,10 @@ class FDistill(CriticObjective):
 
         def logit_fn(x_t, t):
             with frozen(nets.critic, nets.modules.get("disc")):
-                return self.gan.logits(nets, x_t, t, batch.cond)
+                return self.gan.logits(nets, x_t, t, batch.cond, frozen_pass=True)
 
         grad, logs = fdistill_gradient(nets.teacher, nets.critic, x, logit_fn, batch.cond, divergence=c.divergence,
-                                       log_ratio_clamp=c.log_ratio_clamp, time_bins=c.time_bins, lo=c.t_lo, hi=c.t_hi)
+                                       log_ratio_clamp=c.log_ratio_clamp, time_bins=c.time_bins,
+                                       max_weight=c.max_weight, lo=c.t_lo, hi=c.t_hi)
         loss = surrogate_loss(x, grad)
         return self.with_gan(loss, {"fdiv": loss.detach(), **logs}, nets, x, batch.cond)

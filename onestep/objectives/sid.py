@@ -30,7 +30,7 @@ import torch
 from onestep.denoisers.base import Denoiser, Guided, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, frozen, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, frozen, local, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
 from onestep.objectives.score_matching import noised, sample_t
@@ -104,7 +104,7 @@ class SiD(CriticObjective):
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
-        fake = guided(nets.critic, self.cfg.fake_guidance)
+        fake = guided(local(nets.critic), self.cfg.fake_guidance)
         loss, logs = sid_loss(self.real_model(nets), fake, x, batch.cond, alpha=self.cfg.alpha,
                               lo=self.cfg.t_lo, hi=self.cfg.t_hi)
         return self.with_gan(loss, {"sid": loss.detach(), **logs}, nets, x, batch.cond)
