@@ -78,6 +78,13 @@ def _explain(e: Exception) -> str:
     if isinstance(e, OverrideParseException):
         return f"{_first_line(e)}; overrides look like key=value (see `onestep train --help`)"
     msg, cause = _first_line(e), e.__cause__
+    lines = str(e).splitlines()
+    if msg.startswith("In 'experiment/") and len(lines) > 1 and "not in '" in lines[1]:
+        # an experiment yaml sets objective.<key> that the objective chosen on the command line lacks
+        experiment = msg.split("'")[1].split("/")[1]
+        key = lines[1].split("'")[1]
+        return (f"experiment={experiment} sets '{key}', which the chosen option does not have ({lines[1].strip()}); "
+                f"pick an experiment made for it (ls configs/experiment: e.g. experiment=gmm_<objective>)")
     if msg.startswith("Could not override"):
         key = msg.split("'")[1]
         return (f"unknown config key '{key}'; list the valid keys with `onestep train --cfg job` "

@@ -180,6 +180,7 @@ def test_short_digits_distillation_beats_teacher_one_step(tmp_path):
     torch.set_num_threads(1)
     with initialize_config_module("onestep.configs", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=digits_dmd2", "trainer.steps=40", "trainer.progress=false",
+                                           "objective.regression_pairs=256", "objective.regression_steps=16",
                                            "eval.num_samples=500", "eval.teacher_steps=[1]", "eval.plot=false"])
     rows = {r["model"]: r for r in train(cfg, tmp_path / "run")["rows"]}
     assert rows["student"]["fd"] < 0.5 * rows["teacher"]["fd"], rows

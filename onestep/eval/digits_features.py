@@ -1,7 +1,7 @@
-"""The digits feature network: a small CNN classifier trained on the digits train split (tools/train_digits_features.py),
-shipped in ``onestep/assets/digits_features``. Its penultimate layer gives an offline Fréchet distance ("FD"; like
-FID, Heusel et al. 2017, but in this network's feature space, so it is *not* comparable to Inception FID) and
-k-NN precision/recall; its logits give class metrics of class-conditional samples:
+"""The digits feature network: a small CNN classifier trained on the digits train split
+(tools/train_digits_features.py), shipped in ``onestep/assets/digits_features``. Its penultimate layer gives an
+offline Fréchet distance ("FD"; like FID, Heusel et al. 2017, but in this network's feature space, so it is *not*
+comparable to Inception FID) and k-NN precision/recall; its logits give class metrics of class-conditional samples:
 
     class coverage   fraction of the classes the classifier finds in at least half their fair share
                      (1 / (2 num_classes)) of the samples
@@ -24,7 +24,7 @@ CONFIG_FILE = "config.json"
 
 
 class DigitsFeatureNet(nn.Module):
-    """conv-conv-pool-conv-pool, then a hidden layer (the features) and a linear classifier. Input (N, 1, H, W) in [-1, 1]."""
+    """conv-conv-pool-conv-pool, a hidden layer (the features), a linear classifier. Input (N, 1, H, W) in [-1, 1]."""
 
     def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = 10):
         super().__init__()
@@ -48,7 +48,8 @@ class DigitsFeatureNet(nn.Module):
 
 
 def load_digits_features(folder: str | Path | None = None) -> DigitsFeatureNet:
-    """The shipped network (or one in ``folder``), in eval mode; a missing or corrupt asset is a one-line ConfigError."""
+    """The shipped network (or the one in ``folder``), in eval mode; a missing or corrupt asset is a one-line
+    ConfigError."""
     from safetensors.torch import load_file
 
     folder = Path(folder) if folder is not None else ASSET
@@ -62,7 +63,8 @@ def load_digits_features(folder: str | Path | None = None) -> DigitsFeatureNet:
         net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except Exception as e:  # noqa: BLE001 - json, safetensors and torch each raise their own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"digits feature network '{folder}' is corrupt ({type(e).__name__}: {first[:200]}); {fix}") from None
+        raise ConfigError(f"digits feature network '{folder}' is corrupt ({type(e).__name__}: {first[:200]}); "
+                          f"{fix}") from None
     return net.eval().requires_grad_(False)
 
 

@@ -53,6 +53,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu)
     show = tc.progress and acc.is_main_process
 
+    make_objective(cfg.objective, generate=None)  # validate its hyperparameters before any slow setup
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     setup = experiment.build(cfg, run_dir, progress=show)
     teacher = guided(setup.teacher, cfg.teacher.guidance).to(acc.device).requires_grad_(False)
@@ -62,6 +63,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
 
     generator = copy.deepcopy(setup.student_init).requires_grad_(True).train()
     critic = copy.deepcopy(setup.student_init).requires_grad_(True).train() if "critic" in objective.networks else None
+    torch.manual_seed(cfg.seed + 1)  # extra modules start the same whether the teacher was trained or cached
     extra = objective.build_modules(setup)
     for name, (m, role) in extra.items():
         if role not in ("generator", "critic"):
