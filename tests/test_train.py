@@ -147,8 +147,9 @@ def test_cli_end_to_end(tmp_path):
     (["trainer.steps=abc"], "trainer.steps=abc"),
     (["+foo=1"], "unknown top-level config key"),
     (["out_root={file}/sub"], "out_root="),
-    (["generator.ts=[0.5,0.9]", "teacher.net_steps=5"], "must be strictly decreasing"),
-    (["teacher.mixture=nope", "teacher.net_steps=5"], "mixture"),
+    (["experiment=gmm_dmd2", "generator.ts=[0.5,0.9]", "teacher.net_steps=5"], "must be strictly decreasing"),
+    (["experiment=gmm_dmd2", "teacher.mixture=nope", "teacher.net_steps=5"], "mixture"),
+    (["objective=sid"], "pick an experiment made for it"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, bad, says):
     afile = tmp_path / "afile"
