@@ -101,6 +101,13 @@ def local(module: nn.Module | None) -> nn.Module | None:
     return getattr(inner, "module", inner)
 
 
+def check_t_range(cfg, lo: str = "t_lo", hi: str = "t_hi") -> None:
+    """The fractions of the schedule's time range an objective samples t from: 0 <= lo < hi <= 1."""
+    a, b = getattr(cfg, lo), getattr(cfg, hi)
+    if not 0 <= a < b <= 1:
+        raise ConfigError(f"objective.{lo}={a}, {hi}={b} must satisfy 0 <= {lo} < {hi} <= 1")
+
+
 def register_objective(cls: type[Objective]) -> type[Objective]:
     OBJECTIVES[cls.name] = cls
     store(group="objective", name=cls.name, node=cls.Config)

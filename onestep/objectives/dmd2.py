@@ -17,7 +17,7 @@ from typing import Optional
 
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.regression import TeacherPairs
@@ -45,8 +45,7 @@ class DistributionMatching(CriticObjective):
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)
-        if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
-            raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        check_t_range(cfg)
         if cfg.regression_weight < 0:
             raise ConfigError(f"objective.regression_weight={cfg.regression_weight} must be >= 0")
         self.pairs = TeacherPairs(cfg.regression_pairs, cfg.regression_steps, cfg.pairs_file)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, frozen, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import denoised_pair, dmd_normalizer, surrogate_loss
 
@@ -131,8 +131,7 @@ class FDistill(CriticObjective):
         if cfg.log_ratio_clamp <= 0 or cfg.time_bins < 1 or cfg.max_weight <= 0:
             raise ConfigError(f"objective.log_ratio_clamp={cfg.log_ratio_clamp} and max_weight={cfg.max_weight} "
                               f"must be > 0, time_bins={cfg.time_bins} >= 1")
-        if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
-            raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        check_t_range(cfg)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)

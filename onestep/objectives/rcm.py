@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets, register_objective
+from onestep.objectives.base import Batch, Nets, check_t_range, register_objective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.scm import SCD, SCMConfig
 from onestep.objectives.score_matching import dsm_loss
@@ -42,8 +42,7 @@ class RCM(SCD):
         super().__init__(cfg, generate)
         if cfg.dm_weight < 0:
             raise ConfigError(f"objective.dm_weight={cfg.dm_weight} must be >= 0 (0 = plain sCD)")
-        if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
-            raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        check_t_range(cfg)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         out = self.scm_loss(nets, batch, step)

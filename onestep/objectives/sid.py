@@ -30,7 +30,7 @@ import torch
 from onestep.denoisers.base import Denoiser, Guided, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, frozen, local, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, local, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
 from onestep.objectives.score_matching import noised, sample_t
@@ -80,8 +80,7 @@ class SiD(CriticObjective):
         if not lo <= cfg.alpha <= hi:
             raise ConfigError(f"objective.alpha={cfg.alpha} is outside SiD's valid range [{lo}, {hi}]; "
                               "use the paper's 1.2 (or 1.0)")
-        if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
-            raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        check_t_range(cfg)
         if not 0 <= cfg.critic_label_dropout < 1:
             raise ConfigError(f"objective.critic_label_dropout={cfg.critic_label_dropout} must be in [0, 1)")
 

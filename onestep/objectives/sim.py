@@ -23,7 +23,7 @@ import torch
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, frozen, local, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, local, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
 from onestep.objectives.score_matching import noised, sample_t
@@ -76,8 +76,7 @@ class SIM(CriticObjective):
             raise ConfigError(f"objective.distance='{cfg.distance}' is unknown; choose one of {DISTANCES}")
         if cfg.huber_c <= 0:
             raise ConfigError(f"objective.huber_c={cfg.huber_c} must be > 0")
-        if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
-            raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        check_t_range(cfg)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)

@@ -18,7 +18,7 @@ import torch
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import denoised_pair, surrogate_loss
 from onestep.schedules import bcast
@@ -56,8 +56,7 @@ class VSD(CriticObjective):
         super().__init__(cfg, generate)
         if cfg.weighting not in VSD_WEIGHTINGS:
             raise ConfigError(f"objective.weighting='{cfg.weighting}' is unknown; choose one of {VSD_WEIGHTINGS}")
-        if not 0 <= cfg.t_lo < cfg.t_hi <= 1:
-            raise ConfigError(f"objective.t_lo={cfg.t_lo}, t_hi={cfg.t_hi} must satisfy 0 <= t_lo < t_hi <= 1")
+        check_t_range(cfg)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
