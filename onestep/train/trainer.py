@@ -124,7 +124,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
         if main and (done % tc.log_every == 0 or done == tc.steps):
             rate = (done - start) / (time.perf_counter() - t0)
             bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
-                             if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
+                             if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
             _append(stats_file, {"step": done, "it_per_s": rate, **logs})
         if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
             checkpoint.save(run_dir, done, modules, _state(done, opt_g, opt_c), keep=tc.keep_checkpoints)
