@@ -4,6 +4,7 @@ survive a crash mid-write, and the CLI reports bad input in one line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,3 +170,10 @@ def test_long_override_lists_get_a_bounded_unique_folder_name():
     a, b = run_name("x=1," + "k" * 400), run_name("x=2," + "k" * 400)
     assert len(a) == len(b) == MAX_RUN_NAME and a != b and a.startswith("x=1,")
     assert "/" not in run_name("data.path=/tmp/images")
+
+
+def test_bf16_mixed_precision_trains_with_finite_losses(tmp_path):
+    seen = []
+    train(compose(TINY + ["trainer.mixed_precision=bf16", "trainer.log_every=1"]), tmp_path,
+          callbacks=(lambda step, logs: seen.append(logs["gen/loss"]),))
+    assert len(seen) == 12 and all(math.isfinite(v) for v in seen)
