@@ -25,7 +25,7 @@ from torch import nn
 
 from onestep.denoisers.base import Denoiser, Guided
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, frozen, local, register_objective
+from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, frozen, local, register_objective
 from onestep.objectives.score_matching import noised, sample_t
 
 DISCRIMINATORS = ("none", "critic", "teacher")
@@ -98,9 +98,7 @@ class GANTerm:
         if cfg.discriminator == "critic" and not has_critic:
             raise ConfigError(f"objective.discriminator=critic needs an objective with a critic ({cfg.name} has none); "
                               "use objective.discriminator=teacher")
-        if not 0 <= cfg.gan_t_lo < cfg.gan_t_hi <= 1:
-            raise ConfigError(f"objective.gan_t_lo={cfg.gan_t_lo}, gan_t_hi={cfg.gan_t_hi} must satisfy "
-                              "0 <= gan_t_lo < gan_t_hi <= 1")
+        check_t_range(cfg, "gan_t_lo", "gan_t_hi")
         self.cfg = cfg
         self.kind = cfg.discriminator
 

@@ -116,7 +116,7 @@ class SCM(Objective):
         return {"logvar": (LogVarHead(self.cfg.logvar_hidden, scale=self.cfg.logvar_time_scale), "generator")}
 
     def dxdt(self, teacher: Denoiser, x0, z, x_t, t, cond) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"objective {self.name} must define dxdt (where dx_t/dt comes from)")
 
     def scm_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         if batch.real is None:

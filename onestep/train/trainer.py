@@ -76,12 +76,12 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     modules |= {name: m for name, (m, _) in extra.items()}
     state = checkpoint.load_latest(run_dir, modules)  # loads weights in place
 
-    # each optimizer trains its network plus the extra modules of that role
-    g_mods = [generator] + [m for m, role in extra.values() if role == "generator"]
-    c_mods = ([critic] if critic is not None else []) + [m for m, role in extra.values() if role == "critic"]
-    prepared = acc.prepare(*g_mods, *c_mods)
-    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
-    g_mods, c_mods = prepared[:len(g_mods)], prepared[len(g_mods):]
+    # each optimizer trains its network plus the extra modules of that role; accelerate wraps them all
+    g_names = ["generator"] + [n for n, (_, role) in extra.items() if role == "generator"]
+    c_names = (["critic"] if critic is not None else []) + [n for n, (_, role) in extra.items() if role == "critic"]
+    wrapped = acc.prepare(*(modules[n] for n in g_names + c_names))
+    prepared = dict(zip(g_names + c_names, wrapped if isinstance(wrapped, (list, tuple)) else [wrapped]))
+    g_mods, c_mods = [prepared[n] for n in g_names], [prepared[n] for n in c_names]
     opt_g = acc.prepare(_adamw(g_mods, tc.generator_optim))
     opt_c = acc.prepare(_adamw(c_mods, tc.critic_optim)) if c_mods else None
     start = 0
@@ -90,15 +90,11 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
         opt_g.load_state_dict(state["opt_generator"])
         if opt_c is not None:
             opt_c.load_state_dict(state["opt_critic"])
-    generator = g_mods[0]
-    if critic is not None:
-        critic = c_mods[0]
+    generator, critic = prepared["generator"], prepared.get("critic")
     ema.model.to(acc.device)
-    extra_prepared = dict(zip([n for n, (_, r) in extra.items() if r == "generator"], g_mods[1:]))
-    extra_prepared |= dict(zip([n for n, (_, r) in extra.items() if r == "critic"], c_mods[1 if critic is not None else 0:]))
     nets = Nets(teacher=teacher, generator=_api(generator, modules["generator"]),
                 critic=None if critic is None else _api(critic, modules["critic"]),
-                modules={n: extra_prepared[n] for n in extra})
+                modules={n: prepared[n] for n in extra})
 
     stats_file = Path(run_dir) / "stats.jsonl"
     bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
@@ -188,11 +184,16 @@ def _append(path: Path, record: dict) -> None:
 
 
 @torch.no_grad()
+def _student_samples(setup, student, net, n: int):
+    """n samples of the student at its training step count, from the fixed evaluation noise (seed 0)."""
+    noise, cond = eval_inputs(setup.data, n, 0)
+    device = next(net.parameters()).device
+    return student.sample(net, noise.to(device), None if cond is None else cond.to(device)).cpu(), cond
+
+
 def _eval_student(setup, student, net, eval_cfg, max_samples: int = 2000) -> dict:
     """Periodic check of the EMA student at its training step count (a capped sample count)."""
-    noise, cond = eval_inputs(setup.data, min(eval_cfg.num_samples, max_samples), 0)
-    device = next(net.parameters()).device
-    x = student.sample(net, noise.to(device), None if cond is None else cond.to(device)).cpu()
+    x, cond = _student_samples(setup, student, net, min(eval_cfg.num_samples, max_samples))
     return {k: v for k, v in setup.evaluator.metrics(x, cond).items() if not isinstance(v, list)}
 
 
@@ -203,10 +204,7 @@ def _state(step, opt_g, opt_c) -> dict:
     return s
 
 
-@torch.no_grad()
 def _plot_samples(setup, student, net, path):
-    noise, cond = eval_inputs(setup.data, 2000, 0)
-    device = next(net.parameters()).device
-    x = student.sample(net, noise.to(device), None if cond is None else cond.to(device)).cpu()
+    x, cond = _student_samples(setup, student, net, 2000)
     setup.evaluator.plot(path, {"student (EMA)": (x, cond)})
 
