@@ -63,6 +63,20 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the shared frozen base instead of a full copy of the network."""
+
+    #: adapter rank; None = train the full network (a copy)
+    rank: Optional[int] = None
+    #: LoRA alpha (scale alpha / rank); None = rank
+    alpha: Optional[float] = None
+    #: module-name suffixes that get adapters; None = the attention projections (to_q, to_k, to_v, to_out.0) of
+    #: diffusers models, every Linear layer of other nets. Add convs for more capacity, e.g. [to_q, to_k, to_v,
+    #: to_out.0, conv1, conv2, proj_in, proj_out, ff.net.0.proj, ff.net.2]
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
 class GeneratorConfig:
     #: number of student steps; the t-list is ``ts`` if given, else the schedule's default t-list
     steps: int = 1
@@ -77,6 +91,14 @@ class GeneratorConfig:
     attention: str = "default"
     #: wrap the generator so that x0(x, t_min) = x exactly (consistency models' c_skip / c_out boundary)
     consistency_boundary: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class CriticConfig:
+    """The fake-score critic (objectives that train one): a full copy of the teacher's network, or LoRA."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -111,6 +133,10 @@ class TrainerConfig:
     #: consecutive non-finite losses tolerated (the step is skipped) before the run stops
     max_bad_steps: int = 10
     progress: bool = True
+    #: dtype of the frozen networks (teacher, and the shared base under LoRA): fp32 | bf16 | fp16
+    frozen_dtype: str = "fp32"
+    #: activation checkpointing in the trained diffusers networks (less memory, ~30% more compute)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -164,6 +190,7 @@ class BenchConfig:
 class Config:
     teacher: Any = None
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     objective: Any = None
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

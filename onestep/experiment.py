@@ -12,14 +12,15 @@ from typing import Callable, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from onestep.conditioning import Labels
 from onestep.denoisers.attention import check_attention, set_attention
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.gmm import GMMDenoiser, make_mixture
 from onestep.denoisers.nets import MLPDenoiser
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch
+from onestep.core import Batch
 from onestep.schedules import make_schedule
-from onestep.train.pretrain import fit_dsm
+from onestep.pretrain import fit_dsm
 
 
 class DataSource(Protocol):
@@ -40,7 +41,9 @@ class Evaluator(Protocol):
 @dataclass
 class Setup:
     teacher: Denoiser  # frozen real score, unguided (the trainer applies teacher.guidance)
-    student_init: Denoiser  # copied into generator and critic
+    #: what generator and critic start from (train/networks.py copies it, or puts LoRA adapters on it); the
+    #: teacher object itself when they start from the teacher's network
+    student_init: Denoiser
     data: DataSource
     evaluator: Evaluator
     num_classes: int = 0
@@ -51,10 +54,11 @@ class GMMData:
         self.mixture, self.data_shape = mixture, (mixture.dim,)
 
     def batch(self, n: int, device) -> Batch:
-        cond = self.mixture.sample_labels(n)
-        real = self.mixture.sample(n, cond).float()
+        labels = self.mixture.sample_labels(n)
+        real = self.mixture.sample(n, labels).float()
         noise = torch.randn(n, self.mixture.dim)
-        return Batch(noise=noise.to(device), cond=None if cond is None else cond.to(device), real=real.to(device))
+        cond = None if labels is None else Labels(labels, self.mixture.num_classes).to(device)
+        return Batch(noise=noise.to(device), cond=cond, real=real.to(device))
 
     def clean(self, n: int):
         cond = self.mixture.sample_labels(n)
@@ -111,7 +115,7 @@ def build_digits(cfg, run_dir: Path, progress: bool = True) -> Setup:
     size = teacher.data_shape[-1]
     data = DigitsData("train", size)
     evaluator = DigitsEvaluator(load_digits_tensors("all", size)[0], data.num_classes)
-    return Setup(teacher=teacher, student_init=copy.deepcopy(teacher), data=data, evaluator=evaluator,
+    return Setup(teacher=teacher, student_init=teacher, data=data, evaluator=evaluator,
                  num_classes=teacher.num_classes)
 
 
@@ -128,13 +132,12 @@ def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
     if tuple(probe.noise.shape[1:]) != tuple(setup.teacher.data_shape):
         raise ConfigError(f"data '{cfg.data.kind}' gives samples of shape {tuple(probe.noise.shape[1:])} but the "
                           f"teacher expects {tuple(setup.teacher.data_shape)}; pick matching data= and teacher=")
-    setup.student_init = shape_student(cfg.generator, setup.student_init)
     return setup
 
 
 def shape_student(gc, net: Denoiser) -> Denoiser:
-    """generator.attention and generator.consistency_boundary applied to the net that generator and critic copy
-    (also what a tool that reloads a generator checkpoint into ``setup.student_init``'s architecture must call)."""
+    """generator.attention and generator.consistency_boundary applied to a generator / critic network (the
+    ``shape`` that networks.Networks applies to each copy of ``setup.student_init``)."""
     from onestep.denoisers.consistency import ConsistencyBoundary
 
     set_attention(net, gc.attention)

@@ -16,8 +16,8 @@ import torch
 
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets
-from onestep.objectives.score_matching import noised
+from onestep.core import Batch, Nets
+from onestep.core import noised
 from onestep.sampling import METHODS, check_ts, sample
 
 

@@ -220,7 +220,7 @@ class GaussianConsistency(Denoiser):
 
 
 def _cd_loss(solver, student, teacher, sched, num_scales=40):
-    from onestep.objectives.base import Batch, Nets
+    from onestep.core import Batch, Nets
     from onestep.objectives.cd import CDConfig, ConsistencyDistillation
 
     obj = ConsistencyDistillation(CDConfig(solver=solver, num_scales=num_scales), generate=None)
@@ -269,7 +269,7 @@ class TinyUNetTrig(Denoiser):
 
 def _scd_step(model, attention, dtype):
     from onestep.denoisers.attention import set_attention
-    from onestep.objectives.base import Batch, Nets
+    from onestep.core import Batch, Nets
     from onestep.objectives.scm import SCD, SCDConfig, LogVarHead
 
     student = set_attention(copy.deepcopy(model), attention)

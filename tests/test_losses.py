@@ -8,7 +8,7 @@ import torch
 from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser, ring
 from onestep.eval.gmm_metrics import gmm_metrics, sliced_w2
 from onestep.objectives.distribution_matching import dmd_gradient, dmd_loss
-from onestep.objectives.score_matching import dsm_loss
+from onestep.core import dsm_loss
 from onestep.schedules import make_schedule
 
 

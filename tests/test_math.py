@@ -134,7 +134,7 @@ def test_cfg_wrapper_on_exact_teacher():
     w = 3.0
     want = teacher.score(x, t, torch.full_like(c, 3)) + w * (teacher.score(x, t, c) - teacher.score(x, t, torch.full_like(c, 3)))
     assert torch.allclose(Guided(teacher, w).score(x, t, c), want, atol=1e-8)
-    with pytest.raises(ConfigError, match="class-conditional"):
+    with pytest.raises(ConfigError, match="needs a conditional teacher"):
         Guided(GMMDenoiser(ring(), s), 2.0)
 
 

@@ -23,7 +23,7 @@ from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser
 from onestep.denoisers.nets import MLPDenoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig, GANTerm, Head
-from onestep.objectives.base import Nets
+from onestep.core import Nets
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.fdistill import F_OF, H, f_weights, fdistill_gradient, normalize_per_bin
 from onestep.objectives.distribution_matching import surrogate_loss
@@ -94,7 +94,7 @@ def test_dmd_gradient_closed_form(schedule):
 def test_dmd_regression_closed_form():
     """DMD eq. (9) on pairs (z_j, y_j = mu + s z_j, the exact ODE map of N(mu, s^2 I)): with pair indices j_i,
     L = mean_i,d (a + b z_j - y_j)^2, so dL/da = 2 sum (x_j - y_j) / (N D), dL/db = 2 sum z_j (x_j - y_j) / (N D)."""
-    from onestep.objectives.base import Batch
+    from onestep.core import Batch
     from onestep.objectives.regression import TeacherPairs
 
     s = Setting()
@@ -312,7 +312,7 @@ def test_gan_discriminator_loss_closed_form():
     head = Head(D, 4).double()
     head.mlp = torch.nn.Linear(D, 1).double()
     nets = Nets(teacher=s.real, generator=None, critic=net, modules={"disc": head})
-    from onestep.objectives.base import Batch
+    from onestep.core import Batch
 
     real = MU + S_DATA * torch.randn(N, D, dtype=torch.float64)
     torch.manual_seed(9)
@@ -384,7 +384,7 @@ def test_sid_lsg_guidance_scales():
     """SiD-LSG: real_guidance re-guides the *unguided* teacher, fake_guidance guides the critic in the generator
     loss, critic_guidance guides the critic that DSM trains; zero (0) and anti (-1) guidance included."""
     from onestep.denoisers.base import Guided, guided
-    from onestep.objectives.base import Batch
+    from onestep.core import Batch
     from onestep.objectives.sid import SiD, SiDConfig
 
     sched = make_schedule("edm")
@@ -411,6 +411,7 @@ def test_sid_lsg_guidance_scales():
     # critic training: DSM regresses the guided critic's output; labels drop to "unconditional" at the set rate
     obj = SiD(SiDConfig(critic_guidance=2.0, critic_label_dropout=0.5), lambda _, b: x.detach())
     assert obj.critic_model(nets).scale == 2.0 and obj.critic_model(nets).base is critic
-    dropped = obj.critic_cond(nets, Batch(noise=x, cond=torch.zeros(4000, dtype=torch.long)))
+    from onestep.conditioning import Labels
+    dropped = obj.critic_cond(nets, Batch(noise=x, cond=Labels(torch.zeros(4000, dtype=torch.long), 2))).labels
     assert abs(float((dropped == 2).double().mean()) - 0.5) < 0.05 and set(dropped.tolist()) == {0, 2}
     assert SiD(SiDConfig(), None).critic_cond(nets, Batch(noise=x, cond=cond)) is cond

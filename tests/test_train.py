@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, compose
-from onestep.train import checkpoint
+from onestep import checkpoint
 from onestep.train.trainer import train
 
 
@@ -65,7 +65,7 @@ def test_crash_while_writing_keeps_last_checkpoint(tmp_path, monkeypatch):
     with torch.no_grad():
         net.weight.add_(1.0)
 
-    import onestep.train.checkpoint as ck
+    import onestep.checkpoint as ck
 
     def dying_torch_save(*a, **k):  # the process dies after the weights, before the state file
         raise KeyboardInterrupt

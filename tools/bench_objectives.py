@@ -37,7 +37,7 @@ from onestep.denoisers.base import guided
 from onestep.eval.report import chunked, eval_inputs
 from onestep.generator import Student
 from onestep.sampling import sample
-from onestep.train import checkpoint
+from onestep import checkpoint
 from onestep.train.trainer import train
 
 TASKS: dict[str, dict] = {

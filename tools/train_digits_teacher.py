@@ -24,7 +24,7 @@ import torch
 
 from onestep.data.digits import NUM_CLASSES, DigitsData
 from onestep.denoisers.diffusers import ADAPTER_FILE, UNet2DDenoiser, load_unet_denoiser, save_unet_denoiser
-from onestep.objectives.score_matching import dsm_loss
+from onestep.core import dsm_loss
 from onestep.schedules import make_schedule
 
 ASSET = Path(__file__).resolve().parent.parent / "onestep" / "assets" / "digits_teacher"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from onestep.conditioning import Labels
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch
+from onestep.core import Batch
 
 NUM_CLASSES = 10
 #: the held-out fraction and the seed of the stratified split
@@ -62,7 +63,8 @@ class DigitsData:
     def batch(self, n: int, device) -> Batch:
         idx = torch.randint(0, self.images.shape[0], (n,))
         noise = torch.randn(n, *self.data_shape)
-        return Batch(noise=noise.to(device), cond=self.labels[idx].to(device), real=self.images[idx].to(device))
+        cond = Labels(self.labels[idx], NUM_CLASSES).to(device)
+        return Batch(noise=noise.to(device), cond=cond, real=self.images[idx].to(device))
 
     def clean(self, n: int):
         idx = torch.randint(0, self.images.shape[0], (n,))

@@ -2,8 +2,8 @@
 
 A Denoiser maps (x_t, t, cond) to its *native* prediction (``self.prediction``) under its own
 ``self.schedule``. Every other parametrization is derived by :mod:`onestep.param`, never re-implemented
-per model. Conditioning ``cond`` is opaque to this layer: class labels (LongTensor, with ``num_classes``
-meaning "no label") for the built-in models, a dict of embeddings for text-to-image adapters.
+per model. Conditioning ``cond`` is an opaque :class:`onestep.conditioning.Cond` (class labels for the
+built-in models, prompt embeddings for text-to-image adapters); only the model that consumes it reads it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from onestep import param
+from onestep.conditioning import Cond, as_cond
 from onestep.errors import ConfigError
 from onestep.schedules import Schedule
 
@@ -23,6 +24,11 @@ class Denoiser(nn.Module):
     data_shape: tuple[int, ...] = ()
     #: number of classes for class-conditional models (0 = unconditional); label ``num_classes`` = unconditional
     num_classes: int = 0
+
+    @property
+    def conditional(self) -> bool:
+        """Takes a condition with a null branch (class labels, prompts): what CFG and condition dropout need."""
+        return self.num_classes > 0
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x_t, t, cond)")
@@ -64,10 +70,12 @@ class Guided(Denoiser):
     parametrization equals combining in any other (x0, eps, score...). ``scale`` 1 is the conditional model.
     """
 
+    conditional = True
+
     def __init__(self, base: Denoiser, scale: float):
         super().__init__()
-        if not base.num_classes:
-            raise ConfigError(f"guidance scale {scale} needs a class-conditional teacher; this one is unconditional "
+        if not base.conditional:
+            raise ConfigError(f"guidance scale {scale} needs a conditional teacher; this one is unconditional "
                               "(set teacher.guidance=1 or use a conditional teacher)")
         self.base, self.scale = base, float(scale)
         self.schedule, self.prediction = base.schedule, base.prediction
@@ -76,8 +84,8 @@ class Guided(Denoiser):
     def forward(self, x_t, t, cond=None):
         if cond is None or self.scale == 1.0:
             return self.base(x_t, t, cond)
-        null = torch.full_like(cond, self.num_classes)
-        both = self.base(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+        cond = as_cond(cond, self.num_classes)
+        both = self.base(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, cond.null()]))
         c, u = both.chunk(2)
         return u + self.scale * (c - u)
 

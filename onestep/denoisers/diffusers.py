@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from onestep.conditioning import labels_of
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.schedules import Schedule, VPDiscrete, make_schedule
@@ -53,7 +54,7 @@ class UNet2DDenoiser(Denoiser):
         t = self._time(t, x_t)
         labels = None
         if self.num_classes:
-            labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else cond.long()
+            labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
         return self.unet(x_t, self.timestep(t), class_labels=labels).sample
 
     def features(self, x_t, t, cond=None) -> torch.Tensor:

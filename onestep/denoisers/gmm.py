@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from onestep.conditioning import labels_of
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.schedules import Schedule
@@ -46,6 +47,7 @@ class GaussianMixture:
     def component_logweights(self, cond: torch.Tensor | None, n: int) -> torch.Tensor:
         """(n, K) log mixture weights given labels; label == num_classes or None -> marginal mixture."""
         logw = self.weights.log().expand(n, -1)
+        cond = labels_of(cond)
         if cond is None or self.labels is None:
             return logw
         cond = cond.to(torch.long).cpu()

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from onestep.conditioning import labels_of
 from onestep.denoisers.base import Denoiser
 from onestep.schedules import Schedule, bcast
 
@@ -68,7 +69,7 @@ class MLPDenoiser(Denoiser):
         c_noise = torch.log(sig.flatten()) / 4
         e = self.time(c_noise)
         if self.label is not None:
-            labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else cond.long()
+            labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
             e = e + self.label(labels)
         e = self.emb(e)
         h = self.inp(c_in * x) + e

@@ -13,12 +13,12 @@ Denoiser interface, ``sampling.sample`` and ``Student.sample``: a text-to-image 
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,14 +26,16 @@ import torch
 from omegaconf import OmegaConf
 
 from onestep import experiment
-from onestep.config import GeneratorConfig
+from onestep.config import CriticConfig, GeneratorConfig, TrainerConfig
 from onestep.denoisers.base import guided
 from onestep.errors import ConfigError
 from onestep.eval.report import chunked, eval_inputs, markdown_table
+from onestep.experiment import shape_student
 from onestep.generator import Student
+from onestep.networks import load_generator
 from onestep.progress import bar as progress_bar
 from onestep.sampling import METHODS, nfe, sample
-from onestep.train import checkpoint
+from onestep import checkpoint
 
 
 @dataclass
@@ -68,20 +70,16 @@ def load_run(path: str | Path, device: torch.device) -> Run:
     if not checkpoint.list_checkpoints(run):
         raise ConfigError(f"bench.runs: '{path}' has no checkpoint yet; train it (onestep train run_dir={path}) "
                           "or drop it from bench.runs")
-    # fields added to the generator schema after the run was made take their defaults
-    cfg = OmegaConf.merge(OmegaConf.create({"generator": OmegaConf.structured(GeneratorConfig)}),
+    # fields added to these schemas after the run was made take their defaults
+    defaults = {"generator": GeneratorConfig, "critic": CriticConfig, "trainer": TrainerConfig}
+    cfg = OmegaConf.merge(OmegaConf.create({k: OmegaConf.structured(v) for k, v in defaults.items()}),
                           OmegaConf.load(run / "config.yaml"))
     setup = experiment.build(cfg, run, progress=False)
-    generator = copy.deepcopy(setup.student_init)
     try:
-        state = checkpoint.load_latest(run, {"generator_ema": generator})
-    except RuntimeError as e:  # weights that do not fit the architecture the config builds
-        raise ConfigError(f"bench.runs: '{path}': generator_ema does not fit the run's config "
-                          f"({str(e).splitlines()[0]})") from None
-    if state is None:
-        raise ConfigError(f"bench.runs: '{path}' has no readable checkpoint with generator_ema.safetensors; "
-                          "train it further or drop it from bench.runs")
-    return Run(run, cfg, setup, generator.to(device).eval().requires_grad_(False), int(state["step"]))
+        generator, step = load_generator(cfg, setup, run, device=device, shape=partial(shape_student, cfg.generator))
+    except ConfigError as e:
+        raise ConfigError(f"bench.runs: {e}; train it further or drop it from bench.runs") from None
+    return Run(run, cfg, setup, generator, step)
 
 
 def _digest(*parts) -> str:

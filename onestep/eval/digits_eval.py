@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from onestep.conditioning import labels_of
 from onestep.eval.digits_features import class_metrics, load_digits_features
 from onestep.eval.fid import feature_metrics, stats_of
 
@@ -36,7 +37,7 @@ class DigitsEvaluator:
     def metrics(self, x, cond):
         feats, logits = self._features(x)
         return {**feature_metrics(feats, self.ref, **self.metric_args),
-                **class_metrics(logits, cond, self.num_classes)}
+                **class_metrics(logits, labels_of(cond), self.num_classes)}
 
     def plot(self, path: Path, panels):
         """One row per panel; every row shows the same sample indices (same noise, same label)."""
@@ -46,7 +47,7 @@ class DigitsEvaluator:
         import matplotlib.pyplot as plt
 
         first = next(iter(panels.values()))
-        idx = _grid_indices(first[1], first[0].shape[0], self.num_classes)
+        idx = _grid_indices(labels_of(first[1]), first[0].shape[0], self.num_classes)
         fig, axes = plt.subplots(len(panels), 1, figsize=(0.55 * len(idx) + 1.6, 0.75 * len(panels) + 0.3),
                                  squeeze=False)
         for ax, (title, (x, _)) in zip(axes[:, 0], panels.items()):

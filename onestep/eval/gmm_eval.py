@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from onestep.conditioning import labels_of
 from onestep.denoisers.gmm import GaussianMixture
 from onestep.eval.gmm_metrics import gmm_metrics
 
@@ -23,7 +24,7 @@ class GMMEvaluator:
             self.view = torch.linalg.svd(m, full_matrices=False).Vh[:2].T
 
     def metrics(self, x, cond):
-        return gmm_metrics(self.mixture, x, cond)
+        return gmm_metrics(self.mixture, x, labels_of(cond))
 
     def plot(self, path: Path, panels):
         import matplotlib

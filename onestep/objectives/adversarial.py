@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onestep import conditioning
 from onestep.denoisers.base import Denoiser, Guided
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, frozen, local, register_objective
-from onestep.objectives.score_matching import noised, sample_t
+from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, frozen, register_objective
+from onestep.core import noised, sample_t
 
 DISCRIMINATORS = ("none", "critic", "teacher")
 HEAD = "disc"  # the trained head's name in Nets.modules and in checkpoints
@@ -49,14 +50,9 @@ class GANConfig:
     disc_hidden: int = 128
 
 
-def base_module(d: nn.Module) -> nn.Module:
-    """The network under accelerate's wrapper (trainer.Wrapped -> DDP .module) and CFG wrappers."""
-    d = local(d)
-    return base_module(d.base) if isinstance(d, Guided) else d
-
-
 def features(denoiser: nn.Module, x_t, t, cond=None) -> torch.Tensor:
-    net = base_module(denoiser)
+    """The denoiser's ``features`` (the unguided network's: a head reads one branch, not the CFG mix)."""
+    net = denoiser.base if isinstance(denoiser, Guided) else denoiser
     if not hasattr(net, "features"):
         raise ConfigError(f"objective.discriminator needs a network with features(x_t, t, cond); "
                           f"{type(net).__name__} has none (use discriminator=none)")
@@ -120,12 +116,10 @@ class GANTerm:
             head = Head(dim, self.cfg.disc_hidden, frozen_net)
         return {HEAD: (head, "critic")}
 
-    def logits(self, nets: Nets, x_t, t, cond, frozen_pass: bool = False) -> torch.Tensor:
-        """D(x_t); ``frozen_pass`` (generator step): through the unwrapped head, see objectives.base.local."""
+    def logits(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
         head = nets.modules[HEAD]
-        inner = base_module(head)
-        feats = inner.teacher_features(x_t, t, cond) if self.kind == "teacher" else features(nets.critic, x_t, t, cond)
-        return (local(head) if frozen_pass else head)(feats)
+        feats = head.teacher_features(x_t, t, cond) if self.kind == "teacher" else features(nets.critic, x_t, t, cond)
+        return head(feats)
 
     def _noised(self, nets: Nets, x):
         sched = nets.teacher.schedule
@@ -136,7 +130,7 @@ class GANTerm:
         """lambda * L_G at generator samples x (gradient reaches x through the frozen critic and head)."""
         with frozen(nets.critic if self.kind == "critic" else None, nets.modules[HEAD]):
             x_t, t = self._noised(nets, x)
-            loss = F.softplus(-self.logits(nets, x_t, t, cond, frozen_pass=True)).mean()
+            loss = F.softplus(-self.logits(nets, x_t, t, cond)).mean()
         return self.cfg.gan_weight * loss, {"gan_g": loss.detach()}
 
     def discriminator_loss(self, nets: Nets, fake, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -144,7 +138,7 @@ class GANTerm:
         if batch.real is None:
             raise ConfigError("objective.discriminator needs real data samples in the batch (data= with real samples)")
         x_t, t = self._noised(nets, torch.cat([batch.real.to(fake), fake.detach()]))
-        cond = None if batch.cond is None else torch.cat([batch.cond, batch.cond])
+        cond = conditioning.cat([batch.cond, batch.cond])
         d_real, d_fake = self.logits(nets, x_t, t, cond).chunk(2)
         loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         return self.cfg.disc_weight * loss, {"gan_d": loss.detach(), "d_real": d_real.mean().detach(),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from onestep.config import store
-from onestep.denoisers.base import Denoiser
+from onestep.core import Batch, Nets
 from onestep.errors import ConfigError
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -28,23 +28,6 @@ class ObjectiveConfig:
     name: str = "?"
     #: critic (fake-score) updates per generator update: the TTUR ratio (DMD2 uses 5)
     ttur: int = 1
-
-
-@dataclass
-class Nets:
-    """What an objective sees: the frozen teacher (guided if configured) and the trained networks."""
-
-    teacher: Denoiser
-    generator: Denoiser
-    critic: Denoiser | None = None
-    modules: dict[str, nn.Module] | None = None  # extra trained modules (heads), by name
-
-
-@dataclass
-class Batch:
-    noise: torch.Tensor  # standard normal, generator input
-    cond: torch.Tensor | None = None  # class labels or None
-    real: torch.Tensor | None = None  # real data samples (objectives that use data)
 
 
 class Objective:
@@ -72,6 +55,12 @@ class Objective:
         device, checkpoints them and passes them in ``Nets.modules``. ``setup`` is the experiment Setup."""
         return {}
 
+    def targets(self) -> dict[str, float]:
+        """Non-optimized copies of the generator this objective reads (``Nets.targets``): name -> EMA decay. The
+        trainer creates them equal to the generator, moves them after every generator step
+        (target <- decay * target + (1 - decay) * generator) and checkpoints them."""
+        return {}
+
     def generator_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"objective {self.name} must define generator_loss")
 
@@ -91,14 +80,6 @@ def frozen(*modules: nn.Module | None):
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def local(module: nn.Module | None) -> nn.Module | None:
-    """The module without accelerate's DDP wrapper (trainer.Wrapped -> DDP -> .module), sharing its parameters.
-    Frozen forward passes in the generator step go through it, so DDP does not prepare a gradient reduction for
-    a module that step does not train (2-process gloo runs of sid/sida/sim/fdistill work either way)."""
-    inner = getattr(module, "wrapped", module)
-    return getattr(inner, "module", inner)
 
 
 def check_t_range(cfg, lo: str = "t_lo", hi: str = "t_hi") -> None:

@@ -14,7 +14,6 @@ Multi-step sampling is the student's ``renoise`` sampler (CM Alg. 1) on generato
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from onestep.errors import ConfigError
 from onestep.objectives import consistency as C
 from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, register_objective
-from onestep.objectives.score_matching import noised
+from onestep.core import noised
 from onestep.schedules import bcast
 
 SOLVERS = ("euler", "heun", "data")
@@ -72,11 +71,9 @@ class ConsistencyDistillation(Objective):
         C.pair_weight(torch.ones(1), torch.full((1,), 2.0), cfg.weighting)
         C.distance(torch.zeros(1, 1), torch.zeros(1, 1), cfg.distance)
 
-    def build_modules(self, setup):
-        if self.cfg.target_ema == 0:
-            return {}
-        # trained by nobody (no gradient reaches it); updated in generator_loss, checkpointed by the trainer
-        return {"target": (copy.deepcopy(setup.student_init), "generator")}
+    def targets(self):
+        # CM eq. (8): theta- <- mu theta- + (1 - mu) theta, applied by the trainer after each generator step
+        return {} if self.cfg.target_ema == 0 else {"target": self.cfg.target_ema}
 
     def scales(self, step: int) -> int:
         c = self.cfg
@@ -118,12 +115,5 @@ class ConsistencyDistillation(Objective):
             x_next = x + dt * 0.5 * (u + nets.teacher.flow(x_next, s, cond))
         return x_next
 
-    @torch.no_grad()
     def _target(self, nets: Nets):
-        if self.cfg.target_ema == 0:
-            return nets.generator
-        target = nets.modules["target"]
-        target = getattr(target, "module", target)  # DDP-wrapped under multi-process runs
-        for p_t, p in zip(target.parameters(), nets.generator.parameters()):
-            p_t.lerp_(p.detach().to(p_t.dtype), 1 - self.cfg.target_ema)  # CM eq. (8)
-        return target
+        return nets.generator if self.cfg.target_ema == 0 else nets.targets["target"]

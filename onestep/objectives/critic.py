@@ -12,7 +12,7 @@ import torch
 from onestep.denoisers.base import Denoiser
 from onestep.objectives.adversarial import GANTerm
 from onestep.objectives.base import Batch, Nets, Objective
-from onestep.objectives.score_matching import dsm_loss
+from onestep.core import dsm_loss
 
 
 class CriticObjective(Objective):

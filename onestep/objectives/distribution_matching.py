@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from onestep.denoisers.base import Denoiser
-from onestep.objectives.score_matching import noised, sample_t
+from onestep.core import noised, sample_t
 
 #: floor of the mean |x - mu_real| normalizer (DMD eq. 8) so that a perfect teacher cannot divide by zero
 NORMALIZER_FLOOR = 1e-5

@@ -139,7 +139,7 @@ class FDistill(CriticObjective):
 
         def logit_fn(x_t, t):
             with frozen(nets.critic, nets.modules.get("disc")):
-                return self.gan.logits(nets, x_t, t, batch.cond, frozen_pass=True)
+                return self.gan.logits(nets, x_t, t, batch.cond)
 
         grad, logs = fdistill_gradient(nets.teacher, nets.critic, x, logit_fn, batch.cond, divergence=c.divergence,
                                        log_ratio_clamp=c.log_ratio_clamp, time_bins=c.time_bins,

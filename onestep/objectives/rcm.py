@@ -18,7 +18,7 @@ from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, check_t_range, register_objective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.scm import SCD, SCMConfig
-from onestep.objectives.score_matching import dsm_loss
+from onestep.core import dsm_loss
 
 
 @dataclass

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from onestep.conditioning import Labels
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets
+from onestep.core import Batch, Nets
 from onestep.sampling import sample
 
 PAIR_SEED = 1234
@@ -25,6 +26,9 @@ PAIR_SEED = 1234
 def make_pairs(teacher: Denoiser, count: int, steps: int, seed: int = PAIR_SEED,
                device=None) -> dict[str, torch.Tensor]:
     """{"noise", "sample"[, "cond"]}: ``count`` teacher ODE solutions from fixed noise (and uniform labels)."""
+    if teacher.conditional and not teacher.num_classes:
+        raise ConfigError("objective.regression_weight > 0 builds noise -> teacher-sample pairs for unconditional or "
+                          "class-conditional teachers only; set objective.regression_weight=0 for text-to-image teachers")
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(count, *teacher.data_shape, generator=g)
     out = {"noise": z}
@@ -33,7 +37,8 @@ def make_pairs(teacher: Denoiser, count: int, steps: int, seed: int = PAIR_SEED,
         cond = torch.randint(0, teacher.num_classes, (count,), generator=g)
         out["cond"] = cond
     ts = teacher.schedule.default_ts(steps)
-    out["sample"] = sample(teacher, z.to(device), ts, None if cond is None else cond.to(device), method="ddim").cpu()
+    labels = None if cond is None else Labels(cond, teacher.num_classes).to(device)
+    out["sample"] = sample(teacher, z.to(device), ts, labels, method="ddim").cpu()
     return out
 
 
@@ -75,6 +80,6 @@ class TeacherPairs:
         """DMD eq. (9) on a random minibatch of the pool (same size as the training batch)."""
         p = self.get(nets.teacher, batch.noise.device)
         idx = torch.randint(0, p["noise"].shape[0], (batch.noise.shape[0],), device=batch.noise.device)
-        pair_batch = Batch(noise=p["noise"][idx].to(batch.noise.dtype), cond=p["cond"][idx] if "cond" in p else None)
+        pair_batch = Batch(noise=p["noise"][idx].to(batch.noise.dtype), cond=Labels(p["cond"][idx], nets.teacher.num_classes) if "cond" in p else None)
         y = p["sample"][idx].to(batch.noise.dtype)
         return torch.nn.functional.mse_loss(generate(nets, pair_batch), y)

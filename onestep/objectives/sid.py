@@ -30,10 +30,10 @@ import torch
 from onestep.denoisers.base import Denoiser, Guided, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, local, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
-from onestep.objectives.score_matching import noised, sample_t
+from onestep.core import noised, sample_t
 
 #: the range of alpha SiD studies; beyond 1.5 the negative (1 - alpha) ||delta||^2 term dominates and diverges
 ALPHA_RANGE = (0.0, 1.5)
@@ -94,16 +94,14 @@ class SiD(CriticObjective):
         return guided(nets.critic, self.cfg.critic_guidance)
 
     def critic_cond(self, nets: Nets, batch: Batch):
-        p = self.cfg.critic_label_dropout
         plain = self.cfg.fake_guidance == 1 and self.cfg.critic_guidance == 1  # no unconditional critic needed
-        if batch.cond is None or p == 0 or plain or not isinstance(batch.cond, torch.Tensor):
+        if batch.cond is None or plain:
             return batch.cond
-        null = torch.full_like(batch.cond, nets.critic.num_classes)
-        return torch.where(torch.rand(batch.cond.shape, device=batch.cond.device) < p, null, batch.cond)
+        return batch.cond.drop(self.cfg.critic_label_dropout)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
-        fake = guided(local(nets.critic), self.cfg.fake_guidance)
+        fake = guided(nets.critic, self.cfg.fake_guidance)
         loss, logs = sid_loss(self.real_model(nets), fake, x, batch.cond, alpha=self.cfg.alpha,
                               lo=self.cfg.t_lo, hi=self.cfg.t_hi)
         return self.with_gan(loss, {"sid": loss.detach(), **logs}, nets, x, batch.cond)

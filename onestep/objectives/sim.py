@@ -23,10 +23,10 @@ import torch
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, local, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
-from onestep.objectives.score_matching import noised, sample_t
+from onestep.core import noised, sample_t
 
 DISTANCES = ("l2", "pseudo_huber")
 
@@ -80,6 +80,6 @@ class SIM(CriticObjective):
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
-        loss, logs = sim_loss(nets.teacher, local(nets.critic), x, batch.cond, distance=self.cfg.distance,
+        loss, logs = sim_loss(nets.teacher, nets.critic, x, batch.cond, distance=self.cfg.distance,
                               huber_c=self.cfg.huber_c, lo=self.cfg.t_lo, hi=self.cfg.t_hi)
         return self.with_gan(loss, {"sim": loss.detach(), **logs}, nets, x, batch.cond)

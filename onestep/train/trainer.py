@@ -10,41 +10,27 @@ bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
 
-from onestep import experiment, progress
-from onestep.denoisers.base import Denoiser, guided
+from onestep import checkpoint, experiment, progress
+from onestep.denoisers.base import guided
 from onestep.eval.report import compare, eval_inputs, write_report
+from onestep.experiment import shape_student
 from onestep.generator import Student
+from onestep.networks import EMA, Networks, check_networks
 from onestep.objectives import make_objective
-from onestep.objectives.base import Nets
-from onestep.train import checkpoint
-from onestep.train.ema import EMA
 from onestep.train.run_dir import prepare_run_dir
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-class Wrapped(Denoiser):
-    """Keeps the Denoiser API on a module that accelerate wrapped (DDP), so gradient sync hooks run."""
-
-    def __init__(self, wrapped, inner: Denoiser):
-        super().__init__()
-        self.wrapped = wrapped
-        self.schedule, self.prediction = inner.schedule, inner.prediction
-        self.data_shape, self.num_classes = inner.data_shape, inner.num_classes
-
-    def forward(self, x_t, t, cond=None):
-        return self.wrapped(x_t, t, cond)
 
 
 def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> dict:
@@ -54,47 +40,33 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     show = tc.progress and acc.is_main_process
 
     make_objective(cfg.objective, generate=None)  # validate its hyperparameters before any slow setup
+    check_networks(cfg)
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     setup = experiment.build(cfg, run_dir, progress=show)
-    teacher = guided(setup.teacher, cfg.teacher.guidance).to(acc.device).requires_grad_(False)
     gc = cfg.generator
     student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
     objective = make_objective(cfg.objective, student.train_sample)
-
-    generator = copy.deepcopy(setup.student_init).requires_grad_(True).train()
-    critic = copy.deepcopy(setup.student_init).requires_grad_(True).train() if "critic" in objective.networks else None
     torch.manual_seed(cfg.seed + 1)  # extra modules start the same whether the teacher was trained or cached
-    extra = objective.build_modules(setup)
-    for name, (m, role) in extra.items():
-        if role not in ("generator", "critic"):
-            raise ValueError(f"objective {cfg.objective.name}: module '{name}' has role '{role}', not generator|critic")
-        m.requires_grad_(True).train()
-    objective.trains_critic_modules = any(role == "critic" for _, role in extra.values())
-    ema = EMA(generator, tc.ema_decay)
+    heads = objective.build_modules(setup)
+    objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
+    networks = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads,
+                        targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc))
+    teacher = guided(networks.teacher, cfg.teacher.guidance)
+    nets = networks.nets(teacher)
+    if show:
+        print(networks.describe())
 
-    modules = {"generator": generator, "generator_ema": ema.model} | ({"critic": critic} if critic else {})
-    modules |= {name: m for name, (m, _) in extra.items()}
-    state = checkpoint.load_latest(run_dir, modules)  # loads weights in place
-
-    # each optimizer trains its network plus the extra modules of that role; accelerate wraps them all
-    g_names = ["generator"] + [n for n, (_, role) in extra.items() if role == "generator"]
-    c_names = (["critic"] if critic is not None else []) + [n for n, (_, role) in extra.items() if role == "critic"]
-    wrapped = acc.prepare(*(modules[n] for n in g_names + c_names))
-    prepared = dict(zip(g_names + c_names, wrapped if isinstance(wrapped, (list, tuple)) else [wrapped]))
-    g_mods, c_mods = [prepared[n] for n in g_names], [prepared[n] for n in c_names]
-    opt_g = acc.prepare(_adamw(g_mods, tc.generator_optim))
-    opt_c = acc.prepare(_adamw(c_mods, tc.critic_optim)) if c_mods else None
+    opt_g = acc.prepare(_adamw(networks.params("generator"), tc.generator_optim))
+    c_params = networks.params("critic")
+    opt_c = acc.prepare(_adamw(c_params, tc.critic_optim)) if c_params else None
+    state = checkpoint.load_latest(run_dir, networks.checkpointed())  # loads weights in place
     start = 0
     if state is not None:
         start = state["step"]
         opt_g.load_state_dict(state["opt_generator"])
         if opt_c is not None:
             opt_c.load_state_dict(state["opt_critic"])
-    generator, critic = prepared["generator"], prepared.get("critic")
-    ema.model.to(acc.device)
-    nets = Nets(teacher=teacher, generator=_api(generator, modules["generator"]),
-                critic=None if critic is None else _api(critic, modules["critic"]),
-                modules={n: prepared[n] for n in extra})
+    ema = networks.unwrapped(EMA)
 
     stats_file = Path(run_dir) / "stats.jsonl"
     bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
@@ -106,14 +78,14 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
             batch = setup.data.batch(tc.batch_size, acc.device)
             with acc.autocast():
                 out = objective.critic_loss(nets, batch, step)
-            bad_steps = _update(acc, out, c_mods, opt_c, tc.grad_clip, bad_steps, tc.max_bad_steps, "critic")
+            bad_steps = _update(acc, networks, "critic", out, opt_c, tc.grad_clip, bad_steps, tc.max_bad_steps)
             logs.update({f"critic/{k}": float(v.detach()) for k, v in out.items()})
         batch = setup.data.batch(tc.batch_size, acc.device)
         with acc.autocast():
             out = objective.generator_loss(nets, batch, step)
-        bad_steps = _update(acc, out, g_mods, opt_g, tc.grad_clip, bad_steps, tc.max_bad_steps, "generator")
+        bad_steps = _update(acc, networks, "generator", out, opt_g, tc.grad_clip, bad_steps, tc.max_bad_steps)
         logs.update({f"gen/{k}": float(v.detach()) for k, v in out.items()})
-        ema.update(acc.unwrap_model(generator))
+        networks.update_targets()
 
         done = step + 1
         main = acc.is_main_process
@@ -122,45 +94,41 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
             bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
                              if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
             _append(stats_file, {"step": done, "it_per_s": rate, **logs})
-        if main and (done % tc.checkpoint_every == 0 or done == tc.steps):
-            checkpoint.save(run_dir, done, modules, _state(done, opt_g, opt_c), keep=tc.keep_checkpoints)
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            # every rank takes part (sharded states gather here); the main process writes
+            states = networks.checkpointed()
+            if main:
+                checkpoint.save(run_dir, done, states, _state(done, opt_g, opt_c), keep=tc.keep_checkpoints)
+            acc.wait_for_everyone()
         if main and tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-            _append(Path(run_dir) / "evals.jsonl", {"step": done, **_eval_student(setup, student, ema.model, cfg.eval)})
+            _append(Path(run_dir) / "evals.jsonl", {"step": done, **_eval_student(setup, student, ema, cfg.eval)})
         if main and tc.sample_every and done % tc.sample_every == 0:
-            _plot_samples(setup, student, ema.model, run_dir / f"samples_{done:08d}.png")
+            _plot_samples(setup, student, ema, run_dir / f"samples_{done:08d}.png")
         for cb in callbacks:
             cb(done, logs)
     bar.close()
 
     if not acc.is_main_process:
         return {}
-    rows, samples = compare(setup, student, ema.model.eval(), teacher, cfg.eval, progress=show)
+    rows, samples = compare(setup, student, ema, teacher, cfg.eval, progress=show)
     table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name})
     if cfg.eval.plot:
         pick = [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))] + \
                [k for k in samples if k.startswith("student")][:1]
         setup.evaluator.plot(run_dir / "samples.png", {k: samples[k] for k in dict.fromkeys(pick) if k in samples})
     print(f"\n{table}\n\nrun folder: {run_dir}")
-    return {"rows": rows, "run_dir": str(run_dir)}
+    return {"rows": rows, "run_dir": str(run_dir), "networks": networks}
 
 
-def _api(prepared, inner: Denoiser) -> Denoiser:
-    return inner if prepared is inner else Wrapped(prepared, inner)
-
-
-def _params(mods):
-    return [p for m in mods for p in m.parameters()]
-
-
-def _adamw(mods, oc):
-    return torch.optim.AdamW(_params(mods), lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+def _adamw(params, oc):
+    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
 
 
 def _seed(seed: int, step: int, acc: Accelerator) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 64 + acc.process_index)
 
 
-def _update(acc, out, mods, opt, clip, bad_steps, max_bad, what) -> int:
+def _update(acc, networks, what, out, opt, clip, bad_steps, max_bad) -> int:
     """Backward + clip + step; a non-finite loss skips the step (and counts toward the run's limit)."""
     loss = out["loss"]
     if not torch.isfinite(loss):
@@ -171,8 +139,9 @@ def _update(acc, out, mods, opt, clip, bad_steps, max_bad, what) -> int:
                                 "learning rate (trainer.*_optim.lr) or enable trainer.grad_clip")
         return bad_steps
     acc.backward(loss)
+    networks.reduce_gradients(what)
     if clip > 0:
-        acc.clip_grad_norm_(_params(mods), clip)
+        acc.clip_grad_norm_(networks.params(what), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return 0

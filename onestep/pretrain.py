@@ -8,7 +8,7 @@ import torch
 from onestep.progress import bar as progress_bar
 
 from onestep.denoisers.base import Denoiser
-from onestep.objectives.score_matching import dsm_loss
+from onestep.core import dsm_loss
 
 
 def fit_dsm(net: Denoiser, data: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]], *, steps: int,

@@ -1,8 +1,18 @@
-"""Denoising score matching pieces shared by every objective that noises samples or trains a critic."""
+"""Core types and the forward process, shared by the generator, the data sources and the objectives.
+
+    Batch   what a data source yields: generator noise, the conditioning (onestep.conditioning.Cond) and
+            optionally real samples
+    Nets    what an objective sees: the frozen (guided) teacher, the trained generator / critic views, extra
+            trained modules (heads) and non-optimized targets; built by train/networks.py
+    sample_t, noised, dsm_loss   the forward process x_t = alpha(t) x0 + sigma(t) eps and denoising score matching
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+from torch import nn
 
 from onestep import param
 from onestep.denoisers.base import Denoiser
@@ -10,6 +20,26 @@ from onestep.errors import ConfigError
 from onestep.schedules import Schedule, bcast
 
 WEIGHTINGS = ("edm", "eps", "x0", "v")
+
+
+@dataclass
+class Batch:
+    noise: torch.Tensor  # standard normal, generator input
+    cond: object = None  # onestep.conditioning.Cond (class labels, prompt embeddings) or None
+    real: torch.Tensor | None = None  # real data samples (objectives that use data)
+
+
+@dataclass
+class Nets:
+    """An objective's view of the run's networks. Trained views carry gradients to their own parameters only;
+    ``targets`` (e.g. a consistency EMA target) are updated by the trainer after each generator step."""
+
+    teacher: Denoiser
+    generator: Denoiser
+    critic: Denoiser | None = None
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # extra trained modules (heads), by name
+    targets: dict[str, Denoiser] = field(default_factory=dict)  # non-optimized copies of the generator, by name
+
 
 
 def sample_t(schedule: Schedule, n: int, lo: float = 0.0, hi: float = 1.0, like: torch.Tensor | None = None):

@@ -1,0 +1,302 @@
+"""Adapters from Stable Diffusion pipeline folders (SD 1.x/2.x: ``sd15``; SDXL: ``sdxl``) to onestep.
+
+A teacher is a local diffusers pipeline folder (what ``StableDiffusion[XL]Pipeline.save_pretrained`` writes).
+Its parts map onto onestep as follows; nothing is hand-set, everything is read from the folder.
+
+Time. ``scheduler/scheduler_config.json`` gives the DDPM table (beta_schedule, beta_start, beta_end,
+num_train_timesteps), i.e. a ``VPDiscrete`` schedule. Continuous t in [0, 1] reaches the UNet as
+    timestep = schedule.index(t) = t (N - 1)
+so t = k / (N - 1) is exactly diffusers' integer timestep k (t = 1 is 999, where the pipelines start)
+and times in between interpolate the sinusoidal embedding.
+
+Prediction. The scheduler's ``prediction_type`` names the UNet's native output:
+    epsilon -> eps,  v_prediction -> v (a eps - s x0),  sample -> x0      (``PREDICTIONS``)
+
+Conditioning. ``TextEncoder`` builds a ``Cond`` with the fields the pipeline's ``encode_prompt`` makes:
+    sd15  prompt_embeds         text_encoder(ids)[0]                            (B, 77, 768 | 1024)
+    sdxl  prompt_embeds         cat(penultimate hidden states of both encoders)  (B, 77, 2048)
+          pooled_prompt_embeds  text_encoder_2's projected final token           (B, 1280)
+          add_time_ids          [h, w, 0, 0, h, w] in pixels (original size, crop, target size)
+The null row (the unconditional branch of classifier-free guidance) is what the pipeline feeds with
+guidance_scale > 1: the encoded negative prompt ("" when none); for SDXL without a negative prompt, zeros
+(``force_zeros_for_empty_prompt`` in model_index.json). ``Guided`` then forms u + w (c - u), as the pipelines do.
+
+Latents. ``LatentCodec`` maps images in [-1, 1] to the diffusion data z = (E(x) - shift) * scaling and back,
+with scaling_factor / shift_factor from ``vae/config.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from onestep.conditioning import Cond
+from onestep.denoisers.base import Denoiser
+from onestep.errors import ConfigError
+from onestep.schedules import VPDiscrete
+
+KINDS = ("sd15", "sdxl")
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+#: (text encoder, its tokenizer) sub-folders, in the pipeline's order
+TEXT_FOLDERS = {"sd15": (("text_encoder", "tokenizer"),),
+                "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))}
+SUBFOLDERS = {"sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+              "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")}
+
+
+def _layout(kind: str) -> str:
+    return "model_index.json, " + ", ".join(f"{f}/" for f in SUBFOLDERS[kind])
+
+
+def check_pipeline_folder(path, kind: str) -> Path:
+    if kind not in KINDS:
+        raise ConfigError(f"teacher '{kind}' is not a Stable Diffusion kind; use teacher=sd15 (SD 1.x/2.x) "
+                          "or teacher=sdxl")
+    fix = f"pass teacher.path=<local diffusers pipeline folder ({_layout(kind)})>"
+    if path is None or str(path) == "":
+        raise ConfigError(f"teacher.path is not set; {fix}")
+    folder = Path(path)
+    if not folder.exists():
+        raise ConfigError(f"teacher.path '{folder}' does not exist; {fix}")
+    if not folder.is_dir():
+        raise ConfigError(f"teacher.path '{folder}' is not a folder; {fix}")
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(f"teacher.path '{folder}' is not a diffusers pipeline folder (no model_index.json); {fix}")
+    missing = [f"{f}/" for f in SUBFOLDERS[kind] if not (folder / f).is_dir()]
+    if missing:
+        sd15 = kind == "sdxl" and all((folder / f).is_dir() for f in SUBFOLDERS["sd15"])
+        hint = " (an SD 1.x/2.x folder? use teacher=sd15)" if sd15 else ""
+        raise ConfigError(f"teacher.path '{folder}' has no {', '.join(missing)} needed by teacher={kind}{hint}; "
+                          f"expected a diffusers {kind} pipeline folder ({_layout(kind)})")
+    return folder
+
+
+def scheduler_schedule(folder) -> tuple[VPDiscrete, str]:
+    """The training noise table and the UNet's native prediction, from scheduler/scheduler_config.json."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher.path '{folder}': cannot read {path.name} ({type(e).__name__}); expected a "
+                          "diffusers pipeline folder with scheduler/scheduler_config.json") from None
+    # absent keys take diffusers' scheduler defaults, as from_config would
+    beta_schedule = c.get("beta_schedule", "linear")
+    if beta_schedule not in ("linear", "scaled_linear") or c.get("trained_betas") is not None:
+        what = "trained_betas" if c.get("trained_betas") is not None else f"beta_schedule '{beta_schedule}'"
+        raise ConfigError(f"{path}: {what} is not supported; onestep reads 'linear' or 'scaled_linear' tables")
+    if c.get("rescale_betas_zero_snr"):
+        # zero terminal SNR makes alpha(1) = 0, which VPDiscrete's log-SNR table cannot hold
+        raise ConfigError(f"{path}: rescale_betas_zero_snr is not supported; use a scheduler config without it")
+    prediction_type = c.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTIONS:
+        raise ConfigError(f"{path}: prediction_type '{prediction_type}' is unknown; expected one of "
+                          f"{sorted(PREDICTIONS)}")
+    schedule = VPDiscrete(beta_schedule, int(c.get("num_train_timesteps", 1000)),
+                          float(c.get("beta_start", 0.0001)), float(c.get("beta_end", 0.02)))
+    return schedule, PREDICTIONS[prediction_type]
+
+
+class SDUNetDenoiser(Denoiser):
+    """A text-conditioned ``diffusers.UNet2DConditionModel`` as a Denoiser on latents (see the module docstring)."""
+
+    conditional = True
+
+    def __init__(self, unet, schedule: VPDiscrete, prediction: str, kind: str, latent_size: int):
+        super().__init__()
+        if kind not in KINDS:
+            raise ConfigError(f"teacher '{kind}' is not a Stable Diffusion kind; use one of {KINDS}")
+        c = unet.config
+        blocks = (*c.down_block_types, *c.up_block_types, c.mid_block_type or "")
+        if False:
+            raise ConfigError(f"teacher={kind} needs a text-conditioned UNet, but the folder's unet has no "
+                              "cross-attention; pass teacher.path=<a text-to-image pipeline folder>")
+        text_time = c.addition_embed_type == "text_time"
+        if text_time != (kind == "sdxl"):
+            raise ConfigError(f"teacher={kind} but the folder's unet {'takes' if text_time else 'lacks'} SDXL's pooled "
+                              f"text and size conditioning; use teacher={'sdxl' if text_time else 'sd15'}")
+        if prediction not in PREDICTIONS.values():
+            raise ConfigError(f"UNet prediction '{prediction}' is unknown; use one of {tuple(PREDICTIONS.values())}")
+        self.unet, self.schedule, self.prediction, self.kind = unet, schedule, prediction, kind
+        self.data_shape = (c.in_channels, latent_size, latent_size)
+        #: width of ``features``: the mid-block's channels
+        self.feature_dim = c.block_out_channels[-1]
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.index(t)
+
+    def forward(self, x_t, t, cond=None):
+        if not isinstance(cond, Cond) or "prompt_embeds" not in cond:
+            raise ConfigError(f"a text-to-image teacher needs prompt conditioning (a Cond from TextEncoder.cond), "
+                              f"got {cond!r}; pass data with prompts (teacher={self.kind})")
+        self.check_input(x_t, "x_t")
+        t = self._time(t, x_t)
+        dtype, dev = self.unet.dtype, x_t.device
+        extra = None
+        if self.kind == "sdxl":
+            extra = {"text_embeds": cond["pooled_prompt_embeds"].to(dev, dtype),
+                     "time_ids": cond["add_time_ids"].to(dev, dtype)}
+        # the timestep stays float32: fp16 cannot hold 999 - t exactly (its spacing there is 0.5)
+        text = cond["prompt_embeds"].to(dev, dtype)
+        out = self.unet(x_t.to(dtype), self.timestep(t).float(), encoder_hidden_states=text,
+                        added_cond_kwargs=extra).sample
+        return out.to(x_t.dtype)
+
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        """Mid-block activations averaged over space (batch, feature_dim): what discriminator heads read.
+        Captured by a forward hook, so the whole UNet runs (the up path's output is discarded)."""
+        captured = []
+        hook = self.unet.mid_block.register_forward_hook(lambda m, args, out: captured.append(out))
+        try:
+            self(x_t, t, cond)
+        finally:
+            hook.remove()
+        return captured[0].mean((2, 3)).to(x_t.dtype)
+
+
+def _load(folder: Path, sub: str, kind: str, cls, **kwargs):
+    """``cls.from_pretrained(folder, subfolder=sub)`` offline; any failure is a one-line ConfigError."""
+    try:
+        return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - diffusers, transformers, safetensors and json each raise their own
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"teacher.path '{folder}': cannot load {sub} ({type(e).__name__}: {first}); "
+                          f"expected a diffusers {kind} pipeline folder") from None
+
+
+def _frozen(module: torch.nn.Module, device) -> torch.nn.Module:
+    return module.to(device).eval().requires_grad_(False)
+
+
+def _sha1_files(folder: Path, subs, salt: str = "") -> str:
+    h = hashlib.sha1(salt.encode())
+    for sub in subs:
+        for f in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+class TextEncoder:
+    """The pipeline's prompt encoding, frozen; returns batch-first float32 fields on the CPU."""
+
+    def __init__(self, folder, kind: str, device="cpu", dtype=torch.float32):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        folder = check_pipeline_folder(folder, kind)
+        self.kind, self.device = kind, torch.device(device)
+        self.tokenizers, self.encoders = [], []
+        for (enc, tok), cls in zip(TEXT_FOLDERS[kind], (CLIPTextModel, CLIPTextModelWithProjection)):
+            self.tokenizers.append(_load(folder, tok, kind, CLIPTokenizer))
+            self.encoders.append(_frozen(_load(folder, enc, kind, cls, dtype=dtype), self.device))
+        index = json.loads((folder / "model_index.json").read_text())
+        #: SDXL's unconditional branch is all zeros when there is no negative prompt (the pipeline's default)
+        self.zeros_for_empty = kind == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
+        # identity of the encoded fields, for caches: the exact tokenizer and encoder bytes and the null rule
+        digest = _sha1_files(folder, [f for pair in TEXT_FOLDERS[kind] for f in pair], f"zeros={self.zeros_for_empty}")
+        self.name = f"{kind}-{digest[:16]}"
+        self._null: dict[str | None, dict[str, torch.Tensor]] = {}
+
+    def _run(self, i: int, prompts: list[str]):
+        tok, enc = self.tokenizers[i], self.encoders[i]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
+        return enc(ids.input_ids.to(self.device), attention_mask=mask, output_hidden_states=self.kind == "sdxl")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        prompts = list(prompts)
+        if self.kind == "sd15":
+            return {"prompt_embeds": self._run(0, prompts)[0].float().cpu()}
+        # SDXL reads the penultimate layer of both encoders; the pooled vector is text_encoder_2's
+        # projection of the final token (CLIPTextModelWithProjection.text_embeds)
+        one, two = self._run(0, prompts), self._run(1, prompts)
+        return {"prompt_embeds": torch.cat([one.hidden_states[-2], two.hidden_states[-2]], -1).float().cpu(),
+                "pooled_prompt_embeds": two[0].float().cpu()}
+
+    def null_fields(self, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
+        if negative_prompt not in self._null:
+            fields = self.encode([negative_prompt or ""])
+            if self.zeros_for_empty and negative_prompt is None:
+                fields = {k: torch.zeros_like(v) for k, v in fields.items()}
+            self._null[negative_prompt] = fields
+        return dict(self._null[negative_prompt])
+
+    def time_ids(self, height: int, width: int) -> torch.Tensor | None:
+        """SDXL's micro-conditioning with the pipeline's defaults: original size = target size, no crop."""
+        if self.kind != "sdxl":
+            return None
+        return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+    def cond(self, prompts, negative_prompt: str | None = None, height: int | None = None,
+             width: int | None = None) -> Cond:
+        prompts = list(prompts)
+        fields, null = self.encode(prompts), self.null_fields(negative_prompt)
+        if self.kind == "sdxl":
+            if height is None or width is None:
+                raise ConfigError("SDXL conditioning needs the image height and width in pixels (add_time_ids); "
+                                  "pass height= and width= (SDParts.image_size)")
+            ids = self.time_ids(height, width)
+            fields["add_time_ids"], null["add_time_ids"] = ids.repeat(len(prompts), 1), ids
+        return Cond(fields, null=null, texts=prompts, null_text=negative_prompt or "")
+
+
+class LatentCodec:
+    """Images in [-1, 1] <-> diffusion data z = (E(x) - shift) * scaling, via a frozen ``diffusers.AutoencoderKL``."""
+
+    def __init__(self, vae):
+        c = vae.config
+        if getattr(c, "latents_mean", None) is not None or getattr(c, "latents_std", None) is not None:
+            raise ConfigError("the folder's vae has per-channel latents_mean / latents_std, which LatentCodec does not "
+                              "apply; use a pipeline whose vae has only scaling_factor (and shift_factor)")
+        self.scaling = float(c.scaling_factor)
+        self.shift = float(getattr(c, "shift_factor", None) or 0.0)
+        self.force_upcast = bool(getattr(c, "force_upcast", False))
+        if self.force_upcast and vae.dtype in (torch.float16, torch.bfloat16):
+            vae = vae.float()  # the VAE overflows in half precision (diffusers' force_upcast); keep it in fp32
+        self.vae = vae
+        self.latent_channels = c.latent_channels
+        self.downsample = 2 ** (len(c.block_out_channels) - 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        # the posterior mean, not a sample: its std is negligible next to the latents' spread, and a
+        # deterministic encoding keeps cached latents and reference statistics reproducible
+        mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        return ((mean - self.shift) * self.scaling).to(images.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode((latents / self.scaling + self.shift).to(self.vae.dtype)).sample
+        return images.clamp(-1, 1).to(latents.dtype)
+
+
+@dataclass
+class SDParts:
+    denoiser: SDUNetDenoiser
+    text: TextEncoder
+    codec: LatentCodec
+    #: generated image side in pixels: unet.sample_size * the VAE's downsampling
+    image_size: int
+
+
+def load_sd(folder, kind: str, *, dtype=torch.float32, device="cpu") -> SDParts:
+    """A pipeline folder's frozen UNet (as a Denoiser), text encoder(s) and VAE."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = check_pipeline_folder(folder, kind)
+    schedule, prediction = scheduler_schedule(folder)
+    unet = _frozen(_load(folder, "unet", kind, UNet2DConditionModel, dtype=dtype), device)
+    codec = LatentCodec(_frozen(_load(folder, "vae", kind, AutoencoderKL, dtype=dtype), device))
+    size = unet.config.sample_size
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ConfigError(f"teacher.path '{folder}': the unet's sample_size {tuple(size)} is not square; "
+                              "onestep generates square images")
+        size = size[0]
+    denoiser = SDUNetDenoiser(unet, schedule, prediction, kind, latent_size=int(size))
+    return SDParts(denoiser, TextEncoder(folder, kind, device, dtype), codec, image_size=int(size) * codec.downsample)

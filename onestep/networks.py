@@ -1,0 +1,386 @@
+"""Every network of a run, in one place (DESIGN.md, "Networks and conditioning").
+
+Roles
+  teacher     the frozen real score, cast to ``trainer.frozen_dtype`` (the trainer wraps it with CFG)
+  generator   trained: a full copy of the student init, or a LoRA adapter (``generator.lora.rank``)
+  critic      trained, for objectives with a fake score: a full copy, or a LoRA adapter (``critic.lora.rank``)
+  heads       extra trained modules an objective builds (GAN / log-variance heads), each optimized with the
+              generator or the critic update
+  targets     non-optimized copies of the generator, moved by ``update_targets`` after every generator step:
+              ``generator_ema`` (trainer.ema_decay) and those the objective asks for (a consistency EMA target)
+
+With LoRA, teacher, generator, critic and targets are *views* of ONE frozen base network: each view switches
+its own adapter on for the duration of its forward pass (the teacher's view switches all off), so the base
+exists once in memory, is never optimized and stays bit-identical; only adapter weights are trained and
+checkpointed.
+
+Objectives see the roles through ``nets()`` (a core.Nets) and never unwrap anything. Under several processes
+the gradients of each role are averaged across ranks before clipping (``reduce_gradients``): the DDP
+reduction, done here because roles that share one base cannot each sit in their own DDP wrapper.
+Evaluation and export load a trained generator with ``load_generator`` (no trainer involved).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onestep import checkpoint
+from onestep.conditioning import Cond
+from onestep.core import Nets
+from onestep.denoisers.base import Denoiser
+from onestep.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: LoRA targets of diffusers models when ``lora.target_modules`` is not given: the attention projections
+#: (the diffusers LCM-LoRA / DreamBooth-LoRA training scripts' default set)
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+EMA = "generator_ema"
+
+
+def frozen_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"trainer.frozen_dtype '{name}' is unknown; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_lora(lc, key: str) -> None:
+    if lc.rank is not None and lc.rank <= 0:
+        raise ConfigError(f"{key}.lora.rank={lc.rank} must be a positive adapter rank (or null to train the full "
+                          "network)")
+    if lc.alpha is not None and lc.alpha <= 0:
+        raise ConfigError(f"{key}.lora.alpha={lc.alpha} must be > 0 (or null for alpha = rank)")
+
+
+def check_networks(cfg) -> None:
+    """The Networks keys, checked before any slow setup."""
+    frozen_dtype(cfg.trainer.frozen_dtype)
+    check_lora(cfg.generator.lora, "generator")
+    check_lora(cfg.critic.lora, "critic")
+
+
+# --- LoRA adapters on a shared base ---------------------------------------------------------------------------
+
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    from onestep.denoisers.attention import has_diffusers_attention
+
+    if has_diffusers_attention(model):
+        return list(ATTENTION_TARGETS)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has neither attention nor Linear layers for LoRA; set "
+                          "generator.lora.target_modules / critic.lora.target_modules or train the full network")
+    return names
+
+
+class SharedBase:
+    """One frozen network carrying named LoRA adapters; ``use(name)`` runs a forward pass with only that adapter
+    on (None: the base alone). peft's own ``set_adapter`` also flips ``requires_grad``, which would freeze an
+    adapter whose graph is still waiting for its backward pass, so the switch sets the layers' state directly."""
+
+    def __init__(self, net: Denoiser):
+        self.net = net
+        self.layers: list[nn.Module] = []
+
+    def add(self, name: str, lc, like: str | None = None) -> list[str]:
+        """Inject adapter ``name`` (rank, alpha, targets from ``lc``); initialized as a copy of ``like`` if given,
+        else peft's init (B = 0: the adapted net starts equal to the base). Returns its parameter names."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = list(lc.target_modules) if lc.target_modules else _default_targets(self.net)
+        config = LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, target_modules=targets, lora_dropout=0.0)
+        try:
+            inject_adapter_in_model(config, self.net, adapter_name=name)
+        except ValueError as e:
+            raise ConfigError(f"LoRA target_modules {targets} do not match {type(self.net).__name__} "
+                              f"({str(e).splitlines()[0][:160]}); set *.lora.target_modules") from None
+        self.layers = _tuner_layers(self.net)
+        for m in self.layers:  # off until a view switches it on
+            m._disable_adapters, m._active_adapter = True, []
+        names = self.param_names(name)
+        params = dict(self.net.named_parameters())
+        for n in names:
+            params[n].requires_grad_(True)
+        if like is not None:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(params[_rename(n, name, like)])
+        return names
+
+    def param_names(self, name: str) -> list[str]:
+        pat = re.compile(rf"\.lora_\w+\.{re.escape(name)}\.")
+        return [n for n, _ in self.net.named_parameters() if pat.search(n)]
+
+    @contextmanager
+    def use(self, name: str | None):
+        saved = [(m._disable_adapters, m._active_adapter) for m in self.layers]
+        for m in self.layers:
+            m._disable_adapters, m._active_adapter = name is None, ([] if name is None else [name])
+        try:
+            yield
+        finally:
+            for m, (d, a) in zip(self.layers, saved):
+                m._disable_adapters, m._active_adapter = d, a
+
+
+def _rename(param_name: str, src: str, dst: str) -> str:
+    return re.sub(rf"(\.lora_\w+\.){re.escape(src)}\.", rf"\g<1>{dst}.", param_name)
+
+
+class View(Denoiser):
+    """A Denoiser that runs ``net`` (in its own dtype) with one adapter of a SharedBase active. Its
+    ``parameters()`` are the role's own (an adapter's, or all of a full copy's), so ``frozen(view)`` and device
+    lookups see exactly the role; the native prediction is cast back to the caller's dtype, and conversions to
+    x0 / eps / score happen at the caller's precision."""
+
+    def __init__(self, net: Denoiser, base: SharedBase | None = None, adapter: str | None = None,
+                 own: list[str] | None = None):
+        super().__init__()
+        self.net, self.adapter = net, adapter
+        self._base = [base]  # a list: not a submodule of its own
+        self._own = own  # parameter names of the role (None = all of net's)
+        self.schedule, self.prediction = net.schedule, net.prediction
+        self.data_shape, self.num_classes = net.data_shape, net.num_classes
+        self.conditional = net.conditional
+        if hasattr(net, "feature_dim"):
+            self.feature_dim = net.feature_dim
+
+    conditional = False  # set per instance in __init__ (shadows Denoiser.conditional)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        own = None if self._own is None else set(self._own)
+        for n, p in self.net.named_parameters(prefix="", recurse=recurse, remove_duplicate=remove_duplicate):
+            if own is None or n in own:
+                yield (f"{prefix}.{n}" if prefix else n), p
+
+    @contextmanager
+    def _active(self):
+        base = self._base[0]
+        if base is None:
+            yield
+        else:
+            with base.use(self.adapter):
+                yield
+
+    def _dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.net.parameters() if p.is_floating_point()), torch.float32)
+
+    def _call(self, fn, x_t, t, cond):
+        dtype = self._dtype()
+        if dtype != x_t.dtype:
+            t = torch.as_tensor(t, device=x_t.device)
+            t = t.to(torch.promote_types(x_t.dtype, torch.float32)) if t.is_floating_point() else t
+            x_in = x_t.to(dtype)
+            cond = cond.to(dtype=dtype) if isinstance(cond, Cond) else cond
+        else:
+            x_in = x_t
+        with self._active():
+            return fn(x_in, t, cond).to(x_t.dtype)
+
+    def forward(self, x_t, t, cond=None):
+        return self._call(self.net, x_t, t, cond)
+
+    def features(self, x_t, t, cond=None):
+        if not hasattr(self.net, "features"):
+            raise ConfigError(f"objective.discriminator needs a network with features(x_t, t, cond); "
+                              f"{type(self.net).__name__} has none (use objective.discriminator=none)")
+        return self._call(self.net.features, x_t, t, cond)
+
+
+# --- roles ----------------------------------------------------------------------------------------------------
+
+class Role:
+    """A trained or target network: its view, the parameters optimized / checkpointed, and its state."""
+
+    def __init__(self, view: View, module: nn.Module, names: list[str] | None):
+        self.view, self.module, self.names = view, module, names  # names None: every parameter and buffer
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.view.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.names is None:
+            return self.module.state_dict()
+        params = dict(self.module.named_parameters())
+        return {n: params[n] for n in self.names}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        if self.names is None:
+            self.module.load_state_dict(sd)
+            return
+        if set(sd) != set(self.names):
+            missing, extra = sorted(set(self.names) - set(sd))[:3], sorted(set(sd) - set(self.names))[:3]
+            raise RuntimeError(f"adapter weights do not fit (missing {missing}, unexpected {extra})")
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for n, v in sd.items():
+                params[n].copy_(v)
+
+    @torch.no_grad()
+    def lerp_from(self, source: "Role", decay: float) -> None:
+        """self <- decay * self + (1 - decay) * source (parameters; buffers copied): the EMA / target update."""
+        for p_t, p in zip(self.view.parameters(), source.view.parameters()):
+            p_t.lerp_(p.detach().to(p_t.dtype), 1 - decay)
+        if self.names is None:
+            for b_t, b in zip(self.module.buffers(), source.module.buffers()):
+                b_t.copy_(b)
+
+
+def _full_role(net: Denoiser, trainable: bool) -> Role:
+    net = copy.deepcopy(net).to(torch.float32)
+    net.requires_grad_(trainable).train(trainable)
+    return Role(View(net), net, None)
+
+
+def _adapter_role(base: SharedBase, name: str, lc, like: str | None = None) -> Role:
+    names = base.add(name, lc, like)
+    return Role(View(base.net, base, name, names), base.net, names)
+
+
+def _set_gradient_checkpointing(net: nn.Module) -> bool:
+    found = False
+    for m in net.modules():
+        if hasattr(m, "enable_gradient_checkpointing") and hasattr(m, "_supports_gradient_checkpointing"):
+            if m._supports_gradient_checkpointing:
+                m.enable_gradient_checkpointing()
+                found = True
+    return found
+
+
+class Networks:
+    """Builds the roles of one run from the experiment Setup and the config (see the module docstring)."""
+
+    def __init__(self, cfg, setup, *, critic: bool, heads: dict[str, tuple[nn.Module, str]] | None = None,
+                 targets: dict[str, float] | None = None, device=None, shape=None):
+        check_networks(cfg)
+        gl, cl = cfg.generator.lora, cfg.critic.lora
+        tc = cfg.trainer
+        dtype = frozen_dtype(tc.frozen_dtype)
+        shape = shape or (lambda net: net)
+        device = torch.device("cpu") if device is None else device
+        self.heads = dict(heads or {})
+        self.decays = {EMA: tc.ema_decay, **(targets or {})}
+        for name, (_, role) in self.heads.items():
+            if role not in ("generator", "critic"):
+                raise ValueError(f"module '{name}' has role '{role}', not generator|critic")
+
+        if not 0 <= tc.ema_decay < 1:
+            raise ConfigError(f"trainer.ema_decay={tc.ema_decay} must be in [0, 1)")
+        lora = gl.rank is not None or (critic and cl.rank is not None)
+        teacher, init = setup.teacher, setup.student_init
+        self.base: SharedBase | None = None
+        if lora:
+            # the student init becomes the shared frozen base (for text-to-image teachers it IS the teacher)
+            net = shape(init).requires_grad_(False).eval().to(device=device, dtype=dtype)
+            self.base = SharedBase(net)
+
+        def trained(name: str, lc) -> Role:
+            if lc.rank is not None:
+                return _adapter_role(self.base, name, lc)
+            return _full_role(shape(init), trainable=True)  # copied in fp32 before the teacher is cast
+
+        self.roles: dict[str, Role] = {"generator": trained("generator", gl)}
+        if critic:
+            self.roles["critic"] = trained("critic", cl)
+        for name in self.decays:
+            if gl.rank is not None:
+                self.roles[name] = _adapter_role(self.base, name, gl, like="generator")
+            else:
+                g = self.roles["generator"].module
+                tgt = copy.deepcopy(g).requires_grad_(False).eval()
+                self.roles[name] = Role(View(tgt), tgt, None)
+        teacher = teacher.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        shared = self.base is not None and teacher is init  # (shape() may have wrapped init; its modules are shared)
+        self.teacher = View(teacher, self.base, None) if shared else View(teacher)
+        for role in self.roles.values():
+            role.module.to(device)
+        for m, _ in self.heads.values():
+            m.to(device).requires_grad_(True).train()
+        if tc.gradient_checkpointing:
+            nets = [r.module for k, r in self.roles.items() if k in ("generator", "critic")]
+            if not any(_set_gradient_checkpointing(n) for n in nets):
+                raise ConfigError("trainer.gradient_checkpointing=true but no network of this run supports it "
+                                  "(only diffusers models do); set trainer.gradient_checkpointing=false")
+
+    # --- what the trainer and objectives use --------------------------------------------------------------
+
+    def params(self, role: str) -> list[nn.Parameter]:
+        """The optimized parameters of one update: the role's network plus the heads trained with it."""
+        own = self.roles[role].parameters() if role in self.roles else []
+        return own + [p for m, r in self.heads.values() if r == role for p in m.parameters()]
+
+    def nets(self, teacher: Denoiser) -> Nets:
+        """The objective's view; ``teacher`` is the (guided) teacher view."""
+        return Nets(teacher=teacher, generator=self.roles["generator"].view,
+                    critic=self.roles["critic"].view if "critic" in self.roles else None,
+                    modules={n: m for n, (m, _) in self.heads.items()},
+                    targets={n: self.roles[n].view for n in self.decays if n != EMA})
+
+    def update_targets(self) -> None:
+        for name, decay in self.decays.items():
+            self.roles[name].lerp_from(self.roles["generator"], decay)
+
+    def reduce_gradients(self, role: str) -> None:
+        """Average the gradients of one update across processes (no-op with one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        grads = [p.grad for p in self.params(role) if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def checkpointed(self) -> dict:
+        """name -> object with state_dict / load_state_dict: every role but the teacher, and the heads."""
+        return {**self.roles, **{n: m for n, (m, _) in self.heads.items()}}
+
+    def describe(self) -> str:
+        """One line per role: how it is held and how many parameters it trains (printed at the start of a run)."""
+        def count(ps):
+            return sum(p.numel() for p in ps)
+        base = "" if self.base is None else f", shared base {count(self.base.net.parameters()) / 1e6:.2f}M params"
+        lines = [f"networks: teacher {self.teacher._dtype()}".replace("torch.", "") + base]
+        for name, role in self.roles.items():
+            how = f"LoRA adapter '{role.view.adapter}'" if role.names is not None else "full copy"
+            lines.append(f"  {name}: {how}, {count(role.parameters()) / 1e6:.3f}M params")
+        for name, (m, r) in self.heads.items():
+            lines.append(f"  {name}: head trained with the {r}, {count(m.parameters()) / 1e6:.3f}M params")
+        return "\n".join(lines)
+
+    def unwrapped(self, role: str = EMA) -> Denoiser:
+        """The plain Denoiser of a role, for evaluation and export."""
+        return self.roles[role].view
+
+
+def load_generator(cfg, setup, run_dir: str | Path, role: str = EMA, device=None, shape=None) -> tuple[Denoiser, int]:
+    """The trained generator (EMA by default) of a run folder's newest readable checkpoint, built through the
+    same roles as training: (denoiser, step). A missing / unfitting checkpoint is a ConfigError."""
+    nets = Networks(cfg, setup, critic=False, device=device, shape=shape,
+                    targets={})
+    try:
+        state = checkpoint.load_latest(run_dir, {role: nets.roles[role]})
+    except RuntimeError as e:  # weights that do not fit the architecture the config builds
+        raise ConfigError(f"'{run_dir}': {role} does not fit the run's config ({str(e).splitlines()[0]})") from None
+    if state is None:
+        raise ConfigError(f"'{run_dir}' has no readable checkpoint with {role}.safetensors; train it further")
+    view = nets.unwrapped(role)
+    view.net.eval()
+    return view, int(state["step"])
