@@ -48,9 +48,15 @@ class TeacherConfig:
     schedule_args: dict[str, Any] = field(default_factory=dict)
     #: classifier-free guidance scale of the real score (1 = no guidance)
     guidance: float = 1.0
-    #: model folder of a trained teacher (diffusers save_pretrained + onestep.json, which carries its schedule
-    #: and prediction type); None = the shipped one for kind=digits
+    #: model folder: for kind=digits a diffusers save_pretrained UNet + onestep.json (None = the shipped one); for
+    #: kind=sd15 / sdxl a local diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    #: scheduler/; SDXL also text_encoder_2/, tokenizer_2/). Schedule and prediction type come from its scheduler/
     path: Optional[str] = None
+    #: text-to-image teachers: the prompt of CFG's unconditional branch (None = the pipeline's default: "" for
+    #: SD1.5/2.x, zero embeddings for SDXL)
+    negative_prompt: Optional[str] = None
+    #: text-to-image teachers: image side in pixels (None = the unet's sample_size times the VAE's downsampling)
+    resolution: Optional[int] = None
     #: the DSM-trained MLP: learned teacher, and the init of generator and critic for GMM experiments
     net_hidden: int = 256
     net_depth: int = 3
@@ -104,6 +110,10 @@ class CriticConfig:
 @dataclass
 class DataConfig:
     kind: str = "gmm"
+    #: prompts: a text file, one prompt per line; image_text: a folder of images, each with a same-name .txt caption
+    path: Optional[str] = None
+    #: content-addressed caches of text embeddings and image latents (None = <out_root>/cache)
+    cache: Optional[str] = None
 
 
 @dataclass
@@ -208,9 +218,15 @@ store("teacher", "gmm_grid", TeacherConfig(mixture="grid"))
 store("teacher", "gmm_classes", TeacherConfig(mixture="class_mixture", guidance=2.0))
 store("teacher", "gmm_ring_learned", TeacherConfig(kind="gmm_learned", mixture="ring"))
 store("teacher", "digits", TeacherConfig(kind="digits"))
+store("teacher", "sd15", TeacherConfig(kind="sd15"))
+store("teacher", "sdxl", TeacherConfig(kind="sdxl"))
 store("generator", "default", GeneratorConfig)
 store("data", "gmm", DataConfig)
 store("data", "digits", DataConfig(kind="digits"))
+store("data", "prompts", DataConfig(kind="prompts"))
+store("data", "image_text", DataConfig(kind="image_text"))
 store("trainer", "default", TrainerConfig)
 store("eval", "gmm", EvalConfig)
 store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], features="digits"))
+#: text-to-image: a small fixed prompt set, teacher at 25 DDIM steps (CLIP score / FID only when configured)
+store("eval", "t2i", EvalConfig(num_samples=64, teacher_steps=[25]))

@@ -119,7 +119,42 @@ def build_digits(cfg, run_dir: Path, progress: bool = True) -> Setup:
                  num_classes=teacher.num_classes)
 
 
-BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm, "digits": build_digits}
+def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
+    """A local SD1.x/2.x or SDXL pipeline folder: its UNet as teacher and student init (the Networks copy it or put
+    LoRA adapters on it), prompts or captioned images as data (embeddings / latents cached), decoded-image eval."""
+    from onestep.data.text import (EmbeddingCache, ImageTextData, PromptData, TextConditioner,
+                                   find_image_text_pairs, read_prompts)
+    from onestep.denoisers.sd import load_sd
+    from onestep.eval.t2i_eval import TextImageEvaluator
+
+    tc, dc = cfg.teacher, cfg.data
+    if dc.kind not in ("prompts", "image_text"):
+        raise ConfigError(f"teacher={tc.kind} trains on text: use data=prompts (data.path=<prompts.txt>) or "
+                          f"data=image_text (data.path=<folder of images + .txt captions>), not data={dc.kind}")
+    # the data's files first: a bad data.path fails before the models load
+    source = read_prompts(dc.path) if dc.kind == "prompts" else find_image_text_pairs(dc.path)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")
+    parts = load_sd(tc.path, tc.kind, device=device)
+    teacher = parts.denoiser
+    size = parts.image_size
+    if tc.resolution is not None:
+        if tc.resolution <= 0 or tc.resolution % parts.codec.downsample:
+            raise ConfigError(f"teacher.resolution={tc.resolution} must be a positive multiple of the VAE's "
+                              f"downsampling {parts.codec.downsample}")
+        size = tc.resolution
+        teacher.data_shape = (teacher.data_shape[0], size // parts.codec.downsample, size // parts.codec.downsample)
+    cache_root = Path(dc.cache or Path(cfg.out_root) / "cache")
+    conditioner = TextConditioner(parts.text, EmbeddingCache(parts.text, cache_root, progress), tc.negative_prompt, size)
+    if dc.kind == "prompts":
+        data = PromptData(source, conditioner, teacher.data_shape)
+    else:
+        data = ImageTextData(source, conditioner, parts.codec, size, cache_root, teacher.data_shape, progress)
+    evaluator = TextImageEvaluator(parts.codec, cfg.eval, cfg.out_root, device)
+    return Setup(teacher=teacher, student_init=teacher, data=data, evaluator=evaluator)
+
+
+BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm, "digits": build_digits,
+                                             "sd15": build_sd, "sdxl": build_sd}
 
 
 def build(cfg, run_dir: Path, progress: bool = True) -> Setup:

@@ -7,7 +7,8 @@ Roles
   heads       extra trained modules an objective builds (GAN / log-variance heads), each optimized with the
               generator or the critic update
   targets     non-optimized copies of the generator, moved by ``update_targets`` after every generator step:
-              ``generator_ema`` (trainer.ema_decay) and those the objective asks for (a consistency EMA target)
+              ``generator_ema`` (trainer.ema_decay; decay 0 is the generator itself, not a copy) and those the
+              objective asks for (a consistency EMA target)
 
 With LoRA, teacher, generator, critic and targets are *views* of ONE frozen base network: each view switches
 its own adapter on for the duration of its forward pass (the teacher's view switches all off), so the base
@@ -24,15 +25,17 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from onestep import checkpoint
-from onestep.conditioning import Cond
 from onestep.core import Nets
+from onestep.denoisers.attention import use_memory_efficient_attention
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 
@@ -92,26 +95,36 @@ class SharedBase:
     def __init__(self, net: Denoiser):
         self.net = net
         self.layers: list[nn.Module] = []
+        self.default_targets: list[str] | None = None  # found before the first injection adds Linear layers
+        self.trainable: dict[str, bool] = {}  # adapter name -> optimized (generator, critic) or not (targets)
+        self.active: str | None = None  # the adapter of the forward pass in progress
 
-    def add(self, name: str, lc, like: str | None = None) -> list[str]:
+    def add(self, name: str, lc, like: str | None = None, trainable: bool = True) -> list[str]:
         """Inject adapter ``name`` (rank, alpha, targets from ``lc``); initialized as a copy of ``like`` if given,
         else peft's init (B = 0: the adapted net starts equal to the base). Returns its parameter names."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        targets = list(lc.target_modules) if lc.target_modules else _default_targets(self.net)
+        if self.default_targets is None:
+            self.default_targets = _default_targets(self.net)
+        targets = list(lc.target_modules) if lc.target_modules else self.default_targets
         config = LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, target_modules=targets, lora_dropout=0.0)
         try:
-            inject_adapter_in_model(config, self.net, adapter_name=name)
+            with warnings.catch_warnings():  # "multiple adapters in the model": that is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(config, self.net, adapter_name=name)
         except ValueError as e:
             raise ConfigError(f"LoRA target_modules {targets} do not match {type(self.net).__name__} "
                               f"({str(e).splitlines()[0][:160]}); set *.lora.target_modules") from None
         self.layers = _tuner_layers(self.net)
         for m in self.layers:  # off until a view switches it on
             m._disable_adapters, m._active_adapter = True, []
-        names = self.param_names(name)
+        # peft freezes the other adapters on every injection; set each adapter's requires_grad again
+        self.trainable[name] = trainable
         params = dict(self.net.named_parameters())
-        for n in names:
-            params[n].requires_grad_(True)
+        for adapter, on in self.trainable.items():
+            for n in self.param_names(adapter):
+                params[n].requires_grad_(on)
+        names = self.param_names(name)
         if like is not None:
             with torch.no_grad():
                 for n in names:
@@ -125,13 +138,16 @@ class SharedBase:
     @contextmanager
     def use(self, name: str | None):
         saved = [(m._disable_adapters, m._active_adapter) for m in self.layers]
+        previous, self.active = self.active, name
         for m in self.layers:
             m._disable_adapters, m._active_adapter = name is None, ([] if name is None else [name])
         try:
             yield
         finally:
+            self.active = previous
             for m, (d, a) in zip(self.layers, saved):
                 m._disable_adapters, m._active_adapter = d, a
+
 
 
 def _rename(param_name: str, src: str, dst: str) -> str:
@@ -178,15 +194,13 @@ class View(Denoiser):
 
     def _call(self, fn, x_t, t, cond):
         dtype = self._dtype()
-        if dtype != x_t.dtype:
-            t = torch.as_tensor(t, device=x_t.device)
-            t = t.to(torch.promote_types(x_t.dtype, torch.float32)) if t.is_floating_point() else t
-            x_in = x_t.to(dtype)
-            cond = cond.to(dtype=dtype) if isinstance(cond, Cond) else cond
-        else:
-            x_in = x_t
-        with self._active():
-            return fn(x_in, t, cond).to(x_t.dtype)
+        if dtype == x_t.dtype or not dtype.is_floating_point:
+            with self._active():
+                return fn(x_t, t, cond)
+        # a low-precision frozen net: its matmuls / convs run in its dtype under autocast, while x_t and t stay
+        # at the caller's precision (a bf16 t would move an SD timestep by several table entries)
+        with self._active(), torch.autocast(x_t.device.type, dtype=dtype):
+            return fn(x_t, t, cond).to(x_t.dtype)
 
     def forward(self, x_t, t, cond=None):
         return self._call(self.net, x_t, t, cond)
@@ -244,17 +258,42 @@ def _full_role(net: Denoiser, trainable: bool) -> Role:
 
 
 def _adapter_role(base: SharedBase, name: str, lc, like: str | None = None) -> Role:
-    names = base.add(name, lc, like)
+    names = base.add(name, lc, like, trainable=like is None)
     return Role(View(base.net, base, name, names), base.net, names)
 
 
-def _set_gradient_checkpointing(net: nn.Module) -> bool:
+def checkpointing_func(base: SharedBase | None):
+    """diffusers' gradient-checkpointing hook. A block is recomputed during backward, long after its forward
+    returned: by then another view may have switched adapters, and ``objectives.base.frozen`` has restored the
+    ``requires_grad`` it lowered for a pass *through* the critic. The recomputation must repeat the forward
+    exactly, so it runs with the adapter and the parameters' requires_grad of that forward."""
+    def checkpointed(block, *args):
+        name = None if base is None else base.active
+        params = list(block.parameters())
+        flags = [p.requires_grad for p in params]
+
+        def run(*a):
+            now = [p.requires_grad for p in params]
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+            try:
+                if base is None:
+                    return block(*a)
+                with base.use(name):
+                    return block(*a)
+            finally:
+                for p, f in zip(params, now):
+                    p.requires_grad_(f)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    return checkpointed
+
+
+def _set_gradient_checkpointing(net: nn.Module, func=None) -> bool:
     found = False
     for m in net.modules():
-        if hasattr(m, "enable_gradient_checkpointing") and hasattr(m, "_supports_gradient_checkpointing"):
-            if m._supports_gradient_checkpointing:
-                m.enable_gradient_checkpointing()
-                found = True
+        if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", False):
+            m.enable_gradient_checkpointing(func)
+            found = True
     return found
 
 
@@ -294,22 +333,31 @@ class Networks:
         if critic:
             self.roles["critic"] = trained("critic", cl)
         for name in self.decays:
-            if gl.rank is not None:
+            if name == EMA and self.decays[name] == 0:
+                self.roles[name] = self.roles["generator"]  # decay 0 is the generator itself: no copy
+            elif gl.rank is not None:
                 self.roles[name] = _adapter_role(self.base, name, gl, like="generator")
             else:
                 g = self.roles["generator"].module
                 tgt = copy.deepcopy(g).requires_grad_(False).eval()
                 self.roles[name] = Role(View(tgt), tgt, None)
-        teacher = teacher.requires_grad_(False).eval().to(device=device, dtype=dtype)
         shared = self.base is not None and teacher is init  # (shape() may have wrapped init; its modules are shared)
+        if not shared:  # (the shared base was frozen and cast before its adapters were added)
+            teacher = teacher.requires_grad_(False).eval().to(device=device, dtype=dtype)
         self.teacher = View(teacher, self.base, None) if shared else View(teacher)
+        # frozen and plain forward passes: xformers when available; JVP generators keep onestep.kernels' processors
+        if cfg.generator.attention == "default":
+            for m in {id(r.module): r.module for r in self.roles.values()}.values():
+                use_memory_efficient_attention(m, device)
+        self.attention = use_memory_efficient_attention(teacher, device)
         for role in self.roles.values():
             role.module.to(device)
         for m, _ in self.heads.values():
             m.to(device).requires_grad_(True).train()
         if tc.gradient_checkpointing:
-            nets = [r.module for k, r in self.roles.items() if k in ("generator", "critic")]
-            if not any(_set_gradient_checkpointing(n) for n in nets):
+            nets = {id(r.module): r.module for k, r in self.roles.items() if k in ("generator", "critic")}.values()
+            func = checkpointing_func(self.base)
+            if not any([_set_gradient_checkpointing(n, func) for n in nets]):
                 raise ConfigError("trainer.gradient_checkpointing=true but no network of this run supports it "
                                   "(only diffusers models do); set trainer.gradient_checkpointing=false")
 
@@ -329,7 +377,8 @@ class Networks:
 
     def update_targets(self) -> None:
         for name, decay in self.decays.items():
-            self.roles[name].lerp_from(self.roles["generator"], decay)
+            if self.roles[name] is not self.roles["generator"]:
+                self.roles[name].lerp_from(self.roles["generator"], decay)
 
     def reduce_gradients(self, role: str) -> None:
         """Average the gradients of one update across processes (no-op with one process)."""
@@ -357,8 +406,11 @@ class Networks:
         def count(ps):
             return sum(p.numel() for p in ps)
         base = "" if self.base is None else f", shared base {count(self.base.net.parameters()) / 1e6:.2f}M params"
-        lines = [f"networks: teacher {self.teacher._dtype()}".replace("torch.", "") + base]
+        lines = [f"networks: teacher {self.teacher._dtype()}".replace("torch.", "") + base + f"; attention: {self.attention}"]
         for name, role in self.roles.items():
+            if name != "generator" and role is self.roles["generator"]:
+                lines.append(f"  {name}: the generator itself (decay 0)")
+                continue
             how = f"LoRA adapter '{role.view.adapter}'" if role.names is not None else "full copy"
             lines.append(f"  {name}: {how}, {count(role.parameters()) / 1e6:.3f}M params")
         for name, (m, r) in self.heads.items():

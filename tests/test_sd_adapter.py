@@ -13,8 +13,9 @@ import torch
 from sd_fixtures import make_tiny_sd15, make_tiny_sdxl, vae, write_prompts
 
 from onestep.conditioning import Cond
-from onestep.denoisers.base import guided
-from onestep.denoisers.sd import PREDICTIONS, LatentCodec, TextEncoder, check_pipeline_folder, load_sd, scheduler_schedule
+from onestep.denoisers.base import Guided, guided
+from onestep.denoisers.sd import (PREDICTIONS, LatentCodec, TextEncoder, check_pipeline_folder, load_sd,
+                                  scheduler_schedule)
 from onestep.errors import ConfigError
 
 PROMPTS = ["a red cat", "two blue dogs!"]
@@ -23,8 +24,8 @@ PROMPTS = ["a red cat", "two blue dogs!"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    return {"sd15": make_tiny_sd15(root / "sd15"), "sd15_v": make_tiny_sd15(root / "sd15_v", prediction_type="v_prediction"),
-            "sdxl": make_tiny_sdxl(root / "sdxl")}
+    return {"sd15": make_tiny_sd15(root / "sd15"), "sdxl": make_tiny_sdxl(root / "sdxl"),
+            "sd15_v": make_tiny_sd15(root / "sd15_v", prediction_type="v_prediction")}
 
 
 def pipeline(folder, kind):
@@ -58,7 +59,7 @@ def test_one_pipeline_step_equals_guided_x0(folders, name, negative, w):
                guidance_scale=w, eta=0.0, latents=z.clone(), output_type="latent").images
     assert pipe.scheduler.timesteps.tolist() == [999]
     cond = parts.text.cond(PROMPTS, negative, height=parts.image_size, width=parts.image_size)
-    x0 = guided(parts.denoiser, w).x0(z, 1.0, cond)
+    x0 = Guided(parts.denoiser, w).x0(z, 1.0, cond)
     # x0 at t = 1 is eps-space rounding amplified by 1/alpha ~ 15, so compare relative to its scale
     assert rel_err(x0, ref) < 1e-5
 
@@ -113,6 +114,14 @@ def test_sd15_fields_and_name(folders, tmp_path):
     assert torch.equal(cond["prompt_embeds"], embeds)
     torch.testing.assert_close(cond.null()["prompt_embeds"], neg, rtol=1e-6, atol=1e-6)  # 1 row vs the pipeline's 2
     assert text.time_ids(16, 16) is None
+    # text encoders that set use_attention_mask get the tokenizer's mask, as in the pipeline
+    masked = shutil.copytree(folders["sd15"], tmp_path / "masked")
+    config = json.loads((masked / "text_encoder" / "config.json").read_text())
+    (masked / "text_encoder" / "config.json").write_text(json.dumps({**config, "use_attention_mask": True}))
+    embeds_masked, _ = pipeline(masked, "sd15").encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
+                                                              do_classifier_free_guidance=False)
+    assert not torch.allclose(embeds_masked, embeds)
+    torch.testing.assert_close(TextEncoder(masked, "sd15").encode(PROMPTS)["prompt_embeds"], embeds_masked)
     # the cache identity is the bytes: a copy has the same name, one changed weight byte another
     copy = shutil.copytree(folders["sd15"], tmp_path / "copy")
     assert TextEncoder(copy, "sd15").name == text.name != TextEncoder(folders["sdxl"], "sdxl").name
@@ -162,13 +171,29 @@ def test_latent_codec_shift_and_upcast():
         torch.testing.assert_close(codec.encode(images), (codec.vae.encode(images).latent_dist.mean - 0.25) * 2.0)
         torch.testing.assert_close(codec.decode(z), codec.vae.decode(z / 2.0 + 0.25).sample.clamp(-1, 1))
     half = LatentCodec(vae().half())  # force_upcast (AutoencoderKL's default): the VAE runs in float32
-    assert half.vae.dtype == torch.float32 and half.decode(z.half()).dtype == torch.float16
+    assert half.dtype == torch.float32 and half.decode(z.half()).dtype == torch.float16
     with pytest.raises(ConfigError, match="latents_mean"):  # per-channel statistics are refused, not ignored
         LatentCodec(AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latents_mean=(0.1,) * 4,
                                   latents_std=(0.9,) * 4))
 
 
-@pytest.mark.parametrize("beta_schedule,beta_start,beta_end", [("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 0.02)])
+def test_latent_codec_name():
+    """The latent-cache identity: equal for equal weights and scaling, different when either changes."""
+    def seeded_vae(**config):
+        torch.manual_seed(0)
+        return vae(**config)
+
+    codec = LatentCodec(seeded_vae())
+    assert LatentCodec(seeded_vae()).name == codec.name != LatentCodec(seeded_vae(scaling_factor=0.5)).name
+    other = seeded_vae()
+    with torch.no_grad():
+        other.decoder.conv_out.bias[0] += 1e-3
+    assert LatentCodec(other).name != codec.name
+    assert codec.device == torch.device("cpu") and codec.dtype == torch.float32
+
+
+@pytest.mark.parametrize("beta_schedule,beta_start,beta_end",
+                         [("scaled_linear", 0.00085, 0.012), ("linear", 1e-4, 0.02)])
 def test_scheduler_schedule_matches_diffusers(tmp_path, beta_schedule, beta_start, beta_end):
     from diffusers import DDPMScheduler
 
@@ -193,12 +218,15 @@ def test_prediction_types(tmp_path, diffusers_name, ours):
     assert scheduler_schedule(write_scheduler(tmp_path, prediction_type=diffusers_name))[1] == ours
 
 
-@pytest.mark.parametrize("config,words", [({"beta_schedule": "squaredcos_cap_v2"}, "squaredcos_cap_v2"),
+@pytest.mark.parametrize("config,words", [({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule 'squaredcos_cap_v2'"),
+                                          ({"trained_betas": [0.1] * 10}, "with trained_betas"),
                                           ({"prediction_type": "flow"}, "prediction_type 'flow'"),
                                           ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr")])
 def test_scheduler_schedule_rejects(tmp_path, config, words):
-    with pytest.raises(ConfigError, match=words):
+    with pytest.raises(ConfigError, match=f"teacher.path .*scheduler_config.json .*{words}"):
         scheduler_schedule(write_scheduler(tmp_path, **config))
+    with pytest.raises(ConfigError, match="scheduler_config.json cannot be read"):
+        scheduler_schedule(tmp_path / "elsewhere")
 
 
 def one_line(excinfo):
@@ -217,8 +245,10 @@ def test_check_pipeline_folder(tmp_path, folders):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="teacher.path .* is not a folder"):
         check_pipeline_folder(tmp_path / "file", "sd15")
+    prompts = write_prompts(tmp_path / "prompts" / "prompts.txt", PROMPTS)
+    assert prompts.read_text().splitlines() == PROMPTS
     with pytest.raises(ConfigError) as e:
-        check_pipeline_folder(write_prompts(tmp_path / "empty" / "prompts.txt", PROMPTS).parent, "sd15")
+        check_pipeline_folder(prompts.parent, "sd15")
     assert "is not a diffusers pipeline folder (no model_index.json)" in one_line(e)
     with pytest.raises(ConfigError) as e:
         load_sd(folders["sd15"], "sdxl")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from onestep.errors import ConfigError
@@ -49,3 +50,20 @@ def jvp_attention():
 
     with sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+def use_memory_efficient_attention(model: nn.Module, device) -> str:
+    """xformers' memory-efficient attention in every diffusers model inside ``model`` when xformers is installed
+    and the model runs on a GPU (xformers has no CPU kernels); returns which attention the model now runs."""
+    if not has_diffusers_attention(model):
+        return "no attention layers"
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or built for another torch: SDPA it is
+        return "PyTorch SDPA (xformers not installed: pip install -e .[xformers])"
+    if torch.device(device).type != "cuda":
+        return "PyTorch SDPA (xformers has no CPU kernels)"
+    for m in model.modules():
+        if hasattr(m, "enable_xformers_memory_efficient_attention") and hasattr(m, "config"):
+            m.enable_xformers_memory_efficient_attention()
+    return "xformers memory-efficient attention"

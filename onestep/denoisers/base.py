@@ -59,7 +59,8 @@ class Denoiser(nn.Module):
 
     @staticmethod
     def _time(t, x: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        # at least fp32: a bf16 / fp16 t would move a 1000-entry table index by several entries
+        t = torch.as_tensor(t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 

@@ -6,8 +6,8 @@ Its parts map onto onestep as follows; nothing is hand-set, everything is read f
 Time. ``scheduler/scheduler_config.json`` gives the DDPM table (beta_schedule, beta_start, beta_end,
 num_train_timesteps), i.e. a ``VPDiscrete`` schedule. Continuous t in [0, 1] reaches the UNet as
     timestep = schedule.index(t) = t (N - 1)
-so t = k / (N - 1) is exactly diffusers' integer timestep k (t = 1 is 999, where the pipelines start)
-and times in between interpolate the sinusoidal embedding.
+so t = k / (N - 1) is exactly diffusers' integer timestep k (t = 1 is 999, the noisiest row) and times in
+between feed fractional timesteps to the sinusoidal embedding.
 
 Prediction. The scheduler's ``prediction_type`` names the UNet's native output:
     epsilon -> eps,  v_prediction -> v (a eps - s x0),  sample -> x0      (``PREDICTIONS``)
@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -77,24 +78,24 @@ def check_pipeline_folder(path, kind: str) -> Path:
 
 def scheduler_schedule(folder) -> tuple[VPDiscrete, str]:
     """The training noise table and the UNet's native prediction, from scheduler/scheduler_config.json."""
-    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    where = f"teacher.path '{folder}': scheduler/scheduler_config.json"
     try:
-        c = json.loads(path.read_text())
+        c = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"teacher.path '{folder}': cannot read {path.name} ({type(e).__name__}); expected a "
-                          "diffusers pipeline folder with scheduler/scheduler_config.json") from None
+        raise ConfigError(f"{where} cannot be read ({type(e).__name__}); expected a diffusers pipeline "
+                          "folder") from None
     # absent keys take diffusers' scheduler defaults, as from_config would
     beta_schedule = c.get("beta_schedule", "linear")
     if beta_schedule not in ("linear", "scaled_linear") or c.get("trained_betas") is not None:
-        what = "trained_betas" if c.get("trained_betas") is not None else f"beta_schedule '{beta_schedule}'"
-        raise ConfigError(f"{path}: {what} is not supported; onestep reads 'linear' or 'scaled_linear' tables")
+        raise ConfigError(f"{where} has beta_schedule '{beta_schedule}'"
+                          f"{' with trained_betas' if c.get('trained_betas') is not None else ''}; onestep reads "
+                          "only 'linear' and 'scaled_linear' tables")
     if c.get("rescale_betas_zero_snr"):
         # zero terminal SNR makes alpha(1) = 0, which VPDiscrete's log-SNR table cannot hold
-        raise ConfigError(f"{path}: rescale_betas_zero_snr is not supported; use a scheduler config without it")
+        raise ConfigError(f"{where} sets rescale_betas_zero_snr, which onestep does not support")
     prediction_type = c.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTIONS:
-        raise ConfigError(f"{path}: prediction_type '{prediction_type}' is unknown; expected one of "
-                          f"{sorted(PREDICTIONS)}")
+        raise ConfigError(f"{where} has prediction_type '{prediction_type}'; expected one of {sorted(PREDICTIONS)}")
     schedule = VPDiscrete(beta_schedule, int(c.get("num_train_timesteps", 1000)),
                           float(c.get("beta_start", 0.0001)), float(c.get("beta_end", 0.02)))
     return schedule, PREDICTIONS[prediction_type]
@@ -111,7 +112,7 @@ class SDUNetDenoiser(Denoiser):
             raise ConfigError(f"teacher '{kind}' is not a Stable Diffusion kind; use one of {KINDS}")
         c = unet.config
         blocks = (*c.down_block_types, *c.up_block_types, c.mid_block_type or "")
-        if False:
+        if c.cross_attention_dim is None or not any("CrossAttn" in b for b in blocks):
             raise ConfigError(f"teacher={kind} needs a text-conditioned UNet, but the folder's unet has no "
                               "cross-attention; pass teacher.path=<a text-to-image pipeline folder>")
         text_time = c.addition_embed_type == "text_time"
@@ -139,8 +140,8 @@ class SDUNetDenoiser(Denoiser):
         if self.kind == "sdxl":
             extra = {"text_embeds": cond["pooled_prompt_embeds"].to(dev, dtype),
                      "time_ids": cond["add_time_ids"].to(dev, dtype)}
-        # the timestep stays float32: fp16 cannot hold 999 - t exactly (its spacing there is 0.5)
         text = cond["prompt_embeds"].to(dev, dtype)
+        # the timestep stays float32 under a half-precision UNet: fp16's spacing near 999 is 0.5
         out = self.unet(x_t.to(dtype), self.timestep(t).float(), encoder_hidden_states=text,
                         added_cond_kwargs=extra).sample
         return out.to(x_t.dtype)
@@ -158,13 +159,21 @@ class SDUNetDenoiser(Denoiser):
 
 
 def _load(folder: Path, sub: str, kind: str, cls, **kwargs):
-    """``cls.from_pretrained(folder, subfolder=sub)`` offline; any failure is a one-line ConfigError."""
+    """``cls.from_pretrained(folder, subfolder=sub)`` offline, without transformers' per-file progress bar; any
+    failure is a one-line ConfigError."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - diffusers, transformers, safetensors and json each raise their own
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"teacher.path '{folder}': cannot load {sub} ({type(e).__name__}: {first}); "
                           f"expected a diffusers {kind} pipeline folder") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _frozen(module: torch.nn.Module, device) -> torch.nn.Module:
@@ -264,9 +273,26 @@ class LatentCodec:
         self.latent_channels = c.latent_channels
         self.downsample = 2 ** (len(c.block_out_channels) - 1)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @cached_property
+    def name(self) -> str:
+        """Identity for latent caches: sha1 of the scaling, the shift and every weight's bytes."""
+        h = hashlib.sha1(f"scaling={self.scaling} shift={self.shift}".encode())
+        for key, w in self.vae.state_dict().items():
+            h.update(key.encode() + b"\0")
+            h.update(w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return f"vae-{h.hexdigest()[:16]}"
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        # the posterior mean, not a sample: its std is negligible next to the latents' spread, and a
-        # deterministic encoding keeps cached latents and reference statistics reproducible
+        # the posterior mean, not a sample: a deterministic encoding keeps cached latents and reference
+        # statistics reproducible, and the SD VAEs' posterior std is small next to the latents' spread
         mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
         return ((mean - self.shift) * self.scaling).to(images.dtype)
 

@@ -82,9 +82,10 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, rows: list[dict], extra: dict | None = None) -> str:
+def write_report(run_dir: Path, rows: list[dict], extra: dict | None = None, note: str | None = None) -> str:
+    """results.md (the table, then ``note``: e.g. which metrics the evaluator could compute) and metrics.json."""
     table = markdown_table(rows)
-    (Path(run_dir) / "results.md").write_text(table + "\n")
+    (Path(run_dir) / "results.md").write_text(table + "\n" + (f"\nEvaluation: {note}\n" if note else ""))
     tmp = Path(run_dir) / "metrics.json.tmp"
     tmp.write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2))
     tmp.replace(Path(run_dir) / "metrics.json")

@@ -53,8 +53,8 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
                         targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc))
     teacher = guided(networks.teacher, cfg.teacher.guidance)
     nets = networks.nets(teacher)
-    if show:
-        print(networks.describe())
+    if acc.is_main_process:
+        print(networks.describe(), flush=True)
 
     opt_g = acc.prepare(_adamw(networks.params("generator"), tc.generator_optim))
     c_params = networks.params("critic")
@@ -111,13 +111,14 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     if not acc.is_main_process:
         return {}
     rows, samples = compare(setup, student, ema, teacher, cfg.eval, progress=show)
-    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name})
+    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name},
+                         note=getattr(setup.evaluator, "what", None))
     if cfg.eval.plot:
         pick = [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))] + \
                [k for k in samples if k.startswith("student")][:1]
         setup.evaluator.plot(run_dir / "samples.png", {k: samples[k] for k in dict.fromkeys(pick) if k in samples})
     print(f"\n{table}\n\nrun folder: {run_dir}")
-    return {"rows": rows, "run_dir": str(run_dir), "networks": networks}
+    return {"rows": rows, "run_dir": str(run_dir), "networks": networks, "optimizers": (opt_g, opt_c)}
 
 
 def _adamw(params, oc):

@@ -1,0 +1,145 @@
+"""The Networks seam: LoRA roles on one shared frozen base (bit-identical base, adapter-only optimizers and
+checkpoints, one copy in memory, bit-exact resume), full-copy roles, targets, and the layering rules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, compose
+from onestep import checkpoint
+from onestep.errors import ConfigError
+from onestep.train.trainer import train
+
+LORA = TINY + ["generator.lora.rank=4", "critic.lora.rank=4"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _storages(params) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in params}
+
+
+def test_lora_trains_adapters_only_on_one_shared_base(tmp_path):
+    out = train(compose(LORA), tmp_path)
+    nets = out["networks"]
+    base = nets.base.net
+    before = {k: v for k, v in load_file(str(tmp_path / "teacher_net.safetensors")).items()}
+    # the base (everything but adapters) is bit-identical to the DSM-trained init after training
+    checked = 0
+    for name, p in base.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(p.detach(), before[name.replace(".base_layer", "")]), f"base weight {name} changed"
+            checked += 1
+    assert checked == len(before)
+    # each optimizer holds exactly its role's adapter parameters
+    opt_g, opt_c = out["optimizers"]
+    names = {id(p): n for n, p in base.named_parameters()}
+    g = [names[id(p)] for group in opt_g.param_groups for p in group["params"]]
+    c = [names[id(p)] for group in opt_c.param_groups for p in group["params"]]
+    assert g and all(".lora_A.generator." in n or ".lora_B.generator." in n for n in g)
+    assert c and all(".lora_A.critic." in n or ".lora_B.critic." in n for n in c)
+    # trained adapters require grad, the EMA adapter does not (peft freezes others on each injection)
+    assert all(p.requires_grad for r in ("generator", "critic") for p in nets.roles[r].parameters())
+    assert not any(p.requires_grad for p in nets.roles["generator_ema"].parameters())
+    # one copy of the base: generator, critic, EMA and teacher views all run the same modules
+    for role in ("generator", "critic", "generator_ema"):
+        assert nets.roles[role].module is base
+    every = [p for r in nets.roles.values() for p in r.module.parameters()]
+    assert _storages(every) == _storages(base.parameters())
+    # adapters moved away from their zero init; the checkpoint holds adapter weights only
+    ck = checkpoint.list_checkpoints(tmp_path)[-1]
+    gen = load_file(str(ck / "generator.safetensors"))
+    assert set(gen) == set(g) and any(v.abs().sum() > 0 for k, v in gen.items() if "lora_B" in k)
+
+
+def test_views_switch_adapters(tmp_path):
+    """With every adapter off the shared base computes the init network exactly; the generator view (trained
+    adapter) differs from it, and after its forward pass every adapter is off again."""
+    from onestep.denoisers.nets import MLPDenoiser
+
+    out = train(compose(LORA + ["trainer.steps=4"]), tmp_path)
+    nets = out["networks"]
+    base = nets.base
+    init = MLPDenoiser(base.net.schedule, 2, hidden=32, depth=3)
+    init.load_state_dict(load_file(str(tmp_path / "teacher_net.safetensors")))
+    x, t = torch.randn(16, 2), torch.full((16,), 0.5)
+    with base.use(None):
+        assert torch.equal(base.net(x, t), init(x, t))
+    gen = nets.roles["generator"].view(x, t)
+    assert not torch.allclose(gen, init(x, t))
+    assert all(m._disable_adapters for m in base.layers)
+    assert torch.equal(base.net(x, t), init(x, t))
+
+
+def test_full_copies_are_separate(tmp_path):
+    nets = train(compose(TINY + ["trainer.steps=2"]), tmp_path)["networks"]
+    g, c = nets.roles["generator"].module, nets.roles["critic"].module
+    assert not (_storages(g.parameters()) & _storages(c.parameters()))
+    assert nets.base is None
+
+
+def test_lora_resume_is_bit_exact(tmp_path):
+    cfg = compose(LORA)
+    train(cfg, tmp_path / "straight")
+
+    def stop_at_7(step, logs):
+        if step == 7:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, tmp_path / "resumed", callbacks=(stop_at_7,))
+    train(cfg, tmp_path / "resumed")
+    a, b = (checkpoint.list_checkpoints(tmp_path / d)[-1] for d in ("straight", "resumed"))
+    for f in sorted(a.glob("*.safetensors")):
+        wa, wb = load_file(str(f)), load_file(str(b / f.name))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{f.name} differs after resume"
+
+
+@pytest.mark.parametrize("key", ["generator.lora.rank=0", "critic.lora.rank=-2"])
+def test_bad_lora_rank_is_one_line_error(tmp_path, key):
+    with pytest.raises(ConfigError, match=r"lora\.rank=.*positive adapter rank"):
+        train(compose(TINY + [key]), tmp_path)
+
+
+def test_frozen_dtype_bf16_teacher_and_fp32_generator(tmp_path):
+    out = train(compose(TINY + ["trainer.steps=2", "teacher=gmm_ring_learned", "trainer.frozen_dtype=bf16"]), tmp_path)
+    nets = out["networks"]
+    assert {p.dtype for p in nets.teacher.net.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in nets.roles["generator"].parameters()} == {torch.float32}
+    with pytest.raises(ConfigError, match="frozen_dtype 'fp8'"):
+        train(compose(TINY + ["trainer.frozen_dtype=fp8"]), tmp_path / "bad")
+
+
+# --- layering (DESIGN.md "Layers, and the arrows that must never exist") --------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1] / "onestep"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onestep"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("onestep"))
+    return out
+
+
+@pytest.mark.parametrize("lower, forbidden", [
+    ("generator.py", "onestep.objectives"), ("data", "onestep.objectives"), ("experiment.py", "onestep.objectives"),
+    ("networks.py", "onestep.objectives"), ("denoisers", "onestep.objectives"), ("objectives", "onestep.train"),
+    ("eval", "onestep.train"), ("experiment.py", "onestep.train"), ("core.py", "onestep.objectives")])
+def test_no_upward_imports(lower, forbidden):
+    files = [ROOT / lower] if lower.endswith(".py") else sorted((ROOT / lower).rglob("*.py"))
+    bad = {str(f.relative_to(ROOT)): sorted(m for m in _imports(f) if m.startswith(forbidden)) for f in files}
+    assert not {k: v for k, v in bad.items() if v}

@@ -1,0 +1,155 @@
+"""Peak memory and time per step of an `sd15_dmd2` run on the real SD1.5 UNet architecture (random weights,
+built from its config: diffusers' UNet2DConditionModel defaults are SD1.x's), for the memory options.
+
+    python tools/bench_memory.py                      # all rows; writes results/sd_memory_<device>.md
+    python tools/bench_memory.py --resolution 256     # image side in pixels (latents = side / 8)
+
+Each row is a separate `onestep train experiment=sd15_dmd2 ...` in a fresh process (so peaks do not mix),
+3 steps, timed from the end of step 1 to the end of step 3. Peak = the process's RSS high-water mark on CPU,
+torch.cuda.max_memory_allocated on GPU. The pipeline folder holds the random SD1.5 UNet plus a small VAE and
+a one-layer 768-wide CLIP text encoder (they only encode prompts and decode the final grid). On a CPU machine
+runs that cannot fit in its RAM are not started; their size is estimated from parameter counts instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+#: (label, overrides); every row: objective.ttur=1 so that a step is one critic + one generator update
+ROWS = [
+    ("full fine-tune, fp32 frozen", ["trainer.frozen_dtype=fp32", "trainer.gradient_checkpointing=false"]),
+    ("full fine-tune, bf16 frozen, grad ckpt", ["trainer.frozen_dtype=bf16", "trainer.gradient_checkpointing=true"]),
+    ("LoRA-64, fp32 frozen", ["generator.lora.rank=64", "critic.lora.rank=64", "trainer.frozen_dtype=fp32",
+                              "trainer.gradient_checkpointing=false"]),
+    ("LoRA-64, bf16 frozen", ["generator.lora.rank=64", "critic.lora.rank=64", "trainer.frozen_dtype=bf16",
+                              "trainer.gradient_checkpointing=false"]),
+    ("LoRA-64, bf16 frozen, grad ckpt", ["generator.lora.rank=64", "critic.lora.rank=64",
+                                         "trainer.frozen_dtype=bf16", "trainer.gradient_checkpointing=true"]),
+]
+UNET_PARAMS = None  # filled in by build()
+
+
+def build(folder: Path) -> int:
+    """The SD1.5-architecture pipeline folder (random weights); returns the UNet's parameter count."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_fixtures import TOKENS, scheduler, tokenizer, vae
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel()  # the defaults are SD1.x: (320, 640, 1280, 1280), cross-attention 768
+    if not (folder / "model_index.json").is_file():
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
+                                            intermediate_size=768, max_position_embeddings=16,
+                                            vocab_size=len(TOKENS), bos_token_id=len(TOKENS) - 2,
+                                            eos_token_id=len(TOKENS) - 1, pad_token_id=len(TOKENS) - 1))
+        pipe = StableDiffusionPipeline(unet=unet, vae=vae(), text_encoder=text, tokenizer=tokenizer(folder / "_tok"),
+                                       scheduler=scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(str(folder))
+    return sum(p.numel() for p in unet.parameters())
+
+
+def estimate_gib(params: int, label: str) -> float:
+    """Weights + grads + Adam moments of the trained copies, plus the frozen teacher (activations excluded)."""
+    frozen = 2 if "bf16" in label else 4
+    if "LoRA" in label:
+        return params * frozen / 2**30
+    trained = 2 * params * 4 * 4  # generator and critic, fp32: weights, grads, Adam m and v
+    return (params * frozen + trained) / 2**30
+
+
+def one(args) -> None:
+    """Child process: run the configured training and print {"peak_gib", "s_per_step"} as the last line."""
+    from hydra import compose, initialize_config_module
+
+    import onestep.config  # noqa: F401  (registers the schemas)
+    import onestep.objectives  # noqa: F401
+    from onestep.train.trainer import train
+
+    with initialize_config_module("onestep.configs", version_base="1.3"):
+        cfg = compose("config", overrides=json.loads(args.one))
+    marks = {}
+    cuda = torch.cuda.is_available()
+
+    def mark(step, logs):
+        if cuda:
+            torch.cuda.synchronize()
+        marks[step] = time.perf_counter()
+
+    train(cfg, cfg.run_dir, callbacks=(mark,))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"peak_gib": peak, "s_per_step": (marks[3] - marks[1]) / 2}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 on GPU, 256 on CPU)")
+    ap.add_argument("--work", default="runs/bench_memory")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return one(args)
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    res = args.resolution or (512 if cuda else 256)
+    work = Path(args.work)
+    folder = work / "sd15_random"
+    params = build(folder)
+    prompts = work / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car on a road\nan oil painting of a harbour\n")
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    rows = []
+    for label, overrides in ROWS:
+        est = estimate_gib(params, label)
+        if not cuda and est > 0.8 * ram_gib:
+            rows.append((label, f"not run (≥ {est:.1f} GiB of weights + optimizer state; RAM {ram_gib:.0f} GiB)", ""))
+            print(f"{label}: skipped, needs >= {est:.1f} GiB", flush=True)
+            continue
+        run_dir = work / "runs" / label.replace(" ", "").replace(",", "_")
+        ov = ["experiment=sd15_dmd2", f"teacher.path={folder}", f"data.path={prompts}", f"teacher.resolution={res}",
+              "objective.ttur=1", "trainer.steps=3", "trainer.batch_size=1", "trainer.checkpoint_every=1000",
+              "trainer.sample_every=0", "trainer.progress=false", "eval.num_samples=1", "eval.teacher_steps=[1]",
+              "eval.plot=false", f"out_root={work}", f"run_dir={run_dir}", *overrides]
+        if cuda:
+            ov.append("trainer.mixed_precision=bf16")
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, __file__, "--one", json.dumps(ov)], capture_output=True, text=True)
+        if r.returncode != 0:
+            rows.append((label, "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:120], ""))
+            print(f"{label}: failed\n{r.stderr[-2000:]}", flush=True)
+            continue
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        rows.append((label, f"{m['peak_gib']:.2f} GiB", f"{m['s_per_step']:.1f}"))
+        print(f"{label}: {rows[-1][1]}, {rows[-1][2]} s/step ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    threads = torch.get_num_threads()
+    head = [f"# sd15_dmd2 memory and speed ({device})", "",
+            f"Command: `python tools/bench_memory.py{' --resolution ' + str(res) if args.resolution else ''}`", "",
+            f"SD1.5 UNet architecture ({params / 1e6:.0f}M parameters, random weights), {res}x{res} px "
+            f"({res // 8}x{res // 8} latents), batch 1, objective.ttur=1 (one critic + one generator update per "
+            f"step), {'bf16 autocast' if cuda else f'fp32 compute, {threads} CPU threads'}. Peak: "
+            f"{'torch.cuda.max_memory_allocated' if cuda else 'process RSS high-water mark'}. Attention: PyTorch "
+            f"SDPA{'' if cuda else ' (xformers has no CPU kernels)'}.", "",
+            "| configuration | peak memory | s / step |", "|---|---|---|"]
+    table = "\n".join(head + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
+    out = ROOT / "results" / f"sd_memory_{'gpu' if cuda else 'cpu'}.md"
+    out.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
