@@ -142,7 +142,7 @@ def test_digits_data_split_and_range():
     assert float(xa.min()) == -1.0 and float(xa.max()) == 1.0
     assert torch.bincount(yh).min() >= 30  # stratified: every class held out
     b = DigitsData("train").batch(5, torch.device("cpu"))
-    assert b.noise.shape == b.real.shape == (5, 1, 8, 8) and b.cond.shape == (5,)
+    assert b.noise.shape == b.real.shape == (5, 1, 8, 8) and b.cond.labels.shape == (5,)
     assert load_digits_tensors("all", 16)[0].shape == (1797, 1, 16, 16)
 
 

@@ -125,3 +125,36 @@ def test_bad_input_is_one_line(pipes, tmp_path, args, words):
     assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("onestep: error:") and words in err[0], err
+
+
+def test_sd_lora_views_share_the_teacher_unet(pipes, tmp_path):
+    """teacher=sd15 with LoRA: teacher, generator, critic and EMA are views of the one UNet loaded from the folder;
+    with the adapters at their zero init every view computes the pipeline UNet's own prediction."""
+    from conftest import compose
+    from diffusers import UNet2DConditionModel
+
+    from onestep import experiment
+    from onestep.networks import Networks
+
+    cfg = compose(["experiment=sd15_dmd2", f"teacher.path={pipes['sd15']}", f"data.path={pipes['prompts']}",
+                   f"out_root={tmp_path}", "generator.lora.rank=4", "critic.lora.rank=4", "trainer.ema_decay=0.9",
+                   "trainer.frozen_dtype=fp32"])
+    setup = experiment.build(cfg, tmp_path, progress=False)
+    nets = Networks(cfg, setup, critic=True)
+    unet = nets.base.net.unet
+    views = [nets.teacher] + [nets.roles[r].view for r in ("generator", "critic", "generator_ema")]
+    assert all(v.net is nets.base.net for v in views)
+    every = {p.untyped_storage().data_ptr() for v in views for p in v.net.parameters()}
+    assert every == {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    batch = setup.data.batch(2, torch.device("cpu"))
+    t = torch.full((2,), 0.7)
+    ref = UNet2DConditionModel.from_pretrained(str(pipes["sd15"]), subfolder="unet")
+    want = ref(batch.noise, setup.teacher.timestep(t), encoder_hidden_states=batch.cond["prompt_embeds"]).sample
+    for v in views:
+        assert torch.allclose(v(batch.noise, t, batch.cond), want, atol=1e-5)
+    # a non-zero generator adapter changes the generator view only
+    with torch.no_grad():
+        for p in nets.roles["generator"].parameters():
+            p.add_(0.1)
+    assert not torch.allclose(nets.roles["generator"].view(batch.noise, t, batch.cond), want, atol=1e-3)
+    assert torch.allclose(nets.teacher(batch.noise, t, batch.cond), want, atol=1e-5)

@@ -71,6 +71,40 @@ def estimate_gib(params: int, label: str) -> float:
     return (params * frozen + trained) / 2**30
 
 
+#: SDXL base's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json), the keys that differ from defaults
+SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def counts(config: dict, rank: int = 64) -> tuple[int, int]:
+    """(UNet parameters, LoRA-``rank`` adapter parameters on the attention projections), on the meta device."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    lora = sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.endswith(ATTN))
+    return sum(p.numel() for p in unet.parameters()), lora
+
+
+def estimates() -> str:
+    """Weights + gradients + Adam moments of a DMD2 run (teacher, generator, critic), activations excluded."""
+    lines = ["| model | UNet params | full fine-tune, bf16 teacher | LoRA-64 generator + critic, bf16 base |",
+             "|---|---|---|---|"]
+    for name, config in (("SD1.5", {}), ("SDXL", SDXL_UNET)):
+        n, lora = counts(config)
+        full = n * 2 + 2 * n * 4 * 4  # bf16 teacher; fp32 generator and critic with grads and Adam m, v
+        low = n * 2 + 2 * lora * 4 * 4 + lora * 4  # one bf16 base; two fp32 adapters (+ grads, Adam), EMA adapter
+        lines.append(f"| {name} | {n / 1e9:.2f} B | {full / 2**30:.1f} GiB | {low / 2**30:.1f} GiB "
+                     f"({lora / 1e6:.1f} M adapter params each) |")
+    return "\n".join(lines)
+
+
 def one(args) -> None:
     """Child process: run the configured training and print {"peak_gib", "s_per_step"} as the last line."""
     from hydra import compose, initialize_config_module
@@ -146,6 +180,8 @@ def main() -> None:
             f"SDPA{'' if cuda else ' (xformers has no CPU kernels)'}.", "",
             "| configuration | peak memory | s / step |", "|---|---|---|"]
     table = "\n".join(head + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
+    table += ("\nWeights + gradients + Adam moments of a DMD2 run, from parameter counts (meta-device models; "
+              "activations, which gradient checkpointing shrinks, come on top):\n\n" + estimates() + "\n")
     out = ROOT / "results" / f"sd_memory_{'gpu' if cuda else 'cpu'}.md"
     out.write_text(table)
     print(table)
