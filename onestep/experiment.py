@@ -134,15 +134,8 @@ def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
     # the data's files first: a bad data.path fails before the models load
     source = read_prompts(dc.path) if dc.kind == "prompts" else find_image_text_pairs(dc.path)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")
-    parts = load_sd(tc.path, tc.kind, device=device)
-    teacher = parts.denoiser
-    size = parts.image_size
-    if tc.resolution is not None:
-        if tc.resolution <= 0 or tc.resolution % parts.codec.downsample:
-            raise ConfigError(f"teacher.resolution={tc.resolution} must be a positive multiple of the VAE's "
-                              f"downsampling {parts.codec.downsample}")
-        size = tc.resolution
-        teacher.data_shape = (teacher.data_shape[0], size // parts.codec.downsample, size // parts.codec.downsample)
+    parts = load_sd(tc.path, tc.kind, device=device, resolution=tc.resolution)
+    teacher, size = parts.denoiser, parts.image_size
     cache_root = Path(dc.cache or Path(cfg.out_root) / "cache")
     conditioner = TextConditioner(parts.text, EmbeddingCache(parts.text, cache_root, progress), tc.negative_prompt, size)
     if dc.kind == "prompts":

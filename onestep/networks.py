@@ -346,10 +346,14 @@ class Networks:
             teacher = teacher.requires_grad_(False).eval().to(device=device, dtype=dtype)
         self.teacher = View(teacher, self.base, None) if shared else View(teacher)
         # frozen and plain forward passes: xformers when available; JVP generators keep onestep.kernels' processors
+        # (on a shared base, the teacher's too)
         if cfg.generator.attention == "default":
             for m in {id(r.module): r.module for r in self.roles.values()}.values():
                 use_memory_efficient_attention(m, device)
-        self.attention = use_memory_efficient_attention(teacher, device)
+        if shared and cfg.generator.attention != "default":
+            self.attention = f"onestep.kernels ({cfg.generator.attention}) in the shared base"
+        else:
+            self.attention = use_memory_efficient_attention(teacher, device)
         for role in self.roles.values():
             role.module.to(device)
         for m, _ in self.heads.values():

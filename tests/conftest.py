@@ -17,6 +17,27 @@ TINY = ["experiment=gmm_dmd2", "teacher.net_steps=40", "teacher.net_hidden=32", 
         "eval.num_samples=256", "eval.teacher_steps=[2]", "eval.plot=false"]
 
 
+class Interrupt(Exception):
+    pass
+
+
+def train_straight_and_resumed(cfg, root, stop_at: int = 7):
+    """Train ``cfg`` once uninterrupted (root/straight) and once killed after step ``stop_at`` then rerun
+    (root/resumed); returns both run folders (compare their final checkpoints)."""
+    from onestep.train.trainer import train
+
+    train(cfg, root / "straight")
+
+    def stop(step, logs):
+        if step == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, root / "resumed", callbacks=(stop,))
+    train(cfg, root / "resumed")
+    return root / "straight", root / "resumed"
+
+
 def compose(overrides=()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module

@@ -10,16 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, compose
+from conftest import TINY, compose, train_straight_and_resumed
 from onestep import checkpoint
 from onestep.errors import ConfigError
 from onestep.train.trainer import train
 
 LORA = TINY + ["generator.lora.rank=4", "critic.lora.rank=4"]
-
-
-class _Interrupt(Exception):
-    pass
 
 
 def _storages(params) -> set[int]:
@@ -86,17 +82,7 @@ def test_full_copies_are_separate(tmp_path):
 
 
 def test_lora_resume_is_bit_exact(tmp_path):
-    cfg = compose(LORA)
-    train(cfg, tmp_path / "straight")
-
-    def stop_at_7(step, logs):
-        if step == 7:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        train(cfg, tmp_path / "resumed", callbacks=(stop_at_7,))
-    train(cfg, tmp_path / "resumed")
-    a, b = (checkpoint.list_checkpoints(tmp_path / d)[-1] for d in ("straight", "resumed"))
+    a, b = (checkpoint.list_checkpoints(d)[-1] for d in train_straight_and_resumed(compose(LORA), tmp_path))
     for f in sorted(a.glob("*.safetensors")):
         wa, wb = load_file(str(f)), load_file(str(b / f.name))
         assert wa.keys() == wb.keys()

@@ -1,11 +1,12 @@
 """Peak memory and time per step of an `sd15_dmd2` run on the real SD1.5 UNet architecture (random weights,
-built from its config: diffusers' UNet2DConditionModel defaults are SD1.x's), for the memory options.
+built from its config, 860M parameters), for the memory options.
 
     python tools/bench_memory.py                      # all rows; writes results/sd_memory_<device>.md
     python tools/bench_memory.py --resolution 256     # image side in pixels (latents = side / 8)
 
 Each row is a separate `onestep train experiment=sd15_dmd2 ...` in a fresh process (so peaks do not mix),
-3 steps, timed from the end of step 1 to the end of step 3. Peak = the process's RSS high-water mark on CPU,
+3 steps, timed and measured from the end of step 1 to the end of step 3 (steady state: the transient of
+loading the pipeline is excluded). Peak = the process's RSS high-water mark (VmHWM, reset after step 1) on CPU,
 torch.cuda.max_memory_allocated on GPU. The pipeline folder holds the random SD1.5 UNet plus a small VAE and
 a one-layer 768-wide CLIP text encoder (they only encode prompts and decode the final grid). On a CPU machine
 runs that cannot fit in its RAM are not started; their size is estimated from parameter counts instead.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -49,7 +49,8 @@ def build(folder: Path) -> int:
     from sd_fixtures import TOKENS, scheduler, tokenizer, vae
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel()  # the defaults are SD1.x: (320, 640, 1280, 1280), cross-attention 768
+    # runwayml/stable-diffusion-v1-5 unet/config.json: the diffusers defaults but for these two keys
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     if not (folder / "model_index.json").is_file():
         text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
                                             intermediate_size=768, max_position_embeddings=16,
@@ -96,7 +97,7 @@ def estimates() -> str:
     """Weights + gradients + Adam moments of a DMD2 run (teacher, generator, critic), activations excluded."""
     lines = ["| model | UNet params | full fine-tune, bf16 teacher | LoRA-64 generator + critic, bf16 base |",
              "|---|---|---|---|"]
-    for name, config in (("SD1.5", {}), ("SDXL", SDXL_UNET)):
+    for name, config in (("SD1.5", {"cross_attention_dim": 768}), ("SDXL", SDXL_UNET)):
         n, lora = counts(config)
         full = n * 2 + 2 * n * 4 * 4  # bf16 teacher; fp32 generator and critic with grads and Adam m, v
         low = n * 2 + 2 * lora * 4 * 4 + lora * 4  # one bf16 base; two fp32 adapters (+ grads, Adam), EMA adapter
@@ -122,16 +123,26 @@ def one(args) -> None:
         if cuda:
             torch.cuda.synchronize()
         marks[step] = time.perf_counter()
+        if step == 1:  # steady state: forget the peak of loading the pipeline and of the first step
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the RSS high-water mark
+        if step == 3:
+            marks["peak"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else _vm_hwm_gib()
 
     train(cfg, cfg.run_dir, callbacks=(mark,))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"peak_gib": peak, "s_per_step": (marks[3] - marks[1]) / 2}))
+    print(json.dumps({"peak_gib": marks["peak"], "s_per_step": (marks[3] - marks[1]) / 2}))
+
+
+def _vm_hwm_gib() -> float:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
+    return int(line.split()[1]) / 2**20
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 on GPU, 256 on CPU)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 on GPU, 128 on CPU)")
     ap.add_argument("--work", default="runs/bench_memory")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -139,7 +150,7 @@ def main() -> None:
         return one(args)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    res = args.resolution or (512 if cuda else 256)
+    res = args.resolution or (512 if cuda else 128)
     work = Path(args.work)
     folder = work / "sd15_random"
     params = build(folder)
@@ -175,8 +186,9 @@ def main() -> None:
             f"Command: `python tools/bench_memory.py{' --resolution ' + str(res) if args.resolution else ''}`", "",
             f"SD1.5 UNet architecture ({params / 1e6:.0f}M parameters, random weights), {res}x{res} px "
             f"({res // 8}x{res // 8} latents), batch 1, objective.ttur=1 (one critic + one generator update per "
-            f"step), {'bf16 autocast' if cuda else f'fp32 compute, {threads} CPU threads'}. Peak: "
-            f"{'torch.cuda.max_memory_allocated' if cuda else 'process RSS high-water mark'}. Attention: PyTorch "
+            f"step), {'bf16 autocast' if cuda else f'{threads} CPU threads'}; trained weights in fp32, a bf16 frozen "
+            f"UNet runs under autocast. Peak: "
+            f"{'torch.cuda.max_memory_allocated' if cuda else 'process RSS high-water mark'} over steps 2-3. Attention: PyTorch "
             f"SDPA{'' if cuda else ' (xformers has no CPU kernels)'}.", "",
             "| configuration | peak memory | s / step |", "|---|---|---|"]
     table = "\n".join(head + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"

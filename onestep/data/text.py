@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from onestep.conditioning import Cond
 from onestep.core import Batch
 from onestep.errors import ConfigError
 from onestep.progress import bar as progress_bar
@@ -78,20 +77,13 @@ class EmbeddingCache:
 
 
 class TextConditioner:
-    """Prompts -> Cond through the embedding cache, with the run's negative prompt and SDXL size ids."""
+    """Prompts -> Cond through the embedding cache, with the run's negative prompt and image size."""
 
     def __init__(self, text, cache: EmbeddingCache, negative_prompt: str | None, image_size: int):
-        self.text, self.cache, self.negative_prompt = text, cache, negative_prompt
-        self.null = text.null_fields(negative_prompt)
-        self.time_ids = text.time_ids(image_size, image_size)
+        self.text, self.cache, self.negative_prompt, self.size = text, cache, negative_prompt, image_size
 
-    def __call__(self, prompts: list[str]) -> Cond:
-        fields = self.cache.load(prompts)
-        null = dict(self.null)
-        if self.time_ids is not None:
-            fields["add_time_ids"] = self.time_ids.expand(len(prompts), -1).clone()
-            null["add_time_ids"] = self.time_ids.clone()
-        return Cond(fields, null, texts=prompts, null_text=self.negative_prompt or "")
+    def __call__(self, prompts: list[str]):
+        return self.text.assemble(prompts, self.cache.load(prompts), self.negative_prompt, self.size, self.size)
 
 
 class PromptData:

@@ -31,7 +31,22 @@ ADAPTER_FILE = "onestep.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
-class UNet2DDenoiser(Denoiser):
+class MidBlockFeatures:
+    """``features`` for Denoisers that wrap a diffusers UNet as ``self.unet``."""
+
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        """Mid-block activations averaged over space (batch, feature_dim): what discriminator heads read.
+        Captured by a forward hook, so the whole UNet runs (the up path's output is discarded)."""
+        captured = []
+        hook = self.unet.mid_block.register_forward_hook(lambda m, args, out: captured.append(out))
+        try:
+            self(x_t, t, cond)
+        finally:
+            hook.remove()
+        return captured[0].mean((2, 3)).to(x_t.dtype)
+
+
+class UNet2DDenoiser(MidBlockFeatures, Denoiser):
     def __init__(self, unet, schedule: Schedule, prediction: str = "eps", timestep_scale: float = TIMESTEP_SCALE):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -56,17 +71,6 @@ class UNet2DDenoiser(Denoiser):
         if self.num_classes:
             labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
         return self.unet(x_t, self.timestep(t), class_labels=labels).sample
-
-    def features(self, x_t, t, cond=None) -> torch.Tensor:
-        """Mid-block activations averaged over space (batch, feature_dim): what discriminator heads read.
-        Captured by a forward hook, so the whole UNet runs (the up path's output is discarded)."""
-        captured = []
-        hook = self.unet.mid_block.register_forward_hook(lambda m, args, out: captured.append(out))
-        try:
-            self(x_t, t, cond)
-        finally:
-            hook.remove()
-        return captured[0].mean((2, 3))
 
     def adapter_config(self) -> dict:
         s = self.schedule

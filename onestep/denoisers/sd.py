@@ -37,6 +37,7 @@ import torch
 
 from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.diffusers import MidBlockFeatures
 from onestep.errors import ConfigError
 from onestep.schedules import VPDiscrete
 
@@ -101,7 +102,7 @@ def scheduler_schedule(folder) -> tuple[VPDiscrete, str]:
     return schedule, PREDICTIONS[prediction_type]
 
 
-class SDUNetDenoiser(Denoiser):
+class SDUNetDenoiser(MidBlockFeatures, Denoiser):
     """A text-conditioned ``diffusers.UNet2DConditionModel`` as a Denoiser on latents (see the module docstring)."""
 
     conditional = True
@@ -145,17 +146,6 @@ class SDUNetDenoiser(Denoiser):
         out = self.unet(x_t.to(dtype), self.timestep(t).float(), encoder_hidden_states=text,
                         added_cond_kwargs=extra).sample
         return out.to(x_t.dtype)
-
-    def features(self, x_t, t, cond=None) -> torch.Tensor:
-        """Mid-block activations averaged over space (batch, feature_dim): what discriminator heads read.
-        Captured by a forward hook, so the whole UNet runs (the up path's output is discarded)."""
-        captured = []
-        hook = self.unet.mid_block.register_forward_hook(lambda m, args, out: captured.append(out))
-        try:
-            self(x_t, t, cond)
-        finally:
-            hook.remove()
-        return captured[0].mean((2, 3)).to(x_t.dtype)
 
 
 def _load(folder: Path, sub: str, kind: str, cls, **kwargs):
@@ -246,7 +236,13 @@ class TextEncoder:
     def cond(self, prompts, negative_prompt: str | None = None, height: int | None = None,
              width: int | None = None) -> Cond:
         prompts = list(prompts)
-        fields, null = self.encode(prompts), self.null_fields(negative_prompt)
+        return self.assemble(prompts, self.encode(prompts), negative_prompt, height, width)
+
+    def assemble(self, prompts: list[str], fields: dict[str, torch.Tensor], negative_prompt: str | None = None,
+                 height: int | None = None, width: int | None = None) -> Cond:
+        """The Cond of encoded ``fields`` (fresh from ``encode`` or from a cache): the null row of
+        ``negative_prompt`` and, for SDXL, the size ids on every row and on the null row."""
+        fields, null = dict(fields), self.null_fields(negative_prompt)
         if self.kind == "sdxl":
             if height is None or width is None:
                 raise ConfigError("SDXL conditioning needs the image height and width in pixels (add_time_ids); "
@@ -310,8 +306,9 @@ class SDParts:
     image_size: int
 
 
-def load_sd(folder, kind: str, *, dtype=torch.float32, device="cpu") -> SDParts:
-    """A pipeline folder's frozen UNet (as a Denoiser), text encoder(s) and VAE."""
+def load_sd(folder, kind: str, *, dtype=torch.float32, device="cpu", resolution: int | None = None) -> SDParts:
+    """A pipeline folder's frozen UNet (as a Denoiser), text encoder(s) and VAE. ``resolution`` (pixels, a
+    multiple of the VAE's downsampling; ``teacher.resolution``) overrides the unet's native sample_size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = check_pipeline_folder(folder, kind)
@@ -319,6 +316,14 @@ def load_sd(folder, kind: str, *, dtype=torch.float32, device="cpu") -> SDParts:
     unet = _frozen(_load(folder, "unet", kind, UNet2DConditionModel, dtype=dtype), device)
     codec = LatentCodec(_frozen(_load(folder, "vae", kind, AutoencoderKL, dtype=dtype), device))
     size = unet.config.sample_size
+    if resolution is not None:
+        if resolution <= 0 or resolution % codec.downsample:
+            raise ConfigError(f"teacher.resolution={resolution} must be a positive multiple of the VAE's "
+                              f"downsampling {codec.downsample}")
+        size = resolution // codec.downsample
+    if size is None:
+        raise ConfigError(f"teacher.path '{folder}': the unet config has no sample_size; pass "
+                          "teacher.resolution=<image side in pixels>")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
             raise ConfigError(f"teacher.path '{folder}': the unet's sample_size {tuple(size)} is not square; "
