@@ -34,6 +34,17 @@ if not OmegaConf.has_resolver("onestep.run_name"):
     OmegaConf.register_new_resolver("onestep.run_name", run_name)
 
 
+def asset(name: str) -> str:
+    """The absolute path of a shipped asset (onestep/assets/<name>), for configs: ${onestep.asset:digits_t2i}."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "assets" / name)
+
+
+if not OmegaConf.has_resolver("onestep.asset"):
+    OmegaConf.register_new_resolver("onestep.asset", asset)
+
+
 def store(group: str | None, name: str, node) -> None:
     _cs.store(group=group, name=name, node=node)
 
@@ -114,6 +125,8 @@ class DataConfig:
     path: Optional[str] = None
     #: content-addressed caches of text embeddings and image latents (None = <out_root>/cache)
     cache: Optional[str] = None
+    #: text-to-image: prompts the evaluation draws from (held-out prompts); None = data.path
+    eval_path: Optional[str] = None
 
 
 @dataclass
@@ -230,3 +243,5 @@ store("eval", "gmm", EvalConfig)
 store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], features="digits"))
 #: text-to-image: a small fixed prompt set, teacher at 25 DDIM steps (CLIP score / FID only when configured)
 store("eval", "t2i", EvalConfig(num_samples=64, teacher_steps=[25]))
+#: the shipped text-to-image digits teacher: digits feature space, prompt accuracy, teacher at 1 and 25 DDIM steps
+store("eval", "digits_t2i", EvalConfig(num_samples=2000, teacher_steps=[1, 25], features="digits"))

@@ -47,6 +47,8 @@ class Setup:
     data: DataSource
     evaluator: Evaluator
     num_classes: int = 0
+    #: where evaluation draws its noise and conditioning (e.g. held-out prompts); None = ``data``
+    eval_data: DataSource | None = None
 
 
 class GMMData:
@@ -142,8 +144,15 @@ def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
         data = PromptData(source, conditioner, teacher.data_shape)
     else:
         data = ImageTextData(source, conditioner, parts.codec, size, cache_root, teacher.data_shape, progress)
-    evaluator = TextImageEvaluator(parts.codec, cfg.eval, cfg.out_root, device)
-    return Setup(teacher=teacher, student_init=teacher, data=data, evaluator=evaluator)
+    eval_data = PromptData(read_prompts(dc.eval_path, "data.eval_path"), conditioner, teacher.data_shape) \
+        if dc.eval_path else None
+    if cfg.eval.features == "digits":
+        from onestep.eval.digits_eval import DigitsTextEvaluator
+
+        evaluator = DigitsTextEvaluator(parts.codec)
+    else:
+        evaluator = TextImageEvaluator(parts.codec, cfg.eval, cfg.out_root, device)
+    return Setup(teacher=teacher, student_init=teacher, data=data, evaluator=evaluator, eval_data=eval_data)
 
 
 BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm, "digits": build_digits,

@@ -27,16 +27,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ENCODE_BATCH = 32
 
 
-def read_prompts(path) -> list[str]:
-    """One prompt per non-empty line of a text file."""
+def read_prompts(path, key: str = "data.path") -> list[str]:
+    """One prompt per non-empty line of a text file (``key`` names the config key in errors)."""
     if not path:
-        raise ConfigError("data.path is not set; pass data.path=<text file with one prompt per line>")
+        raise ConfigError(f"{key} is not set; pass {key}=<text file with one prompt per line>")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"data.path '{path}' is not a file; pass data.path=<text file with one prompt per line>")
+        raise ConfigError(f"{key} '{path}' is not a file; pass {key}=<text file with one prompt per line>")
     prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ConfigError(f"data.path '{path}' holds no prompts; write one prompt per line")
+        raise ConfigError(f"{key} '{path}' holds no prompts; write one prompt per line")
     return prompts
 
 

@@ -157,7 +157,7 @@ def bench(cfg, out_dir: str | Path, progress: bool | None = None) -> dict:
         torch.manual_seed(cfg.seed)
         setup = experiment.build(cfg, out, progress=show)
     n = int(bc.num_samples or cfg.eval.num_samples)
-    noise, cond = eval_inputs(setup.data, n, bc.seed)
+    noise, cond = eval_inputs(setup, n, bc.seed)
     headline = setup.evaluator.headline
 
     jobs = [(c, s) for c in curves(cfg, runs, setup, device) for s in c.steps]

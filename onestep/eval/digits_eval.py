@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import labels_of
+from onestep.conditioning import Labels, labels_of
 from onestep.eval.digits_features import class_metrics, load_digits_features
 from onestep.eval.fid import feature_metrics, stats_of
 
@@ -67,3 +67,42 @@ def _grid_indices(cond: torch.Tensor | None, n: int, num_classes: int) -> torch.
         return torch.arange(min(n, GRID_PER_CLASS * num_classes))
     picks = [(cond == c).nonzero().flatten()[:GRID_PER_CLASS] for c in range(num_classes)]
     return torch.cat(picks)
+
+
+class DigitsTextEvaluator:
+    """The digits metrics for the shipped text-to-image digits teacher (``eval.features=digits`` with a
+    text-to-image teacher): latents are decoded by the pipeline's VAE, 16x16 images average-pooled to the
+    feature net's 8x8, and ``label_acc`` is the *prompt accuracy*: the classifier's digit vs the digit the
+    sample's prompt names (onestep.data.digits_text.digit_of)."""
+
+    headline = "fd"
+    what = ("FD / KID / precision / recall in the shipped digits feature space (decoded latents, pooled to 8x8) "
+            "against all 1,797 digits; label acc = prompt accuracy (classifier digit vs the prompt's digit)")
+    DECODE_BATCH = 256
+
+    def __init__(self, codec):
+        from onestep.data.digits import load_digits_tensors
+
+        self.codec = codec
+        self.inner = DigitsEvaluator(load_digits_tensors("all", 8)[0])
+
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, latents.shape[0], self.DECODE_BATCH):
+            z = latents[i:i + self.DECODE_BATCH].to(self.codec.device, self.codec.dtype)
+            out.append(self.codec.decode(z).float().cpu())
+        x = torch.cat(out)
+        factor = x.shape[-1] // 8
+        return torch.nn.functional.avg_pool2d(x, factor) if factor > 1 else x
+
+    def _labels(self, cond) -> Labels:
+        from onestep.data.digits_text import digit_of
+
+        return Labels(torch.tensor([digit_of(t) for t in cond.texts]), self.inner.num_classes)
+
+    def metrics(self, x, cond):
+        return self.inner.metrics(self.images(x), self._labels(cond))
+
+    def plot(self, path: Path, panels):
+        self.inner.plot(path, {k: (self.images(x), self._labels(c)) for k, (x, c) in panels.items()})

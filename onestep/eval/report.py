@@ -21,8 +21,10 @@ def chunked(fn: Callable, noise: torch.Tensor, cond: torch.Tensor | None, chunk:
     return torch.cat(outs)
 
 
-def eval_inputs(data, n: int, seed: int):
-    """Fixed evaluation noise and labels (independent of the training RNG stream)."""
+def eval_inputs(setup, n: int, seed: int):
+    """Fixed evaluation noise and conditioning (independent of the training RNG stream), drawn from the
+    experiment's evaluation data (e.g. held-out prompts) when it has one, else from its training data."""
+    data = getattr(setup, "eval_data", None) or setup.data
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         b = data.batch(n, torch.device("cpu"))
@@ -34,7 +36,7 @@ def compare(setup, student, generator, teacher, eval_cfg, *, seed: int = 12345, 
 
     Returns (rows, samples) where samples maps a panel title to (x, cond) for plotting.
     """
-    noise, cond = eval_inputs(setup.data, eval_cfg.num_samples, seed)
+    noise, cond = eval_inputs(setup, eval_cfg.num_samples, seed)
     device = next(generator.parameters()).device
     jobs = [("student", "renoise" if student.method == "renoise" else student.method, k) for k in eval_cfg.student_steps]
     jobs += [("teacher", eval_cfg.teacher_method, k) for k in eval_cfg.teacher_steps]

@@ -156,7 +156,7 @@ def _append(path: Path, record: dict) -> None:
 @torch.no_grad()
 def _student_samples(setup, student, net, n: int):
     """n samples of the student at its training step count, from the fixed evaluation noise (seed 0)."""
-    noise, cond = eval_inputs(setup.data, n, 0)
+    noise, cond = eval_inputs(setup, n, 0)
     device = next(net.parameters()).device
     return student.sample(net, noise.to(device), None if cond is None else cond.to(device)).cpu(), cond
 
