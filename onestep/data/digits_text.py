@@ -1,0 +1,65 @@
+"""Captions for scikit-learn's digits: the prompts of the shipped text-to-image digits teacher
+(``onestep/assets/digits_t2i``, trained by tools/train_digits_t2i.py).
+
+A caption is a template filled with a digit's word ("seven") and / or numeral ("7"). The teacher is trained on
+``TRAIN_TEMPLATES`` only; ``HELDOUT_TEMPLATES`` use other phrasings (and words the text encoder never saw), so
+prompt accuracy on them measures how the teacher generalizes to new prompts. ``digit_of`` reads the digit a
+prompt names back, which is what prompt accuracy compares the feature network's classification against.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from onestep.errors import ConfigError
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: the digit appears at varied token positions (1 to 7), so the text encoder does not tie it to one place
+TRAIN_TEMPLATES = ["{word}", "{num}", "number {word}", "a handwritten {word}", "the digit {num}", "a thin {word}",
+                   "a bold {num}", "a picture of a {word}", "a picture of the handwritten number {num}"]
+HELDOUT_TEMPLATES = ["an image of the number {word}", "digit {num} written by hand", "a drawing of a {word}",
+                     "handwritten {num}"]
+SPLITS = {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES}
+PROMPT_FILES = {"train": "prompts_train.txt", "heldout": "prompts_heldout.txt"}
+#: CLIP's pre-tokenizer splits letters into words and numbers into single digits; so does digit_of
+_WORD = re.compile(r"[a-z]+|[0-9]")
+#: every word a caption can hold (numerals excluded: they are single characters already)
+WORDS = sorted(set(DIGIT_WORDS) | {w for t in TRAIN_TEMPLATES + HELDOUT_TEMPLATES
+                                   for w in _WORD.findall(t.format(word="", num=""))})
+
+
+def caption(label: int, template: str) -> str:
+    if not 0 <= int(label) < len(DIGIT_WORDS):
+        raise ConfigError(f"digit label {label} is not in 0..9")
+    return template.format(word=DIGIT_WORDS[int(label)], num=int(label))
+
+
+def prompts(split: str) -> list[str]:
+    """Every template of the split with every digit, template-major."""
+    if split not in SPLITS:
+        raise ConfigError(f"caption split '{split}' is unknown; use one of {tuple(SPLITS)}")
+    return [caption(d, t) for t in SPLITS[split] for d in range(len(DIGIT_WORDS))]
+
+
+def digit_of(prompt: str) -> int:
+    """The one digit a prompt names, by word or numeral ("a handwritten seven", "the digit 7" -> 7)."""
+    found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w)
+             for w in _WORD.findall(prompt.lower()) if w in DIGIT_WORDS or w.isdigit()}
+    if len(found) != 1:
+        what = "no digit" if not found else f"several digits {sorted(found)}"
+        raise ConfigError(f"prompt '{prompt}' names {what}; a digits prompt names exactly one digit, as a word "
+                          "(zero..nine) or a numeral (0..9)")
+    return found.pop()
+
+
+def write_prompt_files(folder) -> list[Path]:
+    """prompts_train.txt and prompts_heldout.txt in ``folder``, one prompt per line."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, name in PROMPT_FILES.items():
+        path = folder / name
+        path.write_text("".join(p + "\n" for p in prompts(split)), encoding="utf-8")
+        paths.append(path)
+    return paths
