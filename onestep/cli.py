@@ -5,6 +5,8 @@
     onestep train -m objective.ttur=1,5            # Hydra multirun
     onestep train --cfg job                        # print the composed config
     onestep bench bench.runs=[runs/gmm_dmd2/a]     # quality vs NFE: teacher samplers and student checkpoints
+    onestep sample run_dir=<run or export folder> num=16 seed=0 out=grid.png [prompt="..."] [class_label=3] [steps=2]
+    onestep export run_dir=<run folder> out=<folder> [overwrite=true] [lora_only=true] [allow_unfinished=true]
 
 Errors in user input (ConfigError) print one line and exit with status 2.
 """
@@ -23,7 +25,7 @@ import onestep.objectives  # noqa: F401  (registers the objectives)
 from onestep.errors import ConfigError
 
 CONFIG_PATH = "pkg://onestep.configs"
-COMMANDS = ("train", "bench")
+COMMANDS = ("train", "bench", "sample", "export")
 USAGE = f"usage: onestep {{{'|'.join(COMMANDS)}}} [key=value ...]   (see README.md)"
 
 
@@ -53,6 +55,77 @@ def _bench(cfg: DictConfig) -> None:
         _fail(str(e))
     print(f"\n{Path(out['md']).read_text()}\n{out['computed']} points computed, {out['cached']} from cache; "
           f"{out['csv']}, {out['png']}")
+
+
+def _options(schema, args: list[str], command: str):
+    """key=value arguments of the non-Hydra commands, checked against their schema (one-line errors)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    keys = sorted(schema.__dataclass_fields__)
+    for a in args:
+        if "=" not in a or a.startswith("-"):
+            _fail(f"onestep {command} takes key=value arguments, got {a!r}; keys: {', '.join(keys)}")
+        if a.split("=", 1)[0] not in keys:
+            _fail(f"unknown key {a.split('=', 1)[0]!r} for onestep {command}; keys: {', '.join(keys)}")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(args))
+    except OmegaConfBaseException as e:
+        _fail(f"onestep {command}: {_first_line(e)}")
+
+
+def _device(cpu: bool):
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+def _sample(args: list[str]) -> None:
+    from onestep.config import SampleConfig
+    from onestep.eval.runs import load_run
+    from onestep.export import sample as S
+
+    o = _options(SampleConfig, args, "sample")
+    try:
+        out = S.check_request(o.num, o.out, o.steps)
+        if not o.run_dir:
+            raise ConfigError("run_dir is not set; pass run_dir=<run folder of onestep train, or an export folder>")
+        if S.is_export(o.run_dir):
+            images = S.sample_export(o.run_dir, o.num, o.seed, o.prompt, o.class_label, o.steps,
+                                     str(_device(o.cpu)))
+        else:
+            run = load_run(o.run_dir, _device(o.cpu), "run_dir", "pass run_dir=<run folder of onestep train>",
+                           progress=True, frozen_dtype="fp32")
+            images = S.sample_run(run, o.num, o.seed, o.prompt, o.class_label, o.steps)
+        S.write_images(images, out)
+    except ConfigError as e:
+        _fail(str(e))
+    print(f"{len(images)} images {tuple(images.shape[1:])} -> {out}")
+
+
+def _export(args: list[str]) -> None:
+    from onestep.config import ExportConfig
+    from onestep.eval.runs import load_run
+    from onestep.export.pipelines import export, usage_code
+    from onestep.networks import EMA
+
+    o = _options(ExportConfig, args, "export")
+    try:
+        if not o.run_dir:
+            raise ConfigError("run_dir is not set; pass run_dir=<run folder of onestep train>")
+        from onestep.export.pipelines import prepare_out
+
+        prepare_out(o.out, o.overwrite)  # before the slow load
+        run = load_run(o.run_dir, _device(True), "run_dir", "pass run_dir=<run folder of onestep train>",
+                       role=EMA if o.ema else "generator", progress=True, frozen_dtype="fp32")
+        out = export(run, o.out, overwrite=o.overwrite, lora_only=o.lora_only, allow_unfinished=o.allow_unfinished,
+                     single_file=o.single_file)
+    except ConfigError as e:
+        _fail(str(e))
+    import json
+
+    info = json.loads((out / "onestep_export.json").read_text())
+    print(f"exported step {info['step']} of {run.path} -> {out}\n\n{usage_code(info, str(out))}")
 
 
 def _bench_overrides(args: list[str]) -> list[str]:
@@ -134,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         _fail(f"unknown command {argv[0]!r}; {USAGE}" if argv else USAGE)
     command, rest = argv[0], argv[1:]
+    if command in ("sample", "export"):
+        {"sample": _sample, "export": _export}[command](rest)
+        return
     _precheck(rest)
     if command == "bench" and not any(a.startswith("-") for a in rest):
         rest = rest + _bench_overrides(rest)

@@ -191,6 +191,44 @@ class EvalConfig:
 
 
 @dataclass
+class SampleConfig:
+    """`onestep sample key=value ...` (not a Hydra config: it reads a finished run folder or an export folder)."""
+
+    #: a `onestep train` run folder (its newest checkpoint's EMA generator) or a `onestep export` folder
+    run_dir: Optional[str] = None
+    num: int = 16
+    seed: int = 0
+    #: file.png (a grid) or file.safetensors (tensor ``images``, (n, C, H, W) in [0, 1])
+    out: Optional[str] = None
+    #: text-to-image students: every image gets this prompt
+    prompt: Optional[str] = None
+    #: class-conditional students: every image gets this label (default: labels i % num_classes)
+    class_label: Optional[int] = None
+    #: student steps (default: the step count it was trained for)
+    steps: Optional[int] = None
+    cpu: bool = False
+
+
+@dataclass
+class ExportConfig:
+    """`onestep export key=value ...`: a run folder's student -> a diffusers pipeline folder."""
+
+    run_dir: Optional[str] = None
+    out: Optional[str] = None
+    #: replace a previous export in ``out`` (a non-export folder is never deleted)
+    overwrite: bool = False
+    #: export the latest checkpoint of a run that has not reached trainer.steps
+    allow_unfinished: bool = False
+    #: LoRA students: write the adapter (pytorch_lora_weights.safetensors, pipe.load_lora_weights) next to the
+    #: teacher's UNet instead of merging it
+    lora_only: bool = False
+    #: the raw generator instead of its EMA (``generator_ema``)
+    ema: bool = True
+    #: SD-family: also write one original-layout .safetensors (StableDiffusionPipeline.from_single_file)
+    single_file: bool = True
+
+
+@dataclass
 class BenchConfig:
     """`onestep bench`: quality vs number of function evaluations, one protocol for every model."""
 
@@ -238,6 +276,8 @@ store("data", "gmm", DataConfig)
 store("data", "digits", DataConfig(kind="digits"))
 store("data", "prompts", DataConfig(kind="prompts"))
 store("data", "image_text", DataConfig(kind="image_text"))
+#: the digits train split with training-template captions, VAE-encoded by the teacher (shipped digits_t2i teacher)
+store("data", "digits_text", DataConfig(kind="digits_text"))
 store("trainer", "default", TrainerConfig)
 store("eval", "gmm", EvalConfig)
 store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], features="digits"))

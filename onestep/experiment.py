@@ -49,6 +49,10 @@ class Setup:
     num_classes: int = 0
     #: where evaluation draws its noise and conditioning (e.g. held-out prompts); None = ``data``
     eval_data: DataSource | None = None
+    #: latent-space teachers: the VAE codec (``decode``: latents -> images in [-1, 1]); None = pixel space
+    codec: object | None = None
+    #: text-to-image teachers: prompts -> Cond (data/text.TextConditioner); None = class labels or unconditional
+    conditioner: Callable | None = None
 
 
 class GMMData:
@@ -130,11 +134,13 @@ def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
     from onestep.eval.t2i_eval import TextImageEvaluator
 
     tc, dc = cfg.teacher, cfg.data
-    if dc.kind not in ("prompts", "image_text"):
-        raise ConfigError(f"teacher={tc.kind} trains on text: use data=prompts (data.path=<prompts.txt>) or "
-                          f"data=image_text (data.path=<folder of images + .txt captions>), not data={dc.kind}")
+    if dc.kind not in ("prompts", "image_text", "digits_text"):
+        raise ConfigError(f"teacher={tc.kind} trains on text: use data=prompts (data.path=<prompts.txt>), "
+                          f"data=image_text (data.path=<folder of images + .txt captions>) or data=digits_text "
+                          f"(captioned digits, for the shipped digits_t2i teacher), not data={dc.kind}")
     # the data's files first: a bad data.path fails before the models load
-    source = read_prompts(dc.path) if dc.kind == "prompts" else find_image_text_pairs(dc.path)
+    source = read_prompts(dc.path) if dc.kind == "prompts" else \
+        find_image_text_pairs(dc.path) if dc.kind == "image_text" else None
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")
     parts = load_sd(tc.path, tc.kind, device=device, resolution=tc.resolution)
     teacher, size = parts.denoiser, parts.image_size
@@ -142,8 +148,13 @@ def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
     conditioner = TextConditioner(parts.text, EmbeddingCache(parts.text, cache_root, progress), tc.negative_prompt, size)
     if dc.kind == "prompts":
         data = PromptData(source, conditioner, teacher.data_shape)
+    elif dc.kind == "image_text":
+        data = ImageTextData.from_folder(source, conditioner, parts.codec, size, cache_root, teacher.data_shape,
+                                         progress)
     else:
-        data = ImageTextData(source, conditioner, parts.codec, size, cache_root, teacher.data_shape, progress)
+        from onestep.data.digits_text import captioned_latents
+
+        data = ImageTextData(*captioned_latents(parts.codec, size), conditioner, teacher.data_shape)
     eval_data = PromptData(read_prompts(dc.eval_path, "data.eval_path"), conditioner, teacher.data_shape) \
         if dc.eval_path else None
     if cfg.eval.features == "digits":
@@ -152,7 +163,8 @@ def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
         evaluator = DigitsTextEvaluator(parts.codec)
     else:
         evaluator = TextImageEvaluator(parts.codec, cfg.eval, cfg.out_root, device)
-    return Setup(teacher=teacher, student_init=teacher, data=data, evaluator=evaluator, eval_data=eval_data)
+    return Setup(teacher=teacher, student_init=teacher, data=data, evaluator=evaluator, eval_data=eval_data,
+                 codec=parts.codec, conditioner=conditioner)
 
 
 BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm, "digits": build_digits,

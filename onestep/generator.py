@@ -37,15 +37,19 @@ class Student:
         self.method = method
 
     def ts_for(self, steps: int) -> torch.Tensor:
-        """Evenly spaced t-list from the start time (DMD2's 4-step list 999, 749, 499, 249 is ts_for(4) on SD)."""
-        return torch.linspace(self.t_start, self.schedule.t_min, steps + 1, dtype=torch.float64)[:-1]
+        """Evenly spaced t-list from the start time; on a discrete table (SD) the integer timesteps of DMD2's
+        list (999, 749, 499, 249 for 4 steps), which an exported LCMScheduler pipeline runs as they are."""
+        integer = getattr(self.schedule, "integer_ts", None)
+        ts = integer(self.t_start, steps) if integer is not None else None
+        return ts if ts is not None else torch.linspace(self.t_start, self.schedule.t_min, steps + 1,
+                                                        dtype=torch.float64)[:-1]
 
     def train_sample(self, nets: Nets, batch: Batch) -> torch.Tensor:
         g, noise = nets.generator, batch.noise
         i = 0 if len(self.ts) == 1 else int(torch.randint(0, len(self.ts), ()))
         t = self.ts[i].to(noise).expand(noise.shape[0])
         if i == 0:
-            x_t = noise * g.schedule.sigma(self.ts[0]).to(noise)
+            x_t = noise * g.schedule.prior_std(self.ts[0]).to(noise)
         else:
             # backward simulation: the student's own chain up to step i, then renoise to t_i
             with torch.no_grad():

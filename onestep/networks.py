@@ -168,7 +168,7 @@ class View(Denoiser):
         self._own = own  # parameter names of the role (None = all of net's)
         self.schedule, self.prediction = net.schedule, net.prediction
         self.data_shape, self.num_classes = net.data_shape, net.num_classes
-        self.conditional = net.conditional
+        self.conditional, self.embedded_guidance = net.conditional, net.embedded_guidance
         if hasattr(net, "feature_dim"):
             self.feature_dim = net.feature_dim
 

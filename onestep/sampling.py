@@ -3,7 +3,7 @@
     sample(denoiser, noise, ts, cond=None, method="euler", guidance=None, generator=None, callback=None)
 
 ``ts`` is a strictly decreasing list of times at which the denoiser is evaluated; x starts at
-x_{ts[0]} = sigma(ts[0]) * noise (plus alpha(ts[0]) * 0: the prior is the noise at t_max), every method
+x_{ts[0]} = prior_std(ts[0]) * noise (sigma(ts[0]); 1 at t_max of diffusers' discrete tables), every method
 steps ts[i] -> ts[i+1], and the last step jumps from ts[-1] to clean data with the x0 prediction.
 So ``len(ts)`` is the number of denoiser evaluations for the first-order methods (Heun: 2 len(ts) - 1).
 
@@ -50,7 +50,7 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, ts: Sequence[float] | torch.
     ts = check_ts(ts, sched)
     dtype = noise.dtype
     t_all = ts.to(device=noise.device, dtype=dtype)
-    x = noise * sched.sigma(t_all[0])
+    x = noise * sched.prior_std(t_all[0])
     n = len(t_all)
     for i in range(n):
         t = t_all[i].expand(x.shape[0])
@@ -76,7 +76,10 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, ts: Sequence[float] | torch.
 
 
 def _randn_like(x, generator):
-    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    """Fresh noise like x, drawn on the generator's device and moved to x's (diffusers' ``randn_tensor``), so a
+    CPU generator gives the same numbers for a model on any device, in the order an exported pipeline draws them."""
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, dtype=x.dtype, device=device, generator=generator).to(x.device)
 
 
 def _step_from_x0(method, x, x0, t, s, sched, generator):

@@ -51,6 +51,11 @@ class Schedule:
             hi = torch.where(above, hi, mid)
         return 0.5 * (lo + hi)
 
+    def prior_std(self, t):
+        """Std of the Gaussian a sampler (teacher or student) starting at time t draws x_t from: sigma(t), the noise
+        part of x_t (SiD's sigma_init start). Discrete diffusers tables override it at t_max."""
+        return self.sigma(t)
+
     def derivatives(self, t):
         """(d alpha/dt, d sigma/dt) by forward-mode autodiff."""
         t = _t(t).clone()  # forward-mode AD cannot attach a tangent to an expanded (aliased) tensor
@@ -159,8 +164,27 @@ class VPDiscrete(Schedule):
         self.t_min, self.t_max = 0.0, 1.0
 
     def index(self, t):
-        """Continuous table index (what a diffusers model receives as ``timestep``)."""
-        return _t(t) * (self.num_steps - 1)
+        """Continuous table index (what a diffusers model receives as ``timestep``). An index within 1e-3 of an
+        integer is snapped to it, so the integer timesteps of a student's t-list (k / (N - 1), rounded in float32)
+        reach the network exactly as a diffusers pipeline passes them."""
+        i = _t(t) * (self.num_steps - 1)
+        near = i.detach().round()
+        return torch.where((i.detach() - near).abs() < 1e-3, i + (near - i.detach()), i)
+
+    def prior_std(self, t):
+        """diffusers' DDPM / DDIM / LCM schedulers start at the last table entry from x ~ N(0, I) (their
+        ``init_noise_sigma`` = 1; DMD2 feeds its generator plain noise at t = 999 too), not from sigma(t_max) x;
+        samplers and students do the same there, so an exported pipeline reproduces them exactly."""
+        t = _t(t)
+        return torch.where(t >= self.t_max, torch.ones_like(self.sigma(t)), self.sigma(t))
+
+    def integer_ts(self, t_start: float, steps: int) -> torch.Tensor | None:
+        """A student's t-list on integer table indices: DMD2's ``range(N - 1, 0, -N // steps)`` (999, 749, 499, 249
+        for 4 steps on SD; LCMScheduler's custom ``timesteps``) when the student starts at t_max, else None."""
+        if t_start < self.t_max:
+            return None
+        idx = torch.arange(self.num_steps - 1, 0, -(self.num_steps // steps), dtype=torch.float64)[:steps]
+        return idx / (self.num_steps - 1)
 
     def logsnr(self, t):
         t = _t(t)
@@ -216,12 +240,32 @@ class EDM(Schedule):
 
 
 class RectifiedFlow(Schedule):
-    """Rectified flow / flow matching: alpha = 1 - t, sigma = t."""
+    """Rectified flow / flow matching: alpha = 1 - t, sigma = t.
+
+    ``shift`` (SD3's and Sana's fixed timestep shift; Flux computes it from the resolution) moves sampling grids and
+    training times toward noise, t = shift u / (1 + (shift - 1) u) for uniform u, as diffusers'
+    FlowMatchEulerDiscreteScheduler does; alpha and sigma, and so every denoiser on the schedule, are unchanged.
+    """
 
     name = "rectified_flow"
 
-    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-4):
-        self.t_min, self.t_max = t_min, t_max
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-4, shift: float = 1.0):
+        if shift <= 0:
+            raise ConfigError(f"rectified_flow shift={shift} must be > 0")
+        self.t_min, self.t_max, self.shift = t_min, t_max, float(shift)
+
+    def shifted(self, u):
+        """The shift map on [t_min, t_max] (clamped there: it moves the ends by up to (shift - 1) t_min)."""
+        u = _t(u)
+        if self.shift == 1.0:
+            return u
+        return (self.shift * u / (1 + (self.shift - 1) * u)).clamp(self.t_min, self.t_max)
+
+    def default_ts(self, n: int) -> torch.Tensor:
+        return self.shifted(super().default_ts(n))
+
+    def t_from_unit(self, u):
+        return self.shifted(super().t_from_unit(u))
 
     def alpha(self, t):
         return 1 - _t(t)

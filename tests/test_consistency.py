@@ -204,6 +204,23 @@ def test_consistency_boundary():
     assert torch.allclose(f.x0(x, t), cm, atol=1e-12)
 
 
+def test_consistency_boundary_on_a_diffusers_table_is_lcms():
+    """vp_discrete (SD-family teachers): LCM's boundary on the table index, equal to diffusers' LCMScheduler."""
+    from diffusers import LCMScheduler
+
+    torch.manual_seed(0)
+    sched = make_schedule("vp_discrete")
+    net = MLPDenoiser(sched, 2, hidden=16, depth=1).double()
+    f = ConsistencyBoundary(net)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert torch.equal(f.x0(x, torch.zeros(4, dtype=torch.float64)), x)  # f(x, tau = 0) = x
+    lcm = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for k in (1, 259, 999):
+        t = torch.full((4,), k / 999, dtype=torch.float64)
+        c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(torch.tensor(float(k), dtype=torch.float64))
+        assert torch.allclose(f.x0(x, t), c_skip * x + c_out * net.x0(x, t), rtol=0, atol=1e-12)
+
+
 class GaussianConsistency(Denoiser):
     """Exact consistency function of N(mu, v I) data: the PF-ODE is linear, x0 = mu + sqrt(v / (a^2 v + s^2)) (x - a mu)."""
 

@@ -52,3 +52,21 @@ def test_short_dmd2_run_beats_the_teachers_one_step_sampler(tmp_path):
     # the teacher's 1-step DDIM image is the blurry class mean: the right digit, far from the data
     assert student["fd"] < 0.5 * teacher["fd"], (student, teacher)
     assert student["label_acc"] >= 0.9, student
+
+    # the export round trip: plain StableDiffusionPipeline, in a process that cannot import onestep, draws a 7
+    # for "a handwritten seven" in 1 step, and exactly what `onestep sample` draws
+    from export_check import clean_process
+    from onestep.eval.digits_features import load_digits_features
+    from onestep.eval.runs import load_run
+    from onestep.export.pipelines import export
+    from onestep.export.sample import sample_run
+
+    run = load_run(tmp_path / "run", torch.device("cpu"), frozen_dtype="fp32")
+    out = export(run, tmp_path / "export")
+    ours = sample_run(run, 32, seed=5, prompt="a handwritten seven")
+    (theirs,) = clean_process([{"folder": str(out), "n": 32, "seed": 5, "prompt": "a handwritten seven",
+                                "out": str(tmp_path / "sevens.safetensors")}], tmp_path)
+    assert theirs.shape == (32, 1, 16, 16) and (theirs - ours).abs().max() <= 1e-4
+    pooled = torch.nn.functional.avg_pool2d(theirs * 2 - 1, 2)
+    sevens = (load_digits_features().logits(pooled).argmax(1) == 7).float().mean()
+    assert sevens >= 0.8, sevens

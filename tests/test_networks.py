@@ -124,7 +124,8 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("lower, forbidden", [
     ("generator.py", "onestep.objectives"), ("data", "onestep.objectives"), ("experiment.py", "onestep.objectives"),
     ("networks.py", "onestep.objectives"), ("denoisers", "onestep.objectives"), ("objectives", "onestep.train"),
-    ("eval", "onestep.train"), ("experiment.py", "onestep.train"), ("core.py", "onestep.objectives")])
+    ("eval", "onestep.train"), ("experiment.py", "onestep.train"), ("core.py", "onestep.objectives"),
+    ("export", "onestep.train"), ("export", "onestep.cli"), ("eval", "onestep.export"), ("train", "onestep.export")])
 def test_no_upward_imports(lower, forbidden):
     files = [ROOT / lower] if lower.endswith(".py") else sorted((ROOT / lower).rglob("*.py"))
     bad = {str(f.relative_to(ROOT)): sorted(m for m in _imports(f) if m.startswith(forbidden)) for f in files}

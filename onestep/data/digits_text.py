@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from onestep.errors import ConfigError
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -63,3 +65,15 @@ def write_prompt_files(folder) -> list[Path]:
         path.write_text("".join(p + "\n" for p in prompts(split)), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def captioned_latents(codec, size: int, split: str = "train", batch: int = 256) -> tuple[torch.Tensor, list[list[str]]]:
+    """``data=digits_text``: the digits of ``split`` upsampled to ``size`` (as the teacher was trained) and encoded
+    by ``codec`` (the teacher's VAE), each with every training-template caption of its digit."""
+    from onestep.data.digits import load_digits_tensors
+
+    images, labels = load_digits_tensors(split, size)
+    latents = torch.cat([codec.encode(images[i:i + batch].to(codec.device, codec.dtype)).float().cpu()
+                         for i in range(0, len(images), batch)])
+    return latents, [[caption(d, t) for t in TRAIN_TEMPLATES] for d in labels.tolist()]

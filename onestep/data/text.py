@@ -134,18 +134,29 @@ def find_image_text_pairs(folder) -> list[tuple[Path, str]]:
 
 
 class ImageTextData:
-    """``data=image_text``: captioned images, VAE-encoded once (cached), for objectives that use real data."""
+    """Captioned images as latents, for objectives that use real data (consistency distillation, GAN heads).
 
-    def __init__(self, pairs: list[tuple[Path, str]], conditioner: TextConditioner, codec, image_size: int,
-                 cache_root: Path, latent_shape: tuple[int, ...], progress: bool = True):
-        """``pairs``: find_image_text_pairs(data.path)."""
-        self.captions = [c for _, c in pairs]
+    ``data=image_text`` builds it from a folder (``from_folder``: VAE-encoded once, cached); ``data=digits_text``
+    from the digits train split (onestep.data.digits_text). Each image has one or more captions; a batch draws one
+    of them per image."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[list[str]], conditioner: TextConditioner,
+                 latent_shape: tuple[int, ...]):
+        if len(captions) != len(latents) or not all(captions):
+            raise ValueError(f"{len(latents)} latents need as many non-empty caption lists, got {len(captions)}")
+        self.latents, self.captions = latents, captions
         self.cond, self.data_shape = conditioner, tuple(latent_shape)
-        conditioner.cache.ensure(self.captions)
-        self.latents = self._encode([p for p, _ in pairs], codec, image_size, Path(cache_root), progress)
-        if tuple(self.latents.shape[1:]) != self.data_shape:
-            raise ConfigError(f"data.path images encode to latents {tuple(self.latents.shape[1:])}, the teacher "
+        if tuple(latents.shape[1:]) != self.data_shape:
+            raise ConfigError(f"the data's images encode to latents {tuple(latents.shape[1:])}, the teacher "
                               f"expects {self.data_shape}; set teacher.resolution to the training resolution")
+        conditioner.cache.ensure(sorted({c for cs in captions for c in cs}))
+
+    @classmethod
+    def from_folder(cls, pairs: list[tuple[Path, str]], conditioner: TextConditioner, codec, image_size: int,
+                    cache_root: Path, latent_shape: tuple[int, ...], progress: bool = True) -> "ImageTextData":
+        """``pairs``: find_image_text_pairs(data.path)."""
+        latents = cls._encode([p for p, _ in pairs], codec, image_size, Path(cache_root), progress)
+        return cls(latents, [[c] for _, c in pairs], conditioner, latent_shape)
 
     @staticmethod
     @torch.no_grad()
@@ -163,7 +174,8 @@ class ImageTextData:
         return torch.stack(out)
 
     def batch(self, n: int, device) -> Batch:
-        idx = torch.randint(0, len(self.captions), (n,))
+        idx = torch.randint(0, len(self.captions), (n,)).tolist()
+        pick = torch.rand(n).tolist()
         noise = torch.randn(n, *self.data_shape)
-        cond = self.cond([self.captions[i] for i in idx.tolist()])
-        return Batch(noise=noise.to(device), cond=cond.to(device), real=self.latents[idx].to(device))
+        texts = [self.captions[i][int(u * len(self.captions[i]))] for i, u in zip(idx, pick)]
+        return Batch(noise=noise.to(device), cond=self.cond(texts).to(device), real=self.latents[idx].to(device))

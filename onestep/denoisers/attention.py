@@ -1,7 +1,8 @@
 """``generator.attention``: which attention implementation a diffusers-model generator runs.
 
     default    the model's own processors (PyTorch SDPA). Objectives that take a JVP run it under
-               SDPBackend.MATH, the only SDPA backend with a forward-mode rule: O(N^2) memory.
+               SDPBackend.MATH, the only SDPA backend with a forward-mode rule: O(N^2) memory. The only choice
+               for models with linear attention (Sana), which the kernels below would turn into softmax attention
     math       onestep.kernels' MATH attention (plain ops; JVP, backward and higher orders all work)
     jvp_flash  onestep.kernels' fused attention: Triton on GPU, blockwise PyTorch on CPU; O(N) memory for
                forward, backward and the forward-mode JVP that sCM / rCM need
@@ -36,6 +37,13 @@ def set_attention(model: nn.Module, option: str) -> nn.Module:
     check_attention(option)
     if option == "default" or not has_diffusers_attention(model):
         return model
+    # the kernels compute softmax attention: swapping them in for a linear attention (Sana's self-attention) would
+    # change the model, and a linear attention needs no kernel (it is O(N) and plain ops, forward-mode AD included)
+    linear = next((name for name, m in model.named_modules()
+                   if "LinearAttn" in type(getattr(m, "processor", None)).__name__), None)
+    if linear is not None:
+        raise ConfigError(f"generator.attention={option} would replace the linear attention of {linear} with softmax "
+                          "attention; use generator.attention=default (linear attention needs no JVP kernel)")
     from onestep.kernels import set_jvp_attention
 
     # on a Denoiser that wraps diffusers models this sets the processor on every attention submodule

@@ -24,6 +24,9 @@ class Denoiser(nn.Module):
     data_shape: tuple[int, ...] = ()
     #: number of classes for class-conditional models (0 = unconditional); label ``num_classes`` = unconditional
     num_classes: int = 0
+    #: the network takes the guidance scale as an input (guidance-distilled Flux): ``guided`` then feeds it the
+    #: scale as the conditioning field ``GUIDANCE`` instead of running two CFG branches
+    embedded_guidance: bool = False
 
     @property
     def conditional(self) -> bool:
@@ -64,11 +67,29 @@ class Denoiser(nn.Module):
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
+#: the Cond field that carries the guidance scale (B,) to a network with ``embedded_guidance``
+GUIDANCE = "guidance"
+
+
+def with_guidance(cond, scale: float):
+    """``cond`` plus the field ``GUIDANCE`` = scale on every row (and on the null row: it is no part of the prompt)."""
+    if not isinstance(cond, Cond):
+        return cond  # nothing to add it to: the network names the conditioning it needs
+    dev = next(iter(cond.fields.values())).device
+    null_dev = next(iter(cond.null_fields.values())).device
+    g = torch.full((len(cond),), float(scale), dtype=torch.float32, device=dev)
+    return Cond({**cond.fields, GUIDANCE: g}, {**cond.null_fields, GUIDANCE: g[:1].to(null_dev)}, cond.texts,
+                cond.null_text)
+
+
 class Guided(Denoiser):
     """Classifier-free guidance: D_w = D(x, t, null) + w (D(x, t, c) - D(x, t, null)).
 
     Predictions at a fixed (x_t, t) are affine in one another, so combining in the native
     parametrization equals combining in any other (x0, eps, score...). ``scale`` 1 is the conditional model.
+
+    A base with ``embedded_guidance`` (guidance-distilled Flux: the transformer was trained to output the guided
+    prediction for the scale it is given) is run once, D_w = D(x, t, c | guidance = w), as its pipeline does.
     """
 
     conditional = True
@@ -83,6 +104,8 @@ class Guided(Denoiser):
         self.data_shape, self.num_classes = base.data_shape, base.num_classes
 
     def forward(self, x_t, t, cond=None):
+        if self.base.embedded_guidance:
+            return self.base(x_t, t, with_guidance(cond, self.scale))
         if cond is None or self.scale == 1.0:
             return self.base(x_t, t, cond)
         cond = as_cond(cond, self.num_classes)
@@ -92,4 +115,7 @@ class Guided(Denoiser):
 
 
 def guided(denoiser: Denoiser, scale: float) -> Denoiser:
+    """The denoiser at guidance ``scale``: CFG, or the scale fed to an embedded-guidance network. Scale 1 is the
+    denoiser itself, for every caller that means "no extra guidance" by it; on an embedded-guidance network that
+    keeps the network's own default scale (flow.py: ``guidance``, set from teacher.guidance), not guidance 1."""
     return denoiser if scale == 1.0 else Guided(denoiser, scale)

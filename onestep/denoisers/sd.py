@@ -38,6 +38,8 @@ import torch
 from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.diffusers import MidBlockFeatures
+from onestep.denoisers.pipeline_folder import check_pipeline_folder as check_folder
+from onestep.denoisers.pipeline_folder import frozen, load_component, sha1_files
 from onestep.errors import ConfigError
 from onestep.schedules import VPDiscrete
 
@@ -46,35 +48,13 @@ PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 #: (text encoder, its tokenizer) sub-folders, in the pipeline's order
 TEXT_FOLDERS = {"sd15": (("text_encoder", "tokenizer"),),
                 "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))}
-SUBFOLDERS = {"sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-              "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")}
-
-
-def _layout(kind: str) -> str:
-    return "model_index.json, " + ", ".join(f"{f}/" for f in SUBFOLDERS[kind])
 
 
 def check_pipeline_folder(path, kind: str) -> Path:
     if kind not in KINDS:
         raise ConfigError(f"teacher '{kind}' is not a Stable Diffusion kind; use teacher=sd15 (SD 1.x/2.x) "
                           "or teacher=sdxl")
-    fix = f"pass teacher.path=<local diffusers pipeline folder ({_layout(kind)})>"
-    if path is None or str(path) == "":
-        raise ConfigError(f"teacher.path is not set; {fix}")
-    folder = Path(path)
-    if not folder.exists():
-        raise ConfigError(f"teacher.path '{folder}' does not exist; {fix}")
-    if not folder.is_dir():
-        raise ConfigError(f"teacher.path '{folder}' is not a folder; {fix}")
-    if not (folder / "model_index.json").is_file():
-        raise ConfigError(f"teacher.path '{folder}' is not a diffusers pipeline folder (no model_index.json); {fix}")
-    missing = [f"{f}/" for f in SUBFOLDERS[kind] if not (folder / f).is_dir()]
-    if missing:
-        sd15 = kind == "sdxl" and all((folder / f).is_dir() for f in SUBFOLDERS["sd15"])
-        hint = " (an SD 1.x/2.x folder? use teacher=sd15)" if sd15 else ""
-        raise ConfigError(f"teacher.path '{folder}' has no {', '.join(missing)} needed by teacher={kind}{hint}; "
-                          f"expected a diffusers {kind} pipeline folder ({_layout(kind)})")
-    return folder
+    return check_folder(path, kind)
 
 
 def scheduler_schedule(folder) -> tuple[VPDiscrete, str]:
@@ -148,39 +128,6 @@ class SDUNetDenoiser(MidBlockFeatures, Denoiser):
         return out.to(x_t.dtype)
 
 
-def _load(folder: Path, sub: str, kind: str, cls, **kwargs):
-    """``cls.from_pretrained(folder, subfolder=sub)`` offline, without transformers' per-file progress bar; any
-    failure is a one-line ConfigError."""
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - diffusers, transformers, safetensors and json each raise their own
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"teacher.path '{folder}': cannot load {sub} ({type(e).__name__}: {first}); "
-                          f"expected a diffusers {kind} pipeline folder") from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def _frozen(module: torch.nn.Module, device) -> torch.nn.Module:
-    return module.to(device).eval().requires_grad_(False)
-
-
-def _sha1_files(folder: Path, subs, salt: str = "") -> str:
-    h = hashlib.sha1(salt.encode())
-    for sub in subs:
-        for f in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
-            h.update(f.relative_to(folder).as_posix().encode() + b"\0")
-            with f.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 class TextEncoder:
     """The pipeline's prompt encoding, frozen; returns batch-first float32 fields on the CPU."""
 
@@ -191,13 +138,13 @@ class TextEncoder:
         self.kind, self.device = kind, torch.device(device)
         self.tokenizers, self.encoders = [], []
         for (enc, tok), cls in zip(TEXT_FOLDERS[kind], (CLIPTextModel, CLIPTextModelWithProjection)):
-            self.tokenizers.append(_load(folder, tok, kind, CLIPTokenizer))
-            self.encoders.append(_frozen(_load(folder, enc, kind, cls, dtype=dtype), self.device))
+            self.tokenizers.append(load_component(folder, tok, kind, CLIPTokenizer))
+            self.encoders.append(frozen(load_component(folder, enc, kind, cls, dtype=dtype), self.device))
         index = json.loads((folder / "model_index.json").read_text())
         #: SDXL's unconditional branch is all zeros when there is no negative prompt (the pipeline's default)
         self.zeros_for_empty = kind == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True))
         # identity of the encoded fields, for caches: the exact tokenizer and encoder bytes and the null rule
-        digest = _sha1_files(folder, [f for pair in TEXT_FOLDERS[kind] for f in pair], f"zeros={self.zeros_for_empty}")
+        digest = sha1_files(folder, [f for pair in TEXT_FOLDERS[kind] for f in pair], f"zeros={self.zeros_for_empty}")
         self.name = f"{kind}-{digest[:16]}"
         self._null: dict[str | None, dict[str, torch.Tensor]] = {}
 
@@ -253,7 +200,8 @@ class TextEncoder:
 
 
 class LatentCodec:
-    """Images in [-1, 1] <-> diffusion data z = (E(x) - shift) * scaling, via a frozen ``diffusers.AutoencoderKL``."""
+    """Images in [-1, 1] <-> diffusion data z = (E(x) - shift) * scaling, via a frozen ``diffusers.AutoencoderKL``
+    (E = its posterior mean) or ``diffusers.AutoencoderDC`` (Sana's deterministic deep-compression autoencoder)."""
 
     def __init__(self, vae):
         c = vae.config
@@ -267,7 +215,10 @@ class LatentCodec:
             vae = vae.float()  # the VAE overflows in half precision (diffusers' force_upcast); keep it in fp32
         self.vae = vae
         self.latent_channels = c.latent_channels
-        self.downsample = 2 ** (len(c.block_out_channels) - 1)
+        #: AutoencoderKL encodes to a posterior (``latent_dist``), AutoencoderDC to the latent itself (``latent``)
+        self.posterior = not hasattr(c, "encoder_block_out_channels")
+        stages = c.block_out_channels if self.posterior else c.encoder_block_out_channels
+        self.downsample = 2 ** (len(stages) - 1)
 
     @property
     def device(self) -> torch.device:
@@ -289,7 +240,8 @@ class LatentCodec:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         # the posterior mean, not a sample: a deterministic encoding keeps cached latents and reference
         # statistics reproducible, and the SD VAEs' posterior std is small next to the latents' spread
-        mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        out = self.vae.encode(images.to(self.vae.dtype))
+        mean = out.latent_dist.mean if self.posterior else out.latent
         return ((mean - self.shift) * self.scaling).to(images.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -299,10 +251,12 @@ class LatentCodec:
 
 @dataclass
 class SDParts:
-    denoiser: SDUNetDenoiser
+    """What a teacher folder gives a run (``load_sd``; ``flow.load_flow`` for SD3 / Flux)."""
+    denoiser: Denoiser
+    #: TextEncoder, or flow.FlowTextEncoder (the same interface: name, encode, null_fields, assemble, cond)
     text: TextEncoder
     codec: LatentCodec
-    #: generated image side in pixels: unet.sample_size * the VAE's downsampling
+    #: generated image side in pixels: the network's latent side * the VAE's downsampling
     image_size: int
 
 
@@ -313,8 +267,8 @@ def load_sd(folder, kind: str, *, dtype=torch.float32, device="cpu", resolution:
 
     folder = check_pipeline_folder(folder, kind)
     schedule, prediction = scheduler_schedule(folder)
-    unet = _frozen(_load(folder, "unet", kind, UNet2DConditionModel, dtype=dtype), device)
-    codec = LatentCodec(_frozen(_load(folder, "vae", kind, AutoencoderKL, dtype=dtype), device))
+    unet = frozen(load_component(folder, "unet", kind, UNet2DConditionModel, dtype=dtype), device)
+    codec = LatentCodec(frozen(load_component(folder, "vae", kind, AutoencoderKL, dtype=dtype), device))
     size = unet.config.sample_size
     if resolution is not None:
         if resolution <= 0 or resolution % codec.downsample:

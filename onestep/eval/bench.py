@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,16 +25,12 @@ import torch
 from omegaconf import OmegaConf
 
 from onestep import experiment
-from onestep.config import CriticConfig, GeneratorConfig, TrainerConfig
 from onestep.denoisers.base import guided
 from onestep.errors import ConfigError
 from onestep.eval.report import chunked, eval_inputs, markdown_table
-from onestep.experiment import shape_student
-from onestep.generator import Student
-from onestep.networks import load_generator
+from onestep.eval.runs import Run, load_run
 from onestep.progress import bar as progress_bar
 from onestep.sampling import METHODS, nfe, sample
-from onestep import checkpoint
 
 
 @dataclass
@@ -48,38 +43,6 @@ class Curve:
     steps: list[int]
     identity: str  # hashed into each point's cache key
     fn: Callable  # fn(noise, cond, steps, rng) -> samples
-
-
-@dataclass
-class Run:
-    path: Path
-    cfg: object  # the run's resolved config
-    setup: experiment.Setup
-    generator: torch.nn.Module
-    step: int
-
-
-def load_run(path: str | Path, device: torch.device) -> Run:
-    """A `onestep train` run folder -> its config, experiment and latest checkpoint's generator_ema."""
-    run = Path(path)
-    fix = "pass bench.runs=[<run folder of onestep train>, ...]"
-    if not run.is_dir():
-        raise ConfigError(f"bench.runs: '{path}' is not a folder; {fix}")
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"bench.runs: '{path}' has no config.yaml, so it is not a onestep run folder; {fix}")
-    if not checkpoint.list_checkpoints(run):
-        raise ConfigError(f"bench.runs: '{path}' has no checkpoint yet; train it (onestep train run_dir={path}) "
-                          "or drop it from bench.runs")
-    # fields added to these schemas after the run was made take their defaults
-    defaults = {"generator": GeneratorConfig, "critic": CriticConfig, "trainer": TrainerConfig}
-    cfg = OmegaConf.merge(OmegaConf.create({k: OmegaConf.structured(v) for k, v in defaults.items()}),
-                          OmegaConf.load(run / "config.yaml"))
-    setup = experiment.build(cfg, run, progress=False)
-    try:
-        generator, step = load_generator(cfg, setup, run, device=device, shape=partial(shape_student, cfg.generator))
-    except ConfigError as e:
-        raise ConfigError(f"bench.runs: {e}; train it further or drop it from bench.runs") from None
-    return Run(run, cfg, setup, generator, step)
 
 
 def _digest(*parts) -> str:
@@ -122,7 +85,7 @@ def curves(cfg, runs: list[Run], setup: experiment.Setup, device) -> list[Curve]
         out.append(Curve("teacher", "teacher", method, list(bc.teacher_steps), t_id, fn))
     for run, label in zip(runs, _labels([r.path for r in runs])):
         gc = run.cfg.generator
-        student = Student(run.setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+        student = run.student()
 
         def fn(z, c, steps, rng, student=student, g=run.generator):
             return student.sample(g, z, c, steps, rng)

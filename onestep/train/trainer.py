@@ -34,6 +34,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> dict:
+    t_begin = time.perf_counter()
     run_dir = prepare_run_dir(cfg, run_dir)
     tc = cfg.trainer
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu)
@@ -71,6 +72,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     stats_file = Path(run_dir) / "stats.jsonl"
     bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
     bad_steps, t0 = 0, time.perf_counter()
+    seconds = {"setup": round(t0 - t_begin, 1), "resumed_at_step": start}
     for step in bar:
         _seed(cfg.seed, step, acc)
         logs: dict[str, float] = {}
@@ -110,8 +112,12 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
 
     if not acc.is_main_process:
         return {}
+    t_eval = time.perf_counter()
+    seconds["distill"] = round(t_eval - t0, 1)
     rows, samples = compare(setup, student, ema, teacher, cfg.eval, progress=show)
-    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name},
+    seconds["evaluate"] = round(time.perf_counter() - t_eval, 1)
+    # wall seconds of this process (a resumed run counts from resumed_at_step)
+    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name, "seconds": seconds},
                          note=getattr(setup.evaluator, "what", None))
     if cfg.eval.plot:
         pick = [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))] + \

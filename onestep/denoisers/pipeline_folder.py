@@ -1,0 +1,116 @@
+"""Local diffusers pipeline folders (what ``<Pipeline>.save_pretrained`` writes), shared by the SD-family and
+flow-transformer adapters (denoisers/sd.py, denoisers/flow.py): the layout each teacher kind needs, the checks that
+turn a wrong ``teacher.path`` into a one-line error naming the fix, offline component loading, and the content hash
+that names caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from onestep.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    #: sub-folders the adapter loads, in the pipeline's order
+    subfolders: tuple[str, ...]
+    #: ``_class_name`` values of model_index.json that write this layout
+    pipelines: tuple[str, ...]
+    #: how a hint names such a folder ("an SDXL folder? use teacher=sdxl")
+    label: str
+
+
+LAYOUTS = {
+    "sd15": Layout(("unet", "vae", "text_encoder", "tokenizer", "scheduler"), ("StableDiffusionPipeline",),
+                   "an SD 1.x/2.x"),
+    "sdxl": Layout(("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"),
+                   ("StableDiffusionXLPipeline",), "an SDXL"),
+    "sd3": Layout(("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                   "text_encoder_3", "tokenizer_3", "scheduler"), ("StableDiffusion3Pipeline",), "an SD3"),
+    "flux": Layout(("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+                   ("FluxPipeline",), "a Flux"),
+    "sana": Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+                   ("SanaPipeline", "SanaPAGPipeline"), "a Sana"),
+}
+
+
+def layout_text(kind: str) -> str:
+    return "model_index.json, " + ", ".join(f"{f}/" for f in LAYOUTS[kind].subfolders)
+
+
+def _pipeline_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_pipeline_folder(path, kind: str, by_class: bool = False) -> Path:
+    """``path`` as a folder holding what teacher=``kind`` loads (``kind`` one of LAYOUTS); a folder that lacks some of
+    it is named as another kind's when its sub-folders fit that kind. ``by_class`` also refuses a folder whose
+    model_index.json names another kind's pipeline, for layouts that another kind's folder contains whole (an SD3
+    folder has every sub-folder Flux needs)."""
+    fix = f"pass teacher.path=<local diffusers pipeline folder ({layout_text(kind)})>"
+    if path is None or str(path) == "":
+        raise ConfigError(f"teacher.path is not set; {fix}")
+    folder = Path(path)
+    if not folder.exists():
+        raise ConfigError(f"teacher.path '{folder}' does not exist; {fix}")
+    if not folder.is_dir():
+        raise ConfigError(f"teacher.path '{folder}' is not a folder; {fix}")
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(f"teacher.path '{folder}' is not a diffusers pipeline folder (no model_index.json); {fix}")
+    written_by = _pipeline_class(folder)
+    missing = [f"{f}/" for f in LAYOUTS[kind].subfolders if not (folder / f).is_dir()]
+    if missing:
+        fits = [k for k, lay in LAYOUTS.items() if k != kind and all((folder / f).is_dir() for f in lay.subfolders)]
+        fits.sort(key=lambda k: written_by not in LAYOUTS[k].pipelines)  # the kind whose pipeline wrote it first
+        hint = f" ({LAYOUTS[fits[0]].label} folder? use teacher={fits[0]})" if fits else ""
+        raise ConfigError(f"teacher.path '{folder}' has no {', '.join(missing)} needed by teacher={kind}{hint}; "
+                          f"expected a diffusers {kind} pipeline folder ({layout_text(kind)})")
+    if by_class and written_by not in LAYOUTS[kind].pipelines:
+        other = next((k for k, lay in LAYOUTS.items() if written_by in lay.pipelines), None)
+        if other is not None:  # a pipeline class onestep does not know (a custom or derived one) is given the benefit
+            raise ConfigError(f"teacher.path '{folder}' holds a {written_by} (model_index.json), not a {kind} "
+                              f"pipeline; use teacher={other}")
+    return folder
+
+
+def load_component(folder: Path, sub: str, kind: str, cls, **kwargs):
+    """``cls.from_pretrained(folder, subfolder=sub)`` offline, without transformers' per-file progress bar; any
+    failure is a one-line ConfigError."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - diffusers, transformers, safetensors and json each raise their own
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"teacher.path '{folder}': cannot load {sub} ({type(e).__name__}: {first}); "
+                          f"expected a diffusers {kind} pipeline folder") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def frozen(module: torch.nn.Module, device) -> torch.nn.Module:
+    return module.to(device).eval().requires_grad_(False)
+
+
+def sha1_files(folder: Path, subs, salt: str = "") -> str:
+    """sha1 of every file's relative path and bytes under the sub-folders ``subs`` (cache identities)."""
+    h = hashlib.sha1(salt.encode())
+    for sub in subs:
+        for f in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()

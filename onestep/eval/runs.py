@@ -1,0 +1,69 @@
+"""A finished (or checkpointed) `onestep train` run folder, loaded for evaluation, bench, sampling and export:
+its resolved config, the experiment it builds and the newest checkpoint's generator (EMA by default), through
+the Networks seam (networks.load_generator), never through the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from onestep import checkpoint, experiment
+from onestep.config import CriticConfig, GeneratorConfig, TrainerConfig
+from onestep.errors import ConfigError
+from onestep.experiment import shape_student
+from onestep.generator import Student
+from onestep.networks import EMA, load_generator
+
+
+@dataclass
+class Run:
+    path: Path
+    cfg: object  # the run's resolved config
+    setup: experiment.Setup
+    generator: torch.nn.Module
+    step: int
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= int(self.cfg.trainer.steps)
+
+    def student(self) -> Student:
+        gc = self.cfg.generator
+        return Student(self.setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+
+
+def run_config(path: str | Path, key: str, fix: str):
+    """The run folder's resolved config; fields added to the schemas after the run was made take their defaults."""
+    run = Path(path)
+    if not run.is_dir():
+        raise ConfigError(f"{key}: '{path}' is not a folder; {fix}")
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{key}: '{path}' has no config.yaml, so it is not a onestep run folder; {fix}")
+    defaults = {"generator": GeneratorConfig, "critic": CriticConfig, "trainer": TrainerConfig}
+    return OmegaConf.merge(OmegaConf.create({k: OmegaConf.structured(v) for k, v in defaults.items()}),
+                           OmegaConf.load(run / "config.yaml"))
+
+
+def load_run(path: str | Path, device: torch.device, key: str = "bench.runs",
+             fix: str = "pass bench.runs=[<run folder of onestep train>, ...]", role: str = EMA,
+             progress: bool = False, frozen_dtype: str | None = None) -> Run:
+    """A `onestep train` run folder -> its config, experiment and newest checkpoint's ``role`` (generator_ema).
+    ``frozen_dtype`` overrides the run's trainer.frozen_dtype (sampling and export use fp32: a LoRA student's base
+    then runs in the precision its merged export has)."""
+    run = Path(path)
+    cfg = run_config(run, key, fix)
+    if frozen_dtype is not None:
+        cfg.trainer.frozen_dtype = frozen_dtype
+    if not checkpoint.list_checkpoints(run):
+        raise ConfigError(f"{key}: '{path}' has no checkpoint yet; train it (onestep train run_dir={path}) first")
+    setup = experiment.build(cfg, run, progress=progress)
+    try:
+        generator, step = load_generator(cfg, setup, run, role=role, device=device,
+                                         shape=partial(shape_student, cfg.generator))
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}; train it further or {fix}") from None
+    return Run(run, cfg, setup, generator, step)

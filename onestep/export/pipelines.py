@@ -1,0 +1,227 @@
+"""`onestep export`: a run folder's student -> a diffusers pipeline folder that plain diffusers loads and runs.
+
+    <out>/model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/   (SD-family: the teacher's
+                                         pipeline class with the student's UNet and a stock scheduler)
+    <out>/pipeline.py                    (class-conditional students: diffusers has no such pipeline)
+    <out>/pytorch_lora_weights.safetensors   (lora_only=true: the adapter; unet/ is then the teacher's)
+    <out>/model.safetensors              (SD-family: one original-layout (LDM) file for from_single_file)
+    <out>/onestep_export.json            {"pipeline_class", "call": {...}, "custom_pipeline", "lora", ...}
+    <out>/README.md                      model card: the call, the run's measured metrics, its resolved config
+
+How the student's sampling maps onto a stock scheduler (checked to 1e-4 against `onestep sample` in a process
+that cannot import onestep, tests/test_export.py):
+  renoise students (DMD2, consistency): LCMScheduler with original_inference_steps = num_train_timesteps, whose
+      k-step schedule is the student's integer list (999, 749, 499, 249 for k = 4); its x0 from the UNet's own
+      prediction type, its boundary c_skip / c_out (timestep_scaling 10) = the student's (consistency students
+      use exactly LCM's boundary on SD tables; for the others c_skip < 1e-7 at t >= 249), re-noising
+      x = sqrt(abar_s) x0 + sqrt(1 - abar_s) z with z drawn from the caller's generator;
+  ddim students: DDIMScheduler, "trailing" spacing, set_alpha_to_one (k must divide num_train_timesteps);
+  class-conditional students on a continuous VP schedule: the folder's own pipeline.py (class_pipeline.py).
+Every student starts from x = z (unit Gaussian) at t_max, as diffusers does (Schedule.prior_std).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from onestep.denoisers.consistency import LCM_TIMESTEP_SCALING, ConsistencyBoundary
+from onestep.errors import ConfigError
+from onestep.eval.runs import Run
+from onestep.export.weights import lora_state_dict, plain_model, student_model
+
+EXPORT_FILE = "onestep_export.json"
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+CLASS_PIPELINE = "FewStepClassPipeline"
+
+
+def prepare_out(out, overwrite: bool) -> Path:
+    if not out:
+        raise ConfigError("out is not set; pass out=<folder to write the pipeline to>")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out='{out}' is a file; pass out=<folder>")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"out='{out}' is not empty; pass overwrite=true to replace it, or another out=")
+        if not (path / EXPORT_FILE).is_file():
+            raise ConfigError(f"out='{out}' is not empty and is not a onestep export (no {EXPORT_FILE}); "
+                              "refusing to delete it even with overwrite=true: pass another out=")
+    return path
+
+
+def student_steps(run: Run) -> tuple[list[float], str]:
+    """(the student's t-list, its sampler), checked to be something a pipeline can start the way diffusers does."""
+    student = run.student()
+    if student.t_start < run.setup.teacher.schedule.t_max:
+        raise ConfigError("the student starts at generator.sigma_init below t_max; a diffusers pipeline starts from "
+                          "pure noise at t_max, so this student cannot be exported as it was trained")
+    return student.ts.tolist(), student.method
+
+
+def _sd_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, boundary: bool):
+    """A stock scheduler (from the teacher's scheduler config: betas, table size) that runs the student's
+    sampling, and the call's step arguments."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    teacher_config = dict(LCMScheduler.load_config(str(teacher_folder), subfolder="scheduler"))
+
+    sched = run.setup.teacher.schedule
+    n = sched.num_steps
+    idx = [t * (n - 1) for t in ts]
+    if any(abs(i - round(i)) > 1e-6 for i in idx):
+        raise ConfigError(f"the student's t-list {ts} is not on integer timesteps of the {n}-step table; "
+                          "a diffusers scheduler runs integer timesteps only (use generator.steps, not generator.ts)")
+    idx = [int(round(i)) for i in idx]
+    k = len(idx)
+    prediction = PREDICTION_TYPES[run.setup.teacher.prediction]
+    common = {"prediction_type": prediction, "clip_sample": False, "thresholding": False}
+    if method == "renoise":
+        scheduler = LCMScheduler.from_config(teacher_config, original_inference_steps=n,
+                                             timestep_scaling=LCM_TIMESTEP_SCALING, **common)
+        scheduler.set_timesteps(k)
+        call = {"num_inference_steps": k}
+        if scheduler.timesteps.tolist() != idx:
+            call = {"timesteps": idx}
+        return scheduler, call
+    if boundary:
+        raise ConfigError("a consistency-boundary student samples with generator.method=renoise (LCMScheduler); "
+                          "ddim students export without generator.consistency_boundary")
+    scheduler = DDIMScheduler.from_config(teacher_config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                          steps_offset=0, **common)
+    scheduler.set_timesteps(k)
+    if n % k or scheduler.timesteps.tolist() != idx:
+        raise ConfigError(f"a {k}-step ddim student's timesteps {idx} are not DDIMScheduler's trailing "
+                          f"{scheduler.timesteps.tolist()}; use a step count that divides {n}")
+    return scheduler, {"num_inference_steps": k}
+
+
+def export_sd(run: Run, out: Path, lora_only: bool) -> dict:
+    import diffusers
+
+    kind = run.cfg.teacher.kind
+    cls = getattr(diffusers, PIPELINES[kind])
+    model, adapter = student_model(run.generator)
+    boundary = isinstance(getattr(run.generator, "net", None), ConsistencyBoundary)
+    ts, method = student_steps(run)
+    teacher_folder = Path(run.cfg.teacher.path)
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
+        if kind == "sd15" else {}
+    scheduler, call = _sd_scheduler(run, teacher_folder, ts, method, boundary)
+    lora = None
+    if lora_only:
+        if adapter is None:
+            raise ConfigError("lora_only=true needs a LoRA student (generator.lora.rank); this run trained a full copy")
+        weights, lora = lora_state_dict(model, adapter)
+        pipe = cls.from_pretrained(teacher_folder, scheduler=scheduler, torch_dtype=torch.float32, **extra)
+    else:
+        pipe = cls.from_pretrained(teacher_folder, unet=plain_model(model, adapter), scheduler=scheduler,
+                                   torch_dtype=torch.float32, **extra)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if lora_only:
+        cls.save_lora_weights(out, unet_lora_layers=weights, unet_lora_adapter_metadata=dict(lora))
+    size = run.setup.teacher.data_shape[-1] * run.setup.codec.downsample
+    call.update({"guidance_scale": 1.0, "height": size, "width": size})
+    return {"pipeline_class": PIPELINES[kind], "call": call, "lora": lora, "prompted": True}
+
+
+def _class_pipeline_module():
+    path = Path(__file__).with_name("class_pipeline.py")
+    spec = importlib.util.spec_from_file_location("onestep_class_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def export_class(run: Run, out: Path, lora_only: bool) -> dict:
+    from onestep.schedules import VPCosine, VPLinear
+
+    if lora_only:
+        raise ConfigError("lora_only=true is for SD-family students; a class-conditional student exports merged")
+    model, adapter = student_model(run.generator)
+    if isinstance(getattr(run.generator, "net", None), ConsistencyBoundary):
+        raise ConfigError("a consistency-boundary class-conditional student has no exported pipeline yet; export "
+                          "students trained without generator.consistency_boundary")
+    ts, method = student_steps(run)
+    teacher = run.setup.teacher
+    sched = teacher.schedule
+    if isinstance(sched, VPCosine):
+        params = {"schedule": "vp_cosine", "cosine_s": sched.s}
+    elif isinstance(sched, VPLinear):
+        params = {"schedule": "vp_linear", "beta_min": sched.b0, "beta_max": sched.b1}
+    else:
+        raise ConfigError(f"the class-conditional pipeline computes vp_cosine / vp_linear schedules; this teacher "
+                          f"uses {sched.name}")
+    module, source = _class_pipeline_module()
+    pipe = getattr(module, CLASS_PIPELINE)(
+        unet=plain_model(model, adapter), t_min=sched.t_min, t_max=sched.t_max,
+        prediction_type=PREDICTION_TYPES[teacher.prediction], timestep_scale=float(teacher.timestep_scale),
+        sampler=method, num_classes=int(teacher.num_classes), num_inference_steps=len(ts), **params)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.copyfile(source, out / "pipeline.py")
+    return {"pipeline_class": CLASS_PIPELINE, "custom_pipeline": True,
+            "call": {"num_inference_steps": len(ts)}, "lora": None, "prompted": False}
+
+
+def export(run: Run, out, *, overwrite: bool = False, lora_only: bool = False, allow_unfinished: bool = False,
+           single_file: bool = True) -> Path:
+    if not run.finished and not allow_unfinished:
+        raise ConfigError(f"run '{run.path}' stopped at step {run.step} of trainer.steps={run.cfg.trainer.steps}; "
+                          "finish it (rerun its onestep train command) or pass allow_unfinished=true to export "
+                          "the latest checkpoint")
+    out = prepare_out(out, overwrite)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kind = run.cfg.teacher.kind
+    if kind in PIPELINES:
+        info = export_sd(run, tmp, lora_only)
+        if single_file and not lora_only:
+            from onestep.export.single_file import write_single_file
+
+            info["single_file"] = write_single_file(tmp, kind).name
+    elif kind == "digits":
+        info = export_class(run, tmp, lora_only)
+    else:
+        raise ConfigError(f"teacher.kind '{kind}' has no diffusers pipeline to export to; export supports "
+                          f"{sorted([*PIPELINES, 'digits'])}")
+    info.update({"onestep_run": str(run.path.resolve()), "step": run.step, "finished": run.finished,
+                 "image_size": run.setup.teacher.data_shape[-1] * (run.setup.codec.downsample if run.setup.codec else 1)})
+    (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(run, info), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def usage_code(info: dict, folder: str = "<export folder>") -> str:
+    """The exact Python that loads and runs the export with plain diffusers."""
+    load = f"DiffusionPipeline.from_pretrained({folder!r}" + (f", custom_pipeline={folder!r}, trust_remote_code=True)" if info.get("custom_pipeline") else ")")
+    lines = ["import torch", "from diffusers import DiffusionPipeline", "", f"pipe = {load}"]
+    if info.get("lora"):
+        lines.append(f"pipe.load_lora_weights({folder!r})")
+    args = ", ".join(f"{k}={v!r}" for k, v in info["call"].items())
+    first = "prompt=['a handwritten seven'] * 4" if info.get("prompted") else "batch_size=4"
+    lines.append(f"images = pipe({first}, {args}, generator=torch.Generator('cpu').manual_seed(0)).images")
+    return "\n".join(lines)
+
+
+def model_card(run: Run, info: dict) -> str:
+    results = run.path / "results.md"
+    metrics = results.read_text(encoding="utf-8").strip() if results.is_file() else \
+        "(the run wrote no results.md: evaluate it with onestep bench)"
+    config = OmegaConf.to_yaml(run.cfg, resolve=True)
+    state = "finished" if run.finished else f"UNFINISHED: step {run.step} of {run.cfg.trainer.steps}"
+    return (f"# Few-step student exported by onestep\n\n"
+            f"Distilled with `onestep train` (run `{run.path.name}`, checkpoint step {run.step}, {state}); "
+            f"pipeline `{info['pipeline_class']}`.\n\n## Use with diffusers\n\n```python\n{usage_code(info, '.')}\n```\n\n"
+            f"`onestep_export.json` holds the call's keyword arguments. `onestep sample run_dir=<this folder>` runs "
+            f"the same call.\n\n## Measured (the run's evaluation)\n\n{metrics}\n\n"
+            f"## Training config (resolved)\n\n```yaml\n{config}```\n")
