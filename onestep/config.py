@@ -68,6 +68,8 @@ class TeacherConfig:
     negative_prompt: Optional[str] = None
     #: text-to-image teachers: image side in pixels (None = the unet's sample_size times the VAE's downsampling)
     resolution: Optional[int] = None
+    #: sd3 / flux: T5 tokens per prompt (None = the pipeline's call default: SD3 256, Flux 512)
+    max_sequence_length: Optional[int] = None
     #: the DSM-trained MLP: learned teacher, and the init of generator and critic for GMM experiments
     net_hidden: int = 256
     net_depth: int = 3
@@ -271,6 +273,10 @@ store("teacher", "gmm_ring_learned", TeacherConfig(kind="gmm_learned", mixture="
 store("teacher", "digits", TeacherConfig(kind="digits"))
 store("teacher", "sd15", TeacherConfig(kind="sd15"))
 store("teacher", "sdxl", TeacherConfig(kind="sdxl"))
+store("teacher", "sd3", TeacherConfig(kind="sd3"))
+#: guidance-distilled Flux (dev) takes the guidance scale as an input; 3.5 is FluxPipeline's default
+store("teacher", "flux", TeacherConfig(kind="flux", guidance=3.5))
+store("teacher", "sana", TeacherConfig(kind="sana"))
 store("generator", "default", GeneratorConfig)
 store("data", "gmm", DataConfig)
 store("data", "digits", DataConfig(kind="digits"))

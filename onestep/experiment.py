@@ -125,12 +125,29 @@ def build_digits(cfg, run_dir: Path, progress: bool = True) -> Setup:
                  num_classes=teacher.num_classes)
 
 
+def load_text_to_image(tc, device):
+    """The teacher folder's parts (denoiser, text encoder, codec, image size) for a text-to-image teacher kind."""
+    if tc.kind in ("sd15", "sdxl"):
+        from onestep.denoisers.sd import load_sd
+
+        return load_sd(tc.path, tc.kind, device=device, resolution=tc.resolution)
+    if tc.kind in ("sd3", "flux"):
+        from onestep.denoisers.flow import load_flow
+
+        # guidance-distilled Flux takes the scale as an input: the bare networks get teacher.guidance too
+        return load_flow(tc.path, tc.kind, device=device, resolution=tc.resolution, guidance=tc.guidance,
+                         max_sequence_length=tc.max_sequence_length)
+    from onestep.denoisers.sana import load_sana
+
+    return load_sana(tc.path, device=device, resolution=tc.resolution)
+
+
 def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
-    """A local SD1.x/2.x or SDXL pipeline folder: its UNet as teacher and student init (the Networks copy it or put
-    LoRA adapters on it), prompts or captioned images as data (embeddings / latents cached), decoded-image eval."""
+    """A local text-to-image pipeline folder (SD1.x/2.x, SDXL, SD3, Flux, Sana): its UNet / transformer as teacher
+    and student init (the Networks copy it or put LoRA adapters on it), prompts or captioned images as data
+    (embeddings / latents cached), decoded-image eval."""
     from onestep.data.text import (EmbeddingCache, ImageTextData, PromptData, TextConditioner,
                                    find_image_text_pairs, read_prompts)
-    from onestep.denoisers.sd import load_sd
     from onestep.eval.t2i_eval import TextImageEvaluator
 
     tc, dc = cfg.teacher, cfg.data
@@ -142,7 +159,7 @@ def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
     source = read_prompts(dc.path) if dc.kind == "prompts" else \
         find_image_text_pairs(dc.path) if dc.kind == "image_text" else None
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")
-    parts = load_sd(tc.path, tc.kind, device=device, resolution=tc.resolution)
+    parts = load_text_to_image(tc, device)
     teacher, size = parts.denoiser, parts.image_size
     cache_root = Path(dc.cache or Path(cfg.out_root) / "cache")
     conditioner = TextConditioner(parts.text, EmbeddingCache(parts.text, cache_root, progress), tc.negative_prompt, size)
@@ -168,7 +185,8 @@ def build_sd(cfg, run_dir: Path, progress: bool = True) -> Setup:
 
 
 BUILDERS: dict[str, Callable[..., Setup]] = {"gmm": build_gmm, "gmm_learned": build_gmm, "digits": build_digits,
-                                             "sd15": build_sd, "sdxl": build_sd}
+                                             "sd15": build_sd, "sdxl": build_sd, "sd3": build_sd, "flux": build_sd,
+                                             "sana": build_sd}
 
 
 def build(cfg, run_dir: Path, progress: bool = True) -> Setup:

@@ -14,11 +14,11 @@ from onestep.denoisers.base import Denoiser
 from onestep.denoisers.consistency import ConsistencyBoundary
 from onestep.denoisers.gmm import GMMDenoiser, grid, ring
 from onestep.denoisers.nets import MLPDenoiser
-from onestep.denoisers.trigflow import TrigFlowDenoiser, as_trigflow, velocity
+from onestep.denoisers.trigflow import TrigFlowDenoiser, as_trigflow, trigflow_range, velocity
 from onestep.errors import ConfigError
 from onestep.objectives import consistency as C
 from onestep.objectives.scm import scm_tangent
-from onestep.schedules import TrigFlow, make_schedule
+from onestep.schedules import RectifiedFlow, TrigFlow, make_schedule
 
 SOURCES = [("vp_linear", "eps"), ("vp_cosine", "v"), ("vp_discrete", "eps"), ("edm", "x0"),
            ("rectified_flow", "flow"), ("trigflow", "v")]
@@ -102,6 +102,90 @@ def test_trigflow_range_and_identity():
     assert isinstance(as_trigflow(native, 1.0), TrigFlowDenoiser)
     with pytest.raises(ConfigError, match="sigma_data"):
         TrigFlowDenoiser(native, 0.0)
+
+
+# --- shifted rectified-flow teachers (SD3 / Sana, SANA-Sprint's conversion) ---------------------------------
+
+SHIFTS = [3.0, 1.0, 0.5]
+
+
+def _rf_to_trig(s, sigma_data):
+    """Rectified flow's sigma/alpha = s / (1 - s) equals TrigFlow's sigma_d tan t at the same SNR."""
+    return torch.arctan(s / (1 - s) / sigma_data)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("kind", ["flow", "x0"])
+def test_trigflow_conversion_of_shifted_flow_teacher_is_exact(shift, sigma_data, kind):
+    """shift moves only where a flow teacher is sampled, not alpha = 1 - t, sigma = t, so the converted teacher must
+    equal the mixture's closed form under TrigFlow(sigma_d) for every shift, at random TrigFlow times, at both ends of
+    the converted range and at the images of the teacher's own shifted sampling grid."""
+    mix = grid(side=3)
+    teacher = AsKind(GMMDenoiser(mix, RectifiedFlow(shift=shift)), kind)
+    tf = TrigFlowDenoiser(teacher, sigma_data)
+    x, g = _points(n=40)
+    ends = torch.tensor([tf.schedule.t_min, tf.schedule.t_max], dtype=torch.float64)
+    t = torch.cat([_times(30, tf.schedule.t_min, tf.schedule.t_max, g), ends,
+                   _rf_to_trig(teacher.schedule.default_ts(8), sigma_data)])
+    x0_ref, u_ref = trig_closed_form(mix, x, t, sigma_data)
+    tol_u = 1e-6 * max(1.0, float(u_ref.abs().max()))
+    assert (tf.x0(x, t) - x0_ref).abs().max() <= 1e-6
+    assert (velocity(tf, x, t) - u_ref).abs().max() <= tol_u
+    assert (tf.flow(x, t) - u_ref).abs().max() <= tol_u
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_trigflow_time_map_of_shifted_flow_is_closed_form(shift, sigma_data):
+    """SNR match for rectified flow, by hand: s / (1 - s) = sigma_d tan t  =>  s = sigma_d sin t / (cos t + sigma_d
+    sin t), and x_s = x_t (1 - s) / cos t = x_t / (cos t + sigma_d sin t); at sigma_d = 1 this is SANA-Sprint's
+    t_FM = sin t / (sin t + cos t), x_FM = x_Trig / (sin t + cos t). None of it depends on the shift."""
+    rf = RectifiedFlow(shift=shift)
+    tf = TrigFlowDenoiser(GMMDenoiser(ring(), rf), sigma_data)
+    x, g = _points(n=16)
+    t = _times(16, tf.schedule.t_min, tf.schedule.t_max, g)
+    x_s, s = tf.source_point(x, t)
+    c, sn = torch.cos(t), torch.sin(t)
+    s_ref = sigma_data * sn / (c + sigma_data * sn)
+    assert torch.allclose(s, s_ref, rtol=1e-12, atol=0)
+    assert torch.allclose(x_s, x / (c + sigma_data * sn)[:, None], rtol=1e-12, atol=0)
+    assert torch.allclose(_rf_to_trig(s, sigma_data), t, rtol=1e-10, atol=0)
+    lo, hi = trigflow_range(rf, sigma_data)
+    assert lo == pytest.approx(math.atan(rf.t_min / (1 - rf.t_min) / sigma_data), rel=1e-12)
+    assert hi == pytest.approx(math.atan(rf.t_max / (1 - rf.t_max) / sigma_data), rel=1e-12)
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_rectified_flow_shift_maps(shift):
+    """t = shift u / (1 + (shift - 1) u) (SD3 / diffusers' FlowMatchEulerDiscreteScheduler) applied to the unshifted
+    linear time, clamped into [t_min, t_max]; increasing in u, so the sampling grid still decreases."""
+    rf = RectifiedFlow(shift=shift)
+
+    def shifted(u):
+        return (shift * u / (1 + (shift - 1) * u)).clamp(rf.t_min, rf.t_max)
+
+    u = torch.linspace(0, 1, 201, dtype=torch.float64)
+    t = rf.t_from_unit(u)
+    assert torch.allclose(t, shifted(rf.t_min + u * (rf.t_max - rf.t_min)), rtol=1e-12, atol=0)
+    assert (t.diff() >= 0).all() and (t[1:-1].diff() > 0).all()
+    rf.check_t(t)
+    for n in (1, 4, 16):
+        ts = rf.default_ts(n)
+        base = torch.linspace(rf.t_max, rf.t_min, n + 1, dtype=torch.float64)[:-1]
+        assert torch.allclose(ts, shifted(base), rtol=1e-12, atol=0)
+        assert (ts.diff() < 0).all()
+        rf.check_t(ts)
+    # alpha and sigma, and so the SNR every denoiser sees, ignore the shift
+    assert torch.equal(rf.alpha(u), RectifiedFlow().alpha(u)) and torch.equal(rf.sigma(u), RectifiedFlow().sigma(u))
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0])
+def test_rectified_flow_shift_must_be_positive(shift):
+    with pytest.raises(ConfigError, match="shift"):
+        RectifiedFlow(shift=shift)
+    with pytest.raises(ConfigError, match="shift"):
+        make_schedule("rectified_flow", shift=shift)
 
 
 # --- the sCM tangent -------------------------------------------------------------------------------------

@@ -181,8 +181,9 @@ class FlowTransformerDenoiser(Denoiser):
         dtype, dev = self.transformer.dtype, x_t.device
         text = cond["prompt_embeds"].to(dev, dtype)
         pooled = cond["pooled_prompt_embeds"].to(dev, dtype)
-        # the timestep stays float32 under a half-precision transformer, as in sd.py (the model casts it itself)
-        timestep = self.timestep(t).float()
+        # the timestep keeps t's precision (float32 at least, see _time) under a half-precision transformer, as in
+        # sd.py (the model casts it itself); a float64 t stays float64 for a float64 transformer's finite differences
+        timestep = self.timestep(t)
         if self.kind == "sd3":
             out = self.transformer(hidden_states=x_t.to(dtype), timestep=timestep, encoder_hidden_states=text,
                                    pooled_projections=pooled, return_dict=False)[0]

@@ -42,6 +42,9 @@ class RCM(SCD):
         super().__init__(cfg, generate)
         if cfg.dm_weight < 0:
             raise ConfigError(f"objective.dm_weight={cfg.dm_weight} must be >= 0 (0 = plain sCD)")
+        if cfg.discriminator != "none" or cfg.gan_weight > 0:
+            raise ConfigError("objective=rcm regularizes with DMD, not a GAN head; set objective.discriminator=none "
+                              "(for sCD + LADD use objective=scd objective.discriminator=teacher)")
         check_t_range(cfg)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):

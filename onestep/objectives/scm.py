@@ -16,6 +16,10 @@ One step (Algorithm 1; per sample, D = data dimension):
     L = e^{w_phi(t)} / D ||F_theta - F_theta- - g||^2 - w_phi(t)                    adaptive weighting, eq. (9)
 g is cos(t) times the total derivative df-/dt along the probability-flow ODE (cos(t) df/dt = g at r = 1), so
 the gradient of L at theta = theta- is the continuous-time CM gradient E[w(t) grad f_theta^T df-/dt] (eq. 6).
+
+GAN block (adversarial.py's GANConfig): ``objective.discriminator=teacher`` + ``gan_weight`` adds LADD's generator
+loss on the 1-step student's samples, with the head on frozen teacher features trained by the critic update on real
+vs generated latents: SANA-Sprint's sCD + LADD hybrid (Chen et al. 2025, Sec. 3.3; experiment=sana_sprint).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from onestep.denoisers.base import Denoiser
 from onestep.denoisers.nets import FourierTime
 from onestep.denoisers.trigflow import as_trigflow, velocity
 from onestep.errors import ConfigError
+from onestep.objectives.adversarial import GANConfig, GANTerm
 from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, register_objective
 from onestep.schedules import bcast
 
 
 @dataclass
-class SCMConfig(ObjectiveConfig):
+class SCMConfig(ObjectiveConfig, GANConfig):
     name: str = "scd"
     #: TrigFlow data standard deviation sigma_d
     sigma_data: float = 0.5
@@ -109,11 +114,13 @@ class SCM(Objective):
         if cfg.tangent_norm_c < 0 or cfg.warmup_steps < 0:
             raise ConfigError(f"objective.tangent_norm_c={cfg.tangent_norm_c} and objective.warmup_steps="
                               f"{cfg.warmup_steps} must be >= 0")
+        self.gan = GANTerm(cfg, has_critic=False)
 
     def build_modules(self, setup):
-        if not self.cfg.adaptive_weighting:
-            return {}
-        return {"logvar": (LogVarHead(self.cfg.logvar_hidden, scale=self.cfg.logvar_time_scale), "generator")}
+        modules = self.gan.build(setup)
+        if self.cfg.adaptive_weighting:
+            modules["logvar"] = (LogVarHead(self.cfg.logvar_hidden, scale=self.cfg.logvar_time_scale), "generator")
+        return modules
 
     def dxdt(self, teacher: Denoiser, x0, z, x_t, t, cond) -> torch.Tensor:
         raise NotImplementedError(f"objective {self.name} must define dxdt (where dx_t/dt comes from)")
@@ -147,7 +154,18 @@ class SCM(Objective):
         return {"loss": loss, "scm": err.mean().detach(), **logs}
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
-        return self.scm_loss(nets, batch, step)
+        out = self.scm_loss(nets, batch, step)
+        if self.cfg.gan_weight > 0:
+            gan, logs = self.gan.generator_loss(nets, self.generate(nets, batch), batch.cond)
+            out.update(logs, loss=out["loss"] + gan)
+        return out
+
+    def critic_loss(self, nets: Nets, batch: Batch, step: int):
+        """The LADD head's update (objective.discriminator=teacher): L_D on real vs detached 1-step samples."""
+        with torch.no_grad():
+            fake = self.generate(nets, batch)
+        loss, logs = self.gan.discriminator_loss(nets, fake, batch)
+        return {"loss": loss, **logs}
 
 
 @dataclass
