@@ -139,8 +139,8 @@ def test_trigflow_conversion_of_shifted_flow_teacher_is_exact(shift, sigma_data,
 @pytest.mark.parametrize("shift", SHIFTS)
 def test_trigflow_time_map_of_shifted_flow_is_closed_form(shift, sigma_data):
     """SNR match for rectified flow, by hand: s / (1 - s) = sigma_d tan t  =>  s = sigma_d sin t / (cos t + sigma_d
-    sin t), and x_s = x_t (1 - s) / cos t = x_t / (cos t + sigma_d sin t); at sigma_d = 1 this is SANA-Sprint's
-    t_FM = sin t / (sin t + cos t), x_FM = x_Trig / (sin t + cos t). None of it depends on the shift."""
+    sin t), and x_s = x_t (1 - s) / cos t = x_t / (cos t + sigma_d sin t); at sigma_d = 1, t_FM = sin t / (sin t +
+    cos t) and x_FM = x_Trig / (sin t + cos t) as in SANA-Sprint's conversion. None of it depends on the shift."""
     rf = RectifiedFlow(shift=shift)
     tf = TrigFlowDenoiser(GMMDenoiser(ring(), rf), sigma_data)
     x, g = _points(n=16)

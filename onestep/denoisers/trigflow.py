@@ -50,7 +50,7 @@ class TrigFlowDenoiser(Denoiser):
     def source_point(self, x_t: torch.Tensor, t: torch.Tensor):
         """(x_s, s): the source schedule's point with the SNR of TrigFlow's (x_t, t)."""
         src = self.base.schedule
-        s = src.t_of_logsnr(self.schedule.logsnr(t)); s = src.shifted(s) if hasattr(src, 'shifted') else s
+        s = src.t_of_logsnr(self.schedule.logsnr(t))
         return x_t * bcast(src.alpha(s) / torch.cos(t), x_t), s
 
     def forward(self, x_t, t, cond=None):
