@@ -68,33 +68,26 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, ts: Sequence[float] | torch.
             if last:
                 x_next = x0
             else:
-                x_next = _step_from_x0(method, x, x0, t_all[i], t_all[i + 1], sched, generator)
+                x_next = _step_from_x0(method, x, x0, t_all[i], t_all[i + 1], sched, generator, model)
         if callback is not None:
             callback(i, x, x0 if x0 is not None else x_next)
         x = x_next
     return x
 
 
-def _randn_like(x, generator):
-    """Fresh noise like x, drawn on the generator's device and moved to x's (diffusers' ``randn_tensor``), so a
-    CPU generator gives the same numbers for a model on any device, in the order an exported pipeline draws them."""
-    device = x.device if generator is None else generator.device
-    return torch.randn(x.shape, dtype=x.dtype, device=device, generator=generator).to(x.device)
-
-
-def _step_from_x0(method, x, x0, t, s, sched, generator):
+def _step_from_x0(method, x, x0, t, s, sched, generator, model):
     a_t, s_t, a_s, s_s = (bcast(v, x) for v in (sched.alpha(t), sched.sigma(t), sched.alpha(s), sched.sigma(s)))
     if method == "ddim":
         eps = (x - a_t * x0) / s_t
         return a_s * x0 + s_s * eps
     if method == "renoise":
-        return a_s * x0 + s_s * _randn_like(x, generator)
+        return a_s * x0 + s_s * model.randn_like(x, generator)
     # ancestral: q(x_s | x_t, x0) for the Markov chain with a_{t|s} = a_t/a_s, s_{t|s}^2 = s_t^2 - a_{t|s}^2 s_s^2
     a_ts = a_t / a_s
     var_ts = s_t**2 - a_ts**2 * s_s**2
     mean = (a_ts * s_s**2 / s_t**2) * x + (a_s * var_ts / s_t**2) * x0
     std = torch.sqrt((var_ts * s_s**2 / s_t**2).clamp_min(0))
-    return mean + std * _randn_like(x, generator)
+    return mean + std * model.randn_like(x, generator)
 
 
 def nfe(method: str, steps: int) -> int:

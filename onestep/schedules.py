@@ -264,6 +264,12 @@ class RectifiedFlow(Schedule):
     def default_ts(self, n: int) -> torch.Tensor:
         return self.shifted(super().default_ts(n))
 
+    def prior_std(self, t):
+        """The flow pipelines (SD3 / Flux / Sana) start from x = z at the first sigma; at t_max = 1 - 1e-4 the
+        marginal's std differs from 1 by 1e-4, and starting from z there keeps exported pipelines exact."""
+        t = _t(t)
+        return torch.where(t >= self.t_max, torch.ones_like(t), self.sigma(t))
+
     def t_from_unit(self, u):
         return self.shifted(super().t_from_unit(u))
 

@@ -42,6 +42,8 @@ for job in json.loads(sys.argv[1]):
         call["prompt"] = [job["prompt"]] * job["n"]
     else:
         call["batch_size"] = job["n"]
+    if info.get("reseed_global"):
+        torch.manual_seed(job["seed"])
     images = pipe(**call, generator=torch.Generator("cpu").manual_seed(job["seed"]), output_type="pt").images
     save_file({"images": images.float().contiguous()}, job["out"])
 '''

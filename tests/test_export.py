@@ -169,3 +169,42 @@ def test_errors_are_one_line(tmp_path):
                            cwd=tmp_path, timeout=300)
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1 and words in err[0], (args, r.stderr[-1500:])
+
+
+@pytest.mark.slow
+def test_flow_students_round_trip(tmp_path):
+    """SD3 (1 step), guidance-distilled Flux (LoRA, 4 re-noising steps drawn in the packed token layout; merged
+    and LoRA-only) and Sana (2 steps) students: FlowMatchEulerDiscreteScheduler pipelines equal `onestep sample`."""
+    from flow_fixtures import make_tiny_flux, make_tiny_sd3
+    from sana_fixtures import make_tiny_sana
+
+    from PIL import Image
+
+    prompts = write_prompts(tmp_path / "prompts.txt", [PROMPT, "a blue circle"])
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(PROMPT + "\n")
+    small = ["trainer.steps=2", *FAST, "teacher.resolution=32"]
+    cases = {
+        "sd3_1": ["experiment=sd3_sid", f"teacher.path={make_tiny_sd3(tmp_path / 'sd3')}", f"data.path={prompts}"],
+        "flux_4": ["experiment=flux_dmd2_4step", f"teacher.path={make_tiny_flux(tmp_path / 'flux')}",
+                   f"data.path={prompts}"],
+        "sana_2": ["experiment=sana_sprint", f"teacher.path={make_tiny_sana(tmp_path / 'sana')}",
+                   f"data.path={images}", "generator.steps=2", "objective.warmup_steps=0"],
+    }
+    jobs, expected = [], []
+    for name, overrides in cases.items():
+        run = train_run([*overrides, *small], tmp_path / name)
+        for suffix, kw in [("", {})] + ([("_lora", {"lora_only": True})] if name.startswith("flux") else []):
+            out = tmp_path / f"export_{name}{suffix}"
+            expected.append(export_and_sample(run, out, n=2, seed=11, prompt=PROMPT, **kw))
+            jobs.append({"folder": str(out), "n": 2, "seed": 11, "prompt": PROMPT,
+                         "out": str(tmp_path / f"clean_{name}{suffix}.safetensors")})
+            info = json.loads((out / "onestep_export.json").read_text())
+            assert len(info["call"]["sigmas"]) == info["call"]["num_inference_steps"] == int(name[-1])
+            assert info["call"]["guidance_scale"] == (3.5 if name.startswith("flux") else 1.0)
+    for g_, w, job in zip(clean_process(jobs, tmp_path), expected, jobs):
+        assert g_.shape == w.shape and (g_ - w).abs().max() <= 1e-4, (job["folder"], (g_ - w).abs().max())

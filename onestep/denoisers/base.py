@@ -60,6 +60,17 @@ class Denoiser(nn.Module):
             raise ConfigError(f"{what} has per-sample shape {tuple(x.shape[1:])} but the {type(self).__name__} "
                               f"expects {tuple(self.data_shape)}; set data/teacher dimensions to agree")
 
+    def randn_like(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fresh noise like x for re-noising sampler steps, drawn on the generator's device and moved to x's
+        (diffusers' ``randn_tensor``). A network whose pipeline draws it in another layout (Flux: packed tokens)
+        overrides this, so a multi-step student consumes the generator exactly as its exported pipeline does.
+        Wrappers (CFG, views, consistency boundary) delegate to the network they wrap."""
+        inner = next((getattr(self, a) for a in ("base", "net") if isinstance(getattr(self, a, None), Denoiser)), None)
+        if inner is not None:
+            return inner.randn_like(x, generator)
+        device = x.device if generator is None else generator.device
+        return torch.randn(x.shape, dtype=x.dtype, device=device, generator=generator).to(x.device)
+
     @staticmethod
     def _time(t, x: torch.Tensor) -> torch.Tensor:
         # at least fp32: a bf16 / fp16 t would move a 1000-entry table index by several entries

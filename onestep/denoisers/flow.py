@@ -167,6 +167,16 @@ class FlowTransformerDenoiser(Denoiser):
         #: width of ``features``: the transformer's hidden size
         self.feature_dim = c.num_attention_heads * c.attention_head_dim
 
+    def randn_like(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flux: fresh noise is drawn as packed tokens (B, H/2 W/2, 4C), the layout FluxPipeline's scheduler draws
+        it in, then unpacked; so a re-noising student uses the generator's numbers where its pipeline does."""
+        if self.kind != "flux":
+            return super().randn_like(x, generator)
+        b, c, h, w = x.shape
+        device = x.device if generator is None else generator.device
+        tokens = torch.randn((b, (h // 2) * (w // 2), 4 * c), dtype=x.dtype, device=device, generator=generator)
+        return unpack(tokens, h, w).to(x.device)
+
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "sd3":
             return t * self.num_train_timesteps

@@ -36,7 +36,16 @@ from onestep.eval.runs import Run
 from onestep.export.weights import lora_state_dict, plain_model, student_model
 
 EXPORT_FILE = "onestep_export.json"
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline"}
+#: the pipeline component that holds the denoising network
+NETWORK = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer", "sana": "transformer"}
+FLOW = ("sd3", "flux", "sana")
+#: StableDiffusion3Pipeline and FluxPipeline do not pass their ``generator`` to ``scheduler.step``: the re-noising
+#: draws of a stochastic scheduler come from torch's global RNG. Their exports say so (``"reseed_global": true``:
+#: call ``torch.manual_seed(seed)`` before the pipeline) and `onestep sample` draws those from a second generator
+#: seeded with the same seed, which is the same stream
+GLOBAL_RENOISE = ("sd3", "flux")
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 CLASS_PIPELINE = "FewStepClassPipeline"
 
@@ -102,18 +111,41 @@ def _sd_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, 
     return scheduler, {"num_inference_steps": k}
 
 
-def export_sd(run: Run, out: Path, lora_only: bool) -> dict:
+def _flow_scheduler(teacher_folder: Path, ts: list[float], method: str, boundary: bool):
+    """FlowMatchEulerDiscreteScheduler running the student's own sigmas (no shift: the t-list already has it).
+    renoise = its stochastic_sampling step x = (1 - s') x0 + s' z; ddim = its Euler step, which on a rectified flow
+    is DDIM exactly."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if boundary:
+        raise ConfigError("generator.consistency_boundary students on a flow teacher have no stock scheduler; "
+                          "export students trained without it")
+    config = dict(FlowMatchEulerDiscreteScheduler.load_config(str(teacher_folder), subfolder="scheduler"))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None, invert_sigmas=False,
+        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        stochastic_sampling=method == "renoise")
+    return scheduler, {"sigmas": [float(t) for t in ts], "num_inference_steps": len(ts)}
+
+
+def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
+    """SD1.x/2.x, SDXL, SD3, Flux, Sana students: the teacher's pipeline class with the student's network and a
+    stock scheduler that reproduces its sampling."""
     import diffusers
 
-    kind = run.cfg.teacher.kind
+    tc = run.cfg.teacher
+    kind, component = tc.kind, NETWORK[tc.kind]
     cls = getattr(diffusers, PIPELINES[kind])
     model, adapter = student_model(run.generator)
     boundary = isinstance(getattr(run.generator, "net", None), ConsistencyBoundary)
     ts, method = student_steps(run)
-    teacher_folder = Path(run.cfg.teacher.path)
+    teacher_folder = Path(tc.path)
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
         if kind == "sd15" else {}
-    scheduler, call = _sd_scheduler(run, teacher_folder, ts, method, boundary)
+    if kind in FLOW:
+        scheduler, call = _flow_scheduler(teacher_folder, ts, method, boundary)
+    else:
+        scheduler, call = _sd_scheduler(run, teacher_folder, ts, method, boundary)
     lora = None
     if lora_only:
         if adapter is None:
@@ -121,14 +153,25 @@ def export_sd(run: Run, out: Path, lora_only: bool) -> dict:
         weights, lora = lora_state_dict(model, adapter)
         pipe = cls.from_pretrained(teacher_folder, scheduler=scheduler, torch_dtype=torch.float32, **extra)
     else:
-        pipe = cls.from_pretrained(teacher_folder, unet=plain_model(model, adapter), scheduler=scheduler,
-                                   torch_dtype=torch.float32, **extra)
+        pipe = cls.from_pretrained(teacher_folder, scheduler=scheduler, torch_dtype=torch.float32,
+                                   **{component: plain_model(model, adapter)}, **extra)
     pipe.save_pretrained(out, safe_serialization=True)
     if lora_only:
-        cls.save_lora_weights(out, unet_lora_layers=weights, unet_lora_adapter_metadata=dict(lora))
+        cls.save_lora_weights(out, **{f"{component}_lora_layers": weights,
+                                      f"{component}_lora_adapter_metadata": dict(lora)})
     size = run.setup.teacher.data_shape[-1] * run.setup.codec.downsample
-    call.update({"guidance_scale": 1.0, "height": size, "width": size})
-    return {"pipeline_class": PIPELINES[kind], "call": call, "lora": lora, "prompted": True}
+    net = getattr(run.generator, "net", run.generator)
+    # guidance-distilled Flux takes its scale as an input: the student keeps the one it was trained with
+    guidance = float(getattr(net, "guidance", 1.0)) if getattr(net, "embedded_guidance", False) else 1.0
+    call.update({"guidance_scale": guidance, "height": size, "width": size})
+    if kind in ("sd3", "flux") and tc.max_sequence_length:
+        call["max_sequence_length"] = int(tc.max_sequence_length)
+    if kind == "sana":
+        call["use_resolution_binning"] = False  # SanaPipeline would otherwise snap the size to its aspect bins
+    info = {"pipeline_class": PIPELINES[kind], "call": call, "lora": lora, "prompted": True}
+    if kind in GLOBAL_RENOISE and method == "renoise":  # (any step count: callers may ask for more steps)
+        info["reseed_global"] = True
+    return info
 
 
 def _class_pipeline_module():
@@ -181,8 +224,8 @@ def export(run: Run, out, *, overwrite: bool = False, lora_only: bool = False, a
     tmp.mkdir(parents=True)
     kind = run.cfg.teacher.kind
     if kind in PIPELINES:
-        info = export_sd(run, tmp, lora_only)
-        if single_file and not lora_only:
+        info = export_text_to_image(run, tmp, lora_only)
+        if single_file and not lora_only and kind in ("sd15", "sdxl"):
             from onestep.export.single_file import write_single_file
 
             info["single_file"] = write_single_file(tmp, kind).name
@@ -207,6 +250,8 @@ def usage_code(info: dict, folder: str = "<export folder>") -> str:
     lines = ["import torch", "from diffusers import DiffusionPipeline", "", f"pipe = {load}"]
     if info.get("lora"):
         lines.append(f"pipe.load_lora_weights({folder!r})")
+    if info.get("reseed_global"):
+        lines.append("torch.manual_seed(0)  # the pipeline draws its re-noising steps from torch's global RNG")
     args = ", ".join(f"{k}={v!r}" for k, v in info["call"].items())
     first = "prompt=['a handwritten seven'] * 4" if info.get("prompted") else "batch_size=4"
     lines.append(f"images = pipe({first}, {args}, generator=torch.Generator('cpu').manual_seed(0)).images")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from onestep.conditioning import Labels
 from onestep.errors import ConfigError
 from onestep.eval.runs import Run
-from onestep.export.pipelines import EXPORT_FILE
+from onestep.export.pipelines import EXPORT_FILE, GLOBAL_RENOISE
 
 SUFFIXES = (".png", ".safetensors")
 
@@ -72,6 +72,8 @@ def sample_run(run: Run, num: int, seed: int, prompt: str | None = None, class_l
     noise = torch.randn((num, *shape), generator=rng, dtype=torch.float32).to(device)
     if cond is not None:
         cond = cond.to(device)
+    if run.cfg.teacher.kind in GLOBAL_RENOISE:  # as their pipelines: re-noising from the (re)seeded global RNG
+        rng = torch.Generator("cpu").manual_seed(int(seed))
     x = run.student().sample(run.generator, noise, cond, steps, rng)
     if run.setup.codec is not None:
         x = run.setup.codec.decode(x)
@@ -109,6 +111,8 @@ def sample_export(folder, num: int, seed: int, prompt: str | None = None, class_
         call["batch_size"] = num
         if class_label is not None:
             call["class_labels"] = [int(class_label)] * num
+    if info.get("reseed_global"):
+        torch.manual_seed(int(seed))
     out = pipe(**call, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pt")
     return out.images.float().cpu()
 
