@@ -4,7 +4,9 @@
 
 rename(2) is atomic, so a folder named step_* is always complete; a crash mid-write leaves only a
 ``.tmp-*`` folder, which the next save removes. Loading validates every file and falls back to the
-previous checkpoint (with a warning) if the newest one is unreadable.
+previous checkpoint (with a warning) if the newest one is unreadable. ``state.pt`` holds plain tensors,
+numbers and containers only (step, optimizer states) and is loaded with ``weights_only=True``: a checkpoint
+someone hands you cannot run code through pickle.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def load_latest(run_dir: Path, modules: dict[str, nn.Module]) -> dict | None:
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
             weights = {name: load_file(str(ckpt / f"{name}.safetensors")) for name in modules}
-            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
             warnings.warn(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); trying an older one")
             continue

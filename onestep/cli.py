@@ -39,10 +39,80 @@ def _train(cfg: DictConfig) -> None:
     from onestep.train.trainer import NonFiniteLoss, train
 
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    _join_submitit_tasks()
     try:
         train(cfg, run_dir)
-    except (ConfigError, NonFiniteLoss) as e:
+    except ConfigError as e:
+        _drop_unstarted_hydra_folder(cfg)
         _fail(str(e))
+    except NonFiniteLoss as e:
+        _fail(str(e))
+
+
+def _drop_unstarted_hydra_folder(cfg: DictConfig) -> None:
+    """Hydra creates the run folder (its .hydra/ and <job>.log) before the trainer runs. When the trainer stopped
+    on bad input it took back what it wrote (train/run_dir.py, undo_on_bad_input); a folder holding nothing but
+    Hydra's files is then no run, and goes too (with the experiment folder above it, if that is left empty)."""
+    import os
+    import shutil
+
+    if os.environ.get("RANK", "0") != "0":  # rank 0 writes Hydra's files (_rank_overrides) and takes them back
+        return
+    hc = HydraConfig.get()
+    folder = Path(hc.runtime.output_dir)
+    if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
+        return
+    shutil.rmtree(folder)
+    if folder.parent != Path(cfg.out_root) and not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
+
+
+def _join_submitit_tasks() -> None:
+    """A job of several tasks from Hydra's submitit launcher (hydra.launcher.tasks_per_node > 1 or nodes > 1): each
+    task is one process of one run; SLURM's task ids become torch.distributed's env:// variables (RANK,
+    WORLD_SIZE, MASTER_ADDR...), which accelerate reads. Under torchrun / accelerate launch they are set already."""
+    import os
+
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+    except (ImportError, RuntimeError):  # not inside a submitit job
+        return
+    if env.num_tasks > 1 and "RANK" not in os.environ:
+        # every task sees all of the node's GPUs; accelerate picks cuda:LOCAL_RANK
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def _as_multirun_writes_them(args: list[str]) -> list[str]:
+    """Overrides rewritten as Hydra's sweepers pass them to each job of a ``-m`` run (``false`` -> ``False``,
+    ``5e-4`` -> ``0.0005``), so that ``onestep train k=v`` and ``onestep train -m k=v,w`` name the run folder alike
+    (the folder is the run's identity: either command resumes the other's run). Interpolations stay as typed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") for a in args):  # -m: Hydra's sweeper does it; --cfg, --help: nothing to name
+        return args
+    parser = OverridesParser.create()
+    out = []
+    for a in args:
+        o = parser.parse_overrides([a])[0]
+        if o.is_delete() or a.startswith("hydra") or "${" in a:
+            out.append(a)
+            continue
+        canonical = f"{o.get_key_element()}={o.get_value_element_as_str()}"
+        same = parser.parse_overrides([canonical])[0].value() == o.value()
+        out.append(canonical if same else a)
+    return out
+
+
+def _rank_overrides() -> list[str]:
+    """Under torchrun / accelerate launch every process runs Hydra; only rank 0 writes .hydra/ and the log file
+    (the run folder is the same: these are Hydra's own keys, not part of its name)."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
@@ -167,9 +237,9 @@ def _explain(e: Exception) -> str:
     return msg
 
 
-def _precheck(args: list[str]) -> None:
-    """Compose the config once with Hydra's compose API so that a bad override fails with one line before
-    Hydra prints its multi-line report (and before it creates any output folder)."""
+def _precheck(args: list[str], command: str) -> None:
+    """Compose the config once with Hydra's compose API so that a bad override or (for train) an out-of-range
+    value fails with one line before Hydra prints its multi-line report (and before it creates any folder)."""
     from hydra import compose, initialize_config_module
 
     if any(a.startswith("-") for a in args):  # --cfg, -m, --help...: Hydra's own handling
@@ -182,6 +252,13 @@ def _precheck(args: list[str]) -> None:
     unknown = sorted(set(cfg.keys()) - set(onestep.config.Config.__dataclass_fields__))
     if unknown:
         _fail(f"unknown top-level config key(s) {unknown}; see `onestep train --cfg job` for the valid keys")
+    if command == "train":
+        from onestep.validate import check_config
+
+        try:
+            check_config(cfg)
+        except ConfigError as e:
+            _fail(str(e))
     _check_writable("out_root", cfg.out_root)
     if cfg.run_dir:
         _check_writable("run_dir", cfg.run_dir)
@@ -210,9 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("sample", "export"):
         {"sample": _sample, "export": _export}[command](rest)
         return
-    _precheck(rest)
+    _precheck(rest, command)
     if command == "bench" and not any(a.startswith("-") for a in rest):
         rest = rest + _bench_overrides(rest)
+    if command == "train":
+        rest = _as_multirun_writes_them(rest) + _rank_overrides()
     sys.argv = [f"onestep {command}", *rest]
     {"train": _train, "bench": _bench}[command]()
 

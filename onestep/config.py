@@ -155,13 +155,20 @@ class TrainerConfig:
     #: evaluate the student every N steps (0 = only at the end)
     eval_every: int = 0
     sample_every: int = 0
-    #: consecutive non-finite losses tolerated (the step is skipped) before the run stops
+    #: consecutive updates with a non-finite loss or gradient (on any rank) tolerated, each skipped and counted
+    #: as bad_steps in stats.jsonl, before the run stops
     max_bad_steps: int = 10
+    #: continue from the run folder's newest readable checkpoint; false = start at step 0, moving earlier
+    #: checkpoints and logs aside (into <run>/discarded-<time>/)
+    resume: bool = True
     progress: bool = True
     #: dtype of the frozen networks (teacher, and the shared base under LoRA): fp32 | bf16 | fp16
     frozen_dtype: str = "fp32"
     #: activation checkpointing in the trained diffusers networks (less memory, ~30% more compute)
     gradient_checkpointing: bool = False
+    #: under several processes, shard generator and critic (weights, gradients, AdamW moments) with torch's FSDP2
+    #: instead of replicating them (onestep/fsdp.py); also switched on by an accelerate FSDP launch config
+    fsdp: bool = False
 
 
 @dataclass

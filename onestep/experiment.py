@@ -95,7 +95,11 @@ def build_gmm(cfg, run_dir: Path, progress: bool = True) -> Setup:
                       time_scale=tc.net_time_scale)
     cached = Path(run_dir) / "teacher_net.safetensors"
     if cached.exists():
-        net.load_state_dict(load_file(str(cached)))
+        try:
+            net.load_state_dict(load_file(str(cached)))
+        except Exception as e:  # noqa: BLE001 - safetensors and load_state_dict raise their own error types
+            raise ConfigError(f"'{cached}' (the run's DSM-trained teacher net) is unreadable ({type(e).__name__}); "
+                              "delete it and rerun: it is rebuilt from teacher.net_* and the seed") from None
         net.eval().requires_grad_(False)
     else:
         fit_dsm(net, data.clean, steps=tc.net_steps, lr=tc.net_lr, batch=tc.net_batch, seed=cfg.seed,
@@ -103,6 +107,7 @@ def build_gmm(cfg, run_dir: Path, progress: bool = True) -> Setup:
         tmp = cached.with_suffix(".tmp")
         save_file(net.state_dict(), str(tmp))
         tmp.replace(cached)
+        print(f"teacher net: {tc.net_steps} DSM steps -> {cached}", flush=True)
     exact = GMMDenoiser(mix, sched)
     teacher = exact if tc.kind == "gmm" else copy.deepcopy(net)
     return Setup(teacher=teacher, student_init=net, data=data, evaluator=GMMEvaluator(mix),

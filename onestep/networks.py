@@ -33,7 +33,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from onestep import checkpoint
+from onestep import checkpoint, fsdp
 from onestep.core import Nets
 from onestep.denoisers.attention import use_memory_efficient_attention
 from onestep.denoisers.base import Denoiser
@@ -230,6 +230,9 @@ class Role:
         return {n: params[n] for n in self.names}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        if self.names is None and any(fsdp.is_sharded(p) for p in self.module.parameters()):
+            fsdp.load_module(self.module, sd)
+            return
         if self.names is None:
             self.module.load_state_dict(sd)
             return
@@ -245,7 +248,8 @@ class Role:
     def lerp_from(self, source: "Role", decay: float) -> None:
         """self <- decay * self + (1 - decay) * source (parameters; buffers copied): the EMA / target update."""
         for p_t, p in zip(self.view.parameters(), source.view.parameters()):
-            p_t.lerp_(p.detach().to(p_t.dtype), 1 - decay)
+            p = p.detach().full_tensor() if fsdp.is_sharded(p) else p.detach()  # a replicated copy of FSDP shards
+            p_t.lerp_(p.to(p_t.dtype), 1 - decay)
         if self.names is None:
             for b_t, b in zip(self.module.buffers(), source.module.buffers()):
                 b_t.copy_(b)
@@ -301,7 +305,8 @@ class Networks:
     """Builds the roles of one run from the experiment Setup and the config (see the module docstring)."""
 
     def __init__(self, cfg, setup, *, critic: bool, heads: dict[str, tuple[nn.Module, str]] | None = None,
-                 targets: dict[str, float] | None = None, device=None, shape=None):
+                 targets: dict[str, float] | None = None, device=None, shape=None, shard: bool = False):
+        """``shard``: FSDP2 for the generator and critic when there are several processes (onestep/fsdp.py)."""
         check_networks(cfg)
         gl, cl = cfg.generator.lora, cfg.critic.lora
         tc = cfg.trainer
@@ -364,6 +369,12 @@ class Networks:
             if not any([_set_gradient_checkpointing(n, func) for n in nets]):
                 raise ConfigError("trainer.gradient_checkpointing=true but no network of this run supports it "
                                   "(only diffusers models do); set trainer.gradient_checkpointing=false")
+        self.sharded = shard and fsdp.world_size() > 1
+        if self.sharded:  # after the targets were copied from the generator: they stay replicated
+            fsdp.check(cfg, lora)
+            for name in ("generator", "critic"):
+                if name in self.roles:
+                    fsdp.shard(self.roles[name].module, tc.mixed_precision)
 
     # --- what the trainer and objectives use --------------------------------------------------------------
 
@@ -390,20 +401,30 @@ class Networks:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        grads = [p.grad for p in self.params(role) if p.grad is not None]
-        if not grads:
+        params = [p for p in self.params(role) if not fsdp.is_sharded(p)]  # FSDP reduce-scatters its own
+        if not params:
             return
-        flat = torch.cat([g.flatten() for g in grads])
+        # one all-reduce of [gradients..., has-gradient flags]: a parameter without a gradient on this rank adds
+        # zeros, and keeps none (the optimizer skips it, as one process would) only when no rank has one
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
+                         + [torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                                         device=params[0].device)])
         dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        offset, world = 0, dist.get_world_size()
+        for p, has in zip(params, flat[-len(params):].tolist()):
+            if has:
+                g = (flat[offset:offset + p.numel()] / world).view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+            offset += p.numel()
 
     def checkpointed(self) -> dict:
-        """name -> object with state_dict / load_state_dict: every role but the teacher, and the heads."""
-        return {**self.roles, **{n: m for n, (m, _) in self.heads.items()}}
+        """name -> object with state_dict / load_state_dict: every role but the teacher, and the heads. Sharded
+        roles are gathered here, so every rank must call it (the main process then writes)."""
+        objs = {**self.roles, **{n: m for n, (m, _) in self.heads.items()}}
+        return {n: _Gathered(o) for n, o in objs.items()} if self.sharded else objs
 
     def describe(self) -> str:
         """One line per role: how it is held and how many parameters it trains (printed at the start of a run)."""
@@ -416,7 +437,11 @@ class Networks:
                 lines.append(f"  {name}: the generator itself (decay 0)")
                 continue
             how = f"LoRA adapter '{role.view.adapter}'" if role.names is not None else "full copy"
-            lines.append(f"  {name}: {how}, {count(role.parameters()) / 1e6:.3f}M params")
+            params = role.parameters()
+            if any(fsdp.is_sharded(p) for p in params):
+                local = sum(p.to_local().numel() for p in params) / 1e6
+                how += f" FSDP2-sharded over {fsdp.world_size()} processes ({local:.3f}M params per process)"
+            lines.append(f"  {name}: {how}, {count(params) / 1e6:.3f}M params")
         for name, (m, r) in self.heads.items():
             lines.append(f"  {name}: head trained with the {r}, {count(m.parameters()) / 1e6:.3f}M params")
         return "\n".join(lines)
@@ -424,6 +449,19 @@ class Networks:
     def unwrapped(self, role: str = EMA) -> Denoiser:
         """The plain Denoiser of a role, for evaluation and export."""
         return self.roles[role].view
+
+
+class _Gathered:
+    """A role's whole state, gathered from its FSDP shards by every rank; loading slices it back."""
+
+    def __init__(self, obj):
+        self.obj, self.state = obj, fsdp.gather(obj.state_dict())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.obj.load_state_dict(sd)
 
 
 def load_generator(cfg, setup, run_dir: str | Path, role: str = EMA, device=None, shape=None) -> tuple[Denoiser, int]:

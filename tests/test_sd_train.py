@@ -109,6 +109,7 @@ def test_other_sd_experiments_cli(pipes, tmp_path, experiment, data):
     (["teacher.path={sd15_noxattn}"], "cross-attention"),
     (["data.path={empty}"], "holds no prompts"),
     (["generator.lora.rank=0"], "generator.lora.rank=0"),
+    (["teacher.resolution=13"], "teacher.resolution=13"),  # not a multiple of the VAE's downsampling
 ])
 def test_bad_input_is_one_line(pipes, tmp_path, args, words):
     noxattn = pipes["root"] / "sd15_noxattn"
@@ -125,6 +126,7 @@ def test_bad_input_is_one_line(pipes, tmp_path, args, words):
     assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("onestep: error:") and words in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]  # no run folder, no cache left behind
 
 
 def test_sd_lora_views_share_the_teacher_unet(pipes, tmp_path):

@@ -160,6 +160,8 @@ def test_cli_bad_input_is_one_line(tmp_path, bad, says):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("onestep: error:")]
     assert len(lines) == 1 and says in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    runs = tmp_path / "runs"  # no half-written run folder (tests/test_bad_input.py has more cases)
+    assert not runs.exists() or not any(runs.iterdir()), sorted(runs.rglob("*"))
 
 
 def test_long_override_lists_get_a_bounded_unique_folder_name():

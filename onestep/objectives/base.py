@@ -61,6 +61,11 @@ class Objective:
         (target <- decay * target + (1 - decay) * generator) and checkpoints them."""
         return {}
 
+    def prepare(self, nets: Nets) -> None:
+        """Build what the objective derives once, before the first step (DMD's regression pairs). Under several
+        processes the trainer runs it on the main process first and on the others after, so that a file written
+        here is read by them, not rebuilt."""
+
     def generator_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"objective {self.name} must define generator_loss")
 
@@ -86,7 +91,8 @@ def check_t_range(cfg, lo: str = "t_lo", hi: str = "t_hi") -> None:
     """The fractions of the schedule's time range an objective samples t from: 0 <= lo < hi <= 1."""
     a, b = getattr(cfg, lo), getattr(cfg, hi)
     if not 0 <= a < b <= 1:
-        raise ConfigError(f"objective.{lo}={a}, {hi}={b} must satisfy 0 <= {lo} < {hi} <= 1")
+        raise ConfigError(f"objective.{lo}={a}, objective.{hi}={b} must satisfy 0 <= {lo} < {hi} <= 1 (fractions of "
+                          f"the schedule's time range); pass e.g. objective.{lo}=0.02 objective.{hi}=0.98")
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:

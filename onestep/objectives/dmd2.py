@@ -50,6 +50,10 @@ class DistributionMatching(CriticObjective):
             raise ConfigError(f"objective.regression_weight={cfg.regression_weight} must be >= 0")
         self.pairs = TeacherPairs(cfg.regression_pairs, cfg.regression_steps, cfg.pairs_file)
 
+    def prepare(self, nets: Nets) -> None:
+        if self.cfg.regression_weight > 0:
+            self.pairs.get(nets.teacher, next(nets.generator.parameters()).device)
+
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
         loss, logs = dmd_loss(nets.teacher, nets.critic, x, batch.cond, lo=self.cfg.t_lo, hi=self.cfg.t_hi)

@@ -56,14 +56,23 @@ class TeacherPairs:
 
     def __init__(self, count: int, steps: int, path: str | None = None):
         if count < 1 or steps < 1:
-            raise ConfigError(f"objective.regression_pairs={count} and regression_steps={steps} must be >= 1")
+            raise ConfigError(f"objective.regression_pairs={count} and objective.regression_steps={steps} must be >= 1 "
+                              "(teacher pairs, and ODE steps per pair)")
         self.count, self.steps, self.path = count, steps, path
         self.pairs: dict[str, torch.Tensor] | None = None
 
     def get(self, teacher: Denoiser, device) -> dict[str, torch.Tensor]:
         if self.pairs is None:
             if self.path and Path(self.path).exists():
-                pairs = load_file(self.path)
+                try:
+                    pairs = load_file(self.path)
+                except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                    raise ConfigError(f"objective.pairs_file '{self.path}' is not a readable safetensors file "
+                                      f"({type(e).__name__}); delete it (it is rebuilt) or point pairs_file elsewhere"
+                                      ) from None
+                if not {"noise", "sample"} <= pairs.keys():
+                    raise ConfigError(f"objective.pairs_file '{self.path}' holds {sorted(pairs)}, not the tensors "
+                                      "noise and sample; delete it (it is rebuilt) or point pairs_file elsewhere")
                 if tuple(pairs["noise"].shape[1:]) != tuple(teacher.data_shape):
                     raise ConfigError(f"objective.pairs_file '{self.path}' holds pairs of shape "
                                       f"{tuple(pairs['noise'].shape[1:])}, not the teacher's "
@@ -73,6 +82,8 @@ class TeacherPairs:
                 pairs = make_pairs(teacher, self.count, self.steps, device=device)
                 if self.path:
                     save_pairs(pairs, self.path)
+                    print(f"regression pairs: {self.count} teacher ODE solutions ({self.steps} DDIM steps) -> "
+                          f"{self.path}", flush=True)
             self.pairs = {k: v.to(device) for k, v in pairs.items()}
         return self.pairs
 

@@ -2,10 +2,12 @@
 
 Order of events per step (reads top to bottom in ``train``):
     seed this step's RNG -> critic updates (objective.critic_updates times) -> one generator update
-    -> EMA -> stats line -> checkpoint -> periodic eval/samples
+    -> EMA -> bad-step count (guard.py) -> stats line -> checkpoint -> periodic eval/samples
+An update whose loss or gradients are non-finite on any rank is skipped (guard.py).
 Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
-is picked up; every step reseeds from (seed, step, rank), so an interrupted and resumed run is
-bit-identical to an uninterrupted one.
+is picked up; every step reseeds from (seed, step), so an interrupted and resumed run is
+bit-identical to an uninterrupted one. Under N processes (torchrun / accelerate launch) each takes its rows of
+the global batch and of every per-sample draw (data_parallel.py): the run equals the 1-process run.
 """
 
 from __future__ import annotations
@@ -19,31 +21,33 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from onestep import checkpoint, experiment, progress
+from onestep import checkpoint, experiment, fsdp, progress
 from onestep.denoisers.base import guided
 from onestep.eval.report import compare, eval_inputs, write_report
 from onestep.experiment import shape_student
 from onestep.generator import Student
-from onestep.networks import EMA, Networks, check_networks
+from onestep.networks import EMA, Networks
 from onestep.objectives import make_objective
-from onestep.train.run_dir import prepare_run_dir
+from onestep.train.data_parallel import DataParallel
+from onestep.train.guard import NonFiniteLoss, StepGuard, grad_norm  # noqa: F401  (NonFiniteLoss: the CLI's)
+from onestep.train.run_dir import prepare_run_dir, resume_state, undo_on_bad_input
+from onestep.validate import check_config
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
+@undo_on_bad_input
 def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> dict:
     t_begin = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, run_dir)
+    check_config(cfg)  # every key that needs no file, before the run folder exists
     tc = cfg.trainer
-    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu)
+    # without CUDA, accelerate joins the processes of torchrun / accelerate launch (gloo) only when told cpu=True
+    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
+    run_dir = prepare_run_dir(cfg, run_dir, write=acc.is_main_process)
     show = tc.progress and acc.is_main_process
+    dp = DataParallel(acc, tc.batch_size)
 
-    make_objective(cfg.objective, generate=None)  # validate its hyperparameters before any slow setup
-    check_networks(cfg)
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
-    setup = experiment.build(cfg, run_dir, progress=show)
+    with acc.main_process_first():  # files derived once (the GMM teacher net, caches): written by rank 0 only
+        setup = experiment.build(cfg, run_dir, progress=show)
     gc = cfg.generator
     student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
     objective = make_objective(cfg.objective, student.train_sample)
@@ -51,56 +55,62 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     heads = objective.build_modules(setup)
     objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
     networks = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads,
-                        targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc))
+                        targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc),
+                        shard=fsdp.requested(cfg))
     teacher = guided(networks.teacher, cfg.teacher.guidance)
     nets = networks.nets(teacher)
+    with acc.main_process_first():
+        objective.prepare(nets)
     if acc.is_main_process:
         print(networks.describe(), flush=True)
 
     opt_g = acc.prepare(_adamw(networks.params("generator"), tc.generator_optim))
     c_params = networks.params("critic")
     opt_c = acc.prepare(_adamw(c_params, tc.critic_optim)) if c_params else None
-    state = checkpoint.load_latest(run_dir, networks.checkpointed())  # loads weights in place
+    state = resume_state(run_dir, networks.checkpointed(), tc.resume, acc)  # loads weights in place
     start = 0
     if state is not None:
         start = state["step"]
-        opt_g.load_state_dict(state["opt_generator"])
+        fsdp.load_optimizer(opt_g, state["opt_generator"])  # (sliced into shards under FSDP)
         if opt_c is not None:
-            opt_c.load_state_dict(state["opt_critic"])
+            fsdp.load_optimizer(opt_c, state["opt_critic"])
     ema = networks.unwrapped(EMA)
 
     stats_file = Path(run_dir) / "stats.jsonl"
     bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
-    bad_steps, t0 = 0, time.perf_counter()
+    guard, t0 = StepGuard(tc.max_bad_steps, state.get("bad_steps", 0) if state else 0), time.perf_counter()
     seconds = {"setup": round(t0 - t_begin, 1), "resumed_at_step": start}
     for step in bar:
-        _seed(cfg.seed, step, acc)
+        _seed(cfg.seed, step)
         logs: dict[str, float] = {}
         for _ in range(objective.critic_updates):
-            batch = setup.data.batch(tc.batch_size, acc.device)
-            with acc.autocast():
+            batch = dp.batch(setup.data, tc.batch_size, acc.device)
+            with acc.autocast(), dp.draws():
                 out = objective.critic_loss(nets, batch, step)
-            bad_steps = _update(acc, networks, "critic", out, opt_c, tc.grad_clip, bad_steps, tc.max_bad_steps)
+            _update(acc, networks, "critic", out, opt_c, tc.grad_clip, guard)
             logs.update({f"critic/{k}": float(v.detach()) for k, v in out.items()})
-        batch = setup.data.batch(tc.batch_size, acc.device)
-        with acc.autocast():
+        batch = dp.batch(setup.data, tc.batch_size, acc.device)
+        with acc.autocast(), dp.draws():
             out = objective.generator_loss(nets, batch, step)
-        bad_steps = _update(acc, networks, "generator", out, opt_g, tc.grad_clip, bad_steps, tc.max_bad_steps)
+        _update(acc, networks, "generator", out, opt_g, tc.grad_clip, guard)
         logs.update({f"gen/{k}": float(v.detach()) for k, v in out.items()})
         networks.update_targets()
+        guard.end_step()  # stops the run after trainer.max_bad_steps skipped steps in a row
 
         done = step + 1
         main = acc.is_main_process
+        if done % tc.log_every == 0 or done == tc.steps:
+            logs = dp.mean(logs)
         if main and (done % tc.log_every == 0 or done == tc.steps):
             rate = (done - start) / (time.perf_counter() - t0)
             bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
                              if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
-            _append(stats_file, {"step": done, "it_per_s": rate, **logs})
+            _append(stats_file, {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs})
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             # every rank takes part (sharded states gather here); the main process writes
-            states = networks.checkpointed()
+            states, train_state = networks.checkpointed(), _state(done, opt_g, opt_c, guard.total)
             if main:
-                checkpoint.save(run_dir, done, states, _state(done, opt_g, opt_c), keep=tc.keep_checkpoints)
+                checkpoint.save(run_dir, done, states, train_state, keep=tc.keep_checkpoints)
             acc.wait_for_everyone()
         if main and tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
             _append(Path(run_dir) / "evals.jsonl", {"step": done, **_eval_student(setup, student, ema, cfg.eval)})
@@ -131,27 +141,25 @@ def _adamw(params, oc):
     return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
 
 
-def _seed(seed: int, step: int, acc: Accelerator) -> None:
-    torch.manual_seed((seed * 1_000_003 + step) * 64 + acc.process_index)
+def _seed(seed: int, step: int) -> None:
+    # the same on every rank: each takes its rows of draws made for the whole global batch (data_parallel.py)
+    torch.manual_seed((seed * 1_000_003 + step) * 64)
 
 
-def _update(acc, networks, what, out, opt, clip, bad_steps, max_bad) -> int:
-    """Backward + clip + step; a non-finite loss skips the step (and counts toward the run's limit)."""
-    loss = out["loss"]
-    if not torch.isfinite(loss):
-        bad_steps += 1
-        opt.zero_grad(set_to_none=True)
-        if bad_steps > max_bad:
-            raise NonFiniteLoss(f"{what} loss was non-finite for {bad_steps} consecutive updates; lower the "
-                                "learning rate (trainer.*_optim.lr) or enable trainer.grad_clip")
-        return bad_steps
-    acc.backward(loss)
+def _update(acc, networks, what, out, opt, clip, guard: StepGuard) -> None:
+    """Backward + clip + step; an update whose loss or gradients are non-finite on any rank is skipped."""
+    acc.backward(out["loss"])
     networks.reduce_gradients(what)
-    if clip > 0:
-        acc.clip_grad_norm_(networks.params(what), clip)
-    opt.step()
+    params = networks.params(what)
+    if networks.sharded:  # FSDP shards and replicated heads in one norm
+        norm = fsdp.clip_grad_norm_(params, clip)
+    else:
+        norm = acc.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(params)
+    if acc.scaler is not None:  # fp16: the GradScaler itself skips overflowing steps (and lowers its scale)
+        norm = torch.zeros(())
+    if guard.ok(what, out["loss"], norm):
+        opt.step()
     opt.zero_grad(set_to_none=True)
-    return 0
 
 
 def _append(path: Path, record: dict) -> None:
@@ -173,10 +181,12 @@ def _eval_student(setup, student, net, eval_cfg, max_samples: int = 2000) -> dic
     return {k: v for k, v in setup.evaluator.metrics(x, cond).items() if not isinstance(v, list)}
 
 
-def _state(step, opt_g, opt_c) -> dict:
-    s = {"step": step, "opt_generator": opt_g.state_dict(), "rng": torch.get_rng_state()}
+def _state(step, opt_g, opt_c, bad_steps) -> dict:
+    # no RNG state: every step reseeds from (seed, step). Plain tensors and numbers only (weights_only load)
+    # (every rank builds it: the moments of FSDP shards are gathered)
+    s = {"step": step, "opt_generator": fsdp.gather(opt_g.state_dict()), "bad_steps": bad_steps}
     if opt_c is not None:
-        s["opt_critic"] = opt_c.state_dict()
+        s["opt_critic"] = fsdp.gather(opt_c.state_dict())
     return s
 
 

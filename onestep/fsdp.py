@@ -1,0 +1,140 @@
+"""FSDP for the trained networks: torch's FSDP2 (``fully_shard``), applied by the Networks seam.
+
+``trainer.fsdp=true`` (or an accelerate launch with an FSDP config, ``ACCELERATE_USE_FSDP=true``) shards the
+generator and the critic over the processes: parameters, gradients and AdamW moments (16 bytes per trained
+parameter in fp32) live 1/N per rank; each block is gathered for its forward and backward (blocks: the members
+of the network's ModuleLists, then the rest). The frozen teacher, the EMA / target copies and the small heads
+stay replicated, so evaluation, sampling and export read plain modules on the main process.
+
+Why not accelerate's FSDP plugin: it prepares one model per optimizer, not a frozen teacher or targets that
+move with the generator, and on CPU (distributed type MULTI_CPU) it falls back to DDP without a word; torch's
+FSDP1 needs an accelerator device. FSDP2 runs on CPU with gloo, which is what the tests use.
+
+Checkpoints stay the unsharded format: every rank gathers (``gather``), the main process writes, and loading
+slices the full tensors back into shards (``assign``), so a run resumes under FSDP, DDP or one process alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from onestep.errors import ConfigError
+
+MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def requested(cfg) -> bool:
+    return bool(cfg.trainer.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shard(net: nn.Module, mixed_precision: str = "no") -> None:
+    """fully_shard every block of ``net`` (members of its ModuleLists), then ``net``. Every unit, the root too, is
+    freed after its forward and gathered again for backward: the critic and generator run several forwards per
+    update (teacher-critic pairs, GAN passes), which would otherwise keep them whole until the backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=MIXED.get(mixed_precision), reduce_dtype=torch.float32)
+    blocks = [m for lst in net.modules() if isinstance(lst, nn.ModuleList) for m in lst
+              if any(True for _ in m.parameters())]
+    for m in blocks:
+        fully_shard(m, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(net, mp_policy=mp, reshard_after_forward=True)
+    if hasattr(net, "features"):  # GAN heads read the critic's features: a second entry point
+        register_fsdp_forward_method(net, "features")
+
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: nothing is ever sharded
+    DTensor = ()
+
+
+def is_sharded(t) -> bool:
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every rank calls it in the same order), on the CPU."""
+    return (t.full_tensor() if is_sharded(t) else t).detach().cpu()
+
+
+def gather(state):
+    """A (nested) state dict with every shard replaced by its whole tensor; every rank must call it."""
+    if isinstance(state, dict):
+        return {k: gather(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(gather(v) for v in state)
+    return full(state) if is_sharded(state) else state
+
+
+def assign(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src, slicing a whole tensor into dst's shard when dst is sharded (every rank holds src)."""
+    with torch.no_grad():
+        if is_sharded(dst):
+            from torch.distributed.tensor import distribute_tensor
+
+            src = distribute_tensor(src.to(device=dst.device, dtype=dst.dtype), dst.device_mesh, dst.placements,
+                                    src_data_rank=None)
+        dst.copy_(src)
+
+
+def load_module(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state)`` (strict) for a sharded module and whole tensors."""
+    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if set(own) != set(state):
+        missing, extra = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
+        raise RuntimeError(f"weights do not fit (missing {missing}, unexpected {extra})")
+    for k, v in state.items():
+        assign(own[k], v)
+
+
+def load_optimizer(opt, state: dict) -> None:
+    """``opt.load_state_dict(state)`` with whole moment tensors sliced to the shards of sharded parameters."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    per_param = dict(state["state"])
+    for i, p in enumerate(params):
+        if i in per_param and is_sharded(p):
+            per_param[i] = {k: _shard_like(v, p) for k, v in per_param[i].items()}
+    opt.load_state_dict({**state, "state": per_param})
+
+
+def _shard_like(v, p):
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
+        return v  # AdamW's step count
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(v.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total 2-norm of the gradients of sharded and replicated parameters alike (each rank the same value),
+    scaled down to ``max_norm`` when larger (max_norm <= 0: only the norm)."""
+    squares = torch.zeros((), dtype=torch.float64)
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        n = torch.linalg.vector_norm(g.detach().float())
+        squares += (n.full_tensor() if is_sharded(n) else n).cpu().double() ** 2
+    norm = squares.sqrt().float()
+    if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
+        scale = float(max_norm / (norm + 1e-6))
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+def check(cfg, lora: bool) -> None:
+    if lora:
+        raise ConfigError("trainer.fsdp=true shards full copies of the generator and critic; with LoRA adapters "
+                          "(generator.lora.rank / critic.lora.rank) the trained state is small: use plain data "
+                          "parallelism (trainer.fsdp=false)")
+    if cfg.trainer.ema_decay == 0:
+        raise ConfigError("trainer.fsdp=true keeps a replicated EMA copy for evaluation; set trainer.ema_decay > 0")

@@ -1,0 +1,141 @@
+"""The config's ranges and choices, checked once before a run creates anything (no run folder, no teacher
+load, no pretraining): ``check_config(cfg)`` raises a one-line ConfigError naming the key, its value and the fix.
+
+Ranges live in the tables below. Checks that belong to a module (an objective's hyperparameters, LoRA and
+frozen dtype, attention, the t-list's order) are that module's own functions, called from here so that they
+too run before anything is written. What can only be known from the files (a teacher folder, a prompts file,
+the teacher's conditioning) is checked where it is read; the trainer then leaves the run folder as it found
+it (train/run_dir.py, ``undo_on_bad_input``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+from omegaconf import OmegaConf
+
+from onestep.denoisers.attention import check_attention
+from onestep.errors import ConfigError
+from onestep.experiment import BUILDERS, build_sd
+from onestep.networks import check_networks
+from onestep.objectives import make_objective
+from onestep.sampling import METHODS, check_ts
+
+
+class Range(NamedTuple):
+    ok: Callable[[float], bool]
+    #: what the value must be, as the message's fix says it: pass key=<text>
+    text: str
+
+
+COUNT = Range(lambda v: v >= 1, "integer >= 1")
+COUNT_OR_ZERO = Range(lambda v: v >= 0, "integer >= 0")
+POSITIVE = Range(lambda v: v > 0, "number > 0")
+NON_NEGATIVE = Range(lambda v: v >= 0, "number >= 0")
+#: EMA decays and Adam betas: 1 would freeze the average forever
+DECAY = Range(lambda v: 0 <= v < 1, "number in [0, 1)")
+T5_TOKENS = Range(lambda v: 1 <= v <= 512, "integer in 1..512")
+
+#: key -> (range, what the key is); an unset (null) key is not checked
+RANGES: dict[str, tuple[Range, str]] = {
+    "trainer.steps": (COUNT, "total training steps"),
+    "trainer.batch_size": (COUNT, "samples per update"),
+    "trainer.generator_optim.lr": (POSITIVE, "the generator's AdamW learning rate"),
+    "trainer.generator_optim.weight_decay": (NON_NEGATIVE, "the generator's AdamW weight decay"),
+    "trainer.critic_optim.lr": (POSITIVE, "the critic's AdamW learning rate"),
+    "trainer.critic_optim.weight_decay": (NON_NEGATIVE, "the critic's AdamW weight decay"),
+    "trainer.grad_clip": (NON_NEGATIVE, "the gradient-norm clip; 0 = off"),
+    "trainer.ema_decay": (DECAY, "the decay of generator_ema; 0 = the generator itself"),
+    "trainer.checkpoint_every": (COUNT, "steps between checkpoints"),
+    "trainer.keep_checkpoints": (COUNT_OR_ZERO, "checkpoints kept; 0 = all"),
+    "trainer.log_every": (COUNT, "steps between stats lines"),
+    "trainer.eval_every": (COUNT_OR_ZERO, "steps between evaluations; 0 = only at the end"),
+    "trainer.sample_every": (COUNT_OR_ZERO, "steps between sample grids; 0 = none"),
+    "trainer.max_bad_steps": (COUNT_OR_ZERO, "consecutive skipped non-finite steps tolerated"),
+    "teacher.guidance": (NON_NEGATIVE, "the classifier-free guidance scale; 1 = no guidance"),
+    "teacher.resolution": (COUNT, "the image side in pixels"),
+    "teacher.max_sequence_length": (T5_TOKENS, "T5 tokens per prompt"),
+    "teacher.net_hidden": (COUNT, "the MLP's width"),
+    "teacher.net_depth": (COUNT, "the MLP's depth"),
+    "teacher.net_time_scale": (POSITIVE, "the scale of the MLP's Fourier time embedding"),
+    "teacher.net_steps": (COUNT_OR_ZERO, "DSM pretraining steps of the MLP"),
+    "teacher.net_lr": (POSITIVE, "the MLP's DSM learning rate"),
+    "teacher.net_batch": (COUNT, "the MLP's DSM batch size"),
+    "generator.steps": (COUNT, "student sampling steps"),
+    "generator.sigma_init": (POSITIVE, "the noise level sigma/alpha the student starts at"),
+    "eval.num_samples": (COUNT, "samples per evaluated model"),
+}
+
+#: objective fields by name, for every objective that has the field (the objectives check the rest themselves)
+OBJECTIVE_RANGES: dict[str, tuple[Range, str]] = {
+    "num_scales": (Range(lambda v: v >= 2, "integer >= 2"), "noise levels of the consistency discretization"),
+    "rho": (POSITIVE, "the exponent of EDM's rho-grid"),
+    "p_std": (POSITIVE, "the std of the lognormal time proposal"),
+    "huber_c": (NON_NEGATIVE, "the pseudo-Huber constant"),
+    "disc_hidden": (COUNT, "the discriminator head's width"),
+    "logvar_hidden": (COUNT, "the log-variance head's width"),
+    "logvar_time_scale": (POSITIVE, "the scale of the log-variance head's Fourier embedding"),
+    "real_guidance": (NON_NEGATIVE, "SiD-LSG's guidance of the real score"),
+    "fake_guidance": (NON_NEGATIVE, "SiD-LSG's guidance of the fake score"),
+    "critic_guidance": (NON_NEGATIVE, "SiD-LSG's guidance of the critic's DSM"),
+}
+
+#: accelerate's mixed precision modes this trainer supports
+MIXED_PRECISION = ("no", "fp16", "bf16")
+STUDENT_METHODS = ("renoise", "ddim")
+#: teacher kinds whose image size is a choice (teacher.resolution); the others fix it
+TEXT_TO_IMAGE = tuple(kind for kind, build in BUILDERS.items() if build is build_sd)
+
+
+def check_config(cfg) -> None:
+    """Every key of a `onestep train` config that can be judged without reading a file."""
+    for key, (rng, what) in RANGES.items():
+        _check(key, OmegaConf.select(cfg, key), rng, what)
+    for name, (rng, what) in OBJECTIVE_RANGES.items():
+        if name in cfg.objective:
+            _check(f"objective.{name}", cfg.objective[name], rng, what)
+    for role in ("generator", "critic"):
+        _check_betas(f"trainer.{role}_optim.betas", list(cfg.trainer[f"{role}_optim"].betas))
+    for key in ("eval.teacher_steps", "eval.student_steps"):
+        steps = list(OmegaConf.select(cfg, key))
+        if not steps or not all(s >= 1 for s in steps):
+            raise ConfigError(f"{key}={steps} must list step counts >= 1; pass e.g. {key}=[1]")
+    _choice("trainer.mixed_precision", cfg.trainer.mixed_precision, MIXED_PRECISION)
+    _choice("generator.method", cfg.generator.method, STUDENT_METHODS)
+    _choice("eval.teacher_method", cfg.eval.teacher_method, METHODS)
+    _check_teacher(cfg.teacher)
+    if cfg.generator.ts is not None:
+        try:
+            check_ts(list(cfg.generator.ts))
+        except ConfigError as e:
+            raise ConfigError(f"generator.ts: {e}; pass generator.ts=[t_0, t_1, ...] or generator.ts=null") from None
+    check_attention(cfg.generator.attention)
+    check_networks(cfg)
+    make_objective(cfg.objective, generate=None)  # the objective's own hyperparameter checks
+
+
+def _check(key: str, value, rng: Range, what: str) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or not rng.ok(value):
+        raise ConfigError(f"{key}={value} is out of range ({what}): pass {key}=<{rng.text}>")
+
+
+def _check_betas(key: str, betas: list) -> None:
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and DECAY.ok(b) for b in betas):
+        raise ConfigError(f"{key}={betas} must be two AdamW betas, each in [0, 1); pass e.g. {key}=[0.9,0.999]")
+
+
+def _choice(key: str, value: str, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}='{value}' is unknown; choose one of {tuple(options)}")
+
+
+def _check_teacher(tc) -> None:
+    if tc.kind not in BUILDERS:
+        raise ConfigError(f"teacher.kind '{tc.kind}' is unknown; choose one of {sorted(BUILDERS)} "
+                          "(or a preset: teacher=gmm_ring, teacher=digits, teacher=sd15, ...)")
+    if tc.resolution is not None and tc.kind not in TEXT_TO_IMAGE:
+        raise ConfigError(f"teacher.resolution={tc.resolution} does not apply to teacher.kind={tc.kind} (its data "
+                          f"has the teacher's own size); set teacher.resolution=null, or use one of {TEXT_TO_IMAGE}")

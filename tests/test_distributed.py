@@ -1,0 +1,167 @@
+"""Data parallelism on CPU (gloo), launched the two ways README documents (torchrun, accelerate launch): 2
+processes with the same global batch give the losses and weights of 1 process after k steps (fp32 tolerance)
+for dmd2, sid, fdistill (time-bin statistics all-reduced) and scd; only rank 0 writes the run folder's logs;
+files derived once (the GMM teacher net, DMD's regression pairs) are built once. FSDP2 (trainer.fsdp=true, or
+accelerate's FSDP config) reproduces 1 process too and resumes to and from it. SameDraws is also checked exactly
+in one process: the ranks' draws, put together, are the 1-process draws."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose
+from onestep import checkpoint
+from onestep.train.data_parallel import SameDraws
+
+STEPS = 6
+ACCELERATE_FSDP = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yml"
+COMMON = ["teacher.net_steps=40", "teacher.net_hidden=32", f"trainer.steps={STEPS}", "trainer.batch_size=64",
+          "trainer.checkpoint_every=3", "trainer.log_every=1", "trainer.progress=false", "eval.num_samples=256",
+          "eval.teacher_steps=[2]", "eval.plot=false"]
+#: objective -> (launcher, overrides); {tmp} is the test's folder
+CASES = {
+    "dmd2": ("accelerate", ["experiment=gmm_dmd2", "objective.regression_pairs=64", "objective.regression_steps=4",
+                            "objective.pairs_file={tmp}/pairs.safetensors"]),
+    "sid": ("torchrun", ["experiment=gmm_sid"]),
+    "fdistill": ("accelerate", ["experiment=gmm_fdistill"]),
+    "scd": ("torchrun", ["experiment=gmm_scd"]),
+}
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(launcher: str, args: list[str], cwd: Path, nproc: int = 2, config: Path | None = None):
+    """`torchrun --nproc_per_node N -m onestep.cli train ...` or `accelerate launch --multi_gpu --num_processes N
+    -m onestep.cli train ...` (on a CPU-only machine both start N gloo processes), one thread per process;
+    ``config``: `accelerate launch --config_file <config> --num_processes N ...`."""
+    port = _free_port()
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
+    elif config is not None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               str(nproc), "--main_process_port", port]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd + ["-m", "onestep.cli", "train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _stats(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "stats.jsonl").read_text().splitlines()]
+
+
+def _final(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    last = checkpoint.list_checkpoints(run)[-1]
+    assert last.name == f"step_{STEPS:08d}"
+    return {f.stem: load_file(str(f)) for f in sorted(last.glob("*.safetensors"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", list(CASES))
+def test_two_processes_reproduce_one(tmp_path, objective):
+    from onestep.train.trainer import train
+
+    launcher, own = CASES[objective]
+    args = COMMON + [a.format(tmp=tmp_path) for a in own]
+    r = launch(launcher, args + [f"out_root={tmp_path}/two"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (two,) = (tmp_path / "two").glob("*/*")
+    one = tmp_path / "one"
+    train(compose(args), one)
+
+    # rank 0 alone writes: one stats line per step, one results table; derived files built once
+    a, b = _stats(one), _stats(two)
+    assert [s["step"] for s in b] == list(range(1, STEPS + 1))
+    assert r.stdout.count("run folder:") == 1 and (two / "config.yaml").exists()
+    assert r.stdout.count("teacher net:") == 1
+    if objective == "dmd2":
+        assert r.stdout.count("regression pairs:") == 1
+    # every logged mean (losses, their terms); a maximum over the batch is logged as the ranks' mean of maxima
+    keys = [k for k in a[0] if k != "it_per_s" and not k.endswith("_max")]
+    assert "gen/loss" in keys
+    for sa, sb in zip(a, b):
+        for k in keys:
+            assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), f"step {sa['step']} {k}"
+    wa, wb = _final(one), _final(two)
+    assert wa.keys() == wb.keys()
+    for net in wa:
+        for k in wa[net]:
+            torch.testing.assert_close(wb[net][k], wa[net][k], rtol=1e-4, atol=1e-5, msg=f"{net}.{k}")
+
+
+def test_same_draws_put_together_are_the_one_process_draws():
+    """Each rank draws under SameDraws(n, world=2, rank) from the same seed; the ranks' rows, put back in place
+    (k blocks of n rows for a k n draw), equal one process drawing for 2 n rows."""
+    n, world = 3, 2
+
+    def draws(rows: int) -> list[torch.Tensor]:
+        x = torch.zeros(rows, 2)
+        return [torch.randn(rows, 4), torch.rand(rows, dtype=torch.float64), torch.randn((rows,)),
+                torch.randint(0, 7, (rows,)), torch.randint(7, size=(rows, 2)), torch.randn_like(x),
+                torch.empty_like(x).normal_(), torch.multinomial(torch.ones(5), rows, replacement=True),
+                torch.rand(2 * rows, 3),  # two batches concatenated (real and fake samples)
+                torch.randint(0, 5, ()), torch.rand(5)]  # not per-sample: the same on every rank
+
+    torch.manual_seed(0)
+    whole = draws(n * world)
+    parts = []
+    for rank in range(world):
+        torch.manual_seed(0)
+        with SameDraws(n, world, rank):
+            parts.append(draws(n))
+    for i, w in enumerate(whole):
+        if w.ndim == 0 or w.shape[0] % n:
+            assert all(torch.equal(p[i], w) for p in parts), i
+            continue
+        k = w.shape[0] // (n * world)
+        glued = torch.stack([p[i].view(k, n, *w.shape[1:]) for p in parts], 1).reshape(w.shape)
+        assert torch.equal(glued, w), i
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes_either_way(tmp_path):
+    """Generator and critic sharded with FSDP2 over 2 gloo processes (torchrun + trainer.fsdp=true, then accelerate
+    launch with configs/accelerate/fsdp.yml). f-distill (a critic, a GAN head on its features, frozen passes through
+    it) trained 0 -> 3 sharded, 3 -> 6 in one process from that checkpoint, 6 -> 9 sharded again from the
+    one-process checkpoint equals 9 steps of one process."""
+    from onestep.train.trainer import train
+
+    args = [a for a in COMMON if not a.startswith("trainer.steps")] + ["experiment=gmm_fdistill"]
+    run, one = tmp_path / "chain", tmp_path / "one"
+    r = launch("torchrun", args + ["trainer.steps=3", "trainer.fsdp=true", f"run_dir={run}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "generator: full copy FSDP2-sharded over 2 processes" in r.stdout
+    assert "critic: full copy FSDP2-sharded over 2 processes" in r.stdout
+    train(compose(args + ["trainer.steps=6"]), run)
+    r = launch("accelerate", args + ["trainer.steps=9", f"run_dir={run}"], tmp_path, config=ACCELERATE_FSDP)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "generator: full copy FSDP2-sharded over 2 processes" in r.stdout
+    train(compose(args + ["trainer.steps=9"]), one)
+
+    a, b = _stats(one), _stats(run)
+    assert [s["step"] for s in b] == list(range(1, 10))
+    for sa, sb in zip(a, b):
+        for k in ("critic/loss", "gen/loss", "gen/h_mean"):
+            assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), f"step {sa['step']} {k}"
+    last = checkpoint.list_checkpoints(run)[-1]
+    assert last.name == "step_00000009"
+    for f in sorted(last.glob("*.safetensors")):
+        wa, wb = load_file(str(one / "checkpoints" / last.name / f.name)), load_file(str(f))
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{f.stem}.{k}")

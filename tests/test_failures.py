@@ -1,0 +1,262 @@
+"""Failures: kill -9 and the same command again is bit-identical to an uninterrupted run; non-finite losses or
+gradients skip the step on every rank, are counted, and stop the run with the last good checkpoint intact;
+state.pt loads without pickle; checkpoint folders none of which loads stop the run instead of restarting it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, Interrupt, compose
+from onestep import checkpoint
+from onestep.errors import ConfigError
+from onestep.objectives.dmd2 import DMD2
+from onestep.train.guard import NonFiniteLoss, finite_on_all_ranks
+from onestep.train.trainer import train
+
+
+def _weights(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {f.stem: load_file(str(f)) for f in sorted(ckpt.glob("*.safetensors"))}
+
+
+def _assert_equal(a, b):
+    assert a.keys() == b.keys()
+    for net in a:
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs"
+
+
+def _stats(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "stats.jsonl").read_text().splitlines()]
+
+
+# --- kill -9 ----------------------------------------------------------------------------------------------------
+
+#: 60 steps, a checkpoint every 12, a stats line per step: the kill lands at a random step between two checkpoints
+KILLED = {
+    "dmd2": [a for a in TINY if not a.startswith(("trainer.steps", "trainer.checkpoint_every"))],
+    "cd_ema_target": ["experiment=gmm_cd", "objective.target_ema=0.9", "teacher.net_steps=40", "teacher.net_hidden=32",
+                      "trainer.batch_size=64", "trainer.progress=false", "eval.num_samples=256",
+                      "eval.teacher_steps=[2]", "eval.plot=false"],
+}
+STEPS, EVERY = 60, 12
+
+
+def _logged_step(run: Path) -> int:
+    """The last step in stats.jsonl (complete lines only: the trainer may be writing one)."""
+    text = (run / "stats.jsonl").read_text() if (run / "stats.jsonl").exists() else ""
+    lines = text[:text.rfind("\n") + 1].splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _cli(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "onestep.cli", "train", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KILLED))
+def test_kill_9_between_checkpoints_then_rerun_is_bit_identical(tmp_path, name):
+    args = KILLED[name] + [f"trainer.steps={STEPS}", f"trainer.checkpoint_every={EVERY}", "trainer.log_every=1"]
+    train(compose(args), tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    command = args + [f"run_dir={run}", f"out_root={tmp_path}"]
+    target = random.choice([s for s in range(EVERY + 1, STEPS - EVERY) if s % EVERY])  # after >= 1 checkpoint
+    proc = _cli(command, tmp_path)
+    while _logged_step(run) < target:
+        assert proc.poll() is None, f"exited at step {_logged_step(run)}: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.002)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before the kill"
+    proc.stderr.close()
+    left = checkpoint.list_checkpoints(run)[-1].name
+    assert EVERY <= int(left.removeprefix("step_")) < STEPS, f"killed at step {target}, newest checkpoint {left}"
+
+    rerun = _cli(command, tmp_path)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-2000:]
+    straight, resumed = (checkpoint.list_checkpoints(r)[-1] for r in (tmp_path / "straight", run))
+    assert straight.name == resumed.name == f"step_{STEPS:08d}"
+    nets = {"dmd2": {"generator", "generator_ema", "critic"}, "cd_ema_target": {"generator", "generator_ema", "target"}}
+    a, b = _weights(straight), _weights(resumed)
+    assert set(a) == nets[name], set(a)
+    _assert_equal(a, b)
+    # the steps redone after the kill replace their first log lines: one line per step, the same losses
+    logs = _stats(run)
+    assert [s["step"] for s in logs] == list(range(1, STEPS + 1)), f"killed at step {target}"
+    assert [s["gen/loss"] for s in logs] == [s["gen/loss"] for s in _stats(tmp_path / "straight")]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """A TINY run (a line per step) stopped after step 7 (checkpoint at 4), with half a line written at the
+    kill, then run again to its end."""
+    run = tmp_path_factory.mktemp("resumed")
+    cfg = compose(TINY + ["trainer.log_every=1"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (a module fixture runs outside conftest's per-test thread setting)
+
+    def stop(step, logs):
+        if step == 7:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, run, callbacks=(stop,))
+    with open(run / "stats.jsonl", "a") as f:
+        f.write('{"step": 8, "gen/lo')
+    train(cfg, run)
+    torch.set_num_threads(threads)
+    return run
+
+
+def test_resume_cuts_the_logs_back_to_its_checkpoint(resumed_run):
+    assert [s["step"] for s in _stats(resumed_run)] == list(range(1, 13))
+
+
+# --- checkpoint loading ---------------------------------------------------------------------------------------
+
+def test_state_pt_is_plain_data(resumed_run):
+    state = torch.load(checkpoint.list_checkpoints(resumed_run)[-1] / "state.pt", weights_only=True)
+    assert state["step"] == 12 and state["bad_steps"] == 0
+    assert "rng" not in state  # every step reseeds from (seed, step): an RNG state would never be restored
+    assert state["opt_generator"]["state"] and state["opt_critic"]["state"]
+
+
+class _RunsCode:
+    """Unpickling this runs code (touches ``marker``)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_state_pt_that_needs_pickle_is_not_loaded(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    marker = tmp_path / "code_ran"
+    checkpoint.save(tmp_path, 1, {"g": net}, {"step": 1}, keep=3)
+    checkpoint.save(tmp_path, 2, {"g": net}, {"step": 2, "payload": _RunsCode(marker)}, keep=3)
+    with pytest.warns(UserWarning, match="step_00000002 is unreadable"):
+        state = checkpoint.load_latest(tmp_path, {"g": torch.nn.Linear(3, 2)})
+    assert state["step"] == 1 and not marker.exists()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
+    run = tmp_path / "run"
+    for step in (4, 8):
+        bad = run / "checkpoints" / f"step_{step:08d}"
+        bad.mkdir(parents=True)
+        (bad / "generator.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable"), pytest.raises(ConfigError) as e:
+        train(compose(TINY), run)
+    msg = str(e.value)
+    assert "\n" not in msg and str(run / "checkpoints") in msg and "trainer.resume=false" in msg and "delete" in msg
+    assert not (run / "stats.jsonl").exists()
+
+    train(compose(TINY + ["trainer.resume=false"]), run)  # starts fresh; the broken folders are kept aside
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_00000008", "step_00000012"]
+    aside = list(run.glob("discarded-*/checkpoints/step_*"))
+    assert sorted(p.name for p in aside) == ["step_00000004", "step_00000008"]
+    assert [s["step"] for s in _stats(run)] == [12]
+
+
+# --- NaN / Inf guard --------------------------------------------------------------------------------------------
+
+class _NaNGrad(torch.autograd.Function):
+    """0 in the forward pass, NaN gradients in the backward pass: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full(ctx.shape, math.nan)
+
+
+def _poison_generator(monkeypatch, steps, kind):
+    """Make DMD2's generator loss (kind=loss) or its gradients (kind=grad) non-finite at the given steps."""
+    clean = DMD2.generator_loss
+
+    def poisoned(self, nets, batch, step):
+        out = clean(self, nets, batch, step)
+        if step in steps:
+            if kind == "loss":
+                out["loss"] = out["loss"] * math.nan
+            else:
+                out["loss"] = out["loss"] + _NaNGrad.apply(next(nets.generator.parameters()))
+        return out
+
+    monkeypatch.setattr(DMD2, "generator_loss", poisoned)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, kind):
+    """Non-finite from step 6 on, max_bad_steps=1: step 6 is skipped, step 7 stops the run; checkpoint 4 stays."""
+    _poison_generator(monkeypatch, range(5, 100), kind)  # (0-based steps: done = step + 1)
+    with pytest.raises(NonFiniteLoss, match="generator loss or gradients were non-finite in 2 consecutive steps"):
+        train(compose(TINY + ["trainer.max_bad_steps=1", "trainer.log_every=1"]), tmp_path)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000004"]
+    weights = _weights(checkpoint.list_checkpoints(tmp_path)[-1])
+    assert all(torch.isfinite(t).all() for w in weights.values() for t in w.values())
+    assert [(s["step"], s["bad_steps"]) for s in _stats(tmp_path)][-3:] == [(4, 0), (5, 0), (6, 1)]
+
+
+def test_transient_non_finite_gradients_are_skipped_and_counted(tmp_path, monkeypatch):
+    _poison_generator(monkeypatch, {3, 4, 8}, "grad")
+    out = train(compose(TINY + ["trainer.max_bad_steps=2", "trainer.log_every=1", "trainer.grad_clip=0"]), tmp_path)
+    assert [s["bad_steps"] for s in _stats(tmp_path)] == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    gen = out["networks"].roles["generator"].module
+    assert all(torch.isfinite(p).all() for p in gen.parameters())
+
+
+def _flag_worker(rank, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        out = [finite_on_all_ranks(torch.tensor(True)),
+               finite_on_all_ranks(torch.tensor(rank == 0)),  # NaN on rank 1 only
+               finite_on_all_ranks(torch.tensor(rank == 1))]
+        Path(results, f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_skip_decision_is_the_same_on_every_rank(tmp_path):
+    """Two gloo processes: a non-finite update on one rank is skipped on both."""
+    torch.multiprocessing.spawn(_flag_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [True, False, False]
+    assert finite_on_all_ranks(torch.tensor(False)) is False  # one process: its own flag
+
+
+# --- soak tool ------------------------------------------------------------------------------------------------
+
+def test_soak_tool_writes_its_report(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("soak", Path(__file__).parents[1] / "tools" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    s = soak.main(["steps=40", "checkpoint_every=10", f"out={tmp_path}", f"root={tmp_path / 'run'}",
+                   "teacher.net_steps=20", "eval.num_samples=256"])
+    md = (tmp_path / "soak.md").read_text()
+    assert "`OMP_NUM_THREADS=1 python tools/soak.py steps=40" in md and (tmp_path / "soak.png").stat().st_size > 1000
+    assert s["disk_max"] <= s["disk_bound"] and s["save_pct"] > 0 and s["resume_ms"] > 0
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step_00000040", "step_00000050"]
