@@ -165,3 +165,59 @@ def test_fsdp_matches_one_process_and_resumes_either_way(tmp_path):
         wa, wb = load_file(str(one / "checkpoints" / last.name / f.name)), load_file(str(f))
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{f.stem}.{k}")
+
+
+NAN_ARGS = COMMON + CASES["dmd2"][1] + ["trainer.max_bad_steps=1", "trainer.keep_checkpoints=5"]
+
+
+def _launch_poisoned(args: list[str], cwd: Path, steps: str):
+    """torchrun (2 gloo processes) of tests/nan_on_one_rank.py: DMD2's generator loss non-finite (its gradients
+    finite) on rank 1 only at ``steps`` (1-based, or ``N-`` for N on)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+           str(Path(__file__).with_name("nan_on_one_rank.py")), "train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ONESTEP_TEST_NAN_RANK="1", ONESTEP_TEST_NAN_STEPS=steps)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_both(tmp_path, monkeypatch):
+    """Training, 2 gloo processes: the generator loss is non-finite on rank 1 only at step 4. Both ranks skip that
+    update (the weights equal 1 process skipping step 4; rank 0, whose loss and gradients were finite, would
+    otherwise step and its checkpoint differ) and it is counted. Non-finite on rank 1 from step 4 on with
+    trainer.max_bad_steps=1: both ranks stop at step 5 with the one-line message, and the newest checkpoint
+    (step 3) is intact: bit-identical to step 3 of the first run."""
+    from nan_on_one_rank import poison
+
+    from onestep.train.trainer import train
+
+    args = [a.format(tmp=tmp_path) for a in NAN_ARGS]
+    once, one = tmp_path / "once", tmp_path / "one"
+    r = _launch_poisoned(args + [f"run_dir={once}"], tmp_path, "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [s["bad_steps"] for s in _stats(once)] == [0, 0, 0, 1, 1, 1]
+    from onestep.objectives.dmd2 import DMD2
+
+    monkeypatch.setattr(DMD2, "generator_loss", DMD2.generator_loss)  # restored after the test
+    monkeypatch.setenv("RANK", "1")  # the single process is "rank 1": the same step is poisoned there
+    poison(1, "4")
+    monkeypatch.delenv("RANK")
+    train(compose(args), one)
+    assert [s["bad_steps"] for s in _stats(one)] == [0, 0, 0, 1, 1, 1]
+    wa, wb = _final(one), _final(once)
+    assert wa.keys() == wb.keys()
+    for net in wa:
+        for k in wa[net]:
+            torch.testing.assert_close(wb[net][k], wa[net][k], rtol=1e-4, atol=1e-5, msg=f"{net}.{k}")
+
+    stopped = tmp_path / "stopped"
+    r = _launch_poisoned(args + [f"run_dir={stopped}"], tmp_path, "4-")
+    assert r.returncode != 0
+    msg = "onestep: error: generator loss or gradients were non-finite in 2 consecutive steps"
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("onestep: error:")]
+    assert errors and all(ln.startswith(msg) for ln in errors), r.stderr[-3000:]
+    assert len(errors) == 2  # both ranks stopped at the same step, each with the one line
+    assert [p.name for p in checkpoint.list_checkpoints(stopped)] == ["step_00000003"]
+    assert [(s["step"], s["bad_steps"]) for s in _stats(stopped)] == [(1, 0), (2, 0), (3, 0), (4, 1)]
+    good = stopped / "checkpoints" / "step_00000003"
+    for f in sorted(good.glob("*.safetensors")):
+        wa, wb = load_file(str(once / "checkpoints" / good.name / f.name)), load_file(str(f))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f.stem
