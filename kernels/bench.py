@@ -14,6 +14,14 @@ GPU (only when CUDA is present): TFLOP/s, time and peak memory of the fused Trit
 N = 1k ... 64k, d = 64 / 128, bf16 and fp16.
 
 Writes ``results/jvp_attention_<device>.md`` (device name, versions, date, table) and prints it.
+
+``--transformer``: one sCD training step (objectives/scm.py: teacher velocity, the sCM tangent by
+``torch.func.jvp``, the student's forward and the backward of the loss) of a Flux-shaped block stack -- Flux's
+real widths (24 heads x 128 = 3072, T5 width 4096, MLP 4x), random weights, ``--double`` double-stream and
+``--single`` single-stream blocks instead of 19 + 38 -- behind onestep's Flux adapter, with
+``generator.attention`` = each of ``--attentions`` (default: math, jvp_flash); ``--tokens`` IMAGE+TEXT per row
+(default 4096+512, Flux at 1024 px, on a GPU; 1024+128 on the CPU). Peak memory and seconds of the step, fp32,
+batch 1; CPU points in fresh subprocesses as above. Writes ``results/jvp_transformer_<device>.md``.
 """
 from __future__ import annotations
 
@@ -109,23 +117,27 @@ def _cpu_point(method: str, N: int, B: int, H: int, d: int, threads: int | None)
             "threads": torch.get_num_threads()}
 
 
-def measure_cpu_point(method: str, N: int, B: int = 1, H: int = 8, d: int = 64,
-                      threads: int | None = None, timeout: float = 1800) -> dict:
-    """Run one CPU measurement in a fresh Python process; returns the dict of :func:`_cpu_point`."""
-    spec = json.dumps({"method": method, "N": N, "B": B, "H": H, "d": d, "threads": threads})
+def _run_point(spec: dict, timeout: float) -> dict | None:
+    """One measurement in a fresh Python process (its own VmHWM); None when it ran out of memory."""
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--point", spec],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--point", json.dumps(spec)],
+                         capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
         if res.returncode in (-9, 137) or "MemoryError" in res.stderr or "DefaultCPUAllocator" in res.stderr:
-            return {"method": method, "N": N, "oom": True}
+            return None
         raise RuntimeError(f"bench point {spec} failed:\n{res.stderr[-4000:]}")
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("POINT ")][-1]
     return json.loads(line[len("POINT "):])
+
+
+def measure_cpu_point(method: str, N: int, B: int = 1, H: int = 8, d: int = 64,
+                      threads: int | None = None, timeout: float = 1800) -> dict:
+    """Run one CPU measurement in a fresh Python process; returns the dict of :func:`_cpu_point`."""
+    spec = {"method": method, "N": N, "B": B, "H": H, "d": d, "threads": threads}
+    point = _run_point(spec, timeout)
+    return {"method": method, "N": N, "oom": True} if point is None else point
 
 
 def _mem_available() -> int:
@@ -270,6 +282,163 @@ def run_gpu(ns, dims=(64, 128), dtypes=("bfloat16", "float16"), tokens=16384, he
 
 
 # ------------------------------------------------------------------------------------------------
+# Transformer: one sCD step of a Flux-shaped block stack
+# ------------------------------------------------------------------------------------------------
+#: FLUX.1's widths (diffusers' FluxTransformer2DModel config of black-forest-labs/FLUX.1-dev); only the depth differs
+FLUX_WIDTHS = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
+                   joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                   axes_dims_rope=(16, 56, 56))
+SIGMA_D = 0.5
+#: tokens of the warm-up call (the teacher velocity and the tangent, no backward: loads the math libraries without
+#: allocating gradients before the baseline is read)
+WARMUP_TOKENS = (16, 8)
+
+
+def _flux_scd_step(attention: str, image_tokens: int, text_tokens: int, double: int, single: int, device: str):
+    """(step, release): ``step(probe)`` runs one sCD generator step, calls ``probe()`` between the tangent (teacher
+    call and JVP, no grad) and the student's forward, and returns the loss; ``release()`` drops the gradients. The
+    teacher is the student's own weights (sCD's student starts as a copy of the teacher), run under the same
+    attention; no optimizer update."""
+    from diffusers import FluxTransformer2DModel
+
+    from onestep.conditioning import Cond
+    from onestep.denoisers.attention import set_attention
+    from onestep.denoisers.flow import FlowTransformerDenoiser
+    from onestep.denoisers.trigflow import as_trigflow, velocity
+    from onestep.objectives.scm import scm_tangent
+    from onestep.schedules import RectifiedFlow
+
+    torch.manual_seed(0)
+    net = FluxTransformer2DModel(num_layers=double, num_single_layers=single, **FLUX_WIDTHS).to(device)
+
+    def inputs(n_image, n_text):
+        """(student, x_t, t, cond) at n_image packed image tokens and n_text T5 tokens."""
+        side = 2 * math.isqrt(n_image)  # Flux packs 2x2 latent patches into one token
+        denoiser = set_attention(FlowTransformerDenoiser(net, RectifiedFlow(), "flux", side), attention)
+        g = torch.Generator(device).manual_seed(1)
+        shape = (1, *denoiser.data_shape)
+        x0 = SIGMA_D * torch.randn(shape, generator=g, device=device)
+        z = SIGMA_D * torch.randn(shape, generator=g, device=device)
+        t = torch.full((1,), 0.8, device=device)
+        fields = {"prompt_embeds": torch.randn(1, n_text, net.config.joint_attention_dim, generator=g, device=device),
+                  "pooled_prompt_embeds": torch.randn(1, net.config.pooled_projection_dim, generator=g, device=device)}
+        return as_trigflow(denoiser, SIGMA_D), torch.cos(t) * x0 + torch.sin(t) * z, t, Cond(fields, fields)
+
+    def tangent(student, x_t, t, cond):
+        with torch.no_grad():
+            dxdt = velocity(student, x_t, t, cond)
+        return scm_tangent(student, x_t, t, dxdt, cond)[:2]
+
+    def run(probe, student, x_t, t, cond):
+        v_minus, g = tangent(student, x_t, t, cond)
+        probe()
+        v = velocity(student, x_t, t, cond)
+        loss = ((v - v_minus) / SIGMA_D - g).pow(2).mean()  # sCM eq. (9) without the adaptive weight
+        loss.backward()
+        return loss.item()
+
+    def release():
+        for p in net.parameters():
+            p.grad = None
+
+    tangent(*inputs(*WARMUP_TOKENS))
+    full = inputs(image_tokens, text_tokens)
+    return lambda probe: run(probe, *full), release
+
+
+def _transformer_point(attention: str, image_tokens: int, text_tokens: int, double: int, single: int,
+                       threads: int | None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    step, _ = _flux_scd_step(attention, image_tokens, text_tokens, double, single, "cpu")
+    marks = []
+    base = _rss_bytes()
+    t0 = time.perf_counter()
+    loss = step(lambda: marks.append((time.perf_counter(), _maxrss_bytes())))
+    t1 = time.perf_counter()
+    return {"attention": attention, "tangent_s": marks[0][0] - t0, "time_s": t1 - t0,
+            "tangent_peak": max(marks[0][1] - base, 0), "peak_bytes": max(_maxrss_bytes() - base, 0), "loss": loss,
+            "threads": torch.get_num_threads()}
+
+
+def _cuda_scd_point(attention, image_tokens, text_tokens, double, single, reps=3) -> dict | None:
+    """Peaks = torch.cuda.max_memory_allocated above the weights and inputs over one step (after a full-size
+    warm-up, which also runs the Triton autotuning); times = means over ``reps`` steps. None when out of memory."""
+    torch.cuda.empty_cache()
+    marks = []
+
+    def probe():
+        torch.cuda.synchronize()
+        marks.append((time.perf_counter(), torch.cuda.max_memory_allocated()))
+
+    try:
+        step, release = _flux_scd_step(attention, image_tokens, text_tokens, double, single, "cuda")
+        step(probe)
+        release()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = step(probe)
+        peaks = marks[-1][1] - base, torch.cuda.max_memory_allocated() - base
+        release()
+        marks.clear()
+        tangent_s = time_s = 0.0
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(probe)
+            torch.cuda.synchronize()
+            tangent_s += (marks[-1][0] - t0) / reps
+            time_s += (time.perf_counter() - t0) / reps
+            release()
+    except torch.OutOfMemoryError:
+        return None
+    return {"attention": attention, "tangent_s": tangent_s, "time_s": time_s, "tangent_peak": peaks[0],
+            "peak_bytes": peaks[1], "loss": loss}
+
+
+def run_transformer(device, tokens, attentions, double, single, threads=None, timeout=1800):
+    from tqdm import tqdm
+
+    results = {}
+    for (n_img, n_txt), attention in tqdm([(n, a) for n in tokens for a in attentions], desc="sCD step",
+                                          unit="pt"):
+        if device == "cpu":
+            spec = {"kind": "transformer", "attention": attention, "image_tokens": n_img, "text_tokens": n_txt,
+                    "double": double, "single": single, "threads": threads}
+            results[(n_img, n_txt), attention] = _run_point(spec, timeout)
+        else:
+            results[(n_img, n_txt), attention] = _cuda_scd_point(attention, n_img, n_txt, double, single)
+    rows = []
+    for (n_img, n_txt), attention in results:
+        r = results[(n_img, n_txt), attention]
+        cells = ["OOM"] * 5 if r is None else [
+            _fmt_bytes(r["tangent_peak"]), _fmt_bytes(r["peak_bytes"]), f"{r['tangent_s']:.1f}", f"{r['time_s']:.1f}",
+            f"{r['loss']:.6g}"]
+        rows.append([f"{n_img} + {n_txt}", attention] + cells)
+    header = ["image + text tokens", "generator.attention", "peak tangent (teacher + JVP)", "peak step",
+              "time tangent (s)", "time step (s)", "loss"]
+    threads_used = next((r["threads"] for r in results.values() if r and "threads" in r), torch.get_num_threads())
+    n_params = _flux_params(double, single)
+    w = FLUX_WIDTHS
+    meta = (f"FluxTransformer2DModel, {double} double-stream + {single} single-stream blocks (FLUX.1: 19 + 38) at "
+            f"FLUX.1's widths ({w['num_attention_heads']} heads x {w['attention_head_dim']}, T5 "
+            f"{w['joint_attention_dim']}, pooled {w['pooled_projection_dim']}, RoPE axes "
+            f"{'/'.join(map(str, w['axes_dims_rope']))}), random weights, {n_params / 1e6:.0f}M parameters; batch 1, "
+            "fp32"
+            + (f", torch threads={threads_used}" if device == "cpu" else ""))
+    return header, rows, meta
+
+
+def _flux_params(double: int, single: int) -> int:
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        net = FluxTransformer2DModel(num_layers=double, num_single_layers=single, **FLUX_WIDTHS)
+    return sum(p.numel() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
 def _table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -297,28 +466,87 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def _device_name(device: str) -> tuple[str, str]:
+    """(name, file tag)."""
+    if device == "cpu":
+        return _cpu_name(), "cpu"
+    name = torch.cuda.get_device_name()
+    return name, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def transformer_report(args, device: str, date: str, argv: list[str]):
+    spec = args.tokens or ("1024+128" if device == "cpu" else "4096+512")
+    tokens = [tuple(int(n) for n in pair.split("+")) for pair in spec.split(",")]
+    for n_image, _ in tokens:
+        if math.isqrt(n_image) ** 2 != n_image:  # a square latent of (side / 2)^2 packed 2x2 patches
+            raise SystemExit(f"--tokens: {n_image} image tokens is not a square; use e.g. "
+                             f"{math.isqrt(n_image) ** 2} or {(math.isqrt(n_image) + 1) ** 2}")
+    attentions = args.attentions.split(",")
+    header, rows, meta = run_transformer(device, tokens, attentions, args.double, args.single, args.threads)
+    name, tag = _device_name(device)
+    peak = ("process high-water RSS (VmHWM) minus RSS before the step, one fresh subprocess per point (after a "
+            f"{WARMUP_TOKENS[0]} + {WARMUP_TOKENS[1]} token warm-up of the teacher call and the tangent)"
+            if device == "cpu" else "torch.cuda.max_memory_allocated above the weights and inputs (after a full-size "
+                                     "warm-up step); times are means of 3 steps")
+    command = " ".join(["python", "kernels/bench.py", *argv])
+    md = "\n".join([
+        "# One sCD training step of a Flux-shaped block stack: generator.attention " + " vs ".join(attentions), "",
+        f"- command: `{command}`",
+        f"- device: {name}", f"- versions: {_versions()}", f"- date: {date}", f"- config: {meta}",
+        "- step: the teacher's velocity (no grad; the student's own weights) and the sCM tangent (`scm_tangent`: "
+        "`torch.func.jvp` of the TrigFlow velocity, no grad) -- the 'tangent' columns, measured up to there -- then "
+        "the student's velocity with grad and the backward of ||(v - v-) / sigma_d - g||^2 (sCM eq. (9) without the "
+        "adaptive weight) into every parameter; no optimizer update. The same seed gives the same loss under every "
+        "attention.",
+        f"- peak: {peak}. 'peak step' includes the parameter gradients (4 bytes x parameters) under every "
+        "attention; 'peak tangent' is reached before any gradient exists.",
+        "", _table(header, rows), "",
+    ])
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"jvp_transformer_{tag}.md")
+    with open(path, "w") as f:
+        f.write(md)
+    print(md)
+    print(f"written to {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--ns", default=None, help="comma-separated sequence lengths")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "results"))
+    ap.add_argument("--transformer", action="store_true",
+                    help="one sCD step of a Flux-shaped block stack instead of the attention call alone")
+    ap.add_argument("--tokens", default=None,
+                    help="--transformer: comma-separated IMAGE+TEXT token counts (default 4096+512 on cuda, 1024+128 "
+                         "on cpu); IMAGE must be a square")
+    ap.add_argument("--double", type=int, default=1, help="--transformer: double-stream blocks (FLUX.1: 19)")
+    ap.add_argument("--single", type=int, default=1, help="--transformer: single-stream blocks (FLUX.1: 38)")
+    ap.add_argument("--attentions", default="math,jvp_flash",
+                    help="--transformer: generator.attention options to compare (default | math | jvp_flash)")
     ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.point:
         p = json.loads(args.point)
-        print("POINT " + json.dumps(_cpu_point(p["method"], p["N"], p["B"], p["H"], p["d"], p["threads"])))
+        if p.get("kind") == "transformer":
+            point = _transformer_point(p["attention"], p["image_tokens"], p["text_tokens"], p["double"], p["single"],
+                                       p["threads"])
+        else:
+            point = _cpu_point(p["method"], p["N"], p["B"], p["H"], p["d"], p["threads"])
+        print("POINT " + json.dumps(point))
         return
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if args.transformer:
+        return transformer_report(args, device, date, sys.argv[1:] if argv is None else list(argv))
     if device == "cpu":
         ns = [int(x) for x in (args.ns or "1024,4096,8192").split(",")]
         header, rows, meta = run_cpu(ns, threads=args.threads)
-        name, tag = _cpu_name(), "cpu"
         title = "Forward + JVP attention on CPU: blockwise fallback vs MATH + torch.func.jvp"
         note = ("Peak = process high-water RSS (VmHWM) minus RSS before the call, one fresh subprocess per "
                 "point. 'blockwise fused' = `fused_forward_jvp` (one pass); 'blockwise func.jvp' = "
@@ -326,11 +554,10 @@ def main(argv=None):
     else:
         ns = [int(x) for x in (args.ns or "1024,2048,4096,8192,16384,32768,65536").split(",")]
         header, rows, meta = run_gpu(ns)
-        name = torch.cuda.get_device_name()
-        tag = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         title = "Forward + JVP attention on GPU: Triton kernel vs SDPA flash forward and MATH + jvp"
         note = ("TFLOP/s: fused fwd+JVP and MATH+jvp counted as 12 B H N^2 d, SDPA forward as "
                 "4 B H N^2 d. Peak = torch.cuda.max_memory_allocated above the inputs.")
+    name, tag = _device_name(device)
     md = "\n".join([
         f"# {title}", "",
         f"- device: {name}", f"- versions: {_versions()}", f"- date: {date}", f"- config: {meta}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from sana_fixtures import sinusoids
 from sd_fixtures import CHARS, TEXT_DIM, text_encoder, tokenizer, vae
 
 #: T5 width, also the transformers' joint_attention_dim; wider than SD3's two CLIPs together (2 x 32), so SD3's
@@ -42,12 +43,14 @@ def t5_encoder(vocab_size: int):
     return T5EncoderModel(config)
 
 
-def sd3_transformer():
+def sd3_transformer(**options):
+    """SD3's layout; ``options`` override the config (SD3.5: qk_norm="rms_norm", dual_attention_layers)."""
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_DIM,
-                                 caption_projection_dim=16, pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=16)
+    config = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=16,
+                  pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=16)
+    return SD3Transformer2DModel(**{**config, **options})
 
 
 def flux_transformer(guidance_embeds: bool = True):
@@ -91,3 +94,42 @@ def make_tiny_flux(folder, guidance_embeds: bool = True) -> Path:
         text_encoder_2=t5_encoder(len(tok2)), tokenizer_2=tok2)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def _rms_norm64(self, hidden_states):
+    """diffusers' RMSNorm (no NPU, float32 or float64 weights) with the mean square at the input's precision (diffusers
+    takes it in float32)."""
+    square = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32)).pow(2)
+    hidden_states = hidden_states * torch.rsqrt(square.mean(-1, keepdim=True) + self.eps)
+    if self.weight is None:
+        return hidden_states
+    hidden_states = hidden_states * self.weight
+    return hidden_states if self.bias is None else hidden_states + self.bias
+
+
+def _rotary64(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+    """diffusers' apply_rotary_emb on Flux's path (real cos / sin, interleaved pairs) in x's dtype (diffusers rotates
+    x.float())."""
+    if not use_real or use_real_unbind_dim != -1:
+        raise NotImplementedError("only Flux's rotary layout (use_real, interleaved pairs) is rerouted")
+    cos, sin = freqs_cis
+    shape = (1, -1, 1, cos.shape[-1]) if sequence_dim == 1 else (1, 1, -1, cos.shape[-1])
+    cos, sin = cos.to(x).reshape(shape), sin.to(x).reshape(shape)
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    return x * cos + torch.stack([-imag, real], dim=-1).flatten(3) * sin
+
+
+def float64_throughout(monkeypatch):
+    """A float64 SD3 / Flux transformer computes three pieces in float32 whatever its dtype (the sinusoidal timestep
+    embedding, diffusers' RMSNorm's mean square (SD3.5's q/k norm), Flux's rotary embedding of q and k): route them
+    through the same math at the input's precision, so finite differences can be taken at float64 accuracy. Flux's
+    q/k norms are torch.nn.RMSNorm and need nothing."""
+    import diffusers.models.embeddings
+    import diffusers.models.normalization
+    import diffusers.models.transformers.transformer_flux
+
+    monkeypatch.setattr(diffusers.models.embeddings, "get_timestep_embedding", sinusoids)
+    monkeypatch.setattr(diffusers.models.normalization.RMSNorm, "forward", _rms_norm64)
+    # FluxAttnProcessor's name and the one onestep.kernels' processor imports when it runs
+    monkeypatch.setattr(diffusers.models.transformers.transformer_flux, "apply_rotary_emb", _rotary64)
+    monkeypatch.setattr(diffusers.models.embeddings, "apply_rotary_emb", _rotary64)

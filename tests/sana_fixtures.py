@@ -91,7 +91,7 @@ def make_tiny_sana(folder, *, out_channels: int = LATENT_CHANNELS, scheduler_kin
     return folder
 
 
-def _sinusoids(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1, max_period=10000):
+def sinusoids(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1, max_period=10000):
     """diffusers' get_timestep_embedding in the timesteps' own dtype (diffusers computes it in float32)."""
     half = embedding_dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=timesteps.dtype, device=timesteps.device)
@@ -122,7 +122,7 @@ def float64_throughout(transformer, monkeypatch):
     differences can be taken at float64 accuracy."""
     import diffusers.models.embeddings
 
-    monkeypatch.setattr(diffusers.models.embeddings, "get_timestep_embedding", _sinusoids)
+    monkeypatch.setattr(diffusers.models.embeddings, "get_timestep_embedding", sinusoids)
     for block in transformer.transformer_blocks:
         block.attn1.set_processor(LinearAttention64())
     return transformer

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 import torch
-from sana_fixtures import FLOW_SHIFT, float64_throughout, make_tiny_sana, scheduler, transformer, vae
+from sana_fixtures import FLOW_SHIFT, make_tiny_sana, scheduler, transformer, vae
 
 from onestep.conditioning import Cond
-from onestep.denoisers.attention import jvp_attention, set_attention
+from onestep.denoisers.attention import set_attention
 from onestep.denoisers.base import Guided, guided
 from onestep.denoisers.sana import SanaTextEncoder, check_sana_folder, load_sana, sana_schedule
 from onestep.denoisers.sd import LatentCodec
@@ -75,7 +75,7 @@ def test_pipeline_equals_guided_flow_and_euler_sampler(folders, parts, name, w, 
     ts = schedule.default_ts(steps)
     # the scheduler shifts the sigmas it is given: give it the unshifted grid of ts
     grid = ts / (FLOW_SHIFT - (FLOW_SHIFT - 1) * ts)
-    z = noise() * ts[0].float()
+    z = noise() * schedule.prior_std(ts[:1]).float()  # onestep's sampler starts from prior_std(t_0) * noise
     ref, calls = run_pipeline(pipe, z, grid.tolist(), w, negative, output_type="latent")
     torch.testing.assert_close(pipe.scheduler.sigmas[:-1].double(), ts, rtol=0, atol=1e-6)
     cond = p.text.cond(PROMPTS, negative, height=p.image_size, width=p.image_size)
@@ -163,28 +163,6 @@ def test_codec_matches_pipeline_decode(folders, parts):
     # the identity of latent caches follows the scaling
     torch.manual_seed(0)
     assert LatentCodec(vae(scaling_factor=0.5).eval()).name != LatentCodec(vae().eval()).name
-
-
-def test_jvp_through_linear_attention_transformer(folders, parts, monkeypatch):
-    """torch.func.jvp of the teacher in (x_t, t) equals central finite differences at float64 accuracy, and the stock
-    float32 model's jvp (what sCM-style objectives run) agrees with it to float32 accuracy."""
-    x, t = noise().double(), torch.tensor([0.3, 0.7], dtype=torch.float64)
-    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    dt = torch.tensor([0.8, -1.1], dtype=torch.float64)
-    cond = parts["sana"].text.cond(PROMPTS)
-    d64 = load_sana(folders["sana"], dtype=torch.float64).denoiser
-    float64_throughout(d64.transformer, monkeypatch)
-    with jvp_attention():
-        _, jvp64 = torch.func.jvp(lambda a, b: d64(a, b, cond), (x, t), (dx, dt))
-        # a step well below the ReLU kernels' kinks and the time embedding's fastest sinusoid (period ~0.006 in t)
-        h = 1e-7
-        fd = (d64(x + h * dx, t + h * dt, cond) - d64(x - h * dx, t - h * dt, cond)) / (2 * h)
-        assert rel_err(jvp64, fd) < 1e-6
-        monkeypatch.undo()
-        d32 = parts["sana"].denoiser
-        _, jvp32 = torch.func.jvp(lambda a, b: d32(a, b, cond), (x.float(), t.float()), (dx.float(), dt.float()))
-    # float32 timesteps near 1000 are 6e-5 apart: a phase error of that size on the fastest time sinusoid
-    assert rel_err(jvp32.double(), jvp64) < 5e-4
 
 
 @pytest.mark.parametrize("option", ["math", "jvp_flash"])
