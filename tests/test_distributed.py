@@ -214,7 +214,9 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_both(tmp_path, monkeypa
     msg = "onestep: error: generator loss or gradients were non-finite in 2 consecutive steps"
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("onestep: error:")]
     assert errors and all(ln.startswith(msg) for ln in errors), r.stderr[-3000:]
-    assert len(errors) == 2  # both ranks stopped at the same step, each with the one line
+    # each rank stops with the one line; torchrun may terminate the slower rank before it prints (the same-step
+    # stop is what the stats and checkpoint checks below show)
+    assert 1 <= len(errors) <= 2, r.stderr[-3000:]
     assert [p.name for p in checkpoint.list_checkpoints(stopped)] == ["step_00000003"]
     assert [(s["step"], s["bad_steps"]) for s in _stats(stopped)] == [(1, 0), (2, 0), (3, 0), (4, 1)]
     good = stopped / "checkpoints" / "step_00000003"
