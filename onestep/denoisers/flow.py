@@ -58,7 +58,8 @@ import torch
 
 from onestep.conditioning import Cond
 from onestep.denoisers.base import GUIDANCE, Denoiser
-from onestep.denoisers.pipeline_folder import check_pipeline_folder, frozen, load_component, sha1_files
+from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
+                                               sha1_files)
 from onestep.denoisers.sd import LatentCodec, SDParts
 from onestep.errors import ConfigError
 from onestep.schedules import RectifiedFlow
@@ -223,7 +224,7 @@ class FlowTransformerDenoiser(Denoiser):
         return captured[0].mean(1).to(x_t.dtype)
 
 
-class FlowTextEncoder:
+class FlowTextEncoder(PromptEncoder):
     """The pipeline's own ``encode_prompt`` on its frozen text encoders; returns batch-first float32 fields on the CPU
     (the interface of sd.TextEncoder: name, encode, null_fields, assemble, cond)."""
 
@@ -263,24 +264,6 @@ class FlowTextEncoder:
             embeds, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.device,
                                                         max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds.float().cpu(), "pooled_prompt_embeds": pooled.float().cpu()}
-
-    def null_fields(self, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
-        """The encoded negative prompt ("" when none), one row: the pipelines encode it as a prompt."""
-        if negative_prompt not in self._null:
-            self._null[negative_prompt] = self.encode([negative_prompt or ""])
-        return dict(self._null[negative_prompt])
-
-    def cond(self, prompts, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None) -> Cond:
-        prompts = list(prompts)
-        return self.assemble(prompts, self.encode(prompts), negative_prompt, height, width)
-
-    def assemble(self, prompts: list[str], fields: dict[str, torch.Tensor], negative_prompt: str | None = None,
-                 height: int | None = None, width: int | None = None) -> Cond:
-        """The Cond of encoded ``fields`` (fresh from ``encode`` or from a cache) with the null row of
-        ``negative_prompt``; the image size is not conditioning here (the position ids follow the latents)."""
-        return Cond(dict(fields), null=self.null_fields(negative_prompt), texts=list(prompts),
-                    null_text=negative_prompt or "")
 
 
 def load_flow(folder, kind: str, *, dtype=torch.float32, device="cpu", resolution: int | None = None,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from onestep.conditioning import Cond
+
 from onestep.errors import ConfigError
 
 
@@ -114,3 +116,32 @@ def sha1_files(folder: Path, subs, salt: str = "") -> str:
                 while chunk := fh.read(1 << 20):
                     h.update(chunk)
     return h.hexdigest()
+
+
+class PromptEncoder:
+    """What the pipelines' text encoders share (sd.TextEncoder, flow.FlowTextEncoder, sana.SanaTextEncoder): a
+    subclass defines ``encode(prompts) -> fields`` and may override ``null_row`` (the unconditional branch's
+    fields) and ``assemble`` (extra per-image fields such as SDXL's size ids)."""
+
+    _null: dict
+
+    def null_row(self, negative_prompt: str | None) -> dict[str, torch.Tensor]:
+        """The encoded negative prompt ("" when none), one row: most pipelines encode it as a prompt."""
+        return self.encode([negative_prompt or ""])
+
+    def null_fields(self, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
+        if negative_prompt not in self._null:
+            self._null[negative_prompt] = self.null_row(negative_prompt)
+        return dict(self._null[negative_prompt])
+
+    def cond(self, prompts, negative_prompt: str | None = None, height: int | None = None,
+             width: int | None = None) -> Cond:
+        prompts = list(prompts)
+        return self.assemble(prompts, self.encode(prompts), negative_prompt, height, width)
+
+    def assemble(self, prompts: list[str], fields: dict[str, torch.Tensor], negative_prompt: str | None = None,
+                 height: int | None = None, width: int | None = None) -> Cond:
+        """The Cond of encoded ``fields`` (fresh from ``encode`` or from a cache) with the null row of
+        ``negative_prompt``."""
+        return Cond(dict(fields), null=self.null_fields(negative_prompt), texts=list(prompts),
+                    null_text=negative_prompt or "")

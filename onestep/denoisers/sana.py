@@ -48,7 +48,8 @@ import torch
 
 from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
-from onestep.denoisers.pipeline_folder import check_pipeline_folder, frozen, load_component, sha1_files
+from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
+                                               sha1_files)
 from onestep.denoisers.sd import LatentCodec, SDParts
 from onestep.errors import ConfigError
 from onestep.schedules import RectifiedFlow
@@ -148,7 +149,7 @@ class SanaDenoiser(Denoiser):
         return captured[0].mean(1).to(x_t.dtype)
 
 
-class SanaTextEncoder:
+class SanaTextEncoder(PromptEncoder):
     """SanaPipeline's own ``encode_prompt`` on its frozen Gemma; batch-first fields on the CPU: float32 embeddings
     and the int64 token mask (the interface of sd.TextEncoder: name, encode, null_fields, assemble, cond)."""
 
@@ -183,25 +184,11 @@ class SanaTextEncoder:
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self._encode(list(prompts))
 
-    def null_fields(self, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
+    def null_row(self, negative_prompt: str | None) -> dict[str, torch.Tensor]:
         """The pipeline's unconditional branch, one row: ``negative_prompt`` ("" when none, the pipeline's default)
         encoded the way encode_prompt encodes negative prompts (without the complex human instruction)."""
-        if negative_prompt not in self._null:
-            # encode_prompt's own negative branch (its positive output, one empty prompt, is discarded)
-            self._null[negative_prompt] = self._encode([""], negative_prompt or "")
-        return dict(self._null[negative_prompt])
-
-    def cond(self, prompts, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None) -> Cond:
-        prompts = list(prompts)
-        return self.assemble(prompts, self.encode(prompts), negative_prompt, height, width)
-
-    def assemble(self, prompts: list[str], fields: dict[str, torch.Tensor], negative_prompt: str | None = None,
-                 height: int | None = None, width: int | None = None) -> Cond:
-        """The Cond of encoded ``fields`` (fresh from ``encode`` or from a cache) with the null row of
-        ``negative_prompt``; the image size is not conditioning here."""
-        return Cond(dict(fields), null=self.null_fields(negative_prompt), texts=list(prompts),
-                    null_text=negative_prompt or "")
+        # encode_prompt's own negative branch (its positive output, one empty prompt, is discarded)
+        return self._encode([""], negative_prompt or "")
 
 
 def load_sana(folder, *, dtype=torch.float32, device="cpu", resolution: int | None = None) -> SDParts:

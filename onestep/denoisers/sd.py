@@ -39,7 +39,7 @@ from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.diffusers import MidBlockFeatures
 from onestep.denoisers.pipeline_folder import check_pipeline_folder as check_folder
-from onestep.denoisers.pipeline_folder import frozen, load_component, sha1_files
+from onestep.denoisers.pipeline_folder import PromptEncoder, frozen, load_component, sha1_files
 from onestep.errors import ConfigError
 from onestep.schedules import VPDiscrete
 
@@ -128,7 +128,7 @@ class SDUNetDenoiser(MidBlockFeatures, Denoiser):
         return out.to(x_t.dtype)
 
 
-class TextEncoder:
+class TextEncoder(PromptEncoder):
     """The pipeline's prompt encoding, frozen; returns batch-first float32 fields on the CPU."""
 
     def __init__(self, folder, kind: str, device="cpu", dtype=torch.float32):
@@ -166,24 +166,17 @@ class TextEncoder:
         return {"prompt_embeds": torch.cat([one.hidden_states[-2], two.hidden_states[-2]], -1).float().cpu(),
                 "pooled_prompt_embeds": two[0].float().cpu()}
 
-    def null_fields(self, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
-        if negative_prompt not in self._null:
-            fields = self.encode([negative_prompt or ""])
-            if self.zeros_for_empty and negative_prompt is None:
-                fields = {k: torch.zeros_like(v) for k, v in fields.items()}
-            self._null[negative_prompt] = fields
-        return dict(self._null[negative_prompt])
+    def null_row(self, negative_prompt: str | None) -> dict[str, torch.Tensor]:
+        fields = self.encode([negative_prompt or ""])
+        if self.zeros_for_empty and negative_prompt is None:
+            fields = {k: torch.zeros_like(v) for k, v in fields.items()}
+        return fields
 
     def time_ids(self, height: int, width: int) -> torch.Tensor | None:
         """SDXL's micro-conditioning with the pipeline's defaults: original size = target size, no crop."""
         if self.kind != "sdxl":
             return None
         return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-
-    def cond(self, prompts, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None) -> Cond:
-        prompts = list(prompts)
-        return self.assemble(prompts, self.encode(prompts), negative_prompt, height, width)
 
     def assemble(self, prompts: list[str], fields: dict[str, torch.Tensor], negative_prompt: str | None = None,
                  height: int | None = None, width: int | None = None) -> Cond:
