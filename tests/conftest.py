@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -53,3 +54,17 @@ def _threads():
     torch.set_num_threads(int(os.environ.get("ONESTEP_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
+
+
+def one_line(excinfo) -> str:
+    """The message of a pytest.raises excinfo, asserted to be one line."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def write_scheduler(folder, **config):
+    """folder/scheduler/scheduler_config.json holding ``config``; returns folder."""
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return folder

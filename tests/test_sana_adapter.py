@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import one_line, write_scheduler
 from sana_fixtures import FLOW_SHIFT, make_tiny_sana, scheduler, transformer, vae
 
 from onestep.conditioning import Cond
@@ -194,12 +195,6 @@ def test_schedule_reproduces_scheduler_sigmas(tmp_path, kind):
     torch.testing.assert_close(ref.sigmas[:-1].double(), expected, rtol=0, atol=1e-6)
 
 
-def write_scheduler(folder, **config):
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    return folder
-
-
 @pytest.mark.parametrize("config,words", [
     ({"_class_name": "SCMScheduler"}, "names SCMScheduler; teacher=sana reads"),
     ({"_class_name": "DPMSolverMultistepScheduler", "prediction_type": "epsilon"}, "without use_flow_sigmas"),
@@ -211,12 +206,6 @@ def test_schedule_rejects(tmp_path, config, words):
         sana_schedule(write_scheduler(tmp_path, **config))
     with pytest.raises(ConfigError, match="scheduler_config.json cannot be read"):
         sana_schedule(tmp_path / "elsewhere")
-
-
-def one_line(excinfo):
-    msg = str(excinfo.value)
-    assert "\n" not in msg
-    return msg
 
 
 def test_bad_folders(tmp_path, folders):

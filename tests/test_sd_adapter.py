@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import one_line, write_scheduler
 from sd_fixtures import make_tiny_sd15, make_tiny_sdxl, vae, write_prompts
 
 from onestep.conditioning import Cond
@@ -207,12 +208,6 @@ def test_scheduler_schedule_matches_diffusers(tmp_path, beta_schedule, beta_star
     torch.testing.assert_close(schedule.alpha(t) ** 2, ref.alphas_cumprod.double(), rtol=0, atol=1e-6)
 
 
-def write_scheduler(folder, **config):
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    return folder
-
-
 @pytest.mark.parametrize("diffusers_name,ours", sorted(PREDICTIONS.items()))
 def test_prediction_types(tmp_path, diffusers_name, ours):
     assert scheduler_schedule(write_scheduler(tmp_path, prediction_type=diffusers_name))[1] == ours
@@ -227,12 +222,6 @@ def test_scheduler_schedule_rejects(tmp_path, config, words):
         scheduler_schedule(write_scheduler(tmp_path, **config))
     with pytest.raises(ConfigError, match="scheduler_config.json cannot be read"):
         scheduler_schedule(tmp_path / "elsewhere")
-
-
-def one_line(excinfo):
-    msg = str(excinfo.value)
-    assert "\n" not in msg
-    return msg
 
 
 def test_check_pipeline_folder(tmp_path, folders):

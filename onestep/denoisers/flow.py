@@ -56,10 +56,9 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import Cond
 from onestep.denoisers.base import GUIDANCE, Denoiser
 from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
-                                               sha1_files)
+                                               require_prompts, sha1_files)
 from onestep.denoisers.sd import LatentCodec, SDParts
 from onestep.errors import ConfigError
 from onestep.schedules import RectifiedFlow
@@ -184,9 +183,7 @@ class FlowTransformerDenoiser(Denoiser):
         return t * (self.num_train_timesteps / 1000)
 
     def forward(self, x_t, t, cond=None):
-        if not isinstance(cond, Cond) or "prompt_embeds" not in cond:
-            raise ConfigError(f"a text-to-image teacher needs prompt conditioning (a Cond from FlowTextEncoder.cond), "
-                              f"got {cond!r}; pass data with prompts (teacher={self.kind})")
+        require_prompts(cond, "FlowTextEncoder", self.kind)
         self.check_input(x_t, "x_t")
         t = self._time(t, x_t)
         dtype, dev = self.transformer.dtype, x_t.device

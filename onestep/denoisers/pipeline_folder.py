@@ -145,3 +145,12 @@ class PromptEncoder:
         ``negative_prompt``."""
         return Cond(dict(fields), null=self.null_fields(negative_prompt), texts=list(prompts),
                     null_text=negative_prompt or "")
+
+
+def require_prompts(cond, encoder: str, kind: str, fields: tuple[str, ...] = ("prompt_embeds",)) -> None:
+    """A text-to-image network's conditioning must be a Cond with the prompt fields its text encoder makes."""
+    if not isinstance(cond, Cond) or any(f not in cond for f in fields):
+        from onestep.errors import ConfigError
+
+        raise ConfigError(f"a text-to-image teacher needs prompt conditioning (a Cond from {encoder}.cond), got "
+                          f"{cond!r}; pass data with prompts (teacher={kind})")

@@ -46,10 +46,9 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
-                                               sha1_files)
+                                               require_prompts, sha1_files)
 from onestep.denoisers.sd import LatentCodec, SDParts
 from onestep.errors import ConfigError
 from onestep.schedules import RectifiedFlow
@@ -123,9 +122,7 @@ class SanaDenoiser(Denoiser):
         return t * self.num_train_timesteps * self.transformer.config.timestep_scale
 
     def forward(self, x_t, t, cond=None):
-        if not isinstance(cond, Cond) or "prompt_embeds" not in cond or "prompt_attention_mask" not in cond:
-            raise ConfigError(f"a text-to-image teacher needs prompt conditioning (a Cond from SanaTextEncoder.cond), "
-                              f"got {cond!r}; pass data with prompts (teacher=sana)")
+        require_prompts(cond, "SanaTextEncoder", "sana", ("prompt_embeds", "prompt_attention_mask"))
         self.check_input(x_t, "x_t")
         t = self._time(t, x_t)
         dtype, dev = self.transformer.dtype, x_t.device

@@ -39,7 +39,7 @@ from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.diffusers import MidBlockFeatures
 from onestep.denoisers.pipeline_folder import check_pipeline_folder as check_folder
-from onestep.denoisers.pipeline_folder import PromptEncoder, frozen, load_component, sha1_files
+from onestep.denoisers.pipeline_folder import PromptEncoder, frozen, load_component, require_prompts, sha1_files
 from onestep.errors import ConfigError
 from onestep.schedules import VPDiscrete
 
@@ -111,9 +111,7 @@ class SDUNetDenoiser(MidBlockFeatures, Denoiser):
         return self.schedule.index(t)
 
     def forward(self, x_t, t, cond=None):
-        if not isinstance(cond, Cond) or "prompt_embeds" not in cond:
-            raise ConfigError(f"a text-to-image teacher needs prompt conditioning (a Cond from TextEncoder.cond), "
-                              f"got {cond!r}; pass data with prompts (teacher={self.kind})")
+        require_prompts(cond, "TextEncoder", self.kind)
         self.check_input(x_t, "x_t")
         t = self._time(t, x_t)
         dtype, dev = self.unet.dtype, x_t.device
