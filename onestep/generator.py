@@ -37,17 +37,9 @@ class Student:
         self.method = method
 
     def ts_for(self, steps: int) -> torch.Tensor:
-        """Evenly spaced t-list from the start time; on a discrete table (SD) the integer timesteps of DMD2's
-        list (999, 749, 499, 249 for 4 steps), which an exported LCMScheduler pipeline runs as they are; on a
-        shifted rectified flow the same list through the shift."""
-        integer = getattr(self.schedule, "integer_ts", None)
-        ts = integer(self.t_start, steps) if integer is not None else None
-        if ts is not None:
-            return ts
-        ts = torch.linspace(self.t_start, self.schedule.t_min, steps + 1, dtype=torch.float64)[:-1]
-        # a shifted flow schedule (SD3 / Flux / Sana) spaces the student's steps as its sampler does
-        shifted = getattr(self.schedule, "shifted", None)
-        return ts if shifted is None or steps == 1 else torch.cat([ts[:1], shifted(ts[1:])])
+        """The schedule's student t-list from the start time (Schedule.student_ts: evenly spaced; DMD2's integer
+        timesteps on SD tables; through the shift on flow schedules)."""
+        return self.schedule.student_ts(self.t_start, steps)
 
     def train_sample(self, nets: Nets, batch: Batch) -> torch.Tensor:
         g, noise = nets.generator, batch.noise

@@ -56,6 +56,10 @@ class Schedule:
         part of x_t (SiD's sigma_init start). Discrete diffusers tables override it at t_max."""
         return self.sigma(t)
 
+    def student_ts(self, t_start: float, steps: int) -> torch.Tensor:
+        """A few-step student's t-list: ``steps`` times evenly spaced from ``t_start`` toward t_min."""
+        return torch.linspace(t_start, self.t_min, steps + 1, dtype=torch.float64)[:-1]
+
     def derivatives(self, t):
         """(d alpha/dt, d sigma/dt) by forward-mode autodiff."""
         t = _t(t).clone()  # forward-mode AD cannot attach a tangent to an expanded (aliased) tensor
@@ -178,11 +182,11 @@ class VPDiscrete(Schedule):
         t = _t(t)
         return torch.where(t >= self.t_max, torch.ones_like(self.sigma(t)), self.sigma(t))
 
-    def integer_ts(self, t_start: float, steps: int) -> torch.Tensor | None:
-        """A student's t-list on integer table indices: DMD2's ``range(N - 1, 0, -N // steps)`` (999, 749, 499, 249
-        for 4 steps on SD; LCMScheduler's custom ``timesteps``) when the student starts at t_max, else None."""
+    def student_ts(self, t_start: float, steps: int) -> torch.Tensor:
+        """On integer table indices: DMD2's ``range(N - 1, 0, -N // steps)`` (999, 749, 499, 249 for 4 steps on SD),
+        which an exported LCMScheduler pipeline runs as they are, when the student starts at t_max."""
         if t_start < self.t_max:
-            return None
+            return super().student_ts(t_start, steps)
         idx = torch.arange(self.num_steps - 1, 0, -(self.num_steps // steps), dtype=torch.float64)[:steps]
         return idx / (self.num_steps - 1)
 
@@ -263,6 +267,11 @@ class RectifiedFlow(Schedule):
 
     def default_ts(self, n: int) -> torch.Tensor:
         return self.shifted(super().default_ts(n))
+
+    def student_ts(self, t_start: float, steps: int) -> torch.Tensor:
+        """The evenly spaced list through the shift (the start stays), as the flow pipelines space their steps."""
+        ts = super().student_ts(t_start, steps)
+        return torch.cat([ts[:1], self.shifted(ts[1:])]) if steps > 1 else ts
 
     def prior_std(self, t):
         """The flow pipelines (SD3 / Flux / Sana) start from x = z at the first sigma; at t_max = 1 - 1e-4 the

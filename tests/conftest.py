@@ -68,3 +68,13 @@ def write_scheduler(folder, **config):
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     return folder
+
+
+def noise(n=2, seed=1):
+    """Seeded (n, 4, 8, 8) latents: the tiny pipelines' latent shape."""
+    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max()).item()

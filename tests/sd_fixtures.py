@@ -104,3 +104,16 @@ def write_prompts(path, prompts) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(p + "\n" for p in prompts))
     return path
+
+
+def write_captioned_images(folder, prompts, size=(16, 16), prefix: str = "") -> Path:
+    """Random RGB images (seeded) with same-name .txt captions, one per prompt: the data=image_text folder format."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i, prompt in enumerate(prompts):
+        Image.fromarray((torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()).save(folder / f"{prefix}{i}.png")
+        (folder / f"{prefix}{i}.txt").write_text(prompt + "\n")
+    return folder

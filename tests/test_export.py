@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import Interrupt, compose
 from export_check import clean_process, env as _env
-from sd_fixtures import make_tiny_sd15, make_tiny_sdxl, write_prompts
+from sd_fixtures import make_tiny_sd15, make_tiny_sdxl, write_captioned_images, write_prompts
 from onestep.errors import ConfigError
 
 PROMPT = "a red square"
@@ -51,14 +51,7 @@ def export_and_sample(run_dir: Path, out: Path, n: int, seed: int, prompt: str |
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    images = root / "images"
-    images.mkdir()
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(PROMPT + "\n")
+    images = write_captioned_images(root / "images", [PROMPT] * 3)
     return {"sd15": make_tiny_sd15(root / "sd15"), "sdxl": make_tiny_sdxl(root / "sdxl"),
             "prompts": write_prompts(root / "prompts.txt", [PROMPT, "a blue circle"]), "images": images}
 
@@ -178,15 +171,8 @@ def test_flow_students_round_trip(tmp_path):
     from flow_fixtures import make_tiny_flux, make_tiny_sd3
     from sana_fixtures import make_tiny_sana
 
-    from PIL import Image
-
     prompts = write_prompts(tmp_path / "prompts.txt", [PROMPT, "a blue circle"])
-    images = tmp_path / "images"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(PROMPT + "\n")
+    images = write_captioned_images(tmp_path / "images", [PROMPT] * 2, size=(32, 32))
     small = ["trainer.steps=2", *FAST, "teacher.resolution=32"]
     cases = {
         "sd3_1": ["experiment=sd3_sid", f"teacher.path={make_tiny_sd3(tmp_path / 'sd3')}", f"data.path={prompts}"],

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import noise
 from flow_fixtures import FLUX_SHIFT, SD3_SHIFT, T5_TOKENS, make_tiny_flux, make_tiny_sd3
 from sd_fixtures import make_tiny_sd15
 
@@ -48,10 +49,6 @@ def pipeline(folder, kind):
                                                                                       local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def noise(n=2, seed=1):
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 def close(a, b, tol=1e-5):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from flow_fixtures import make_tiny_flux, make_tiny_sd3
 from sana_fixtures import make_tiny_sana
-from sd_fixtures import write_prompts
+from sd_fixtures import write_captioned_images, write_prompts
 
 PROMPTS = ["a red square", "a blue circle", "two cats"]
 FAST = ["trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false", "eval.num_samples=2",
@@ -26,15 +26,8 @@ FAST = ["trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false", "ev
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("flow")
-    images = root / "images"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i, prompt in enumerate(PROMPTS):
-        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(prompt + "\n")
+    images = write_captioned_images(root / "images", PROMPTS, size=(32, 32))
     return {"sd3": make_tiny_sd3(root / "sd3"), "flux": make_tiny_flux(root / "flux"),
             "sana": make_tiny_sana(root / "sana"), "prompts": write_prompts(root / "prompts.txt", PROMPTS),
             "images": images}

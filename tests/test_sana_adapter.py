@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import one_line, write_scheduler
+from conftest import noise, one_line, rel_err, write_scheduler
 from sana_fixtures import FLOW_SHIFT, make_tiny_sana, scheduler, transformer, vae
 
 from onestep.conditioning import Cond
@@ -44,14 +44,6 @@ def pipeline(folder):
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def noise(n=2, seed=1):
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def run_pipeline(pipe, latents, sigmas, w, negative, **kwargs):

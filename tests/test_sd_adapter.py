@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import one_line, write_scheduler
+from conftest import noise, one_line, rel_err, write_scheduler
 from sd_fixtures import make_tiny_sd15, make_tiny_sdxl, vae, write_prompts
 
 from onestep.conditioning import Cond
@@ -39,14 +39,6 @@ def pipeline(folder, kind):
                                                timestep_spacing="trailing", clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def noise(n=2, seed=1):
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name,negative", [("sd15", "blurry"), ("sd15", None), ("sd15_v", "blurry"),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_fixtures import make_tiny_sd15, make_tiny_sdxl, write_prompts
+from sd_fixtures import make_tiny_sd15, make_tiny_sdxl, write_captioned_images, write_prompts
 
 PROMPTS = ["a red square", "a blue circle", "a green dog", "two cats", "a house at night"]
 FAST = ["trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false", "eval.num_samples=4",
@@ -24,15 +24,7 @@ FAST = ["trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false", "ev
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    images = root / "images"
-    images.mkdir()
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for i, prompt in enumerate(PROMPTS[:4]):
-        px = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(px).save(images / f"img{i}.png")
-        (images / f"img{i}.txt").write_text(prompt + "\n")
+    images = write_captioned_images(root / "images", PROMPTS[:4], size=(20, 24), prefix="img")
     return {"sd15": make_tiny_sd15(root / "sd15"), "sdxl": make_tiny_sdxl(root / "sdxl"),
             "prompts": write_prompts(root / "prompts.txt", PROMPTS), "images": images, "root": root}
 

@@ -19,6 +19,7 @@ import flow_fixtures
 import pytest
 import sana_fixtures
 import torch
+from conftest import rel_err
 from sd_fixtures import TEXT_DIM
 
 from onestep.conditioning import Cond
@@ -114,10 +115,6 @@ def with_kernel(denoiser):
     processors = flash.transformer.attn_processors
     assert processors and all(isinstance(p, JVPFlashAttnProcessor) for p in processors.values())
     return flash
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", SOFTMAX)

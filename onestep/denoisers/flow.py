@@ -50,7 +50,6 @@ block) into (B, feature_dim = heads x head_dim): what discriminator heads read.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -58,7 +57,7 @@ import torch
 
 from onestep.denoisers.base import GUIDANCE, Denoiser
 from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
-                                               require_prompts, sha1_files)
+                                               read_scheduler_config, require_prompts, sha1_files)
 from onestep.denoisers.sd import LatentCodec, SDParts
 from onestep.errors import ConfigError
 from onestep.schedules import RectifiedFlow
@@ -88,12 +87,7 @@ def check_flow_folder(path, kind: str) -> Path:
 def flow_schedule(folder, image_tokens: int) -> tuple[RectifiedFlow, int]:
     """The sampling shift at ``image_tokens`` transformer tokens and num_train_timesteps, from
     scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)."""
-    where = f"teacher.path '{folder}': scheduler/scheduler_config.json"
-    try:
-        c = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{where} cannot be read ({type(e).__name__}); expected a diffusers pipeline "
-                          "folder") from None
+    c, where = read_scheduler_config(folder)
     if c.get("invert_sigmas"):
         raise ConfigError(f"{where} sets invert_sigmas (sigma = 1 - t, Mochi's convention), which onestep does not "
                           "support")

@@ -154,3 +154,17 @@ def require_prompts(cond, encoder: str, kind: str, fields: tuple[str, ...] = ("p
 
         raise ConfigError(f"a text-to-image teacher needs prompt conditioning (a Cond from {encoder}.cond), got "
                           f"{cond!r}; pass data with prompts (teacher={kind})")
+
+
+def read_scheduler_config(folder, expected: str = "a diffusers pipeline folder") -> tuple[dict, str]:
+    """(scheduler/scheduler_config.json as a dict, the phrase naming it for error messages); an unreadable file is a
+    one-line ConfigError."""
+    import json
+
+    from onestep.errors import ConfigError
+
+    where = f"teacher.path '{folder}': scheduler/scheduler_config.json"
+    try:
+        return json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text()), where
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where} cannot be read ({type(e).__name__}); expected {expected}") from None

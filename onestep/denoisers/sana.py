@@ -48,7 +48,7 @@ import torch
 
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
-                                               require_prompts, sha1_files)
+                                               read_scheduler_config, require_prompts, sha1_files)
 from onestep.denoisers.sd import LatentCodec, SDParts
 from onestep.errors import ConfigError
 from onestep.schedules import RectifiedFlow
@@ -65,12 +65,7 @@ def check_sana_folder(path) -> Path:
 
 def sana_schedule(folder) -> tuple[RectifiedFlow, int]:
     """The sampling shift and num_train_timesteps, from scheduler/scheduler_config.json."""
-    where = f"teacher.path '{folder}': scheduler/scheduler_config.json"
-    try:
-        c = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{where} cannot be read ({type(e).__name__}); expected a diffusers sana pipeline "
-                          "folder") from None
+    c, where = read_scheduler_config(folder, "a diffusers sana pipeline folder")
     name = c.get("_class_name")
     if name not in SHIFT_KEYS:
         raise ConfigError(f"{where} names {name}; teacher=sana reads DPMSolverMultistepScheduler (use_flow_sigmas) "

@@ -39,7 +39,8 @@ from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.diffusers import MidBlockFeatures
 from onestep.denoisers.pipeline_folder import check_pipeline_folder as check_folder
-from onestep.denoisers.pipeline_folder import PromptEncoder, frozen, load_component, require_prompts, sha1_files
+from onestep.denoisers.pipeline_folder import (PromptEncoder, frozen, load_component, read_scheduler_config,
+                                               require_prompts, sha1_files)
 from onestep.errors import ConfigError
 from onestep.schedules import VPDiscrete
 
@@ -59,12 +60,7 @@ def check_pipeline_folder(path, kind: str) -> Path:
 
 def scheduler_schedule(folder) -> tuple[VPDiscrete, str]:
     """The training noise table and the UNet's native prediction, from scheduler/scheduler_config.json."""
-    where = f"teacher.path '{folder}': scheduler/scheduler_config.json"
-    try:
-        c = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{where} cannot be read ({type(e).__name__}); expected a diffusers pipeline "
-                          "folder") from None
+    c, where = read_scheduler_config(folder)
     # absent keys take diffusers' scheduler defaults, as from_config would
     beta_schedule = c.get("beta_schedule", "linear")
     if beta_schedule not in ("linear", "scaled_linear") or c.get("trained_betas") is not None:
