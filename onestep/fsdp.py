@@ -1,10 +1,13 @@
 """FSDP for the trained networks: torch's FSDP2 (``fully_shard``), applied by the Networks seam.
 
 ``trainer.fsdp=true`` (or an accelerate launch with an FSDP config, ``ACCELERATE_USE_FSDP=true``) shards the
-generator and the critic over the processes: parameters, gradients and AdamW moments (16 bytes per trained
-parameter in fp32) live 1/N per rank; each block is gathered for its forward and backward (blocks: the members
-of the network's ModuleLists, then the rest). The frozen teacher, the EMA / target copies and the small heads
-stay replicated, so evaluation, sampling and export read plain modules on the main process.
+generator, the critic and the frozen teacher over the processes: the trained networks' parameters, gradients and
+AdamW moments (16 bytes per trained parameter in fp32) and the teacher's weights live 1/N per rank; each block is
+gathered for its forward and backward (blocks: the members of the network's ModuleLists, innermost first, then
+the rest). The EMA / target copies and the small heads stay replicated. Where the main process runs a sharded
+network alone (the teacher in objective.prepare's cached teacher pairs and the final evaluation; the generator
+itself when trainer.ema_decay=0 makes it the evaluated network) every rank first gathers it whole (``whole``) and
+frees it afterwards.
 
 Why not accelerate's FSDP plugin: it prepares one model per optimizer, not a frozen teacher or targets that
 move with the generator, and on CPU (distributed type MULTI_CPU) it falls back to DDP without a word; torch's
@@ -17,6 +20,7 @@ slices the full tensors back into shards (``assign``), so a run resumes under FS
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,20 +40,48 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def shard(net: nn.Module, mixed_precision: str = "no") -> None:
-    """fully_shard every block of ``net`` (members of its ModuleLists), then ``net``. Every unit, the root too, is
-    freed after its forward and gathered again for backward: the critic and generator run several forwards per
-    update (teacher-critic pairs, GAN passes), which would otherwise keep them whole until the backward."""
+def shard(net: nn.Module, mixed_precision: str = "no") -> bool:
+    """fully_shard every block of ``net`` (members of its ModuleLists that are not single layers, the innermost first: a diffusers UNet's
+    down_blocks[i] holds ModuleLists of resnets and attentions), then ``net``. Every unit, the root too, is freed
+    after its forward and gathered again for backward: the critic and generator run several forwards per update
+    (teacher-critic pairs, GAN passes), which would otherwise keep them whole until the backward. A frozen network
+    (the teacher, already in its frozen dtype) is sharded the same way with no mixed-precision cast. False when
+    ``net`` has no parameters (the exact GMM teacher): nothing to shard."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mp = MixedPrecisionPolicy(param_dtype=MIXED.get(mixed_precision), reduce_dtype=torch.float32)
+    if not any(True for _ in net.parameters()):
+        return False
+    trained = any(p.requires_grad for p in net.parameters())
+    mp = MixedPrecisionPolicy(param_dtype=MIXED.get(mixed_precision) if trained else None,
+                              reduce_dtype=torch.float32)
+    # (a lone layer in a list, like diffusers' attention to_out[0], is too small to be a unit of its own)
     blocks = [m for lst in net.modules() if isinstance(lst, nn.ModuleList) for m in lst
-              if any(True for _ in m.parameters())]
-    for m in blocks:
+              if any(True for _ in m.children()) and any(True for _ in m.parameters())]
+    for m in reversed(blocks):  # pre-order reversed: every block before the blocks that contain it
         fully_shard(m, mp_policy=mp, reshard_after_forward=True)
     fully_shard(net, mp_policy=mp, reshard_after_forward=True)
     if hasattr(net, "features"):  # GAN heads read the critic's features: a second entry point
         register_fsdp_forward_method(net, "features")
+    return True
+
+
+@contextmanager
+def whole(net: nn.Module):
+    """Inside, every FSDP unit of ``net`` holds its whole parameters, so one process may run ``net`` alone (the
+    main process's evaluation). Entering gathers (a collective: every rank enters, in the same order); leaving
+    frees the gathered copies (local) and restores resharding after each forward. A no-op for plain modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in net.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield net
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 try:
@@ -131,10 +163,8 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     return norm
 
 
-def check(cfg, lora: bool) -> None:
+def check(lora: bool) -> None:
     if lora:
         raise ConfigError("trainer.fsdp=true shards full copies of the generator and critic; with LoRA adapters "
                           "(generator.lora.rank / critic.lora.rank) the trained state is small: use plain data "
                           "parallelism (trainer.fsdp=false)")
-    if cfg.trainer.ema_decay == 0:
-        raise ConfigError("trainer.fsdp=true keeps a replicated EMA copy for evaluation; set trainer.ema_decay > 0")

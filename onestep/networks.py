@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -370,11 +371,26 @@ class Networks:
                 raise ConfigError("trainer.gradient_checkpointing=true but no network of this run supports it "
                                   "(only diffusers models do); set trainer.gradient_checkpointing=false")
         self.sharded = shard and fsdp.world_size() > 1
+        self.teacher_sharded = False
         if self.sharded:  # after the targets were copied from the generator: they stay replicated
-            fsdp.check(cfg, lora)
+            fsdp.check(lora)
             for name in ("generator", "critic"):
                 if name in self.roles:
                     fsdp.shard(self.roles[name].module, tc.mixed_precision)
+            self.teacher_sharded = fsdp.shard(teacher)  # (FSDP excludes LoRA: the teacher is never a shared base)
+
+    @contextmanager
+    def whole(self, *roles: str):
+        """Context in which the networks of ``roles`` ("teacher", a role name) may run on one process alone
+        (objective.prepare's teacher pairs, evaluation and sample grids of the EMA role, which with
+        trainer.ema_decay=0 is the sharded generator itself). Sharded ones are gathered by every rank on entry, so
+        every rank must enter, with the same roles."""
+        with contextlib.ExitStack() as stack:
+            for name in roles:
+                net = self.teacher.net if name == "teacher" else self.roles[name].module
+                if self.sharded:
+                    stack.enter_context(fsdp.whole(net))
+            yield
 
     # --- what the trainer and objectives use --------------------------------------------------------------
 
@@ -431,7 +447,11 @@ class Networks:
         def count(ps):
             return sum(p.numel() for p in ps)
         base = "" if self.base is None else f", shared base {count(self.base.net.parameters()) / 1e6:.2f}M params"
-        lines = [f"networks: teacher {self.teacher._dtype()}".replace("torch.", "") + base + f"; attention: {self.attention}"]
+        teacher = f"networks: teacher {self.teacher._dtype()}".replace("torch.", "")
+        if self.teacher_sharded:
+            local = sum(p.to_local().numel() for p in self.teacher.parameters()) / 1e6
+            teacher += f" FSDP2-sharded over {fsdp.world_size()} processes ({local:.3f}M params per process)"
+        lines = [teacher + base + f"; attention: {self.attention}"]
         for name, role in self.roles.items():
             if name != "generator" and role is self.roles["generator"]:
                 lines.append(f"  {name}: the generator itself (decay 0)")

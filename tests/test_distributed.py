@@ -66,9 +66,9 @@ def _stats(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "stats.jsonl").read_text().splitlines()]
 
 
-def _final(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _final(run: Path, steps: int = STEPS) -> dict[str, dict[str, torch.Tensor]]:
     last = checkpoint.list_checkpoints(run)[-1]
-    assert last.name == f"step_{STEPS:08d}"
+    assert last.name == f"step_{steps:08d}"
     return {f.stem: load_file(str(f)) for f in sorted(last.glob("*.safetensors"))}
 
 
@@ -92,13 +92,19 @@ def test_two_processes_reproduce_one(tmp_path, objective):
     assert r.stdout.count("teacher net:") == 1
     if objective == "dmd2":
         assert r.stdout.count("regression pairs:") == 1
-    # every logged mean (losses, their terms); a maximum over the batch is logged as the ranks' mean of maxima
+    _same_training(one, two, STEPS)
+
+
+def _same_training(one: Path, two: Path, steps: int) -> None:
+    """Every logged mean (losses, their terms) and every final weight of run ``two`` equal run ``one``'s; a
+    maximum over the batch is logged as the ranks' mean of maxima, so it is left out."""
+    a, b = _stats(one), _stats(two)
     keys = [k for k in a[0] if k != "it_per_s" and not k.endswith("_max")]
-    assert "gen/loss" in keys
+    assert "gen/loss" in keys and len(a) == len(b) == steps
     for sa, sb in zip(a, b):
         for k in keys:
             assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), f"step {sa['step']} {k}"
-    wa, wb = _final(one), _final(two)
+    wa, wb = _final(one, steps), _final(two, steps)
     assert wa.keys() == wb.keys()
     for net in wa:
         for k in wa[net]:
@@ -165,6 +171,52 @@ def test_fsdp_matches_one_process_and_resumes_either_way(tmp_path):
         wa, wb = load_file(str(one / "checkpoints" / last.name / f.name)), load_file(str(f))
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{f.stem}.{k}")
+
+
+TEACHER_SHARDED = "networks: teacher float32 FSDP2-sharded over 2 processes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dmd2", "scd"])
+def test_fsdp_shards_the_teacher_and_matches_one_process(tmp_path, objective):
+    """A teacher with weights (teacher.kind=gmm_learned) is sharded with the generator and critic: DMD2's
+    regression pairs (built by the main process alone in objective.prepare) and the final evaluation gather it on
+    every rank; sCD runs torch.func.jvp through it. Losses and weights equal one process's."""
+    from onestep.train.trainer import train
+
+    launcher, own = CASES[objective]
+    args = COMMON + [a.format(tmp=tmp_path) for a in own] + ["teacher.kind=gmm_learned"]
+    r = launch(launcher, args + ["trainer.fsdp=true", f"run_dir={tmp_path}/two"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert TEACHER_SHARDED in r.stdout and "generator: full copy FSDP2-sharded" in r.stdout
+    assert "| teacher | ddim | 2 |" in r.stdout  # the main process evaluated the gathered teacher
+    train(compose(args), tmp_path / "one")
+    _same_training(tmp_path / "one", tmp_path / "two", STEPS)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_an_sd_unet_teacher(tmp_path):
+    """A diffusers UNet2DConditionModel teacher (tiny SD1.5 pipeline; nested ModuleLists, gradient checkpointing)
+    sharded over 2 processes trains 3 DMD2 steps exactly as one process does. The experiment's ema_decay=0 makes
+    the sharded generator the evaluated network: the sample grid at step 2 and the final evaluation gather it."""
+    from sd_fixtures import make_tiny_sd15, write_prompts
+
+    pipe = make_tiny_sd15(tmp_path / "sd15")
+    prompts = write_prompts(tmp_path / "prompts.txt", ["a red square", "a blue circle", "a green dog", "two cats"])
+    args = ["experiment=sd15_dmd2", f"teacher.path={pipe}", f"data.path={prompts}", "trainer.steps=3",
+            "trainer.batch_size=2", "trainer.progress=false", "eval.num_samples=4", "eval.teacher_steps=[2]",
+            "trainer.checkpoint_every=3", "trainer.log_every=1", "trainer.sample_every=2", "trainer.frozen_dtype=fp32",
+            "objective.ttur=1"]
+    r = launch("torchrun", args + ["trainer.fsdp=true", f"run_dir={tmp_path}/two"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert TEACHER_SHARDED in r.stdout and "critic: full copy FSDP2-sharded" in r.stdout
+    assert "returned a view tensor" not in r.stderr  # no lone layer became an FSDP unit
+    assert (tmp_path / "two" / "samples_00000002.png").exists()
+    r = subprocess.run([sys.executable, "-m", "onestep.cli", "train", *args, f"run_dir={tmp_path}/one"],
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_training(tmp_path / "one", tmp_path / "two", 3)
 
 
 NAN_ARGS = COMMON + CASES["dmd2"][1] + ["trainer.max_bad_steps=1", "trainer.keep_checkpoints=5"]

@@ -59,7 +59,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
                         shard=fsdp.requested(cfg))
     teacher = guided(networks.teacher, cfg.teacher.guidance)
     nets = networks.nets(teacher)
-    with acc.main_process_first():
+    with networks.whole("teacher"), acc.main_process_first():  # (the main process may run the teacher alone)
         objective.prepare(nets)
     if acc.is_main_process:
         print(networks.describe(), flush=True)
@@ -112,19 +112,25 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
             if main:
                 checkpoint.save(run_dir, done, states, train_state, keep=tc.keep_checkpoints)
             acc.wait_for_everyone()
-        if main and tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-            _append(Path(run_dir) / "evals.jsonl", {"step": done, **_eval_student(setup, student, ema, cfg.eval)})
-        if main and tc.sample_every and done % tc.sample_every == 0:
-            _plot_samples(setup, student, ema, run_dir / f"samples_{done:08d}.png")
+        evaluate = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
+        plot = tc.sample_every and done % tc.sample_every == 0
+        if evaluate or plot:
+            with networks.whole(EMA):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
+                if main and evaluate:
+                    _append(Path(run_dir) / "evals.jsonl",
+                            {"step": done, **_eval_student(setup, student, ema, cfg.eval)})
+                if main and plot:
+                    _plot_samples(setup, student, ema, run_dir / f"samples_{done:08d}.png")
         for cb in callbacks:
             cb(done, logs)
     bar.close()
 
-    if not acc.is_main_process:
-        return {}
     t_eval = time.perf_counter()
     seconds["distill"] = round(t_eval - t0, 1)
-    rows, samples = compare(setup, student, ema, teacher, cfg.eval, progress=show)
+    with networks.whole("teacher", EMA):  # every rank gathers sharded ones; the main process evaluates alone
+        if not acc.is_main_process:
+            return {}
+        rows, samples = compare(setup, student, ema, teacher, cfg.eval, progress=show)
     seconds["evaluate"] = round(time.perf_counter() - t_eval, 1)
     # wall seconds of this process (a resumed run counts from resumed_at_step)
     table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name, "seconds": seconds},
