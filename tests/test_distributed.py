@@ -195,6 +195,65 @@ def test_fsdp_shards_the_teacher_and_matches_one_process(tmp_path, objective):
 
 
 @pytest.mark.slow
+def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_fp32_weights(tmp_path):
+    """trainer.mixed_precision=bf16 under FSDP2 trains, its critic loss follows one bf16-autocast process within
+    bf16 rounding (1%), and weights, optimizer moments and checkpoints stay fp32 (that the sharded blocks do
+    compute in bf16 is checked in test_fsdp_parameter_dtypes)."""
+    from onestep.train.trainer import train
+
+    args = COMMON + ["experiment=gmm_fdistill", "teacher.kind=gmm_learned", "trainer.mixed_precision=bf16"]
+    r = launch("torchrun", args + ["trainer.fsdp=true", f"run_dir={tmp_path}/two"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert TEACHER_SHARDED in r.stdout
+    train(compose(args), tmp_path / "one")
+    a, b = _stats(tmp_path / "one"), _stats(tmp_path / "two")
+    for sa, sb in zip(a, b):
+        assert sb["critic/loss"] == pytest.approx(sa["critic/loss"], rel=1e-2), f"step {sa['step']}"
+    for net, w in _final(tmp_path / "two").items():
+        assert all(v.dtype == torch.float32 for v in w.values()), net
+
+
+DTYPES = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from onestep import fsdp
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.SiLU()) for _ in range(2)])
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return h
+
+for frozen in (False, True):
+    net, seen = Net().requires_grad_(not frozen), []
+    for b in net.blocks:
+        b.register_forward_hook(lambda m, i, o: seen.append((str(m[0].weight.dtype), str(o.dtype))))
+    fsdp.shard(net, "bf16")
+    y = net(torch.randn(3, 4))
+    print(("frozen" if frozen else "trained"), seen, str(y.dtype), sorted({str(p.dtype) for p in net.parameters()}))
+"""
+
+
+def test_fsdp_parameter_dtypes():
+    """fsdp.shard(net, "bf16") in a 1-process group: a trained network's blocks compute with bf16 weights while
+    the stored (sharded) parameters stay fp32; a frozen network (the teacher, already cast to
+    trainer.frozen_dtype) is not cast again."""
+    r = subprocess.run([sys.executable, "-c", DTYPES, _free_port()], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    bf16, fp32 = "torch.bfloat16", "torch.float32"
+    trained, frozen = r.stdout.splitlines()
+    assert trained == f"trained {[(bf16, bf16)] * 2} {bf16} {[fp32]}", trained
+    assert frozen == f"frozen {[(fp32, fp32)] * 2} {fp32} {[fp32]}", frozen
+
+
+@pytest.mark.slow
 def test_fsdp_shards_an_sd_unet_teacher(tmp_path):
     """A diffusers UNet2DConditionModel teacher (tiny SD1.5 pipeline; nested ModuleLists, gradient checkpointing)
     sharded over 2 processes trains 3 DMD2 steps exactly as one process does. The experiment's ema_decay=0 makes
