@@ -15,9 +15,11 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -70,6 +72,19 @@ def load_latest(run_dir: Path, modules: dict[str, nn.Module]) -> dict | None:
             m.load_state_dict(weights[name])
         return state
     return None
+
+
+def looks_readable(ckpt: Path) -> bool:
+    """Whether a checkpoint folder's files open (each safetensors header against the file's size, state.pt's zip
+    directory) without reading the tensors: what listing runs can afford; load_latest checks everything."""
+    try:
+        for f in ckpt.glob("*.safetensors"):
+            with safe_open(str(f), "pt"):
+                pass
+        zipfile.ZipFile(ckpt / "state.pt").close()
+    except Exception:  # noqa: BLE001 - any unreadable file (a SafetensorError, BadZipFile, OSError)
+        return False
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

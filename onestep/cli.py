@@ -7,6 +7,7 @@
     onestep bench bench.runs=[runs/gmm_dmd2/a]     # quality vs NFE: teacher samplers and student checkpoints
     onestep sample run_dir=<run or export folder> num=16 seed=0 out=grid.png [prompt="..."] [class_label=3] [steps=2]
     onestep export run_dir=<run folder> out=<folder> [overwrite=true] [lora_only=true] [allow_unfinished=true]
+    onestep runs [out_root=runs]                   # the run folders: experiment, step, headline metric, status
 
 Errors in user input (ConfigError) print one line and exit with status 2.
 """
@@ -25,7 +26,7 @@ import onestep.objectives  # noqa: F401  (registers the objectives)
 from onestep.errors import ConfigError
 
 CONFIG_PATH = "pkg://onestep.configs"
-COMMANDS = ("train", "bench", "sample", "export")
+COMMANDS = ("train", "bench", "sample", "export", "runs")
 USAGE = f"usage: onestep {{{'|'.join(COMMANDS)}}} [key=value ...]   (see README.md)"
 
 
@@ -198,6 +199,18 @@ def _export(args: list[str]) -> None:
     print(f"exported step {info['step']} of {run.path} -> {out}\n\n{usage_code(info, str(out))}")
 
 
+def _runs(args: list[str]) -> None:
+    from onestep.config import RunsConfig
+    from onestep.train.run_list import list_runs, table
+
+    o = _options(RunsConfig, args, "runs")
+    try:
+        runs = list_runs(o.out_root)
+    except ConfigError as e:
+        _fail(str(e))
+    print(table(runs) if runs else f"no run folders under {o.out_root or onestep.config.Config.out_root}")
+
+
 def _bench_overrides(args: list[str]) -> list[str]:
     """Hydra's run folder is the bench folder (bench.out, else <out_root>/bench/<experiment>), with no .hydra/."""
     out = next((a.split("=", 1)[1] for a in args if a.startswith("bench.out=")), None)
@@ -284,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         _fail(f"unknown command {argv[0]!r}; {USAGE}" if argv else USAGE)
     command, rest = argv[0], argv[1:]
-    if command in ("sample", "export"):
-        {"sample": _sample, "export": _export}[command](rest)
+    if command in ("sample", "export", "runs"):
+        {"sample": _sample, "export": _export, "runs": _runs}[command](rest)
         return
     _precheck(rest, command)
     if command == "bench" and not any(a.startswith("-") for a in rest):

@@ -155,6 +155,10 @@ class TrainerConfig:
     #: evaluate the student every N steps (0 = only at the end)
     eval_every: int = 0
     sample_every: int = 0
+    #: experiment tracker fed with the stats, evaluations and sample grids (onestep/train/tracking.py):
+    #: tensorboard (event files in <run>/tb/) | wandb (WANDB_MODE=offline works) | none | auto (tensorboard
+    #: when the tensorboard package is installed, else none). The JSONL files are written either way
+    log_with: str = "auto"
     #: consecutive updates with a non-finite loss or gradient (on any rank) tolerated, each skipped and counted
     #: as bad_steps in stats.jsonl, before the run stops
     max_bad_steps: int = 10
@@ -235,6 +239,14 @@ class ExportConfig:
     ema: bool = True
     #: SD-family: also write one original-layout .safetensors (StableDiffusionPipeline.from_single_file)
     single_file: bool = True
+
+
+@dataclass
+class RunsConfig:
+    """`onestep runs key=value ...`: the run folders under a folder, one line each."""
+
+    #: the folder to scan (None = the training default, Config.out_root)
+    out_root: Optional[str] = None
 
 
 @dataclass

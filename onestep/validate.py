@@ -10,6 +10,7 @@ it (train/run_dir.py, ``undo_on_bad_input``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Callable, NamedTuple
 
@@ -84,6 +85,9 @@ OBJECTIVE_RANGES: dict[str, tuple[Range, str]] = {
 #: accelerate's mixed precision modes this trainer supports
 MIXED_PRECISION = ("no", "fp16", "bf16")
 STUDENT_METHODS = ("renoise", "ddim")
+#: trainer.log_with: accelerate trackers the trainer feeds (onestep/train/tracking.py); auto = tensorboard when
+#: installed, else none
+TRACKERS = ("auto", "tensorboard", "wandb", "none")
 #: teacher kinds whose image size is a choice (teacher.resolution); the others fix it
 TEXT_TO_IMAGE = tuple(kind for kind, build in BUILDERS.items() if build is build_sd)
 
@@ -104,6 +108,7 @@ def check_config(cfg) -> None:
     _choice("trainer.mixed_precision", cfg.trainer.mixed_precision, MIXED_PRECISION)
     _choice("generator.method", cfg.generator.method, STUDENT_METHODS)
     _choice("eval.teacher_method", cfg.eval.teacher_method, METHODS)
+    _check_tracker(cfg.trainer.log_with)
     _check_teacher(cfg.teacher)
     if cfg.generator.ts is not None:
         try:
@@ -130,6 +135,13 @@ def _check_betas(key: str, betas: list) -> None:
 def _choice(key: str, value: str, options) -> None:
     if value not in options:
         raise ConfigError(f"{key}='{value}' is unknown; choose one of {tuple(options)}")
+
+
+def _check_tracker(name: str) -> None:
+    _choice("trainer.log_with", name, TRACKERS)
+    if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
+        raise ConfigError(f"trainer.log_with={name} needs the {name} package, which is not installed: "
+                          f"pip install {name}, or pass trainer.log_with=none")
 
 
 def _check_teacher(tc) -> None:

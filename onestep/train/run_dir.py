@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 from onestep import checkpoint
 from onestep.errors import ConfigError
 
-#: keys that may differ when resuming (extending a run, toggling progress output, sharding the networks or not)
+#: keys that may differ when resuming (extending a run, toggling progress output or tracking, sharding or not)
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.progress", "trainer.log_every", "trainer.sample_every", "trainer.eval_every",
                      "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume", "trainer.fsdp", "run_dir",
-                     "out_root")
+                     "out_root", "trainer.log_with")
 #: per-step logs of a run folder: one JSON record with a "step" per line
 LOGS = ("stats.jsonl", "evals.jsonl")
 

@@ -31,6 +31,7 @@ from onestep.objectives import make_objective
 from onestep.train.data_parallel import DataParallel
 from onestep.train.guard import NonFiniteLoss, StepGuard, grad_norm  # noqa: F401  (NonFiniteLoss: the CLI's)
 from onestep.train.run_dir import prepare_run_dir, resume_state, undo_on_bad_input
+from onestep.train.tracking import Tracker, accelerator_args
 from onestep.validate import check_config
 
 
@@ -40,7 +41,8 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     check_config(cfg)  # every key that needs no file, before the run folder exists
     tc = cfg.trainer
     # without CUDA, accelerate joins the processes of torchrun / accelerate launch (gloo) only when told cpu=True
-    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available(),
+                      **accelerator_args(tc.log_with, run_dir or cfg.run_dir))  # trainer.log_with's tracker
     run_dir = prepare_run_dir(cfg, run_dir, write=acc.is_main_process)
     show = tc.progress and acc.is_main_process
     dp = DataParallel(acc, tc.batch_size)
@@ -75,6 +77,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
         if opt_c is not None:
             fsdp.load_optimizer(opt_c, state["opt_critic"])
     ema = networks.unwrapped(EMA)
+    track = Tracker(acc, run_dir, cfg, start)  # mirrors the JSONL lines and sample grids (tracking.py)
 
     stats_file = Path(run_dir) / "stats.jsonl"
     bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
@@ -105,7 +108,9 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
             rate = (done - start) / (time.perf_counter() - t0)
             bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
                              if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
-            _append(stats_file, {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs})
+            record = {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs}
+            _append(stats_file, record)
+            track.stats(record, opt_g, opt_c)
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             # every rank takes part (sharded states gather here); the main process writes
             states, train_state = networks.checkpointed(), _state(done, opt_g, opt_c, guard.total)
@@ -117,10 +122,12 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
         if evaluate or plot:
             with networks.whole(EMA):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
                 if main and evaluate:
-                    _append(Path(run_dir) / "evals.jsonl",
-                            {"step": done, **_eval_student(setup, student, ema, cfg.eval)})
+                    record = {"step": done, **_eval_student(setup, student, ema, cfg.eval)}
+                    _append(Path(run_dir) / "evals.jsonl", record)
+                    track.evals(record)
                 if main and plot:
                     _plot_samples(setup, student, ema, run_dir / f"samples_{done:08d}.png")
+                    track.samples(done, run_dir / f"samples_{done:08d}.png")
         for cb in callbacks:
             cb(done, logs)
     bar.close()
@@ -133,8 +140,10 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
         rows, samples = compare(setup, student, ema, teacher, cfg.eval, progress=show)
     seconds["evaluate"] = round(time.perf_counter() - t_eval, 1)
     # wall seconds of this process (a resumed run counts from resumed_at_step)
-    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name, "seconds": seconds},
+    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name, "seconds": seconds,
+                                         "headline": setup.evaluator.headline},
                          note=getattr(setup.evaluator, "what", None))
+    track.finish(tc.steps, rows, table)
     if cfg.eval.plot:
         pick = [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))] + \
                [k for k in samples if k.startswith("student")][:1]
