@@ -118,9 +118,10 @@ def _rank_overrides() -> list[str]:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def _bench(cfg: DictConfig) -> None:
-    from onestep.eval.bench import bench
+    from onestep.eval.bench import bench, runs_protocol
 
     try:
+        cfg = runs_protocol(cfg, HydraConfig.get().overrides.task)  # with bench.runs: the runs' own protocol
         out = bench(cfg, cfg.bench.out or HydraConfig.get().runtime.output_dir)
     except ConfigError as e:
         _fail(str(e))
@@ -212,9 +213,21 @@ def _runs(args: list[str]) -> None:
 
 
 def _bench_overrides(args: list[str]) -> list[str]:
-    """Hydra's run folder is the bench folder (bench.out, else <out_root>/bench/<experiment>), with no .hydra/."""
+    """Hydra's run folder is the bench folder (bench.out, else <out_root>/bench/<experiment>: the experiment of the
+    runs in bench.runs, else the composed one), with no .hydra/."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from onestep.eval.bench import folder_name
+
+    given = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args) if not o.is_delete()}
+    experiment = "${hydra:runtime.choices.experiment}"
+    if given.get("bench.runs"):
+        try:
+            experiment = folder_name([str(r) for r in given["bench.runs"]], given.get("experiment"))
+        except ConfigError as e:
+            _fail(str(e))
     out = next((a.split("=", 1)[1] for a in args if a.startswith("bench.out=")), None)
-    run_dir = out or "${out_root}/bench/${hydra:runtime.choices.experiment}"
+    run_dir = out or f"${{out_root}}/bench/{experiment}"
     return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
 
 

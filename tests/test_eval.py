@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -366,6 +367,73 @@ def test_cli_bench_teacher_only_and_missing_run(tmp_path):
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("onestep: error: bench.runs:"), bad.stderr
+
+
+def test_bench_protocol_comes_from_the_runs_config(tmp_path):
+    """With bench.runs, eval and bench keys come from the run's config.yaml (not the composed default experiment),
+    keys given on the command line win, runs of different protocols are refused in one line, and the folder is
+    named after the run's experiment (Hydra's record), else after the run folder."""
+    from onestep.eval.bench import folder_name, run_experiment, runs_protocol
+    from onestep.train.run_dir import prepare_run_dir
+
+    run = tmp_path / "ring"
+    prepare_run_dir(compose(TINY + ["bench.student_steps=[1]"]), run)  # config.yaml is all the protocol needs
+    runs = [f"bench.runs=[{run}]"]
+    cfg = runs_protocol(compose(runs), runs)  # no experiment=: the default (digits) composition
+    assert cfg.eval.num_samples == 256 and cfg.eval.features == "inception" and list(cfg.bench.student_steps) == [1]
+    given = runs + ["bench.num_samples=300", "eval.features=digits", "bench.student_steps=[1,2]"]
+    cfg = runs_protocol(compose(given), given)
+    assert (cfg.bench.num_samples, cfg.eval.features, list(cfg.bench.student_steps)) == (300, "digits", [1, 2])
+    assert cfg.eval.num_samples == 256
+
+    other = tmp_path / "other"
+    other.mkdir()
+    saved = (run / "config.yaml").read_text()
+    (other / "config.yaml").write_text(saved.replace("num_samples: 256", "num_samples: 512"))
+    both = [f"bench.runs=[{run},{other}]"]
+    with pytest.raises(ConfigError, match="bench.num_samples") as e:
+        runs_protocol(compose(both), both)
+    assert "\n" not in str(e.value)
+    settled = both + ["bench.num_samples=64"]
+    assert runs_protocol(compose(settled), settled).bench.num_samples == 64
+
+    assert run_experiment(run) is None and folder_name([str(run)]) == "ring"
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      experiment: gmm_dmd2\n")
+    assert folder_name([str(run)]) == folder_name([str(run)], "gmm_dmd2") == "gmm_dmd2"
+    with pytest.raises(ConfigError, match="experiment=gmm_dmd2, not experiment=digits_dmd2"):
+        folder_name([str(run)], "digits_dmd2")
+
+
+@pytest.mark.slow
+def test_cli_bench_follows_the_runs_experiment(tmp_path):
+    """`onestep bench bench.runs=[<gmm run>]` without experiment=, as README shows it: the run's eval.num_samples and
+    evaluator (so the run's own results rows come back exactly) and <out_root>/bench/<the run's experiment>;
+    bench.num_samples / bench.out on the command line still win; a contradicting experiment= is one line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train = subprocess.run([sys.executable, "-m", "onestep.cli", "train", *TINY, f"out_root={tmp_path}"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    (run,) = (tmp_path / "gmm_dmd2").iterdir()
+    bench = [sys.executable, "-m", "onestep.cli", "bench", f"bench.runs=['{run}']", "bench.teacher_steps=[2]",
+             "bench.teacher_methods=[ddim]", "bench.student_steps=[1]", "bench.progress=false", f"out_root={tmp_path}"]
+    done = subprocess.run(bench, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "bench" / "gmm_dmd2" / "points").glob("*.json")]
+    assert {r["n"] for r in rows} == {256} and len(rows) == 2
+    trained = {(r["model"], r["steps"]): r["sliced_w2"] for r in json.loads((run / "metrics.json").read_text())["rows"]}
+    assert {(r["kind"], r["steps"]): r["sliced_w2"] for r in rows} == trained
+
+    done = subprocess.run(bench + ["bench.num_samples=300", f"bench.out={tmp_path / 'b300'}"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {json.loads(p.read_text())["n"] for p in (tmp_path / "b300" / "points").glob("*.json")} == {300}
+
+    bad = subprocess.run(bench + ["experiment=digits_dmd2"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and not (tmp_path / "bench" / "digits_dmd2").exists()
+    assert bad.stderr.strip().splitlines() == [f"onestep: error: bench.runs: '{run}' was trained with "
+                                               "experiment=gmm_dmd2, not experiment=digits_dmd2; leave experiment= "
+                                               "out (the runs' config.yaml sets the protocol)"]
 
 
 def test_fd_is_symmetric_and_zero_only_for_equal_stats():

@@ -197,6 +197,10 @@ def main() -> None:
     out = ROOT / "results" / f"sd_memory_{'gpu' if cuda else 'cpu'}.md"
     out.write_text(table)
     print(table)
+    sys.path.insert(0, str(ROOT / "tools"))
+    from readme_block import update_readme
+
+    print("README block updated" if update_readme(f"results/{out.name}") else f"README has no block for {out.name}")
 
 
 if __name__ == "__main__":

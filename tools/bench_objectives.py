@@ -10,7 +10,9 @@ For each task (TASKS: a base experiment) it evaluates the teacher (DDIM) at 1/2/
 1-step student per BENCH row (task overrides + row overrides), reading sliced-W2, modes covered and the worst
 per-mode mass error of the EMA generator on the same evaluation noise, the training wall time, and the first
 checkpoint step at which sliced-W2 falls below the threshold (THRESHOLD_X times the teacher's 64-step value).
-Writes <out>/objectives_gmm.{md,json,png}: one table per task and one scatter panel per objective and teacher.
+Writes <out>/objectives_gmm.{md,json,png}: one table per task and one scatter panel per objective and teacher, and
+<out>/objectives_gmm_summary.md: the README's table (tasks as columns). ``render`` alone writes both markdown files
+again from objectives_gmm.json without running anything: ``python tools/bench_objectives.py render``.
 Rows not run by this invocation (other tasks, or objectives left out by only=) are kept from the previous
 objectives_gmm.json, so a new row can be benchmarked alone: ``only=<new row>``.
 
@@ -39,6 +41,9 @@ from onestep.generator import Student
 from onestep.sampling import sample
 from onestep import checkpoint
 from onestep.train.trainer import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_block import ROOT, update_readme  # noqa: E402
 
 TASKS: dict[str, dict] = {
     "ring8": {"title": "2-D ring, 8 modes", "overrides": ["experiment=bench_ring8"]},
@@ -77,6 +82,12 @@ TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
 THRESHOLD_X = 3.0  # "converged": sliced-W2 within 3x of the teacher's 64-step sampler
 EVAL_SEED = 12345  # the trainer's evaluation seed (onestep.eval.report.compare)
 CHECKPOINTS = 8  # checkpoints per run, evaluated for steps-to-threshold
+#: the summary's rows: the distribution-matching objectives (the consistency family's rows: results/consistency_gmm.md)
+SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversarial")
+SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
+SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
+SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",
+                   "classes16": "classes16 (16-D, 10 classes, CFG 2)"}
 
 
 def compose_cfg(overrides: list[str]):
@@ -179,6 +190,39 @@ def markdown(task: str, rows: list[dict], threshold: float) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict) -> str:
+    """One row per teacher step count / objective, one column per task: sliced-W2 (x the teacher's 64-step), modes,
+    worst mode mass error[, wall time, steps to threshold]."""
+    tasks = [t for t in TASKS if t in results]
+    by_name = {t: {r["name"]: r for r in results[t]} for t in tasks}
+
+    def cell(task: str, name: str) -> str:
+        r = by_name[task].get(name)
+        if r is None or r.get("skipped"):
+            return "not run"
+        base = f"{r['sliced_w2']:.3f}, {r['modes']}, {r['worst_mass_err']:.0%}"
+        if name.startswith("teacher"):
+            return base
+        t64 = by_name[task]["teacher 64 steps"]["sliced_w2"]
+        reached = r["steps_to_threshold"] if r["steps_to_threshold"] is not None else "not reached"
+        return (f"**{r['sliced_w2']:.3f}** ({r['sliced_w2'] / t64:.1f}x), {r['modes']}, {r['worst_mass_err']:.0%}, "
+                f"{r['wall_s']:.0f} s, {reached}")
+
+    lines = ["Written by `OMP_NUM_THREADS=1 python tools/bench_objectives.py` (from `results/objectives_gmm.json`). "
+             f"Each cell: sliced-W2 (x the teacher's 64-step DDIM), modes covered, worst per-mode relative mass error, "
+             f"training wall time, and the first checkpoint (every 1/{CHECKPOINTS} of the run) whose sliced-W2 is "
+             f"within {THRESHOLD_X:g}x of the teacher's 64-step value.", "",
+             "| | " + " | ".join(SUMMARY_COLUMNS.get(t, t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for k in SUMMARY_TEACHER_STEPS:
+        name = f"teacher {k} step{'s' if k > 1 else ''}"
+        lines.append(f"| teacher DDIM {k} NFE | " + " | ".join(cell(t, name) for t in tasks) + " |")
+    for name in SUMMARY_ROWS:
+        if any(name in by_name[t] for t in tasks):
+            label = SUMMARY_LABELS.get(name, f"`{name}`")
+            lines.append(f"| {label} 1 NFE | " + " | ".join(cell(t, name) for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(path: Path, panels_by_task: dict[str, tuple]):
     import matplotlib
 
@@ -217,6 +261,9 @@ def plot(path: Path, panels_by_task: dict[str, tuple]):
 
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
+    if argv == ["render"]:
+        _write(Path("results"), json.loads(Path("results/objectives_gmm.json").read_text()))
+        return 0
     extra = [a for a in argv if "." in a.split("=", 1)[0]]
     args = dict(a.split("=", 1) for a in argv if a not in extra)
     budget, start = float(args.get("budget_s", 1500)), time.perf_counter()
@@ -289,6 +336,9 @@ def _write(out: Path, results: dict) -> None:
         sections.append(markdown(task, results[task], THRESHOLD_X * t64))
     (out / "objectives_gmm.md").write_text(head + "\n\n".join(sections) + "\n")
     (out / "objectives_gmm.json").write_text(json.dumps(results, indent=1))
+    (out / "objectives_gmm_summary.md").write_text(summary(results))
+    if out.resolve() == ROOT / "results":
+        update_readme("results/objectives_gmm_summary.md")
 
 
 if __name__ == "__main__":

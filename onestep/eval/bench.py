@@ -6,20 +6,27 @@ metric (sliced-W2 for Gaussian mixtures, FD for images) for every point.
     <out>/bench.csv  <out>/bench.md  <out>/bench.png      this invocation's points: table and NFE plot
 
 A point's cache key hashes the model's identity (teacher config + weights, or run folder + checkpoint
-step), the sampler, step count, sample count and seed, so a rerun skips finished points and a newer
-checkpoint or another protocol computes fresh ones. Everything goes through ``experiment.build``, the
-Denoiser interface, ``sampling.sample`` and ``Student.sample``: a text-to-image teacher plugs in unchanged.
+step), the sampler, step count, sample count, seed and evaluator settings, so a rerun skips finished points and
+a newer checkpoint or another protocol computes fresh ones.
+
+With student runs, the protocol (the eval section: sample count and evaluator; the bench's samplers, step counts
+and seed) is the runs' own, read from their config.yaml (``runs_protocol``), and the output folder is named
+after their experiment (``folder_name``); keys set on the command line win.
+
+Everything goes through ``experiment.build``, the Denoiser interface, ``sampling.sample`` and ``Student.sample``: a
+text-to-image teacher plugs in unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -28,9 +35,16 @@ from onestep import experiment
 from onestep.denoisers.base import guided
 from onestep.errors import ConfigError
 from onestep.eval.report import chunked, eval_inputs, markdown_table
-from onestep.eval.runs import Run, load_run
+from onestep.eval.runs import Run, load_run, run_config
 from onestep.progress import bar as progress_bar
 from onestep.sampling import METHODS, nfe, sample
+
+
+#: bench keys of a run's config.yaml that are part of its protocol (runs, out and progress belong to the invocation)
+RUN_BENCH_KEYS = ("teacher_methods", "teacher_steps", "student_steps", "num_samples", "seed")
+#: eval keys that choose the evaluator (hashed into each point's cache key)
+EVALUATOR_KEYS = ("features", "inception_path", "reference", "clip")
+RUNS_FIX = "pass bench.runs=[<run folder of onestep train>, ...]"
 
 
 @dataclass
@@ -104,15 +118,83 @@ def _check_same_teacher(runs: list[Run]) -> None:
                               f"(teacher.{key}: {first.get(key)} vs {other.get(key)}); bench runs of one teacher")
 
 
+def run_experiment(path: str | Path) -> str | None:
+    """The experiment a run folder was trained with, as Hydra recorded it (<run>/.hydra/hydra.yaml); None for a
+    run made from Python or with run_dir=<folder> (Hydra's record is then in the folder Hydra made for itself)."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    record = Path(path) / ".hydra" / "hydra.yaml"
+    try:
+        name = OmegaConf.select(OmegaConf.load(record), "hydra.runtime.choices.experiment")
+    except (OSError, yaml.YAMLError, OmegaConfBaseException):
+        return None
+    return str(name) if name else None
+
+
+def folder_name(runs: Sequence[str], experiment: str | None = None) -> str:
+    """The bench folder's name under <out_root>/bench/ for student ``runs``: the first run's experiment (a run
+    without Hydra's record: its folder's name). ``experiment``: the one given on the command line, if any; it must
+    be every recorded run's. Run folders are checked here, before any output folder is made."""
+    for p in runs:
+        run_config(p, "bench.runs", RUNS_FIX)
+    names = [run_experiment(p) for p in runs]
+    for p, name in zip(runs, names):
+        if experiment is not None and name is not None and name != experiment:
+            raise ConfigError(f"bench.runs: '{p}' was trained with experiment={name}, not experiment={experiment}; "
+                              "leave experiment= out (the runs' config.yaml sets the protocol)")
+    return names[0] or _slug(Path(runs[0]).resolve().name)
+
+
+def runs_protocol(cfg, overrides: Sequence[str] = ()):
+    """``cfg`` with bench.runs set: its eval section and bench protocol (RUN_BENCH_KEYS) become the runs' own, from
+    their config.yaml, except the keys that ``overrides`` (the command line's key=value arguments) set: eval.<key>,
+    bench.<key>, or eval=<option> for the whole section. Runs whose protocols still differ are refused with the key
+    that would settle it. Without runs: ``cfg`` itself."""
+    if not cfg.bench.runs:
+        return cfg
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_delete()}
+    first = None  # (run, eval section, bench section, protocol) of the first run
+    for path in cfg.bench.runs:
+        rc = run_config(path, "bench.runs", RUNS_FIX)
+        ev = copy.deepcopy(cfg.eval if "eval" in given else rc.eval)
+        for key in sorted(k for k in given if k.startswith("eval.")):
+            OmegaConf.update(ev, key.removeprefix("eval."), OmegaConf.select(cfg, key), merge=False)
+        bc = copy.deepcopy(cfg.bench)
+        for key in RUN_BENCH_KEYS:
+            if f"bench.{key}" not in given:
+                bc[key] = rc.bench[key]
+        protocol = {"bench.num_samples": bc.num_samples or ev.num_samples,
+                    **{f"bench.{k}": OmegaConf.to_container(bc)[k] for k in RUN_BENCH_KEYS if k != "num_samples"},
+                    **{f"eval.{k}": OmegaConf.to_container(ev)[k] for k in EVALUATOR_KEYS}}
+        if first is None:
+            first = (path, ev, bc, protocol)
+            continue
+        key = next((k for k in protocol if protocol[k] != first[3][k]), None)
+        if key is not None:
+            raise ConfigError(f"bench.runs: '{path}' and '{first[0]}' define different protocols ({key}: "
+                              f"{protocol[key]} vs {first[3][key]}); pass {key}=<value> to bench them under one")
+    out = copy.deepcopy(cfg)
+    out.eval, out.bench = first[1], first[2]
+    return out
+
+
+def _evaluator_id(ev) -> str:
+    return json.dumps({k: OmegaConf.to_container(ev)[k] for k in EVALUATOR_KEYS}, sort_keys=True)
+
+
 def bench(cfg, out_dir: str | Path, progress: bool | None = None) -> dict:
-    """Evaluate every (model, sampler, steps) point not cached yet; write bench.csv / .md / .png."""
+    """Evaluate every (model, sampler, steps) point not cached yet; write bench.csv / .md / .png. The protocol is
+    ``cfg``'s (eval section, bench keys): ``runs_protocol(cfg, overrides)`` makes it the runs' own, as the CLI does."""
     bc = cfg.bench
     check(bc)
     show = bc.progress if progress is None else progress
     out = Path(out_dir)
     (out / "points").mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runs = [load_run(p, device) for p in bc.runs]
+    runs = [load_run(p, device, eval_cfg=cfg.eval) for p in bc.runs]
     if runs:
         _check_same_teacher(runs)
         setup = runs[0].setup
@@ -126,7 +208,7 @@ def bench(cfg, out_dir: str | Path, progress: bool | None = None) -> dict:
     jobs = [(c, s) for c in curves(cfg, runs, setup, device) for s in c.steps]
     rows, computed, cached = [], 0, 0
     for c, steps in progress_bar(jobs, desc="bench", disable=not show):
-        key = _digest(c.identity, c.sampler, steps, n, bc.seed, headline)[:16]
+        key = _digest(c.identity, c.sampler, steps, n, bc.seed, headline, _evaluator_id(cfg.eval))[:16]
         path = out / "points" / f"{_slug(c.model)}_{c.sampler}_{steps}_{key}.json"
         if path.is_file():
             row = json.loads(path.read_text())

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from onestep import checkpoint, experiment
-from onestep.config import CriticConfig, GeneratorConfig, TrainerConfig
+from onestep.config import BenchConfig, CriticConfig, EvalConfig, GeneratorConfig, TrainerConfig
 from onestep.errors import ConfigError
 from onestep.experiment import shape_student
 from onestep.generator import Student
@@ -43,21 +43,25 @@ def run_config(path: str | Path, key: str, fix: str):
         raise ConfigError(f"{key}: '{path}' is not a folder; {fix}")
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{key}: '{path}' has no config.yaml, so it is not a onestep run folder; {fix}")
-    defaults = {"generator": GeneratorConfig, "critic": CriticConfig, "trainer": TrainerConfig}
+    defaults = {"generator": GeneratorConfig, "critic": CriticConfig, "trainer": TrainerConfig, "eval": EvalConfig,
+                "bench": BenchConfig}
     return OmegaConf.merge(OmegaConf.create({k: OmegaConf.structured(v) for k, v in defaults.items()}),
                            OmegaConf.load(run / "config.yaml"))
 
 
 def load_run(path: str | Path, device: torch.device, key: str = "bench.runs",
              fix: str = "pass bench.runs=[<run folder of onestep train>, ...]", role: str = EMA,
-             progress: bool = False, frozen_dtype: str | None = None) -> Run:
+             progress: bool = False, frozen_dtype: str | None = None, eval_cfg=None) -> Run:
     """A `onestep train` run folder -> its config, experiment and newest checkpoint's ``role`` (generator_ema).
     ``frozen_dtype`` overrides the run's trainer.frozen_dtype (sampling and export use fp32: a LoRA student's base
-    then runs in the precision its merged export has)."""
+    then runs in the precision its merged export has); ``eval_cfg`` replaces its eval section (the bench's protocol,
+    which builds the evaluator)."""
     run = Path(path)
     cfg = run_config(run, key, fix)
     if frozen_dtype is not None:
         cfg.trainer.frozen_dtype = frozen_dtype
+    if eval_cfg is not None:
+        cfg.eval = eval_cfg
     if not checkpoint.list_checkpoints(run):
         raise ConfigError(f"{key}: '{path}' has no checkpoint yet; train it (onestep train run_dir={path}) first")
     setup = experiment.build(cfg, run, progress=progress)
