@@ -60,7 +60,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_latest(run_dir: Path, modules: dict[str, nn.Module]) -> dict | None:
-    """Load the newest readable checkpoint into ``modules``; return its state (None if there is none)."""
+    """Load the newest readable checkpoint into ``modules``; return its state, with the checkpoint folder under
+    "checkpoint" (None if there is none)."""
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
             weights = {name: load_file(str(ckpt / f"{name}.safetensors")) for name in modules}
@@ -70,7 +71,7 @@ def load_latest(run_dir: Path, modules: dict[str, nn.Module]) -> dict | None:
             continue
         for name, m in modules.items():
             m.load_state_dict(weights[name])
-        return state
+        return {**state, "checkpoint": str(ckpt)}
     return None
 
 

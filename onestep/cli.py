@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 import onestep.config  # noqa: F401  (registers the schemas)
 import onestep.objectives  # noqa: F401  (registers the objectives)
 from onestep.errors import ConfigError
+from onestep.help import default_experiment, did_you_mean, leaf_keys, overview, unread_keys, unread_message
 
 CONFIG_PATH = "pkg://onestep.configs"
 COMMANDS = ("train", "bench", "sample", "export", "runs")
@@ -37,8 +38,10 @@ def _fail(msg: str) -> None:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
+    from onestep.train.interrupt import Interrupted
     from onestep.train.trainer import NonFiniteLoss, train
 
+    _quiet_logs()
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     _join_submitit_tasks()
     try:
@@ -48,6 +51,21 @@ def _train(cfg: DictConfig) -> None:
         _fail(str(e))
     except NonFiniteLoss as e:
         _fail(str(e))
+    except Interrupted as e:
+        print(f"\nonestep: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # before the first step or after the last (setup, final evaluation)
+        print(f"\nonestep: interrupted outside the training steps; the run folder's checkpoints are intact: "
+              f"rerun the same command to resume ({run_dir})", file=sys.stderr)
+        sys.exit(130)
+
+
+def _quiet_logs() -> None:
+    """Hydra sets the root logger to INFO: keep libraries' INFO lines (matplotlib's "building the font cache")
+    out of the run's log."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def _drop_unstarted_hydra_folder(cfg: DictConfig) -> None:
@@ -120,6 +138,7 @@ def _rank_overrides() -> list[str]:
 def _bench(cfg: DictConfig) -> None:
     from onestep.eval.bench import bench, runs_protocol
 
+    _quiet_logs()
     try:
         cfg = runs_protocol(cfg, HydraConfig.get().overrides.task)  # with bench.runs: the runs' own protocol
         out = bench(cfg, cfg.bench.out or HydraConfig.get().runtime.output_dir)
@@ -235,7 +254,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _explain(e: Exception) -> str:
+def _explain(e: Exception, args: list[str] = ()) -> str:
     """Hydra's composition errors, as one line naming the key/option and the fix."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
@@ -256,8 +275,8 @@ def _explain(e: Exception) -> str:
                 f"pick an experiment made for it (ls configs/experiment: e.g. experiment=gmm_<objective>)")
     if msg.startswith("Could not override"):
         key = msg.split("'")[1]
-        return (f"unknown config key '{key}'; list the valid keys with `onestep train --cfg job` "
-                f"(or add a new key on purpose with +{key}=...)")
+        return (f"unknown config key '{key}'{did_you_mean(key, _known_keys(args))}; "
+                f"`onestep train [experiment=...] --help` lists the keys that apply")
     if cause is not None:
         return f"{msg}: {_first_line(cause)}"
     return msg
@@ -266,18 +285,15 @@ def _explain(e: Exception) -> str:
 def _precheck(args: list[str], command: str) -> None:
     """Compose the config once with Hydra's compose API so that a bad override or (for train) an out-of-range
     value fails with one line before Hydra prints its multi-line report (and before it creates any folder)."""
-    from hydra import compose, initialize_config_module
-
-    if any(a.startswith("-") for a in args):  # --cfg, -m, --help...: Hydra's own handling
+    if any(a.startswith("-") for a in args):  # --cfg, -m, --hydra-help...: Hydra's own handling
         return
     try:
-        with initialize_config_module("onestep.configs", version_base="1.3"):
-            cfg = compose("config", overrides=args)
+        cfg = _compose(args)
     except Exception as e:  # noqa: BLE001 - every composition error becomes one line
-        _fail(_explain(e))
-    unknown = sorted(set(cfg.keys()) - set(onestep.config.Config.__dataclass_fields__))
-    if unknown:
-        _fail(f"unknown top-level config key(s) {unknown}; see `onestep train --cfg job` for the valid keys")
+        _fail(_explain(e, args))
+    unread = unread_keys(cfg)  # added with +key=... or by an experiment yaml: nothing would read them
+    if unread:
+        _fail(unread_message(unread, cfg))
     if command == "train":
         from onestep.validate import check_config
 
@@ -288,6 +304,43 @@ def _precheck(args: list[str], command: str) -> None:
     _check_writable("out_root", cfg.out_root)
     if cfg.run_dir:
         _check_writable("run_dir", cfg.run_dir)
+
+
+def _compose(args: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("onestep.configs", version_base="1.3"):
+        return compose("config", overrides=args)
+
+
+def _known_keys(args: list[str]) -> list[str]:
+    """The keys of the config the group choices among ``args`` (experiment=..., objective=...) compose to."""
+    groups = ("experiment", "teacher", "generator", "objective", "data", "trainer", "eval")
+    try:
+        return leaf_keys(_compose([a for a in args if a.split("=", 1)[0] in groups]))
+    except Exception:  # noqa: BLE001 - the choice itself is bad: no suggestion rather than a second error
+        return []
+
+
+def _help(command: str, args: list[str]) -> None:
+    """`onestep <command> [...] --help`: the keys that apply, with their doc comments."""
+    from onestep.help import schema_help, train_help
+    from onestep.objectives import OBJECTIVES
+
+    if command in ("sample", "export", "runs"):
+        print(schema_help(command))
+        return
+    args = [a for a in args if not a.startswith("-")]
+    try:
+        cfg = _compose(args)
+    except Exception as e:  # noqa: BLE001
+        _fail(_explain(e, args))
+    if command == "bench":
+        print(schema_help("bench"))
+        return
+    experiment = next((a.split("=", 1)[1] for a in args if a.startswith("experiment=")), default_experiment())
+    cls = OBJECTIVES.get(cfg.objective.name)
+    print(train_help(cfg, experiment, trains_critic=cls is not None and "critic" in cls.networks))
 
 
 def _check_writable(key: str, folder: str) -> None:
@@ -304,12 +357,15 @@ def _check_writable(key: str, folder: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("-h", "--help"):
-            print(USAGE)
-            return
-        _fail(f"unknown command {argv[0]!r}; {USAGE}" if argv else USAGE)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        _fail(f"unknown command {argv[0]!r}{did_you_mean(argv[0], list(COMMANDS))}; {USAGE}")
     command, rest = argv[0], argv[1:]
+    if "--help" in rest or "-h" in rest:
+        _help(command, rest)
+        return
     if command in ("sample", "export", "runs"):
         {"sample": _sample, "export": _export, "runs": _runs}[command](rest)
         return

@@ -17,9 +17,13 @@ from torch import nn
 from onestep import param
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
-from onestep.schedules import Schedule, bcast
+from onestep.schedules import EDM, Schedule, bcast
 
 WEIGHTINGS = ("edm", "eps", "x0", "v")
+#: distributions of an objective's noise level t (``objective.t_dist``; see sample_t)
+T_DISTS = ("unit", "grid", "karras")
+#: points of the discrete training grid DMD2 and SiD-LSG index (their num_train_timesteps) on continuous schedules
+GRID_STEPS = 1000
 
 
 @dataclass
@@ -42,11 +46,44 @@ class Nets:
 
 
 
-def sample_t(schedule: Schedule, n: int, lo: float = 0.0, hi: float = 1.0, like: torch.Tensor | None = None):
-    """t = schedule.t_from_unit(u), u ~ U[lo, hi] (DMD's t ~ U[0.02, 0.98] T is lo=0.02, hi=0.98)."""
-    u = lo + (hi - lo) * torch.rand(n, dtype=torch.float64)
-    t = schedule.t_from_unit(u)
+def sample_t(schedule: Schedule, n: int, lo: float = 0.0, hi: float = 1.0, like: torch.Tensor | None = None,
+             dist: str = "unit"):
+    """n noise levels t of ``schedule``; lo, hi are fractions of its range, read by ``dist``:
+
+    unit    t = schedule.t_from_unit(u), u ~ U[lo, hi]: log-uniform sigma on EDM, uniform t on VP / flow tables
+            (DMD's t ~ U[0.02, 0.98] T is lo=0.02, hi=0.98)
+    grid    an integer k uniform in [round(lo N), round(hi N)] of the schedule's N-point training grid (N =
+            GRID_STEPS, or a discrete table's size): EDM's Karras rho-grid ascending, sigma_k = ramp(k / (N - 1)),
+            else t = t_from_unit(k / (N - 1)) (on SD's table: timestep k). DMD2's draw: tianweiy/DMD2
+            main/edm/edm_guidance.py:61-70 (flipped get_sigmas_karras, min_step = int(0.02 N), max_step =
+            int(0.98 N)) and :82-92 (randint(min_step, max_step + 1) -> karras_sigmas[k]); main/sd_guidance.py:84-85,
+            :179-185 (the same indices into the SD table)
+    karras  sigma = ramp(u), u ~ U[lo, hi] continuous: SiD's draw, mingyuanzhou/SiD training/sid_loss.py:27-33
+            (rnd_t ~ U[0, tmax/1000), tmax = 800: sigma <= 24.4 on EDM's 0.002..80)
+    ramp(u) = (s_min^(1/rho) + u (s_max^(1/rho) - s_min^(1/rho)))^rho on the schedule's sigma/alpha range (karras_t).
+    """
+    if dist not in T_DISTS:
+        raise ConfigError(f"objective.t_dist='{dist}' is unknown; choose one of {T_DISTS}")
+    if dist == "grid":
+        size = getattr(schedule, "num_steps", GRID_STEPS)
+        k = torch.randint(round(lo * size), min(round(hi * size), size - 1) + 1, (n,), dtype=torch.int64)
+        u = k.to(torch.float64) / (size - 1)
+        t = karras_t(schedule, u) if isinstance(schedule, EDM) else schedule.t_from_unit(u)
+    else:
+        u = lo + (hi - lo) * torch.rand(n, dtype=torch.float64)
+        t = karras_t(schedule, u) if dist == "karras" else schedule.t_from_unit(u)
     return t if like is None else t.to(device=like.device, dtype=like.dtype)
+
+
+def karras_t(schedule: Schedule, u: torch.Tensor) -> torch.Tensor:
+    """The time of noise level sig = sigma/alpha = (s_min^(1/rho) + u (s_max^(1/rho) - s_min^(1/rho)))^rho, u in [0, 1]
+    (EDM eq. (5)'s ramp; rho = the schedule's, else 7), s_min / s_max at the schedule's t_min / t_max, mapped back
+    by SNR (on EDM t = sig)."""
+    rho = getattr(schedule, "rho", 7.0)
+    ends = torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)
+    a, b = (schedule.sigma(ends) / schedule.alpha(ends)) ** (1 / rho)
+    sig = (a + u * (b - a)) ** rho
+    return schedule.t_of_logsnr(-2 * torch.log(sig)).clamp(schedule.t_min, schedule.t_max)
 
 
 def noised(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None):

@@ -22,6 +22,17 @@ def _t(t, like: torch.Tensor | None = None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=dtype, device=None if like is None else like.device)
 
 
+def quiet_forward_ad() -> None:
+    """Import torch's forward-AD decompositions (first ``torch.func.jvp`` does it) without their FutureWarning:
+    torch 2.14 scripts them with its own deprecated ``torch.jit.script``, a warning no user can act on that
+    otherwise lands inside the progress bar. Cached by Python's import system after the first call."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+        from torch._decomp import decompositions_for_jvp  # noqa: F401
+
+
 class Schedule:
     """Base class. Subclasses define alpha, sigma, t_min, t_max; the rest is derived."""
 
@@ -63,6 +74,7 @@ class Schedule:
     def derivatives(self, t):
         """(d alpha/dt, d sigma/dt) by forward-mode autodiff."""
         t = _t(t).clone()  # forward-mode AD cannot attach a tangent to an expanded (aliased) tensor
+        quiet_forward_ad()
         ones = torch.ones_like(t)
         _, da = torch.func.jvp(self.alpha, (t,), (ones,))
         _, ds = torch.func.jvp(self.sigma, (t,), (ones,))

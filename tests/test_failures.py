@@ -100,6 +100,42 @@ def test_kill_9_between_checkpoints_then_rerun_is_bit_identical(tmp_path, name):
     assert [s["gen/loss"] for s in logs] == [s["gen/loss"] for s in _stats(tmp_path / "straight")]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_checkpoints_the_current_step_and_the_rerun_resumes_it(tmp_path, sig):
+    """Ctrl-C (SIGINT) or SIGTERM between checkpoints: the step in progress finishes, a checkpoint at that step is
+    written, the CLI exits 128 + signal with one line saying how to resume; the same command again prints where it
+    resumes and ends bit-identical to an uninterrupted run, with one log line per step."""
+    args = KILLED["dmd2"] + [f"trainer.steps={STEPS}", f"trainer.checkpoint_every={EVERY}", "trainer.log_every=1"]
+    train(compose(args), tmp_path / "straight")
+
+    run = tmp_path / "stopped"
+    command = args + [f"run_dir={run}", f"out_root={tmp_path}"]
+    # a step at least 6 before the next checkpoint: the process may run a few more before the signal lands
+    target = random.choice([s for s in range(EVERY + 1, STEPS - EVERY) if 0 < s % EVERY <= EVERY // 2])
+    proc = _cli(command, tmp_path)
+    while _logged_step(run) < target:
+        assert proc.poll() is None, f"exited at step {_logged_step(run)}: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    stopped = int(checkpoint.list_checkpoints(run)[-1].name.removeprefix("step_"))
+    assert target <= stopped < STEPS and stopped % EVERY, f"signal at step {target}, newest checkpoint {stopped}"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"onestep: {sig.name}: stopped after step {stopped}; checkpoint ") and \
+        "rerun the same command to resume" in last, err[-2000:]
+    assert "Traceback" not in err
+
+    rerun = subprocess.run([sys.executable, "-m", "onestep.cli", "train", *command], cwd=tmp_path, text=True,
+                           capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming from step {stopped} (checkpoint {run / 'checkpoints' / f'step_{stopped:08d}'})" in rerun.stdout
+    _assert_equal(_weights(checkpoint.list_checkpoints(tmp_path / "straight")[-1]),
+                  _weights(checkpoint.list_checkpoints(run)[-1]))
+    assert [s["step"] for s in _stats(run)] == list(range(1, STEPS + 1))
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
     """A TINY run (a line per step) stopped after step 7 (checkpoint at 4), with half a line written at the

@@ -146,7 +146,7 @@ def test_cli_end_to_end(tmp_path):
     (["experiment=nope"], "choose experiment=<one of"),
     (["objective=nope"], "choose objective=<one of"),
     (["trainer.steps=abc"], "trainer.steps=abc"),
-    (["+foo=1"], "unknown top-level config key"),
+    (["+foo=1"], "config key 'foo' is not read by any code"),
     (["out_root={file}/sub"], "out_root="),
     (["experiment=gmm_dmd2", "generator.ts=[0.5,0.9]", "teacher.net_steps=5"], "must be strictly decreasing"),
     (["experiment=gmm_dmd2", "teacher.mixture=nope", "teacher.net_steps=5"], "mixture"),

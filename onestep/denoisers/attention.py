@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from onestep.errors import ConfigError
+from onestep.schedules import quiet_forward_ad
 
 ATTENTION = ("default", "math", "jvp_flash")
 _BACKEND = {"math": "math", "jvp_flash": "auto"}
@@ -56,6 +57,7 @@ def jvp_attention():
     have no forward-AD rule); models routed through onestep.kernels do not call SDPA and are unaffected."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    quiet_forward_ad()
     with sdpa_kernel([SDPBackend.MATH]):
         yield
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from onestep.config import store
-from onestep.core import Batch, Nets
+from onestep.core import T_DISTS, Batch, Nets
 from onestep.errors import ConfigError
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -93,6 +93,12 @@ def check_t_range(cfg, lo: str = "t_lo", hi: str = "t_hi") -> None:
     if not 0 <= a < b <= 1:
         raise ConfigError(f"objective.{lo}={a}, objective.{hi}={b} must satisfy 0 <= {lo} < {hi} <= 1 (fractions of "
                           f"the schedule's time range); pass e.g. objective.{lo}=0.02 objective.{hi}=0.98")
+
+
+def check_t_dist(cfg) -> None:
+    """objective.t_dist names one of onestep.core.T_DISTS (fails when the objective is built, not at the first step)."""
+    if cfg.t_dist not in T_DISTS:
+        raise ConfigError(f"objective.t_dist='{cfg.t_dist}' is unknown; choose one of {T_DISTS}")
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:

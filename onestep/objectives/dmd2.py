@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from onestep.core import sample_t
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.regression import TeacherPairs
@@ -27,9 +28,14 @@ from onestep.objectives.regression import TeacherPairs
 class DMD2Config(ObjectiveConfig, GANConfig):
     name: str = "dmd2"
     ttur: int = 5
-    #: t ~ U[t_lo, t_hi] (as fractions of the schedule's range) for the distribution matching gradient
+    #: the distribution matching gradient's noise level t, within [t_lo, t_hi] (fractions of the schedule's range)
     t_lo: float = 0.02
     t_hi: float = 0.98
+    #: how t is drawn: unit (u ~ U[t_lo, t_hi] through the schedule: log-uniform sigma on EDM, median 0.40) | grid
+    #: (DMD2's official draw: integer index uniform in [20, 980] of the 1000-point Karras grid on EDM, median sigma
+    #: 2.53, or of SD's timestep table; tianweiy/DMD2 main/edm/edm_guidance.py:82-92, main/sd_guidance.py:179-185)
+    #: | karras (continuous on the Karras ramp, SiD's); see onestep.core.sample_t
+    t_dist: str = "unit"
     #: critic's DSM weighting: edm | eps | x0 | v
     critic_weighting: str = "edm"
     #: DMD eq. (9) regression on teacher pairs: weight, pair count and teacher ODE steps (0 = off)
@@ -46,6 +52,7 @@ class DistributionMatching(CriticObjective):
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)
         check_t_range(cfg)
+        check_t_dist(cfg)
         if cfg.regression_weight < 0:
             raise ConfigError(f"objective.regression_weight={cfg.regression_weight} must be >= 0")
         self.pairs = TeacherPairs(cfg.regression_pairs, cfg.regression_steps, cfg.pairs_file)
@@ -56,7 +63,8 @@ class DistributionMatching(CriticObjective):
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
-        loss, logs = dmd_loss(nets.teacher, nets.critic, x, batch.cond, lo=self.cfg.t_lo, hi=self.cfg.t_hi)
+        t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
+        loss, logs = dmd_loss(nets.teacher, nets.critic, x, batch.cond, t=t)
         out = {"dm": loss, **logs}
         if self.cfg.regression_weight > 0:
             reg = self.pairs.loss(nets, batch, self.generate)

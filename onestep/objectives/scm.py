@@ -17,6 +17,16 @@ One step (Algorithm 1; per sample, D = data dimension):
 g is cos(t) times the total derivative df-/dt along the probability-flow ODE (cos(t) df/dt = g at r = 1), so
 the gradient of L at theta = theta- is the continuous-time CM gradient E[w(t) grad f_theta^T df-/dt] (eq. 6).
 
+Variants (named options; defaults = Algorithm 1 above):
+    tangent_warmup=rcm   rCM's warm-up (NVlabs/rcm rcm/models/t2v_model_distill_rcm.py:548-552):
+                         g = -cos(t) sqrt(1 - r^2 sin^2(t)) (v- - dx_t/dt) - (r sin(t) cos(t) x_t + cs dv-/dt),
+                         the JVP term not scaled by r; equal to eq. (8) at r = 1
+    tangent_norm=rms     g / (||g|| / sqrt(D) + c): FastGen's g_norm_spatial_invariance (NVlabs/FastGen
+                         fastgen/methods/consistency_model/sCM.py:272-275, on by default in configs/methods/config_scm.py:57)
+    prior_weighting      the error times 1 / (sigma_d tan t) = 1 / (sigma/alpha): FastGen sCM.py:278 (1 / sigma_t of its EDM
+                         teachers), SANA-Sprint (NVlabs/Sana train_scripts/train_scm_ladd.py, weight = 1 / (tan(t) sigma_data))
+    divide_by_dim        the per-sample mean square divided by D once more: FastGen sCM.py:279-285 (divide_x_0_spatial_dim)
+
 GAN block (adversarial.py's GANConfig): ``objective.discriminator=teacher`` + ``gan_weight`` adds LADD's generator
 loss on the 1-step student's samples, with the head on frozen teacher features trained by the critic update on real
 vs generated latents: SANA-Sprint's sCD + LADD hybrid (Chen et al. 2025, Sec. 3.3; experiment=sana_sprint).
@@ -51,6 +61,18 @@ class SCMConfig(ObjectiveConfig, GANConfig):
     tangent_norm_c: float = 0.1
     #: tangent warm-up: r rises linearly from 0 to 1 over this many steps (0 = off)
     warmup_steps: int = 1000
+    #: how r enters the tangent: scm (Algorithm 1: r scales x_t and JVP terms) | rcm (rCM's official code: the
+    #: difference term scaled by cos t sqrt(1 - r^2 sin^2 t), the JVP term not by r; NVlabs/rcm
+    #: rcm/models/t2v_model_distill_rcm.py:548-552)
+    tangent_warmup: str = "scm"
+    #: tangent normalization g / (norm + c): l2 (Algorithm 1, ||g||) | rms (||g|| / sqrt(D): FastGen's default
+    #: g_norm_spatial_invariance, NVlabs/FastGen fastgen/methods/consistency_model/sCM.py:272-275)
+    tangent_norm: str = "l2"
+    #: weight the error by 1 / (sigma_d tan t) (FastGen sCM.py:278 prior_weighting_enabled, default on; SANA-Sprint's
+    #: train_scripts/train_scm_ladd.py weight = 1 / sigma)
+    prior_weighting: bool = False
+    #: divide the per-sample mean square error by D once more (FastGen sCM.py:279-285 divide_x_0_spatial_dim, default on)
+    divide_by_dim: bool = False
     #: adaptive weighting with a learned log-variance head w_phi(t) (eq. 9); off = plain mean
     adaptive_weighting: bool = True
     #: the head's time embedding: Fourier features of t with frequencies ~ N(0, scale^2) (Sec. 4.1 warns that
@@ -81,9 +103,15 @@ def trig_times(n: int, sigma_data: float, p_mean: float, p_std: float, t_min: fl
     return t.to(device=like.device, dtype=like.dtype)
 
 
+WARMUPS = ("scm", "rcm")
+TANGENT_NORMS = ("l2", "rms")
+
+
 def scm_tangent(student: Denoiser, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, cond=None, *,
-                warmup: float = 1.0, norm_c: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(v-, g): the stop-grad student velocity and the (normalized) sCM tangent of eq. (8).
+                warmup: float = 1.0, norm_c: float = 0.1, warmup_form: str = "scm",
+                norm: str = "l2") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(v-, g): the stop-grad student velocity and the (normalized) sCM tangent of eq. (8), with the warm-up form and
+    the norm of the module docstring's variants.
 
     ``student`` is TrigFlow-scheduled. The JVP runs in float32 (or wider) with autocast off, and with SDPA held
     to its MATH backend unless the model's attention is routed through onestep.kernels (generator.attention).
@@ -95,8 +123,14 @@ def scm_tangent(student: Denoiser, x_t: torch.Tensor, t: torch.Tensor, dxdt: tor
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False), jvp_attention():
         v, cs_dvdt = torch.func.jvp(lambda a, b: velocity(student, a, b, cond), (x, tt), (bcast(cs, x) * dx, cs))
     v = v.to(wdtype)
-    g = -bcast(cos * cos, x) * (v - dx) - warmup * (bcast(cs, x) * x + cs_dvdt.to(wdtype))
+    if warmup_form == "rcm":
+        diff = cos * torch.sqrt(1 - warmup**2 * sin * sin)
+        g = -bcast(diff, x) * (v - dx) - (warmup * bcast(cs, x) * x + cs_dvdt.to(wdtype))
+    else:
+        g = -bcast(cos * cos, x) * (v - dx) - warmup * (bcast(cs, x) * x + cs_dvdt.to(wdtype))
     g_norm = g.flatten(1).norm(dim=1)
+    if norm == "rms":
+        g_norm = g_norm / g[0].numel() ** 0.5
     if norm_c > 0:
         g = g / bcast(g_norm + norm_c, g)
     return v, g, {"tangent_norm": g_norm.mean()}
@@ -114,6 +148,9 @@ class SCM(Objective):
         if cfg.tangent_norm_c < 0 or cfg.warmup_steps < 0:
             raise ConfigError(f"objective.tangent_norm_c={cfg.tangent_norm_c} and objective.warmup_steps="
                               f"{cfg.warmup_steps} must be >= 0")
+        if cfg.tangent_warmup not in WARMUPS or cfg.tangent_norm not in TANGENT_NORMS:
+            raise ConfigError(f"objective.tangent_warmup='{cfg.tangent_warmup}' / tangent_norm='{cfg.tangent_norm}': "
+                              f"choose tangent_warmup from {WARMUPS} and tangent_norm from {TANGENT_NORMS}")
         self.gan = GANTerm(cfg, has_critic=False)
 
     def build_modules(self, setup):
@@ -140,11 +177,16 @@ class SCM(Objective):
         with torch.no_grad():
             dxdt = self.dxdt(teacher, x0, z, x_t, t, cond)
         r = min(1.0, step / c.warmup_steps) if c.warmup_steps else 1.0
-        v_minus, g, logs = scm_tangent(student, x_t, t, dxdt, cond, warmup=r, norm_c=c.tangent_norm_c)
+        v_minus, g, logs = scm_tangent(student, x_t, t, dxdt, cond, warmup=r, norm_c=c.tangent_norm_c,
+                                       warmup_form=c.tangent_warmup, norm=c.tangent_norm)
         v = velocity(student, x_t, t, cond)
         wdtype = v_minus.dtype
         # F_theta - F_theta- with F = v / sigma_d (eq. 1)
         err = ((v.to(wdtype) - v_minus) / c.sigma_data - g).flatten(1).pow(2).mean(1)
+        if c.prior_weighting:
+            err = err / (c.sigma_data * torch.tan(t.to(wdtype)))
+        if c.divide_by_dim:
+            err = err / x0[0].numel()
         if c.adaptive_weighting:
             w = nets.modules["logvar"](t)
             loss = (torch.exp(w) * err - w).mean()  # eq. (9)

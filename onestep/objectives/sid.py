@@ -9,6 +9,13 @@ f_phi = teacher's x0, f_psi = critic's x0, with gradients through x_t in *both* 
     w = sg(mean |x_g - f_phi(x_t)|)   (the per-sample normalizer of the official code, as DMD eq. (8)),
 mean over elements. Critic: DSM on detached generator samples (critic.py). ``generator.sigma_init`` sets
 the noise level the one-step generator starts from (SiD's sigma_init, 2.5 on EDM).
+Scale: the official loss is the per-element loss summed over elements and the batch times loss_scaling_G / batch
+(mingyuanzhou/SiD training/sid_training_loop.py:332, loss_scaling_G = 100 at :134; SiD-LSG: 1), i.e. 100 D times
+the mean here: a constant factor, which Adam's update does not see (up to its eps); the mean is kept.
+Noise level (``t_dist``): official SiD on EDM draws sigma on the Karras ramp at u ~ U[0, tmax / 1000), tmax = 800,
+so sigma <= 24.4 (training/sid_loss.py:27-33): t_dist=karras, t_lo=0, t_hi=0.8; SiD-LSG on SD tables draws integer
+timesteps in [20, 980) (mingyuanzhou/SiD-LSG training/sid_training_loop.py:172-173, :484): t_dist=grid, t_lo=0.02,
+t_hi=0.979. The default (unit, 0.02..0.98) reaches sigma ~65 on EDM.
 
 SiD-LSG: separate CFG scales, applied to the unguided teacher and to the critic:
     real_guidance    teacher in the generator loss (None = teacher.guidance, as the trainer applies it)
@@ -30,7 +37,8 @@ import torch
 from onestep.denoisers.base import Denoiser, Guided, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, register_objective
+from onestep.objectives.base import (Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, frozen,
+                                     register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
 from onestep.core import noised, sample_t
@@ -60,6 +68,10 @@ class SiDConfig(ObjectiveConfig, GANConfig):
     alpha: float = 1.2
     t_lo: float = 0.02
     t_hi: float = 0.98
+    #: how the loss's noise level is drawn in [t_lo, t_hi]: unit | grid | karras (onestep.core.sample_t); SiD's
+    #: official EDM draw is karras with t_lo=0, t_hi=0.8 (tmax 800: sigma <= 24.4; mingyuanzhou/SiD
+    #: training/sid_loss.py:32-33), SiD-LSG's on SD tables grid with t_lo=0.02, t_hi=0.979
+    t_dist: str = "unit"
     critic_weighting: str = "edm"
     #: SiD-LSG guidance scales (see the module docstring); None = teacher.guidance
     real_guidance: Optional[float] = None
@@ -81,6 +93,7 @@ class SiD(CriticObjective):
             raise ConfigError(f"objective.alpha={cfg.alpha} is outside SiD's valid range [{lo}, {hi}]; "
                               "use the paper's 1.2 (or 1.0)")
         check_t_range(cfg)
+        check_t_dist(cfg)
         if not 0 <= cfg.critic_label_dropout < 1:
             raise ConfigError(f"objective.critic_label_dropout={cfg.critic_label_dropout} must be in [0, 1)")
 
@@ -102,8 +115,8 @@ class SiD(CriticObjective):
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
         fake = guided(nets.critic, self.cfg.fake_guidance)
-        loss, logs = sid_loss(self.real_model(nets), fake, x, batch.cond, alpha=self.cfg.alpha,
-                              lo=self.cfg.t_lo, hi=self.cfg.t_hi)
+        t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
+        loss, logs = sid_loss(self.real_model(nets), fake, x, batch.cond, alpha=self.cfg.alpha, t=t)
         return self.with_gan(loss, {"sid": loss.detach(), **logs}, nets, x, batch.cond)
 
 

@@ -16,15 +16,24 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def finite_on_all_ranks(ok: torch.Tensor) -> bool:
-    """``ok`` (this rank's 0-dim bool tensor) AND-ed over every process of the default group."""
+def agree(ok: torch.Tensor, stop: bool = False) -> tuple[bool, bool]:
+    """(``ok`` AND-ed, ``stop`` OR-ed over every process of the default group): this rank's 0-dim bool tensor
+    "loss and gradients finite" and its "a stop signal arrived", in one all-reduce, so that every rank skips
+    the same updates and stops after the same step."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = ok.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag)
-    return bool(ok)
+        flags = torch.stack([(~ok.bool()).to(torch.int32), torch.tensor(int(stop), dtype=torch.int32,
+                                                                          device=ok.device)])
+        dist.all_reduce(flags)  # sums: any bad rank, any stopping rank
+        bad, stops = flags.tolist()
+        return bad == 0, stops > 0
+    return bool(ok), stop
+
+
+def finite_on_all_ranks(ok: torch.Tensor) -> bool:
+    """``ok`` (this rank's 0-dim bool tensor) AND-ed over every process of the default group."""
+    return agree(ok)[0]
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -37,12 +46,16 @@ class StepGuard:
     """Skipped updates, counted per training step: ``total`` steps with a skipped update over the run (logged
     and checkpointed) and ``in_a_row`` (the stop rule; a NaN generator between good critic updates still counts)."""
 
-    def __init__(self, max_bad: int, total: int = 0):
+    def __init__(self, max_bad: int, total: int = 0, stop_signal=lambda: False):
+        """``stop_signal()``: whether this process was asked to stop (SIGINT / SIGTERM, train/interrupt.py); the
+        ranks agree on it with the finiteness flag, and ``stop`` turns true on all of them in the same update."""
         self.max_bad, self.total, self.in_a_row = max_bad, total, 0
         self.skipped: list[str] = []  # roles whose update was skipped in the current step
+        self.stop_signal, self.stop = stop_signal, False
 
     def ok(self, what: str, loss: torch.Tensor, norm: torch.Tensor) -> bool:
-        good = finite_on_all_ranks(torch.isfinite(loss.detach()) & torch.isfinite(norm.to(loss.device)))
+        good, stop = agree(torch.isfinite(loss.detach()) & torch.isfinite(norm.to(loss.device)), self.stop_signal())
+        self.stop = self.stop or stop
         if not good:
             self.skipped.append(what)
         return good

@@ -87,6 +87,10 @@ class Tracker:
         values = {f"final/{r['model']}_{r['steps']}step_{r['sampler']}/{k}": v for r in rows for k, v in r.items()
                   if k not in ("model", "sampler", "steps", "nfe")}
         self._log({"step": step, **values, "final/results": table})
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the trackers (also when the run stops early on a signal)."""
         # not acc.end_training(): that also destroys the process group, which is not the trainer's to end
         for tracker in self.acc.trackers:
             tracker.finish()

@@ -13,6 +13,7 @@ the global batch and of every per-sample draw (data_parallel.py): the run equals
 from __future__ import annotations
 
 import json
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ from onestep.networks import EMA, Networks
 from onestep.objectives import make_objective
 from onestep.train.data_parallel import DataParallel
 from onestep.train.guard import NonFiniteLoss, StepGuard, grad_norm  # noqa: F401  (NonFiniteLoss: the CLI's)
+from onestep.train.interrupt import Interrupted, StopOnSignal
 from onestep.train.run_dir import prepare_run_dir, resume_state, undo_on_bad_input
 from onestep.train.tracking import Tracker, accelerator_args
 from onestep.validate import check_config
@@ -48,8 +50,8 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     dp = DataParallel(acc, tc.batch_size)
 
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
-    with acc.main_process_first():  # files derived once (the GMM teacher net, caches): written by rank 0 only
-        setup = experiment.build(cfg, run_dir, progress=show)
+    with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
+        setup = experiment.build(cfg, run_dir, progress=show)  # files derived once (teacher net, caches): rank 0
     gc = cfg.generator
     student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
     objective = make_objective(cfg.objective, student.train_sample)
@@ -61,8 +63,8 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
                         shard=fsdp.requested(cfg))
     teacher = guided(networks.teacher, cfg.teacher.guidance)
     nets = networks.nets(teacher)
-    with networks.whole("teacher"), acc.main_process_first():  # (the main process may run the teacher alone)
-        objective.prepare(nets)
+    with networks.whole("teacher"), acc.main_process_first(), progress.phase(f"{cfg.objective.name} prepare", show):
+        objective.prepare(nets)  # (the main process may run the teacher alone)
     if acc.is_main_process:
         print(networks.describe(), flush=True)
 
@@ -76,60 +78,75 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
         fsdp.load_optimizer(opt_g, state["opt_generator"])  # (sliced into shards under FSDP)
         if opt_c is not None:
             fsdp.load_optimizer(opt_c, state["opt_critic"])
+        if acc.is_main_process:
+            print(f"resuming from step {start} (checkpoint {state['checkpoint']})", flush=True)
     ema = networks.unwrapped(EMA)
     track = Tracker(acc, run_dir, cfg, start)  # mirrors the JSONL lines and sample grids (tracking.py)
 
     stats_file = Path(run_dir) / "stats.jsonl"
     bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
-    guard, t0 = StepGuard(tc.max_bad_steps, state.get("bad_steps", 0) if state else 0), time.perf_counter()
+    stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
+    guard = StepGuard(tc.max_bad_steps, state.get("bad_steps", 0) if state else 0, stop.requested)
+    t0 = t_rate = time.perf_counter()
     seconds = {"setup": round(t0 - t_begin, 1), "resumed_at_step": start}
-    for step in bar:
-        _seed(cfg.seed, step)
-        logs: dict[str, float] = {}
-        for _ in range(objective.critic_updates):
+    with stop:
+        for step in bar:
+            _seed(cfg.seed, step)
+            logs: dict[str, float] = {}
+            for _ in range(objective.critic_updates):
+                batch = dp.batch(setup.data, tc.batch_size, acc.device)
+                with acc.autocast(), dp.draws():
+                    out = objective.critic_loss(nets, batch, step)
+                _update(acc, networks, "critic", out, opt_c, tc.grad_clip, guard)
+                logs.update({f"critic/{k}": float(v.detach()) for k, v in out.items()})
             batch = dp.batch(setup.data, tc.batch_size, acc.device)
             with acc.autocast(), dp.draws():
-                out = objective.critic_loss(nets, batch, step)
-            _update(acc, networks, "critic", out, opt_c, tc.grad_clip, guard)
-            logs.update({f"critic/{k}": float(v.detach()) for k, v in out.items()})
-        batch = dp.batch(setup.data, tc.batch_size, acc.device)
-        with acc.autocast(), dp.draws():
-            out = objective.generator_loss(nets, batch, step)
-        _update(acc, networks, "generator", out, opt_g, tc.grad_clip, guard)
-        logs.update({f"gen/{k}": float(v.detach()) for k, v in out.items()})
-        networks.update_targets()
-        guard.end_step()  # stops the run after trainer.max_bad_steps skipped steps in a row
+                out = objective.generator_loss(nets, batch, step)
+            _update(acc, networks, "generator", out, opt_g, tc.grad_clip, guard)
+            logs.update({f"gen/{k}": float(v.detach()) for k, v in out.items()})
+            networks.update_targets()
+            guard.end_step()  # stops the run after trainer.max_bad_steps skipped steps in a row
 
-        done = step + 1
-        main = acc.is_main_process
-        if done % tc.log_every == 0 or done == tc.steps:
-            logs = dp.mean(logs)
-        if main and (done % tc.log_every == 0 or done == tc.steps):
-            rate = (done - start) / (time.perf_counter() - t0)
-            bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
-                             if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
-            record = {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs}
-            _append(stats_file, record)
-            track.stats(record, opt_g, opt_c)
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            # every rank takes part (sharded states gather here); the main process writes
-            states, train_state = networks.checkpointed(), _state(done, opt_g, opt_c, guard.total)
-            if main:
-                checkpoint.save(run_dir, done, states, train_state, keep=tc.keep_checkpoints)
-            acc.wait_for_everyone()
-        evaluate = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
-        plot = tc.sample_every and done % tc.sample_every == 0
-        if evaluate or plot:
-            with networks.whole(EMA):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
-                if main and evaluate:
-                    record = {"step": done, **_eval_student(setup, student, ema, cfg.eval)}
-                    _append(Path(run_dir) / "evals.jsonl", record)
-                    track.evals(record)
-                if main and plot:
-                    _plot_samples(setup, student, ema, run_dir / f"samples_{done:08d}.png")
-                    track.samples(done, run_dir / f"samples_{done:08d}.png")
-        for cb in callbacks:
-            cb(done, logs)
+            done = step + 1
+            main = acc.is_main_process
+            if done == start + 1:  # the first step allocates and warms up: the rate and ETA count from the next
+                t_rate = time.perf_counter()
+                progress.restart_clock(bar)
+                if show and t_rate - t0 > 10:
+                    print(f"\nfirst step: {t_rate - t0:.0f} s (one-time allocation and warm-up); the rate counts "
+                          "from the second", flush=True)
+            if done % tc.log_every == 0 or done == tc.steps:
+                logs = dp.mean(logs)
+            if main and (done % tc.log_every == 0 or done == tc.steps):
+                rate = (done - start - 1) / (time.perf_counter() - t_rate) if done > start + 1 else 1 / (t_rate - t0)
+                bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
+                                 if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
+                record = {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs}
+                _append(stats_file, record)
+                track.stats(record, opt_g, opt_c)
+            if done % tc.checkpoint_every == 0 or done == tc.steps or guard.stop:
+                # every rank takes part (sharded states gather here); the main process writes
+                states, train_state = networks.checkpointed(), _state(done, opt_g, opt_c, guard.total)
+                if main:
+                    checkpoint.save(run_dir, done, states, train_state, keep=tc.keep_checkpoints)
+                acc.wait_for_everyone()
+            evaluate = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
+            plot = tc.sample_every and done % tc.sample_every == 0
+            if evaluate or plot:
+                with networks.whole(EMA):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
+                    if main and evaluate:
+                        record = {"step": done, **_eval_student(setup, student, ema, cfg.eval)}
+                        _append(Path(run_dir) / "evals.jsonl", record)
+                        track.evals(record)
+                    if main and plot:
+                        _plot_samples(setup, student, ema, run_dir / f"samples_{done:08d}.png")
+                        track.samples(done, run_dir / f"samples_{done:08d}.png")
+            for cb in callbacks:
+                cb(done, logs)
+            if guard.stop and done < tc.steps:  # every rank, after the same step (the guard's all-reduce)
+                bar.close()
+                track.close()
+                raise Interrupted(done, run_dir, stop.signum or signal.SIGTERM)
     bar.close()
 
     t_eval = time.perf_counter()
