@@ -102,7 +102,7 @@ def teacher_rows(task: str, root: Path, n: int, extra: list[str]):
     cache.mkdir(parents=True, exist_ok=True)
     setup = experiment.build(cfg, cache, progress=False)
     teacher = guided(setup.teacher, cfg.teacher.guidance)
-    noise, cond = eval_inputs(setup.data, n, EVAL_SEED)
+    noise, cond = eval_inputs(setup, n, EVAL_SEED)
     rows, samples = [], {}
     for k in TEACHER_STEPS:
         rng = torch.Generator().manual_seed(EVAL_SEED)
@@ -146,7 +146,7 @@ def _student_samples(cfg, setup, ckpt: Path, n: int):
     gc = cfg.generator
     student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
     net = _generator(setup, ckpt, gc)
-    noise, cond = eval_inputs(setup.data, n, EVAL_SEED)
+    noise, cond = eval_inputs(setup, n, EVAL_SEED)
     rng = torch.Generator().manual_seed(EVAL_SEED)
     with torch.no_grad():
         return chunked(lambda z, c: student.sample(net, z, c, None, rng), noise, cond), cond
