@@ -22,7 +22,7 @@ from conftest import TINY, Interrupt, compose
 from onestep import checkpoint
 from onestep.errors import ConfigError
 from onestep.objectives.dmd2 import DMD2
-from onestep.train.guard import NonFiniteLoss, finite_on_all_ranks
+from onestep.train.guard import NonFiniteLoss, any_rank
 from onestep.train.trainer import train
 
 
@@ -243,7 +243,8 @@ def _poison_generator(monkeypatch, steps, kind):
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, kind):
-    """Non-finite from step 6 on, max_bad_steps=1: step 6 is skipped, step 7 stops the run; checkpoint 4 stays."""
+    """Non-finite from step 6 on, max_bad_steps=1: step 6 steps on zeroed gradients, step 7 stops the run;
+    checkpoint 4 stays."""
     _poison_generator(monkeypatch, range(5, 100), kind)  # (0-based steps: done = step + 1)
     with pytest.raises(NonFiniteLoss, match="generator loss or gradients were non-finite in 2 consecutive steps"):
         train(compose(TINY + ["trainer.max_bad_steps=1", "trainer.log_every=1"]), tmp_path)
@@ -251,6 +252,41 @@ def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pat
     weights = _weights(checkpoint.list_checkpoints(tmp_path)[-1])
     assert all(torch.isfinite(t).all() for w in weights.values() for t in w.values())
     assert [(s["step"], s["bad_steps"]) for s in _stats(tmp_path)][-3:] == [(4, 0), (5, 0), (6, 1)]
+
+
+def test_the_stop_rule_acts_at_the_next_log_or_checkpoint_step(tmp_path, monkeypatch):
+    """The guard reads its device counters only where the trainer reads anything (log and checkpoint steps):
+    non-finite from step 6 on, max_bad_steps=1, logs every 5 and checkpoints every 4: steps 6 and 7 step on
+    zeroed gradients, step 8's check stops the run before checkpoint 8 is written; checkpoint 4 stays."""
+    _poison_generator(monkeypatch, range(5, 100), "grad")
+    with pytest.raises(NonFiniteLoss, match="non-finite in 3 consecutive steps"):
+        train(compose(TINY + ["trainer.max_bad_steps=1", "trainer.log_every=5"]), tmp_path)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000004"]
+    assert [(s["step"], s["bad_steps"]) for s in _stats(tmp_path)] == [(5, 0)]
+
+
+def test_the_training_loop_reads_the_device_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
+    """No host synchronisation per step: between log / checkpoint steps, onestep's own code never turns a tensor
+    into a Python value (losses stay on the device; the NaN guard masks gradients on the device)."""
+    import inspect
+
+    reads: dict[int, list[str]] = {}
+    done: list[int] = []
+    package = str(Path(checkpoint.__file__).parent)
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **k):
+            caller = inspect.currentframe().f_back
+            if done and caller.f_code.co_filename.startswith(package):
+                reads.setdefault(len(done) + 1, []).append(f"{_name} {caller.f_code.co_filename}:{caller.f_lineno}")
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    train(compose(TINY + ["trainer.log_every=6", "trainer.checkpoint_every=12"]), tmp_path,
+          callbacks=(lambda step, logs: done.append(step),))
+    assert done == list(range(1, 13))
+    assert set(reads) <= {6, 12, 13}, {k: v for k, v in reads.items() if k not in (6, 12, 13)}  # 13: final eval
 
 
 def test_transient_non_finite_gradients_are_skipped_and_counted(tmp_path, monkeypatch):
@@ -266,9 +302,9 @@ def _flag_worker(rank, init_file, results):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        out = [finite_on_all_ranks(torch.tensor(True)),
-               finite_on_all_ranks(torch.tensor(rank == 0)),  # NaN on rank 1 only
-               finite_on_all_ranks(torch.tensor(rank == 1))]
+        out = [not bool(any_rank(torch.tensor(False))),
+               not bool(any_rank(torch.tensor(rank == 1))),  # NaN on rank 1 only
+               not bool(any_rank(torch.tensor(rank == 0)))]
         Path(results, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
@@ -279,7 +315,7 @@ def test_the_skip_decision_is_the_same_on_every_rank(tmp_path):
     torch.multiprocessing.spawn(_flag_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [True, False, False]
-    assert finite_on_all_ranks(torch.tensor(False)) is False  # one process: its own flag
+    assert bool(any_rank(torch.tensor(True))) is True  # one process: its own flag
 
 
 # --- soak tool ------------------------------------------------------------------------------------------------

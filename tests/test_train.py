@@ -180,3 +180,21 @@ def test_bf16_mixed_precision_trains_with_finite_losses(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     stats = [json.loads(ln) for ln in next(tmp_path.glob("gmm_dmd2/*/stats.jsonl")).read_text().splitlines()]
     assert len(stats) == 12 and all(math.isfinite(s["gen/loss"]) and math.isfinite(s["critic/loss"]) for s in stats)
+
+
+def test_stats_carry_the_time_of_each_phase(tmp_path):
+    """Every stats line has time/<phase>_ms for every phase (ms per step over its log interval); the teacher's
+    forward passes are timed inside the critic and generator updates that run them; a checkpoint written in an
+    interval shows in that interval's next line."""
+    from onestep.train.phases import PHASES
+
+    train(compose(TINY + ["trainer.log_every=4", "trainer.checkpoint_every=4"]), tmp_path)
+    stats = [json.loads(ln) for ln in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [4, 8, 12]
+    for s in stats:
+        assert {f"time/{p}_ms" for p in PHASES} <= set(s)
+        assert all(s[f"time/{p}_ms"] > 0 for p in ("data", "critic", "generator", "teacher", "targets"))
+        assert s["time/teacher_ms"] < s["time/critic_ms"] + s["time/generator_ms"]
+        assert s["time/eval_ms"] == 0
+    assert stats[0]["time/checkpoint_ms"] == 0 and stats[1]["time/checkpoint_ms"] > 0
+    assert stats[0]["time/log_ms"] == 0 and stats[1]["time/log_ms"] > 0

@@ -3,7 +3,7 @@
 Order of events per step (reads top to bottom in ``train``):
     seed this step's RNG -> critic updates (objective.critic_updates times) -> one generator update
     -> EMA -> bad-step count (guard.py) -> stats line -> checkpoint -> periodic eval/samples
-An update whose loss or gradients are non-finite on any rank is skipped (guard.py).
+An update whose loss or gradients are non-finite on any rank has its gradients zeroed (guard.py).
 Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
 is picked up; every step reseeds from (seed, step), so an interrupted and resumed run is
 bit-identical to an uninterrupted one. Under N processes (torchrun / accelerate launch) each takes its rows of
@@ -32,6 +32,7 @@ from onestep.objectives import make_objective
 from onestep.train.data_parallel import DataParallel
 from onestep.train.guard import NonFiniteLoss, StepGuard, grad_norm  # noqa: F401  (NonFiniteLoss: the CLI's)
 from onestep.train.interrupt import Interrupted, StopOnSignal
+from onestep.train.phases import PhaseClock
 from onestep.train.run_dir import prepare_run_dir, resume_state, undo_on_bad_input
 from onestep.train.tracking import Tracker, accelerator_args
 from onestep.validate import check_config
@@ -85,27 +86,35 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
 
     stats_file = Path(run_dir) / "stats.jsonl"
     bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
+    clock = PhaseClock(acc.device)  # time/<phase>_ms in stats.jsonl (phases.py)
+    clock.watch(networks.teacher, "teacher")
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
-    guard = StepGuard(tc.max_bad_steps, state.get("bad_steps", 0) if state else 0, stop.requested)
+    guard = StepGuard(tc.max_bad_steps, state.get("bad_steps", 0) if state else 0, stop.requested, acc.device)
     t0 = t_rate = time.perf_counter()
     seconds = {"setup": round(t0 - t_begin, 1), "resumed_at_step": start}
     with stop:
         for step in bar:
             _seed(cfg.seed, step)
-            logs: dict[str, float] = {}
+            logs: dict[str, torch.Tensor] = {}  # on the device; read once per log step (no host sync per value)
             for _ in range(objective.critic_updates):
+                with clock("data"):
+                    batch = dp.batch(setup.data, tc.batch_size, acc.device)
+                with clock("critic"):
+                    with acc.autocast(), dp.draws():
+                        out = objective.critic_loss(nets, batch, step)
+                    _update(acc, networks, "critic", out, opt_c, tc.grad_clip, guard)
+                logs.update({f"critic/{k}": v.detach() for k, v in out.items()})
+            with clock("data"):
                 batch = dp.batch(setup.data, tc.batch_size, acc.device)
+            with clock("generator"):
                 with acc.autocast(), dp.draws():
-                    out = objective.critic_loss(nets, batch, step)
-                _update(acc, networks, "critic", out, opt_c, tc.grad_clip, guard)
-                logs.update({f"critic/{k}": float(v.detach()) for k, v in out.items()})
-            batch = dp.batch(setup.data, tc.batch_size, acc.device)
-            with acc.autocast(), dp.draws():
-                out = objective.generator_loss(nets, batch, step)
-            _update(acc, networks, "generator", out, opt_g, tc.grad_clip, guard)
-            logs.update({f"gen/{k}": float(v.detach()) for k, v in out.items()})
-            networks.update_targets()
-            guard.end_step()  # stops the run after trainer.max_bad_steps skipped steps in a row
+                    out = objective.generator_loss(nets, batch, step)
+                _update(acc, networks, "generator", out, opt_g, tc.grad_clip, guard)
+            logs.update({f"gen/{k}": v.detach() for k, v in out.items()})
+            with clock("targets"):
+                networks.update_targets()
+            clock.step()
+            guard.end_step()  # counts bad steps on the device; agrees on a stop signal
 
             done = step + 1
             main = acc.is_main_process
@@ -115,25 +124,29 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
                 if show and t_rate - t0 > 10:
                     print(f"\nfirst step: {t_rate - t0:.0f} s (one-time allocation and warm-up); the rate counts "
                           "from the second", flush=True)
-            if done % tc.log_every == 0 or done == tc.steps:
-                logs = dp.mean(logs)
+            log_now = done % tc.log_every == 0 or done == tc.steps
+            if log_now or done % tc.checkpoint_every == 0 or guard.stop:
+                guard.check()  # stops the run after more than trainer.max_bad_steps bad steps in a row
+            if log_now:
+                logs, phases = dp.mean(_read(logs)), clock.read()
             if main and (done % tc.log_every == 0 or done == tc.steps):
                 rate = (done - start - 1) / (time.perf_counter() - t_rate) if done > start + 1 else 1 / (t_rate - t0)
                 bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
                                  if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
-                record = {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs}
-                _append(stats_file, record)
-                track.stats(record, opt_g, opt_c)
+                with clock("log"):
+                    record = {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs, **phases}
+                    _append(stats_file, record)
+                    track.stats(record, opt_g, opt_c)
             if done % tc.checkpoint_every == 0 or done == tc.steps or guard.stop:
-                # every rank takes part (sharded states gather here); the main process writes
-                states, train_state = networks.checkpointed(), _state(done, opt_g, opt_c, guard.total)
-                if main:
-                    checkpoint.save(run_dir, done, states, train_state, keep=tc.keep_checkpoints)
-                acc.wait_for_everyone()
+                with clock("checkpoint"):  # every rank takes part (sharded states gather); the main process writes
+                    states, train_state = networks.checkpointed(), _state(done, opt_g, opt_c, guard.total)
+                    if main:
+                        checkpoint.save(run_dir, done, states, train_state, keep=tc.keep_checkpoints)
+                    acc.wait_for_everyone()
             evaluate = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
             plot = tc.sample_every and done % tc.sample_every == 0
             if evaluate or plot:
-                with networks.whole(EMA):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
+                with networks.whole(EMA), clock("eval"):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
                     if main and evaluate:
                         record = {"step": done, **_eval_student(setup, student, ema, cfg.eval)}
                         _append(Path(run_dir) / "evals.jsonl", record)
@@ -179,7 +192,7 @@ def _seed(seed: int, step: int) -> None:
 
 
 def _update(acc, networks, what, out, opt, clip, guard: StepGuard) -> None:
-    """Backward + clip + step; an update whose loss or gradients are non-finite on any rank is skipped."""
+    """Backward + clip + step; an update whose loss or gradients are non-finite on any rank steps on zeros."""
     acc.backward(out["loss"])
     networks.reduce_gradients(what)
     params = networks.params(what)
@@ -189,9 +202,17 @@ def _update(acc, networks, what, out, opt, clip, guard: StepGuard) -> None:
         norm = acc.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(params)
     if acc.scaler is not None:  # fp16: the GradScaler itself skips overflowing steps (and lowers its scale)
         norm = torch.zeros(())
-    if guard.ok(what, out["loss"], norm):
-        opt.step()
+    guard.screen(what, out["loss"], norm, params)  # non-finite on any rank: the gradients are zeroed (device)
+    opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _read(logs: dict) -> dict[str, float]:
+    """The logged values as floats, read from the device in one transfer."""
+    if not logs:
+        return {}
+    values = torch.stack([torch.as_tensor(v).detach().reshape(()).to(torch.float64) for v in logs.values()])
+    return dict(zip(logs, values.tolist()))
 
 
 def _append(path: Path, record: dict) -> None:
