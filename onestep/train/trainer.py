@@ -92,25 +92,24 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     guard = StepGuard(tc.max_bad_steps, state.get("bad_steps", 0) if state else 0, stop.requested, acc.device)
     t0 = t_rate = time.perf_counter()
     seconds = {"setup": round(t0 - t_begin, 1), "resumed_at_step": start}
+    def role_update(role: str, loss, opt, step: int) -> dict[str, torch.Tensor]:
+        """One update of ``role`` on a fresh batch; its logged values, prefixed (critic/..., gen/...)."""
+        with clock("data"):
+            batch = dp.batch(setup.data, tc.batch_size, acc.device)
+        with clock(role):
+            with acc.autocast(), dp.draws():
+                out = loss(nets, batch, step)
+            _update(acc, networks, role, out, opt, tc.grad_clip, guard)
+        prefix = "gen" if role == "generator" else role
+        return {f"{prefix}/{k}": v.detach() for k, v in out.items()}
+
     with stop:
         for step in bar:
             _seed(cfg.seed, step)
             logs: dict[str, torch.Tensor] = {}  # on the device; read once per log step (no host sync per value)
             for _ in range(objective.critic_updates):
-                with clock("data"):
-                    batch = dp.batch(setup.data, tc.batch_size, acc.device)
-                with clock("critic"):
-                    with acc.autocast(), dp.draws():
-                        out = objective.critic_loss(nets, batch, step)
-                    _update(acc, networks, "critic", out, opt_c, tc.grad_clip, guard)
-                logs.update({f"critic/{k}": v.detach() for k, v in out.items()})
-            with clock("data"):
-                batch = dp.batch(setup.data, tc.batch_size, acc.device)
-            with clock("generator"):
-                with acc.autocast(), dp.draws():
-                    out = objective.generator_loss(nets, batch, step)
-                _update(acc, networks, "generator", out, opt_g, tc.grad_clip, guard)
-            logs.update({f"gen/{k}": v.detach() for k, v in out.items()})
+                logs.update(role_update("critic", objective.critic_loss, opt_c, step))
+            logs.update(role_update("generator", objective.generator_loss, opt_g, step))
             with clock("targets"):
                 networks.update_targets()
             clock.step()

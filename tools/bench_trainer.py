@@ -1,0 +1,167 @@
+"""The framework's own overhead: steps/s of `onestep train` against a bare loop doing the same math.
+
+    OMP_NUM_THREADS=2 python tools/bench_trainer.py [cases=gmm_dmd2,digits_dmd2,digits_scd] [repeats=2]
+
+For each case the same process builds the experiment twice: once through ``onestep.train.trainer.train`` (accelerate,
+the NaN guard, data-parallel batches, phase clock, logging every trainer.log_every, checkpoints at the experiment's
+cadence, the tracker off) and once as a bare loop written here from the same pieces (experiment.build, Networks,
+the objective's losses, AdamW, clip_grad_norm_, the EMA/target update) with nothing else. Both exclude their first
+step (allocation, warm-up). The order alternates over ``repeats`` and the best rate of each is kept, so a busy
+moment on a shared machine does not land on one side only. The trainer's own per-phase breakdown (time/<phase>_ms
+in stats.jsonl, last log interval) is printed next to it. Writes results/trainer_overhead.md and refreshes its
+README block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from hydra import compose, initialize_config_module  # noqa: E402
+
+import onestep.config  # noqa: E402,F401
+import onestep.objectives  # noqa: E402,F401
+from onestep import experiment  # noqa: E402
+from onestep.denoisers.base import guided  # noqa: E402
+from onestep.experiment import shape_student  # noqa: E402
+from onestep.generator import Student  # noqa: E402
+from onestep.networks import Networks  # noqa: E402
+from onestep.objectives import make_objective  # noqa: E402
+from onestep.train.trainer import train  # noqa: E402
+
+#: case -> (overrides, steps timed): short runs of the shipped experiments, evaluation cut to a minimum
+CASES = {
+    "gmm_dmd2": (["experiment=gmm_dmd2"], 200),
+    "digits_dmd2": (["experiment=digits_dmd2"], 40),
+    "digits_scd": (["experiment=digits_scd"], 40),
+}
+QUIET = ["trainer.progress=false", "trainer.log_with=none", "eval.num_samples=64", "eval.teacher_steps=[1]",
+         "eval.plot=false"]
+
+
+def _cfg(overrides):
+    with initialize_config_module("onestep.configs", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def framework(overrides, steps, run_dir: Path) -> tuple[float, dict]:
+    """steps/s of train() over steps 2..N (its stats' last it_per_s) and its last phase breakdown."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for f in ("stats.jsonl", "evals.jsonl", "config.yaml", "metrics.json", "results.md"):
+        (run_dir / f).unlink(missing_ok=True)
+    train(_cfg(overrides + QUIET + [f"trainer.steps={steps}"]), run_dir)
+    last = json.loads((run_dir / "stats.jsonl").read_text().splitlines()[-1])
+    return last["it_per_s"], {k: v for k, v in last.items() if k.startswith("time/")}
+
+
+def bare(overrides, steps, run_dir: Path) -> float:
+    """steps/s of a hand-written loop with the same nets, batch, objective, TTUR and EMA (steps 2..N)."""
+    cfg = _cfg(overrides + QUIET + [f"trainer.steps={steps}"])
+    tc, gc = cfg.trainer, cfg.generator
+    torch.manual_seed(cfg.seed)
+    setup = experiment.build(cfg, run_dir, progress=False)  # (the teacher net / caches the framework run wrote)
+    student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+    objective = make_objective(cfg.objective, student.train_sample)
+    heads = objective.build_modules(setup)
+    objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
+    nets_ = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads, targets=objective.targets(),
+                     shape=partial(shape_student, gc))
+    nets = nets_.nets(guided(nets_.teacher, cfg.teacher.guidance))
+    objective.prepare(nets)
+
+    def adamw(params, oc):
+        return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+    g_params, c_params = nets_.params("generator"), nets_.params("critic")
+    opt_g = adamw(g_params, tc.generator_optim)
+    opt_c = adamw(c_params, tc.critic_optim) if c_params else None
+
+    def update(loss, params, opt):
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = None
+    for step in range(steps):
+        if step == 1:
+            t0 = time.perf_counter()
+        torch.manual_seed(step)
+        for _ in range(objective.critic_updates):
+            update(objective.critic_loss(nets, setup.data.batch(tc.batch_size, "cpu"), step)["loss"], c_params, opt_c)
+        update(objective.generator_loss(nets, setup.data.batch(tc.batch_size, "cpu"), step)["loss"], g_params, opt_g)
+        nets_.update_targets()
+    return (steps - 1) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str]) -> None:
+    opts = dict(a.split("=", 1) for a in argv)
+    names = opts.get("cases", ",".join(CASES)).split(",")
+    repeats = int(opts.get("repeats", 2))
+    root = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
+    rows = []
+    t_all = time.perf_counter()
+    for name in names:
+        overrides, steps = CASES[name]
+        run = root / name
+        fw, bl, phases = [], [], {}
+        for r in range(repeats):
+            order = ("framework", "bare") if r % 2 == 0 else ("bare", "framework")
+            for side in order:
+                if side == "framework":
+                    rate, phases = framework(overrides, steps, run)
+                    fw.append(rate)
+                else:
+                    if not (run / "config.yaml").exists():  # the bare loop reads the caches the trainer built
+                        framework(overrides, 3, run)
+                    bl.append(bare(overrides, steps, run))
+                print(f"[{name}] {side}: {(fw if side == 'framework' else bl)[-1]:.2f} steps/s", flush=True)
+        rows.append({"case": name, "steps": steps, "framework": max(fw), "bare": max(bl), "phases": phases})
+    shutil.rmtree(root, ignore_errors=True)
+    write(rows, time.perf_counter() - t_all, argv)
+
+
+def write(rows, wall: float, argv) -> None:
+    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    lines = [f"Command: `OMP_NUM_THREADS={threads} python tools/bench_trainer.py{' ' + ' '.join(argv) if argv else ''}`"
+             f" ({wall:.0f} s wall; {platform.processor() or platform.machine()}, torch {torch.__version__}, CPU).",
+             "",
+             "Steps/s of `onestep train` vs a bare loop doing the same math in the same process (same nets, batch, "
+             "objective, TTUR, EMA; first step excluded on both sides; best of the repeats). Target: framework "
+             ">= 0.9x the bare loop. Phases: the trainer's own `time/<phase>_ms` per step over its last log "
+             "interval (teacher overlaps critic and generator).",
+             "",
+             "| case | steps timed | bare loop (steps/s) | onestep train (steps/s) | ratio | target met | "
+             "data | critic | generator | teacher | targets | log | checkpoint (ms/step) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["phases"]
+        ratio = r["framework"] / r["bare"]
+        lines.append(f"| {r['case']} | {r['steps']} | {r['bare']:.2f} | {r['framework']:.2f} | {ratio:.2f} | "
+                     f"{'yes' if ratio >= 0.9 else 'no'} | "
+                     + " | ".join(f"{p.get(f'time/{k}_ms', 0):.1f}" for k in
+                                  ("data", "critic", "generator", "teacher", "targets", "log", "checkpoint")) + " |")
+    text = "\n".join(lines) + "\n"
+    out = ROOT / "results" / "trainer_overhead.md"
+    out.write_text(text)
+    print(text)
+    from readme_block import update_readme
+
+    update_readme("results/trainer_overhead.md")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
