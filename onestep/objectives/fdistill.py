@@ -9,6 +9,11 @@ Numerics (Sec. 4.2): log r is clamped to [-log_ratio_clamp, log_ratio_clamp] and
 within each of ``time_bins`` bins of t (summed over processes with an all-reduce when torch.distributed is
 initialized), so the ratio reweights samples at one noise level without changing the step size across t; the
 normalized weight is capped at ``max_weight`` (ours: without it a 1000-step grid run diverged).
+``normalization=ratio_bins`` is the official order instead (NVlabs/FastGen fastgen/methods/distribution_matching/
+f_distill.py:59-111): r clipped to [ratio_lower, ratio_upper] (0.1, 20 there), r divided by its mean within bins of
+equal width in the schedule's own time t (not the unit time u: on EDM, in sigma), then h applied, then h divided by
+its batch mean (all processes). FastGen keeps an EMA of the bin means whose default rate 0 (configs/methods/
+config_f_distill.py:34) makes them this batch's, as here.
 In x0 form, with DMD's normalizer (distribution_matching.py):  grad = h_norm(r) (mu_fake - mu_real) / mean|x - mu_real|.
 
 The h table (f with f(1) = 0; D_f(p||q) = E_q f(p/q)):
@@ -60,30 +65,66 @@ F_OF: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 BIN_MEAN_FLOOR = 1e-8
 
 
+NORMALIZATIONS = ("h_bins", "ratio_bins")
+
+
+def density_ratio(logits: torch.Tensor, log_ratio_clamp: float, lower: float = 0.0, upper: float = math.inf):
+    """r = exp(clamp(logit, +-log_ratio_clamp)) clipped to [lower, upper], in fp32 (or fp64)."""
+    wdtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits.detach().to(wdtype).clamp(-log_ratio_clamp, log_ratio_clamp).exp().clamp(lower, upper)
+
+
 def f_weights(logits: torch.Tensor, divergence: str, log_ratio_clamp: float) -> torch.Tensor:
     """h(r) with r = exp(clamp(logit)), computed in fp32 (or fp64)."""
     if divergence not in H:
         raise ConfigError(f"objective.divergence='{divergence}' is unknown; choose one of {sorted(H)}")
-    wdtype = torch.promote_types(logits.dtype, torch.float32)
-    r = logits.detach().to(wdtype).clamp(-log_ratio_clamp, log_ratio_clamp).exp()
-    return H[divergence](r)
+    return H[divergence](density_ratio(logits, log_ratio_clamp))
+
+
+def _all_reduced(*tensors: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for x in tensors:
+            dist.all_reduce(x)
+
+
+def bin_means(v: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """The mean of v over the samples of each time bin (all processes), floored at BIN_MEAN_FLOOR: shape (num_bins,)."""
+    sums = torch.zeros(num_bins, dtype=v.dtype, device=v.device).index_add_(0, bins, v)
+    counts = torch.zeros(num_bins, dtype=v.dtype, device=v.device).index_add_(0, bins, torch.ones_like(v))
+    _all_reduced(sums, counts)
+    return (sums / counts.clamp_min(1)).clamp_min(BIN_MEAN_FLOOR)
+
+
+def batch_mean(v: torch.Tensor) -> torch.Tensor:
+    """The mean of v over the global batch (all processes), floored at BIN_MEAN_FLOOR."""
+    total = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=v.dtype, device=v.device)])
+    _all_reduced(total)
+    return (total[0] / total[1]).clamp_min(BIN_MEAN_FLOOR)
 
 
 def normalize_per_bin(h: torch.Tensor, bins: torch.Tensor, num_bins: int, max_weight: float = math.inf) -> torch.Tensor:
     """min(h / mean(h over the samples of its time bin), max_weight), the means taken over all processes."""
-    sums = torch.zeros(num_bins, dtype=h.dtype, device=h.device).index_add_(0, bins, h)
-    counts = torch.zeros(num_bins, dtype=h.dtype, device=h.device).index_add_(0, bins, torch.ones_like(h))
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-    means = (sums / counts.clamp_min(1)).clamp_min(BIN_MEAN_FLOOR)
-    return (h / means[bins]).clamp_max(max_weight)
+    return (h / bin_means(h, bins, num_bins)[bins]).clamp_max(max_weight)
+
+
+def official_weights(r: torch.Tensor, bins: torch.Tensor, num_bins: int, divergence: str,
+                     max_weight: float = math.inf) -> torch.Tensor:
+    """FastGen's order (f_distill.py:72-108): h(r / mean_bin(r)) / mean_batch(h), capped at max_weight."""
+    h = H[divergence](r / bin_means(r, bins, num_bins)[bins])
+    return (h / batch_mean(h)).clamp_max(max_weight)
+
+
+def native_bins(schedule, t: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Bins of equal width in the schedule's own time over [t_min, t_max] (FastGen f_distill.py:74-77)."""
+    width = (schedule.t_max - schedule.t_min) / num_bins
+    return ((t.double() - schedule.t_min) / width).floor().long().clamp(0, num_bins - 1)
 
 
 def fdistill_gradient(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, logit_fn, cond=None, *,
                       divergence: str = "js", log_ratio_clamp: float = 5.0, time_bins: int = 10,
                       max_weight: float = math.inf, lo: float = 0.02, hi: float = 0.98,
-                      u: torch.Tensor | None = None, eps=None):
+                      u: torch.Tensor | None = None, eps=None, normalization: str = "h_bins",
+                      ratio_lower: float = 0.0, ratio_upper: float = math.inf):
     """The f-distill direction at generator samples x. ``logit_fn(x_t, t) -> log r`` (no gradient needed);
     ``u`` in [lo, hi] are the unit times (t = schedule.t_from_unit(u)), drawn uniformly when not given."""
     sched = teacher.schedule
@@ -92,9 +133,13 @@ def fdistill_gradient(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, logi
     t = sched.t_from_unit(u).to(device=x.device, dtype=x.dtype)
     _, x_t, mu_real, mu_fake = denoised_pair(teacher, critic, x, cond, t=t, eps=eps)
     with torch.no_grad():
-        h = f_weights(logit_fn(x_t, t), divergence, log_ratio_clamp).to(mu_real.dtype)
-        bins = ((u - lo) / (hi - lo) * time_bins).long().clamp(0, time_bins - 1).to(h.device)
-        h = normalize_per_bin(h, bins, time_bins, max_weight)
+        r = density_ratio(logit_fn(x_t, t), log_ratio_clamp, ratio_lower, ratio_upper).to(mu_real.dtype)
+        if normalization == "ratio_bins":
+            bins = native_bins(sched, sched.t_from_unit(u), time_bins).to(r.device)
+            h = official_weights(r, bins, time_bins, divergence, max_weight)
+        else:
+            bins = ((u - lo) / (hi - lo) * time_bins).long().clamp(0, time_bins - 1).to(r.device)
+            h = normalize_per_bin(H[divergence](r), bins, time_bins, max_weight)
         grad = torch.nan_to_num(h.view(-1, *([1] * (x.ndim - 1))) * (mu_fake - mu_real) / dmd_normalizer(x, mu_real))
     return grad.to(x.dtype), {"h_mean": h.mean(), "h_max": h.max()}
 
@@ -108,7 +153,17 @@ class FDistillConfig(ObjectiveConfig, GANConfig):
     log_ratio_clamp: float = 5.0
     time_bins: int = 10
     #: cap of the normalized weight h / mean_bin(h): one sample that dominates its bin cannot take a huge step
+    #: (ours; FastGen has none: objective.max_weight=inf)
     max_weight: float = 5.0
+    #: h_bins (h(r) / its mean in bins of the unit time u; ours) | ratio_bins (the official order: h(r / mean of r in
+    #: bins of equal width in the schedule's time) / batch mean; NVlabs/FastGen
+    #: fastgen/methods/distribution_matching/f_distill.py:72-108)
+    normalization: str = "h_bins"
+    #: r clipped below at ratio_lower after the logit clamp (FastGen: 0.1, configs/methods/config_f_distill.py:28;
+    #: its logit clamp is +-10, f_distill.py:67-69)
+    ratio_lower: float = 0.0
+    #: r clipped above at ratio_upper (FastGen: 20, config_f_distill.py:29)
+    ratio_upper: float = math.inf
     t_lo: float = 0.02
     t_hi: float = 0.98
     critic_weighting: str = "edm"
@@ -131,6 +186,11 @@ class FDistill(CriticObjective):
         if cfg.log_ratio_clamp <= 0 or cfg.time_bins < 1 or cfg.max_weight <= 0:
             raise ConfigError(f"objective.log_ratio_clamp={cfg.log_ratio_clamp} and max_weight={cfg.max_weight} "
                               f"must be > 0, time_bins={cfg.time_bins} >= 1")
+        if cfg.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"objective.normalization='{cfg.normalization}' is unknown; choose one of {NORMALIZATIONS}")
+        if not 0 <= cfg.ratio_lower < cfg.ratio_upper:
+            raise ConfigError(f"objective.ratio_lower={cfg.ratio_lower}, ratio_upper={cfg.ratio_upper} must satisfy "
+                              "0 <= ratio_lower < ratio_upper (FastGen: 0.1, 20)")
         check_t_range(cfg)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
@@ -143,6 +203,7 @@ class FDistill(CriticObjective):
 
         grad, logs = fdistill_gradient(nets.teacher, nets.critic, x, logit_fn, batch.cond, divergence=c.divergence,
                                        log_ratio_clamp=c.log_ratio_clamp, time_bins=c.time_bins,
-                                       max_weight=c.max_weight, lo=c.t_lo, hi=c.t_hi)
+                                       max_weight=c.max_weight, lo=c.t_lo, hi=c.t_hi, normalization=c.normalization,
+                                       ratio_lower=c.ratio_lower, ratio_upper=c.ratio_upper)
         loss = surrogate_loss(x, grad)
         return self.with_gan(loss, {"fdiv": loss.detach(), **logs}, nets, x, batch.cond)

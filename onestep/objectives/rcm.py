@@ -6,6 +6,14 @@ on the student's own samples fixes its mode-covering blur:
     L_G = L_sCD + lambda * L_DMD(G(z)),    L_DMD as in DMD eq. (7)-(8) (distribution_matching.py)
 with a fake-score critic trained by denoising score matching on generator samples (``ttur`` critic updates
 per generator step). Multi-step students use backward simulation for the DMD term (generator.py).
+
+The official code (NVlabs/rcm rcm/models/t2v_model_distill_rcm.py) differs from the defaults here in: sigma_d = 1.0
+(:92); the tangent warm-up form (:548-552; objective.tangent_warmup=rcm, scm.py); no adaptive weighting; and the
+scale of the two terms: 100 x the *sum* over elements of the sCM error (:573-574) + 1 x the sum of the DMD surrogate
+(:667-670), one backward for both. Their gradients, per element, are 200 (F - F- - g) and 2 grad; here (adaptive
+weighting off) 2 (F - F- - g) / D and dm_weight grad / D, so dm_weight = 2 / 100 = 0.02 is the official ratio (the
+default 0.1 weighs DMD 5x more). Also official and not reproduced: the DMD term starts after the tangent warm-up
+(:709) and the student updates once per student_update_freq (5) critic updates after it (:294-299).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from onestep.core import dsm_loss
 @dataclass
 class RCMConfig(SCMConfig):
     name: str = "rcm"
-    #: lambda, the weight of the DMD regularizer
+    #: lambda, the weight of the DMD regularizer; 0.02 is the official code's ratio to the sCM term (100 x sum vs 1 x
+    #: sum; with adaptive_weighting=false), NVlabs/rcm rcm/models/t2v_model_distill_rcm.py:573-574, :667-670
     dm_weight: float = 0.1
     #: t ~ U[t_lo, t_hi] (fractions of the teacher schedule's range) for the DMD gradient
     t_lo: float = 0.02
