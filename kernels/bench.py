@@ -1,12 +1,14 @@
 """Benchmark of the JVP attention: ``python -m onestep.kernels.bench`` (or ``python kernels/bench.py``).
 
-CPU (always): peak memory and time of the blockwise fallback's forward+JVP versus the MATH path
-(plain ``softmax(QK^T)V`` + ``torch.func.jvp``), B=1, H=8, d=64, fp32, N in --ns (default
-1024, 4096, 8192).  Every point runs in a fresh subprocess; its peak memory is the process
-high-water RSS (VmHWM) minus the RSS measured right before the timed call
-(after the inputs were created and a tiny warm-up call loaded the math libraries), i.e. the extra
-memory the attention call needed.  A point whose MATH estimate exceeds the free RAM is reported
-as "OOM (est. X GiB)" without running it.
+CPU (always; ``python kernels/bench.py --device cpu --threads 2``): time, peak allocated memory and peak RSS of the
+kernel's forward+JVP (the blockwise backend: ``torch.func.jvp(attention)`` and ``fused_forward_jvp``) versus the
+MATH path (plain ``softmax(QK^T)V`` + ``torch.func.jvp``), B=1, H=8, d=64, fp32, N in --ns (default 1024, 4096,
+8192, 16384).  Every point runs in a fresh subprocess.  Peak allocated is the most bytes torch's CPU allocator
+held above its level before the call (profiler memory events), i.e. the attention's own tensors; peak RSS is
+the process high-water RSS (VmHWM) minus the RSS right before the timed call (after the inputs were created and a
+tiny warm-up call loaded the math libraries).  MATH is not run where its predicted peak (MATH_NN_MATRICES fp32
+N x N matrices) does not fit in the available RAM minus MATH_RAM_MARGIN: the row says what it would need.  The
+table ends with the issue-20 target (MATH / kernel >= 50x allocated at N = 4096), met or missed.
 
 GPU (only when CUDA is present): TFLOP/s, time and peak memory of the fused Triton forward+JVP
 (12 B H N^2 d FLOPs), of ``torch.func.jvp(attention)`` end to end, of SDPA's flash forward
@@ -86,6 +88,49 @@ def _maxrss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+#: the methods of the CPU table, in its order: the kernel as networks call it (forward, then the jvp rule's fused
+#: pass), the fused pass alone, and the reference
+CPU_METHODS = {"blockwise_jvp": "kernel: torch.func.jvp(attention)", "blockwise_fused": "kernel: fused_forward_jvp",
+               "math_jvp": "MATH + torch.func.jvp"}
+#: fp32 N x N matrices MATH + torch.func.jvp holds at its peak: S, S' and P, P' with a temporary of the softmax's
+#: tangent (its allocator peak at N = 1024, H = 8 is 160.0 MiB = 5 x 32 MiB, plus the 4 MiB of O and O')
+MATH_NN_MATRICES = 5
+#: RAM left to everything else when MATH's predicted peak decides whether it may run (the machine is shared)
+MATH_RAM_MARGIN = 4 << 30
+#: the issue-20 target: MATH's allocator peak over the kernel's, at this N
+TARGET_RATIO, TARGET_N = 50, 4096
+CPU_NS = (1024, 4096, 8192, 16384)
+
+
+def _reset_hwm() -> None:
+    """Set VmHWM back to the current RSS (Linux >= 4.0), so the next high-water mark is this call's alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _allocator_peak(fn):
+    """(fn(), the most bytes the CPU allocator held during fn above its level when fn started).
+
+    torch has no CPU allocator statistics (``torch.cpu`` has no ``max_memory_allocated``); the profiler with
+    ``profile_memory=True`` records every allocation and free of the CPU allocator as a signed "[memory]" event,
+    and the running sum of those, in time order, is the allocated level.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return out, peak
+
+
 def _cpu_point(method: str, N: int, B: int, H: int, d: int, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -107,13 +152,17 @@ def _cpu_point(method: str, N: int, B: int, H: int, d: int, threads: int | None)
 
     small = [t[:, :, :64].contiguous() for t in (q, k, v, qd, kd, vd)]
     run(*small)  # warm-up: loads BLAS / threads; tiny transient
+    _allocator_peak(lambda: run(*small))  # and the profiler's own first-use setup
+    _reset_hwm()
     base = _rss_bytes()
     t0 = time.perf_counter()
     o, od = run(q, k, v, qd, kd, vd)
     dt = time.perf_counter() - t0
-    peak = _maxrss_bytes() - base
+    rss_peak = _maxrss_bytes() - base
     assert torch.isfinite(od).all()
-    return {"method": method, "N": N, "time_s": dt, "peak_bytes": max(peak, 0),
+    del o, od
+    _, alloc_peak = _allocator_peak(lambda: run(q, k, v, qd, kd, vd))  # a second call, not timed
+    return {"method": method, "N": N, "time_s": dt, "peak_bytes": max(rss_peak, 0), "alloc_bytes": alloc_peak,
             "threads": torch.get_num_threads()}
 
 
@@ -134,7 +183,9 @@ def _run_point(spec: dict, timeout: float) -> dict | None:
 
 def measure_cpu_point(method: str, N: int, B: int = 1, H: int = 8, d: int = 64,
                       threads: int | None = None, timeout: float = 1800) -> dict:
-    """Run one CPU measurement in a fresh Python process; returns the dict of :func:`_cpu_point`."""
+    """Run one CPU measurement in a fresh Python process; returns the dict of :func:`_cpu_point`: time_s (the timed
+    call), peak_bytes (its high-water RSS above the RSS before it) and alloc_bytes (the allocator's peak above its
+    level before a second, profiled call)."""
     spec = {"method": method, "N": N, "B": B, "H": H, "d": d, "threads": threads}
     point = _run_point(spec, timeout)
     return {"method": method, "N": N, "oom": True} if point is None else point
@@ -159,36 +210,49 @@ def _fmt_bytes(b: float) -> str:
 
 
 def run_cpu(ns, B=1, H=8, d=64, threads=None):
+    """(header, rows, meta, verdict): one row per (N, method); MATH is not run where its predicted peak does not
+    fit in the available RAM minus MATH_RAM_MARGIN."""
     from tqdm import tqdm
 
-    rows = []
-    configs = [(N, m) for N in ns for m in ("blockwise_fused", "blockwise_jvp", "math_jvp")]
     results = {}
-    for N, m in tqdm(configs, desc="cpu bench", unit="pt"):
+    for N, m in tqdm([(N, m) for N in ns for m in CPU_METHODS], desc="cpu bench", unit="pt"):
+        nn = B * H * N * N * 4  # one fp32 N x N score matrix
         if m == "math_jvp":
-            est = 6 * B * H * N * N * 4  # ~6 fp32 N x N tensors alive in MATH + jvp
-            if est > 0.8 * _mem_available():
-                results[(N, m)] = {"oom": True, "est": est}
+            need, avail = MATH_NN_MATRICES * nn, _mem_available()
+            if need > avail - MATH_RAM_MARGIN:
+                results[N, m] = {"skip": f"not run: needs ~{_fmt_bytes(need)} ({MATH_NN_MATRICES} x {_fmt_bytes(nn)}"
+                                         f"), {_fmt_bytes(avail)} available"}
                 continue
-        results[(N, m)] = measure_cpu_point(m, N, B, H, d, threads)
+        results[N, m] = measure_cpu_point(m, N, B, H, d, threads)
+
+    def ratio(math, r, key):
+        return "" if "time_s" not in math or r is math else f"{math[key] / max(r[key], 1):.1f}x"
+
+    rows = []
     for N in ns:
-        bf, bj, mj = (results[(N, m)] for m in ("blockwise_fused", "blockwise_jvp", "math_jvp"))
-
-        def cell_t(r):
-            return "OOM" if r.get("oom") else f"{r['time_s']:.2f}"
-
-        def cell_m(r):
-            if r.get("oom"):
-                return f"OOM (est. {_fmt_bytes(r['est'])})" if "est" in r else "OOM"
-            return _fmt_bytes(r["peak_bytes"])
-
-        ratio = "n/a" if mj.get("oom") else f"{mj['peak_bytes'] / max(bj['peak_bytes'], 1):.1f}x"
-        rows.append([str(N), cell_m(bf), cell_m(bj), cell_m(mj), ratio, cell_t(bf), cell_t(bj), cell_t(mj)])
-    header = ["N", "peak blockwise fused", "peak blockwise func.jvp", "peak MATH+func.jvp",
-              "MATH / blockwise peak", "time fused (s)", "time blockwise func.jvp (s)", "time MATH+jvp (s)"]
+        math = results[N, "math_jvp"]
+        for m, label in CPU_METHODS.items():
+            r = results[N, m]
+            nn = _fmt_bytes(B * H * N * N * 4)
+            if "time_s" not in r:
+                rows.append([str(N), label, nn, "-", r.get("skip", "OOM (killed)"), "-", "", ""])
+                continue
+            rows.append([str(N), label, nn, f"{r['time_s']:.2f}", _fmt_bytes(r["alloc_bytes"]),
+                         _fmt_bytes(r["peak_bytes"]), ratio(math, r, "alloc_bytes"), ratio(math, r, "peak_bytes")])
+    header = ["N", "attention", "one N x N fp32 (B H N^2 4 bytes)", "time (s)", "peak allocated", "peak RSS",
+              "MATH / this, allocated", "MATH / this, RSS"]
     threads_used = next((r["threads"] for r in results.values() if "threads" in r), torch.get_num_threads())
     meta = f"B={B}, H={H}, d={d}, fp32, torch threads={threads_used}"
-    return header, rows, meta
+    verdict = None
+    if TARGET_N in ns and "time_s" in results[TARGET_N, "math_jvp"]:
+        math = results[TARGET_N, "math_jvp"]
+        got = {m: math["alloc_bytes"] / max(results[TARGET_N, m]["alloc_bytes"], 1)
+               for m in ("blockwise_jvp", "blockwise_fused")}
+        met = min(got.values()) >= TARGET_RATIO
+        verdict = (f"target (issue 20): MATH / kernel peak allocated >= {TARGET_RATIO}x at N = {TARGET_N}: "
+                   f"{got['blockwise_jvp']:.0f}x through torch.func.jvp(attention), {got['blockwise_fused']:.0f}x "
+                   f"fused -- {'met' if met else 'MISSED'}")
+    return header, rows, meta, verdict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,6 +589,7 @@ def main(argv=None):
     ap.add_argument("--single", type=int, default=1, help="--transformer: single-stream blocks (FLUX.1: 38)")
     ap.add_argument("--attentions", default="math,jvp_flash",
                     help="--transformer: generator.attention options to compare (default | math | jvp_flash)")
+    ap.add_argument("--note", default=None, help="a line added to the results file (e.g. that the machine was shared)")
     ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -542,15 +607,23 @@ def main(argv=None):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    load = os.getloadavg()
     if args.transformer:
         return transformer_report(args, device, date, sys.argv[1:] if argv is None else list(argv))
+    verdict = None
     if device == "cpu":
-        ns = [int(x) for x in (args.ns or "1024,4096,8192").split(",")]
-        header, rows, meta = run_cpu(ns, threads=args.threads)
-        title = "Forward + JVP attention on CPU: blockwise fallback vs MATH + torch.func.jvp"
-        note = ("Peak = process high-water RSS (VmHWM) minus RSS before the call, one fresh subprocess per "
-                "point. 'blockwise fused' = `fused_forward_jvp` (one pass); 'blockwise func.jvp' = "
-                "`torch.func.jvp(attention)` (forward, then the fused JVP rule).")
+        ns = [int(x) for x in (args.ns or ",".join(map(str, CPU_NS))).split(",")]
+        header, rows, meta, verdict = run_cpu(ns, threads=args.threads)
+        title = "Forward + JVP attention on CPU: blockwise kernel vs MATH + torch.func.jvp"
+        note = ("One fresh subprocess per row. Time: one call, after a tiny warm-up. Peak allocated: the most bytes "
+                "torch's CPU allocator held above its level before a second call (profiler memory events; torch has "
+                "no CPU allocator statistics) -- the attention's own tensors, O and O' included. Peak RSS: the "
+                "process high-water RSS (VmHWM, reset before the call) minus the RSS before the timed call -- adds "
+                "what glibc keeps and what BLAS allocates outside torch. Kernel = the blockwise PyTorch backend "
+                "(the CPU path; Triton runs on CPU only under TRITON_INTERPRET=1): torch.func.jvp(attention) runs "
+                "its forward, then the jvp rule's fused forward+JVP pass; fused_forward_jvp runs that pass alone. "
+                f"MATH runs only where {MATH_NN_MATRICES} fp32 N x N matrices (its measured peak) fit in the "
+                f"available RAM minus {_fmt_bytes(MATH_RAM_MARGIN)}.")
     else:
         ns = [int(x) for x in (args.ns or "1024,2048,4096,8192,16384,32768,65536").split(",")]
         header, rows, meta = run_gpu(ns)
@@ -560,8 +633,12 @@ def main(argv=None):
     name, tag = _device_name(device)
     md = "\n".join([
         f"# {title}", "",
+        f"- command: `{' '.join(['python', 'kernels/bench.py', *(sys.argv[1:] if argv is None else argv)])}`",
         f"- device: {name}", f"- versions: {_versions()}", f"- date: {date}", f"- config: {meta}",
-        f"- {note}", "", _table(header, rows), "",
+        f"- {note}", *([f"- load average (1 min) before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f} on "
+                       f"{os.cpu_count()} cores"] if device == "cpu" else []),
+        *([f"- {args.note}"] if args.note else []),
+        "", _table(header, rows), "", *([f"**{verdict}**", ""] if verdict else []),
     ])
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"jvp_attention_{tag}.md")

@@ -2,8 +2,10 @@
 
 This is the CPU (and any-device) fallback of :mod:`onestep.kernels`.  It uses exactly the same
 online-softmax math as the Triton kernel in :mod:`onestep.kernels.triton_jvp`, one key block at a
-time, so no N x M tensor is ever created: the largest temporaries are (B, H, N, block) tiles and
-the memory is O(N * block) instead of O(N * M).
+time, so no N x M tensor is ever created.  The forward (+ JVP) also takes the query rows a block at
+a time: its temporaries are (B, H, query_block, block) tiles and (B, H, query_block, d) running
+sums, so beyond the returned O, O' its memory does not grow with N or M (the MATH path holds
+several N x M matrices).  The backward keeps all N rows per key block: O(N * block).
 
 Notation (per batch b, head h; rows i index queries, columns j index keys)::
 
@@ -48,6 +50,9 @@ import math
 import torch
 
 DEFAULT_BLOCK = 128  # key-block size; read at call time (tests lower it to exercise many blocks)
+#: query rows per pass of the forward (+ JVP): bounds its tiles at (B, H, 256, DEFAULT_BLOCK), so its memory beyond
+#: the returned O, O' does not grow with N (results/jvp_attention_cpu.md); read at call time like DEFAULT_BLOCK
+DEFAULT_QUERY_BLOCK = 256
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,8 +75,13 @@ def blockwise_forward(
     k_dot: torch.Tensor | None = None,
     v_dot: torch.Tensor | None = None,
     block: int | None = None,
+    query_block: int | None = None,
 ):
     """Online-softmax attention over key blocks, optionally with the fused JVP.
+
+    Query rows are independent, so they are processed ``query_block`` at a time: the tiles are
+    (B, H, query_block, block) and the running sums (B, H, query_block, d), whatever N and M are;
+    only the returned O, O' (and LSE, LSE') grow with N.
 
     Args:
         q: (B, H, N, d); k, v: (B, H, M, d); mask: additive float mask broadcastable to
@@ -83,20 +93,43 @@ def blockwise_forward(
         (fp32, or fp64 for fp64 inputs); O_dot/LSE_dot are None when no tangent was given.
     """
     block = DEFAULT_BLOCK if block is None else int(block)
+    query_block = DEFAULT_QUERY_BLOCK if query_block is None else int(query_block)
     acc_dt = _acc_dtype(q.dtype)
     with_tangent = any(t is not None for t in (q_dot, k_dot, v_dot))
     B, H, N, D = q.shape
-    M = k.shape[2]
-    qf, kf, vf = q.to(acc_dt), k.to(acc_dt), v.to(acc_dt)
-    qs = qf * scale  # fold the scale into Q (and Q') once
-    if with_tangent:
-        qds = q_dot.to(acc_dt) * scale if q_dot is not None else None
-        kdf = k_dot.to(acc_dt) if k_dot is not None else None
-        vdf = v_dot.to(acc_dt) if v_dot is not None else None
+    kf, vf = k.to(acc_dt), v.to(acc_dt)
+    kdf = k_dot.to(acc_dt) if k_dot is not None else None
+    vdf = v_dot.to(acc_dt) if v_dot is not None else None
+    o = torch.empty_like(q)
+    lse = q.new_empty((B, H, N), dtype=acc_dt)
+    o_dot = torch.empty_like(q) if with_tangent else None
+    lse_dot = torch.empty_like(lse) if with_tangent else None
+    for i0 in range(0, N, query_block):
+        i1 = min(i0 + query_block, N)
+        qs = q[:, :, i0:i1].to(acc_dt) * scale  # fold the scale into Q (and Q') once per row block
+        qds = q_dot[:, :, i0:i1].to(acc_dt) * scale if q_dot is not None else None
+        mask_i = mask if mask is None or mask.shape[-2] == 1 else mask[..., i0:i1, :]
+        o_i, lse[:, :, i0:i1], o_dot_i, lse_dot_i = _forward_rows(
+            qs, kf, vf, mask_i, qds, kdf, vdf, with_tangent, block)
+        o[:, :, i0:i1] = o_i
+        if with_tangent:
+            o_dot[:, :, i0:i1] = o_dot_i
+            lse_dot[:, :, i0:i1] = lse_dot_i
+    return o, lse, o_dot, lse_dot
 
-    m = q.new_full((B, H, N), -math.inf, dtype=acc_dt)  # running row max
-    l = q.new_zeros((B, H, N), dtype=acc_dt)  # running normaliser  l = sum_j exp(S_ij - m)
-    acc = q.new_zeros((B, H, N, D), dtype=acc_dt)  # running  sum_j P~_ij V_j
+
+def _forward_rows(qs, kf, vf, mask, qds, kdf, vdf, with_tangent: bool, block: int):
+    """The one-pass online softmax (+ JVP) of the module docstring for one block of query rows.
+
+    qs, qds: scaled Q, Q' rows (B, H, n, d) in the accumulation dtype; returns (O, LSE, O', LSE')
+    of those rows in the accumulation dtype (O', LSE' None without a tangent).
+    """
+    B, H, N, D = qs.shape
+    M = kf.shape[2]
+    acc_dt = qs.dtype
+    m = qs.new_full((B, H, N), -math.inf)  # running row max
+    l = qs.new_zeros((B, H, N))  # running normaliser  l = sum_j exp(S_ij - m)
+    acc = qs.new_zeros((B, H, N, D))  # running  sum_j P~_ij V_j
     if with_tangent:
         A = torch.zeros_like(acc)  # running  sum_j P~_ij V'_j
         Bacc = torch.zeros_like(acc)  # running  sum_j (P~ o S')_ij V_j
@@ -105,7 +138,7 @@ def blockwise_forward(
     for j0 in range(0, M, block):
         j1 = min(j0 + block, M)
         kj, vj = kf[:, :, j0:j1], vf[:, :, j0:j1]
-        s = qs @ kj.transpose(-1, -2)  # S_j = Q K_j^T * scale   (B, H, N, bj)
+        s = qs @ kj.transpose(-1, -2)  # S_j = Q K_j^T * scale   (B, H, n, bj)
         mj = _mask_block(mask, j0, j1, acc_dt)
         if mj is not None:
             s += mj
@@ -142,15 +175,14 @@ def blockwise_forward(
     empty = l == 0  # fully masked rows
     l_safe = torch.where(empty, torch.ones_like(l), l)
     inv_l = (1.0 / l_safe).unsqueeze(-1)
-    o_acc = acc * inv_l  # O = acc / l
+    o = acc.mul_(inv_l)  # O = acc / l
     lse = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log(l_safe))
-    o = o_acc.to(q.dtype)
     if not with_tangent:
         return o, lse, None, None
     lse_dot = r / l_safe  # LSE' = r / l
     # O' = (A + B) / l - (r / l) o O
-    o_dot = (A + Bacc) * inv_l - lse_dot.unsqueeze(-1) * o_acc
-    return o, lse, o_dot.to(q.dtype), lse_dot
+    o_dot = A.add_(Bacc).mul_(inv_l).sub_(lse_dot.unsqueeze(-1) * o)
+    return o, lse, o_dot, lse_dot
 
 
 def blockwise_backward(
