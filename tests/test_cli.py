@@ -58,7 +58,7 @@ def test_train_help_shows_the_keys_of_the_chosen_experiment_with_their_comments(
     gmm = _onestep("train", "experiment=gmm_dmd2", "--help").stdout
     assert "  mixture = ring" in _section(gmm, "teacher") and "  path =" not in _section(gmm, "teacher")
     assert "features" not in _section(gmm, "eval")
-    assert "# t ~ U[t_lo, t_hi]" in _section(gmm, "objective")  # doc comments of the objective's base class too
+    assert "# critic (fake-score) updates per generator" in _section(gmm, "objective")  # the base class's docs too
     sd = _onestep("train", "experiment=sd15_dmd2", "--help").stdout
     assert "  negative_prompt = None" in _section(sd, "teacher") and "\ncritic:" in sd
     assert "\ncritic:" not in _onestep("train", "experiment=gmm_scd", "--help").stdout  # sCD trains no critic
