@@ -46,6 +46,7 @@ def _train(cfg: DictConfig) -> None:
     _join_submitit_tasks()
     try:
         train(cfg, run_dir)
+        _leave_process_group()
     except ConfigError as e:
         _drop_unstarted_hydra_folder(cfg)
         _fail(str(e))
@@ -58,6 +59,15 @@ def _train(cfg: DictConfig) -> None:
         print(f"\nonestep: interrupted outside the training steps; the run folder's checkpoints are intact: "
               f"rerun the same command to resume ({run_dir})", file=sys.stderr)
         sys.exit(130)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch: close this process's torch.distributed group before the interpreter
+    exits (its gloo threads torn down in order, not by static destructors at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _quiet_logs() -> None:
