@@ -1,8 +1,8 @@
 """Ctrl-C and SIGTERM (a cluster's preemption or time limit) during training: finish the current step, write a
 checkpoint at it (atomically, every rank taking part), and stop with one line saying how to resume.
 
-The signal only sets a flag; the ranks agree on it through the numerics guard's per-update all-reduce
-(guard.py), so every process stops after the same step. A second Ctrl-C while the checkpoint is written
+The signal only sets a flag; the ranks OR it once per step through a CPU (gloo) all-reduce in the numerics
+guard (guard.py, ``end_step``), so every process stops after the same step. A second Ctrl-C while the checkpoint is written
 interrupts at once (the previous checkpoint is intact: checkpoint.py writes atomically). Handlers are installed
 only where the signal still has Python's default behaviour, so a launcher's own handler (submitit's) is kept.
 """

@@ -155,7 +155,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
                         track.samples(done, run_dir / f"samples_{done:08d}.png")
             for cb in callbacks:
                 cb(done, logs)
-            if guard.stop and done < tc.steps:  # every rank, after the same step (the guard's all-reduce)
+            if guard.stop and done < tc.steps:  # every rank, after the same step (guard.end_step)
                 bar.close()
                 track.close()
                 raise Interrupted(done, run_dir, stop.signum or signal.SIGTERM)
