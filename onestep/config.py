@@ -191,6 +191,9 @@ class EvalConfig:
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     teacher_method: str = "ddim"
     student_steps: list[int] = field(default_factory=lambda: [1])
+    #: also evaluate hybrid sampling: the teacher takes the first k steps of the student's t-list, the student the
+    #: rest ("Distilling Diversity and Control", Gandikota & Bau 2025); one row per k, for students of >= 2 steps
+    hybrid_teacher_steps: list[int] = field(default_factory=list)
     plot: bool = True
     #: feature space of FD/FID, KID and precision/recall for image experiments: inception (clean-fid) | digits
     features: str = "inception"

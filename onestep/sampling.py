@@ -48,13 +48,39 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, ts: Sequence[float] | torch.
     model = guided(denoiser, guidance) if guidance not in (None, 1.0) else denoiser
     sched = model.schedule
     ts = check_ts(ts, sched)
-    dtype = noise.dtype
-    t_all = ts.to(device=noise.device, dtype=dtype)
-    x = noise * sched.prior_std(t_all[0])
-    n = len(t_all)
+    x = noise * sched.prior_std(ts[0].to(device=noise.device, dtype=noise.dtype))
+    return _integrate(model, x, ts, cond, method, generator, callback)
+
+
+@torch.no_grad()
+def hybrid_sample(teacher: Denoiser, student: Denoiser, noise: torch.Tensor, ts: Sequence[float] | torch.Tensor,
+                  teacher_steps: int, cond=None, *, teacher_method: str = "ddim", student_method: str = "renoise",
+                  guidance: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Hybrid inference of "Distilling Diversity and Control in Diffusion Models" (Gandikota & Bau, 2025, Sec. 5):
+    the teacher takes the first ``teacher_steps`` steps of the student's t-list ``ts`` (where a distilled model
+    loses its diversity: the layout is set there), the student runs the rest. Evaluations: len(ts) (the teacher's
+    ``guidance`` doubles its share under CFG)."""
+    ts = check_ts(ts, student.schedule)
+    if not 1 <= teacher_steps < len(ts):
+        raise ConfigError(f"hybrid sampling hands over inside the student's t-list of {len(ts)} times: "
+                          f"teacher_steps={teacher_steps} must be in [1, {len(ts) - 1}] (a {len(ts)}-step student)")
+    for m in (teacher_method, student_method):
+        if m not in METHODS:
+            raise ConfigError(f"sampler method '{m}' is unknown; choose one of {METHODS}")
+    model = guided(teacher, guidance) if guidance not in (None, 1.0) else teacher
+    x = noise * model.schedule.prior_std(ts[0].to(device=noise.device, dtype=noise.dtype))
+    x = _integrate(model, x, ts[:teacher_steps + 1], cond, teacher_method, generator, None, to_x0=False)
+    return _integrate(student, x, ts[teacher_steps:], cond, student_method, generator, None)
+
+
+def _integrate(model, x, ts, cond, method, generator, callback, to_x0: bool = True):
+    """Step x from ts[0] through ts; the last time jumps to the x0 prediction (``to_x0``) or is where x stops."""
+    sched = model.schedule
+    t_all = ts.to(device=x.device, dtype=x.dtype)
+    n = len(t_all) if to_x0 else len(t_all) - 1
     for i in range(n):
         t = t_all[i].expand(x.shape[0])
-        last = i == n - 1
+        last = to_x0 and i == n - 1
         if method in ("euler", "heun") and not last:
             u = model.flow(x, t, cond)
             dt = t_all[i + 1] - t_all[i]

@@ -105,6 +105,12 @@ def check_config(cfg) -> None:
         steps = list(OmegaConf.select(cfg, key))
         if not steps or not all(s >= 1 for s in steps):
             raise ConfigError(f"{key}={steps} must list step counts >= 1; pass e.g. {key}=[1]")
+    student_steps = len(cfg.generator.ts) if cfg.generator.ts is not None else cfg.generator.steps
+    for k in OmegaConf.select(cfg, "eval.hybrid_teacher_steps", default=None) or []:
+        if not 1 <= k < student_steps:
+            raise ConfigError(f"eval.hybrid_teacher_steps={list(cfg.eval.hybrid_teacher_steps)}: the teacher takes k of "
+                              f"the student's {student_steps} steps, so each k must be in [1, {student_steps - 1}]; "
+                              "hybrid sampling needs a student of 2 or more steps (generator.steps)")
     _choice("trainer.mixed_precision", cfg.trainer.mixed_precision, MIXED_PRECISION)
     _choice("generator.method", cfg.generator.method, STUDENT_METHODS)
     _choice("eval.teacher_method", cfg.eval.teacher_method, METHODS)

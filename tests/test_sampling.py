@@ -106,3 +106,42 @@ def test_stochastic_samplers_use_the_given_generator():
                               generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
     assert math.isfinite(float(run(3).sum()))
+
+
+class Recording(torch.nn.Module):
+    """A denoiser wrapper that records the (x, t) of every x0 call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.schedule, self.calls = inner, inner.schedule, []
+
+    def x0(self, x, t, cond=None):
+        self.calls.append((x.clone(), float(t[0])))
+        return self.inner.x0(x, t, cond)
+
+    def randn_like(self, x, generator=None):
+        return self.inner.randn_like(x, generator)
+
+
+def test_hybrid_sampler_hands_the_teachers_state_to_the_student():
+    """Teacher for the first k steps of the student's t-list, student from ts[k] on (Gandikota & Bau 2025): the
+    student is called only at ts[k:], first on exactly the teacher's DDIM state at ts[k]; with the teacher as its own
+    student and DDIM both ways, the hybrid is the teacher's DDIM sampler."""
+    from onestep.sampling import hybrid_sample
+
+    s = make_schedule("edm")
+    exact = GMMDenoiser(ring(), s)
+    ts = torch.tensor([80.0, 21.4, 4.2, 0.5], dtype=torch.float64)
+    z = torch.randn(64, 2, dtype=torch.float64)
+    ddim = sample(exact, z, ts, method="ddim")
+    assert torch.allclose(hybrid_sample(exact, exact, z, ts, 1, student_method="ddim"), ddim, atol=1e-12)
+    for k in (1, 2, 3):
+        teacher, student = Recording(exact), Recording(exact)
+        hybrid_sample(teacher, student, z, ts, k, generator=torch.Generator().manual_seed(0))
+        assert [t for _, t in teacher.calls] == pytest.approx(ts[:k].tolist())
+        assert [t for _, t in student.calls] == pytest.approx(ts[k:].tolist())
+        handed = state_at_last_time(exact, z, ts[:k + 1], "ddim")
+        assert torch.allclose(student.calls[0][0], handed, atol=1e-12)
+    for bad in (0, 4):
+        with pytest.raises(ConfigError, match="teacher_steps"):
+            hybrid_sample(exact, exact, z, ts, bad)

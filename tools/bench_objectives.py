@@ -1,20 +1,22 @@
-"""Benchmark every objective on the exact Gaussian-mixture tasks, next to the teacher's own sampler.
+"""Benchmark every objective on the exact Gaussian-mixture tasks, next to the teacher's own sampler, over seeds.
 
     OMP_NUM_THREADS=1 python tools/bench_objectives.py [tasks=ring8,grid25,classes16] [only=dmd2,sid] \
-        [out=results] [root=runs/bench_objectives] [samples=5000] [budget_s=1500] [hydra.key=value ...]
+        [seeds=0,1,2] [jobs=2] [out=results] [root=runs/bench_objectives] [samples=5000] [hydra.key=value ...]
+    python tools/bench_objectives.py render      # rewrite the markdown and the seeds plot from the JSON
 
-Arguments with a dot are Hydra overrides added to every run (e.g. trainer.steps=20 for a smoke run). Runs that
-would start after ``budget_s`` seconds are skipped and listed as such.
+Arguments with a dot are Hydra overrides added to every run (e.g. trainer.steps=20 for a smoke run).
 
-For each task (TASKS: a base experiment) it evaluates the teacher (DDIM) at 1/2/4/8/16/32/64 steps, then trains a
-1-step student per BENCH row (task overrides + row overrides), reading sliced-W2, modes covered and the worst
-per-mode mass error of the EMA generator on the same evaluation noise, the training wall time, and the first
-checkpoint step at which sliced-W2 falls below the threshold (THRESHOLD_X times the teacher's 64-step value).
-Writes <out>/objectives_gmm.{md,json,png}: one table per task and one scatter panel per objective and teacher, and
-<out>/objectives_gmm_summary.md: the README's table (tasks as columns). ``render`` alone writes both markdown files
-again from objectives_gmm.json without running anything: ``python tools/bench_objectives.py render``.
-Rows not run by this invocation (other tasks, or objectives left out by only=) are kept from the previous
-objectives_gmm.json, so a new row can be benchmarked alone: ``only=<new row>``.
+For each task (TASKS: a base experiment) it evaluates the teacher (DDIM) at 1/2/4/8/16/32/64 steps, then trains each
+BENCH row (task overrides + row overrides) as one Hydra multirun over the seeds,
+``onestep train -m experiment=bench_<task> <row overrides> seed=0,1,2 out_root=<root>/<task>/<row>``, into the usual
+run folders (``jobs`` multiruns side by side, one thread each). Each seed trains its own DSM student init and its
+own 1-/few-step student. From every run folder it reads the final evaluation (metrics.json: sliced-W2, modes covered,
+worst per-mode mass error of the EMA generator on the bench's fixed evaluation noise, and the hybrid teacher-first
+rows of ``eval.hybrid_teacher_steps``), the training wall time, and the first checkpoint whose sliced-W2 is within
+THRESHOLD_X of the teacher's 64-step value; rows report mean +- std over the seeds and whether the task's target
+(TARGETS, issue 18) is met. Writes <out>/objectives_gmm.{md,json,png} (one table per task, scatter panels of seed 0),
+<out>/objectives_gmm_seeds.png (mean +- std against the targets) and <out>/objectives_gmm_summary.md (the README's
+table). Rows not run by this invocation are kept from the previous objectives_gmm.json (``only=<new row>``).
 
 To add an objective, add one row to BENCH (e.g. ``"cd": ["objective=cd"]``).
 """
@@ -23,24 +25,27 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import onestep.config  # noqa: F401
 import onestep.objectives  # noqa: F401
-from onestep import experiment
+from onestep import checkpoint, experiment
 from onestep.denoisers.base import guided
 from onestep.eval.report import chunked, eval_inputs
 from onestep.generator import Student
 from onestep.sampling import sample
-from onestep import checkpoint
-from onestep.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_block import ROOT, update_readme  # noqa: E402
@@ -52,42 +57,65 @@ TASKS: dict[str, dict] = {
                   "samples": 3000},  # the exact 16-D posterior is costly: fewer evaluation samples
 }
 
+#: issue 18's fidelity targets: (metric, at most this many times the teacher's 64-step value, in words); grid25 also
+#: needs every mode covered on every seed
+TARGETS = {
+    "ring8": ("sliced_w2", 2.0, "sliced-W2 <= 2x the teacher's 64-step"),
+    "grid25": ("worst_mass_err", 2.0, "25/25 modes on every seed and worst per-mode mass error <= 2x the teacher's "
+                                      "64-step"),
+    "classes16": ("sliced_w2", 2.0, "sliced-W2 <= 2x the teacher's 64-step"),
+}
+
 CD = ["objective=cd", "generator.sigma_init=null", "generator.consistency_boundary=true", "trainer.generator_optim.lr=1e-3"]
 SCD = ["objective=scd", "generator.sigma_init=null", "objective.warmup_steps=200", "trainer.generator_optim.lr=1e-3"]
 RCM = ["objective=rcm", "generator.sigma_init=null", "objective.warmup_steps=200", "objective.dm_weight=0.1",
        "objective.ttur=2", "trainer.generator_optim.lr=1e-3", "trainer.critic_optim.lr=1e-3"]
+DMD2 = ["objective=dmd2", "objective.discriminator=critic", "objective.gan_weight=0.01"]
+#: few-step students sample from sigma_max = 80 (EDM); 2 steps at sigma 80 -> 0.8, 4 steps on Karras' rho = 7
+#: spacing from 80 to 0.5; the DMD2 rows train for their step count (backward simulation) and also report hybrid
+#: sampling with the teacher's first step (Gandikota & Bau 2025)
 TWO_STEP = ["generator.steps=2", "generator.ts=[80.0,0.8]", "eval.student_steps=[2]"]
+FOUR_STEP = ["generator.steps=4", "generator.ts=[80.0,21.4,4.2,0.5]", "eval.student_steps=[4]"]
+HYBRID = ["eval.hybrid_teacher_steps=[1]"]
+FEW_STEP_TASKS = ("ring8", "grid25")  # the few-step and consistency rows (classes16: 1-step objectives only)
 
 #: objective rows: name -> overrides added to each task's bench_<task>.yaml (unset keys: the objective's defaults)
 BENCH: dict[str, list[str]] = {
     "dmd": ["objective=dmd", "objective.regression_weight=0.25"],
-    "dmd2": ["objective=dmd2", "objective.discriminator=critic", "objective.gan_weight=0.01"],
+    "dmd2": DMD2,
     "vsd": ["objective=vsd"],
     "sid": ["objective=sid"],
     "sida": ["objective=sida"],
     "sim": ["objective=sim"],
     "fdistill": ["objective=fdistill"],
     "adversarial": ["objective=adversarial"],
+    "dmd2_2step": DMD2 + ["generator.sigma_init=null"] + TWO_STEP + HYBRID,
+    "dmd2_4step": DMD2 + ["generator.sigma_init=null"] + FOUR_STEP + HYBRID,
     # consistency family (configs/experiment/gmm_{cd,scd,rcm}.yaml): sampling starts at sigma_max as consistency
-    # models are trained to (no sigma_init); the 2-step rows sample at EDM sigma 80 -> 0.8
+    # models are trained to (no sigma_init)
     "cd": CD,
     "cd_2step": CD + TWO_STEP,
+    "cd_4step": CD + FOUR_STEP,
     "scd": SCD,
     "scd_2step": SCD + TWO_STEP,
     "rcm": RCM,
     "rcm_2step": RCM + TWO_STEP,
 }
+#: rows run on FEW_STEP_TASKS only
+FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step"}
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
 THRESHOLD_X = 3.0  # "converged": sliced-W2 within 3x of the teacher's 64-step sampler
 EVAL_SEED = 12345  # the trainer's evaluation seed (onestep.eval.report.compare)
 CHECKPOINTS = 8  # checkpoints per run, evaluated for steps-to-threshold
-#: the summary's rows: the distribution-matching objectives (the consistency family's rows: results/consistency_gmm.md)
-SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversarial")
+#: the summary's rows (the consistency family's 1-/2-step rows: results/objectives_gmm.md and consistency_gmm.md)
+SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversarial", "dmd2_2step",
+                "dmd2_2step_hybrid1", "dmd2_4step", "dmd2_4step_hybrid1", "cd_4step")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",
                    "classes16": "classes16 (16-D, 10 classes, CFG 2)"}
+METRICS = ("sliced_w2", "worst_mass_err", "modes_covered", "wall_s")
 
 
 def compose_cfg(overrides: list[str]):
@@ -95,8 +123,12 @@ def compose_cfg(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
+def rows_of(task: str, names: list[str]) -> list[str]:
+    return [b for b in names if task in FEW_STEP_TASKS or b not in FEW_STEP_ROWS]
+
+
 def teacher_rows(task: str, root: Path, n: int, extra: list[str]):
-    """Teacher DDIM at TEACHER_STEPS on the evaluation noise; also trains and caches the task's teacher net."""
+    """Teacher DDIM at TEACHER_STEPS on the evaluation noise (the exact mixture: the same for every seed)."""
     cfg = compose_cfg(TASKS[task]["overrides"] + ["objective=dmd2", f"eval.num_samples={n}"] + extra)
     cache = root / task / "_teacher"
     cache.mkdir(parents=True, exist_ok=True)
@@ -110,30 +142,93 @@ def teacher_rows(task: str, root: Path, n: int, extra: list[str]):
         t0 = time.perf_counter()
         x = chunked(lambda z, c: sample(teacher, z, ts, c, method="ddim", generator=rng), noise, cond)  # noqa: B023
         m = setup.evaluator.metrics(x, cond)
-        rows.append(_row(f"teacher {k} step{'s' if k > 1 else ''}", m, time.perf_counter() - t0, None))
+        rows.append({"name": f"teacher {k} step{'s' if k > 1 else ''}", "nfe": k,
+                     **_metrics(m, time.perf_counter() - t0)})
         samples[rows[-1]["name"]] = (x, cond)
-    return setup, cache / "teacher_net.safetensors", rows, samples
+    return setup, rows, samples
 
 
-def student_row(task: str, name: str, root: Path, teacher_cache: Path, n: int, threshold: float, setup,
-                extra: list[str]):
-    run = root / task / name
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    shutil.copy(teacher_cache, run / "teacher_net.safetensors")
-    base = compose_cfg(TASKS[task]["overrides"] + BENCH[name] + extra)
-    every = max(1, base.trainer.steps // CHECKPOINTS)
-    cfg = compose_cfg(TASKS[task]["overrides"] + BENCH[name] + extra + [
-        "trainer.progress=false", "eval.teacher_steps=[1]", f"eval.num_samples={n}", "eval.plot=false",
-        f"trainer.checkpoint_every={every}", f"trainer.keep_checkpoints={CHECKPOINTS + 1}"])
-    t0 = time.perf_counter()
-    out = train(cfg, run)
-    wall = time.perf_counter() - t0
-    student = [r for r in out["rows"] if r["model"] == "student"][0]
-    reached = steps_to_threshold(cfg, run, setup, threshold, min(n, 2000))
-    row = _row(name, student, wall, reached)
-    x = _final_samples(cfg, run, setup, n)
-    return row, x
+def _metrics(m: dict, wall: float) -> dict:
+    return {"sliced_w2": m["sliced_w2"], "worst_mass_err": m["worst_mode_mass_err"],
+            "modes_covered": m["modes_covered"], "num_modes": m["num_modes"], "wall_s": wall}
+
+
+def train_command(task: str, name: str, root: Path, seeds: list[int], n: int, extra: list[str], steps: int):
+    every = max(1, steps // CHECKPOINTS)
+    return [str(Path(sys.executable).with_name("onestep")), "train", "-m", *TASKS[task]["overrides"], *BENCH[name],
+            *extra, "trainer.progress=false", "trainer.log_with=none", "eval.teacher_steps=[1]",
+            f"eval.num_samples={n}", "eval.plot=false",
+            f"trainer.checkpoint_every={every}", f"trainer.keep_checkpoints={CHECKPOINTS + 1}",
+            f"seed={','.join(map(str, seeds))}", f"out_root={root / task / name}"]
+
+
+def train_seeds(cmd: list[str], folder: Path) -> None:
+    """One Hydra multirun (all seeds of one row), one thread, its output in <folder>/train.log."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with open(folder / "train.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=ROOT).returncode
+    if rc != 0:
+        tail = (folder / "train.log").read_text()[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
+
+
+def run_folders(folder: Path) -> list[Path]:
+    """The run folders of one row's multirun, by seed."""
+    runs = [p.parent for p in folder.rglob("metrics.json") if ".hydra" not in p.parts]
+    return sorted(runs, key=lambda r: OmegaConf.load(r / "config.yaml").seed)
+
+
+def collect(task: str, name: str, folder: Path, setup, threshold: float, n: int):
+    """Per-seed records of a row (and of its hybrid rows) from its run folders; seed 0's final samples."""
+    per: dict[str, list[dict]] = {}
+    nfe: dict[str, int] = {}
+    first = None
+    for run in run_folders(folder):
+        cfg = OmegaConf.load(run / "config.yaml")
+        metrics = json.loads((run / "metrics.json").read_text())
+        wall = metrics["seconds"]["setup"] + metrics["seconds"]["distill"]
+        for r in metrics["rows"]:
+            if r["model"] == "student":
+                row, reached = name, steps_to_threshold(cfg, run, setup, threshold, min(n, 2000))
+            elif r["model"].endswith("+ student"):
+                row, reached = f"{name}_hybrid{r['model'].split()[1]}", None
+            else:
+                continue
+            nfe[row] = r["nfe"]
+            per.setdefault(row, []).append({"seed": int(cfg.seed), "steps_to_threshold": reached,
+                                            **_metrics(r, wall)})
+        if first is None:
+            first = _student_samples(cfg, setup, checkpoint.list_checkpoints(run)[-1], n)
+    if not per:
+        raise RuntimeError(f"{folder}: no finished run folders (metrics.json); see {folder / 'train.log'}")
+    return [aggregate(row, nfe[row], recs) for row, recs in per.items()], first
+
+
+def aggregate(name: str, nfe: int, seeds: list[dict]) -> dict:
+    out = {"name": name, "nfe": nfe, "seeds": seeds, "num_modes": seeds[0]["num_modes"],
+           "steps_to_threshold": [s["steps_to_threshold"] for s in seeds]}
+    for k in METRICS:
+        vals = [float(s[k]) for s in seeds]
+        out[k] = statistics.fmean(vals)
+        out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out[f"{k}_min"] = min(vals)
+    return out
+
+
+def target(task: str, row: dict, t64: dict) -> tuple[bool, str]:
+    """(met, cell text) of the task's target for a row of means."""
+    key, factor, _ = TARGETS[task]
+    x = row[key] / max(t64[key], 1e-12)
+    met = x <= factor
+    if task == "grid25" and row.get("modes_covered_min", row["modes_covered"]) < row["num_modes"]:
+        met = False
+        return met, f"missed: {row['modes_covered_min']:.0f}/{row['num_modes']} modes on a seed"
+    what = "sliced-W2" if key == "sliced_w2" else "mass err"
+    return met, f"{'met' if met else 'missed'}: {what} {x:.1f}x"
 
 
 def _generator(setup, ckpt: Path, gc):
@@ -160,67 +255,109 @@ def steps_to_threshold(cfg, run: Path, setup, threshold: float, n: int):
     return None
 
 
-def _final_samples(cfg, run: Path, setup, n: int):
-    return _student_samples(cfg, setup, checkpoint.list_checkpoints(run)[-1], n)
+def _pm(row: dict, key: str, fmt: str) -> str:
+    std = row.get(f"{key}_std")
+    return fmt.format(row[key]) + ("" if not std else " ± " + fmt.format(std))
 
 
-def _row(name, m, wall, reached):
-    return {"name": name, "nfe": m.get("nfe", 1), "sliced_w2": m["sliced_w2"],
-            "modes": f"{m['modes_covered']}/{m['num_modes']}",
-            "all_modes": m["modes_covered"] == m["num_modes"], "worst_mass_err": m["worst_mode_mass_err"],
-            "wall_s": wall, "steps_to_threshold": reached}
+def _modes(row: dict) -> str:
+    lo = row.get("modes_covered_min", row["modes_covered"])
+    hi = max((s["modes_covered"] for s in row.get("seeds", [])), default=lo)
+    return f"{lo:.0f}/{row['num_modes']}" if lo == hi else f"{lo:.0f}-{hi:.0f}/{row['num_modes']}"
+
+
+def _reached(row: dict) -> str:
+    vals = row.get("steps_to_threshold")
+    if vals is None or not isinstance(vals, list):
+        return "" if vals is None else str(vals)
+    if all(v is None for v in vals):
+        return "" if "_hybrid" in row["name"] else "not reached"
+    return "/".join("-" if v is None else str(v) for v in vals)
 
 
 def markdown(task: str, rows: list[dict], threshold: float) -> str:
-    t64 = [r for r in rows if r["name"] == "teacher 64 steps"][0]["sliced_w2"]
+    t64 = [r for r in rows if r["name"] == "teacher 64 steps"][0]
     lines = [f"### {TASKS[task]['title']} (`{task}`)", "",
-             f"Threshold for 'steps to threshold': sliced-W2 <= {threshold:.4f} ({THRESHOLD_X:g}x the teacher's "
-             f"64-step {t64:.4f}).", "",
-             "| model | NFE | sliced-W2 | x teacher-64 | modes | worst mode mass err | wall (s) | steps to threshold |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Target: {TARGETS[task][2]} ({t64[TARGETS[task][0]]:.4g}). 'Steps to threshold' (per seed): the first "
+             f"checkpoint with sliced-W2 <= {threshold:.4f} ({THRESHOLD_X:g}x the teacher's 64-step "
+             f"{t64['sliced_w2']:.4f}).", "",
+             "| model | NFE | seeds | sliced-W2 | x teacher-64 | modes | worst mode mass err | target | wall (s) | "
+             "steps to threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.get("skipped"):
-            lines.append(f"| {r['name']} | 1 | not run (bench time budget spent) | | | | | |")
-            continue
-        nfe = r["name"].split()[1] if r["name"].startswith("teacher") else str(r.get("nfe", 1))
-        reached = "" if r["name"].startswith("teacher") else (str(r["steps_to_threshold"]) if r["steps_to_threshold"]
-                                                               is not None else "not reached")
-        lines.append(f"| {r['name']} | {nfe} | {r['sliced_w2']:.4f} | {r['sliced_w2'] / t64:.2f} | {r['modes']} | "
-                     f"{r['worst_mass_err']:.1%} | {r['wall_s']:.1f} | {reached} |")
+        teacher = r["name"].startswith("teacher")
+        seeds = "" if teacher else str(len(r.get("seeds", [])) or 1)
+        tgt = "" if teacher else target(task, r, t64)[1]
+        lines.append(f"| {r['name']} | {r['nfe']} | {seeds} | {_pm(r, 'sliced_w2', '{:.4f}')} | "
+                     f"{r['sliced_w2'] / t64['sliced_w2']:.2f} | {_modes(r)} | {_pm(r, 'worst_mass_err', '{:.1%}')} | "
+                     f"{tgt} | {r['wall_s']:.1f} | {'' if teacher else _reached(r)} |")
     return "\n".join(lines)
 
 
 def summary(results: dict) -> str:
-    """One row per teacher step count / objective, one column per task: sliced-W2 (x the teacher's 64-step), modes,
-    worst mode mass error[, wall time, steps to threshold]."""
+    """One row per teacher step count / objective, one column per task: sliced-W2 mean ± std (x the teacher's
+    64-step), modes, worst mode mass error mean ± std, target met."""
     tasks = [t for t in TASKS if t in results]
     by_name = {t: {r["name"]: r for r in results[t]} for t in tasks}
 
     def cell(task: str, name: str) -> str:
         r = by_name[task].get(name)
-        if r is None or r.get("skipped"):
-            return "not run"
-        base = f"{r['sliced_w2']:.3f}, {r['modes']}, {r['worst_mass_err']:.0%}"
+        if r is None:
+            return ""
+        base = f"{_pm(r, 'sliced_w2', '{:.3f}')}, {_modes(r)}, {_pm(r, 'worst_mass_err', '{:.0%}')}"
         if name.startswith("teacher"):
             return base
-        t64 = by_name[task]["teacher 64 steps"]["sliced_w2"]
-        reached = r["steps_to_threshold"] if r["steps_to_threshold"] is not None else "not reached"
-        return (f"**{r['sliced_w2']:.3f}** ({r['sliced_w2'] / t64:.1f}x), {r['modes']}, {r['worst_mass_err']:.0%}, "
-                f"{r['wall_s']:.0f} s, {reached}")
+        t64 = by_name[task]["teacher 64 steps"]
+        met, _ = target(task, r, t64)
+        return (f"**{_pm(r, 'sliced_w2', '{:.3f}')}** ({r['sliced_w2'] / t64['sliced_w2']:.1f}x), {_modes(r)}, "
+                f"{_pm(r, 'worst_mass_err', '{:.0%}')}, {'**met**' if met else 'missed'}")
 
-    lines = ["Written by `OMP_NUM_THREADS=1 python tools/bench_objectives.py` (from `results/objectives_gmm.json`). "
-             f"Each cell: sliced-W2 (x the teacher's 64-step DDIM), modes covered, worst per-mode relative mass error, "
-             f"training wall time, and the first checkpoint (every 1/{CHECKPOINTS} of the run) whose sliced-W2 is "
-             f"within {THRESHOLD_X:g}x of the teacher's 64-step value.", "",
+    lines = ["Written by `OMP_NUM_THREADS=1 python tools/bench_objectives.py jobs=2` (from "
+             "`results/objectives_gmm.json`). Each cell: sliced-W2 mean ± std over the seeds (x the teacher's 64-step "
+             "DDIM), modes covered (range over seeds), worst per-mode relative mass error mean ± std, and whether the "
+             "task's target is met — " + "; ".join(f"{t}: {TARGETS[t][2]}" for t in tasks) + ".", "",
              "| | " + " | ".join(SUMMARY_COLUMNS.get(t, t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
     for k in SUMMARY_TEACHER_STEPS:
         name = f"teacher {k} step{'s' if k > 1 else ''}"
         lines.append(f"| teacher DDIM {k} NFE | " + " | ".join(cell(t, name) for t in tasks) + " |")
     for name in SUMMARY_ROWS:
         if any(name in by_name[t] for t in tasks):
+            nfe = next(by_name[t][name]["nfe"] for t in tasks if name in by_name[t])
             label = SUMMARY_LABELS.get(name, f"`{name}`")
-            lines.append(f"| {label} 1 NFE | " + " | ".join(cell(t, name) for t in tasks) + " |")
+            lines.append(f"| {label} {nfe} NFE | " + " | ".join(cell(t, name) for t in tasks) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_seeds(path: Path, results: dict) -> None:
+    """Per task: sliced-W2 and worst mode mass error of every row as a multiple of the teacher's 64-step value, mean
+    ± std over seeds, with the 2x target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if t in results]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 0.28 * max(len(results[t]) for t in tasks) * len(tasks) + 1),
+                             squeeze=False)
+    for i, task in enumerate(tasks):
+        rows = [r for r in results[task] if not r["name"].startswith("teacher")]
+        t64 = [r for r in results[task] if r["name"] == "teacher 64 steps"][0]
+        for j, key in enumerate(("sliced_w2", "worst_mass_err")):
+            ax = axes[i][j]
+            y = range(len(rows))
+            ax.errorbar([r[key] / t64[key] for r in rows], y, xerr=[r.get(f"{key}_std", 0) / t64[key] for r in rows],
+                        fmt="o", ms=3, capsize=2)
+            ax.axvline(2.0, color="tab:red", lw=1, ls="--")
+            ax.axvline(1.0, color="grey", lw=0.8)
+            ax.set_yticks(list(y))
+            ax.set_yticklabels([r["name"] for r in rows], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xscale("log")
+            ax.set_title(f"{task}: {'sliced-W2' if key == 'sliced_w2' else 'worst mode mass err'} / teacher-64",
+                         fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(path: Path, panels_by_task: dict[str, tuple]):
@@ -262,14 +399,17 @@ def plot(path: Path, panels_by_task: dict[str, tuple]):
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     if argv == ["render"]:
-        _write(Path("results"), json.loads(Path("results/objectives_gmm.json").read_text()))
+        results = json.loads(Path("results/objectives_gmm.json").read_text())
+        _write(Path("results"), results)
+        plot_seeds(Path("results/objectives_gmm_seeds.png"), results)
         return 0
     extra = [a for a in argv if "." in a.split("=", 1)[0]]
     args = dict(a.split("=", 1) for a in argv if a not in extra)
-    budget, start = float(args.get("budget_s", 1500)), time.perf_counter()
     tasks = args.get("tasks", ",".join(TASKS)).split(",")
     names = args.get("only", ",".join(BENCH)).split(",")
-    out, root = Path(args.get("out", "results")), Path(args.get("root", "runs/bench_objectives"))
+    seeds = [int(s) for s in args.get("seeds", "0,1,2").split(",")]
+    jobs = int(args.get("jobs", 1))
+    out, root = Path(args.get("out", "results")), Path(args.get("root", "runs/bench_objectives")).resolve()
     samples_default = int(args.get("samples", 5000))
     unknown = [t for t in tasks if t not in TASKS] + [b for b in names if b not in BENCH]
     if unknown:
@@ -277,59 +417,59 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    # merge: rows of objectives/tasks not run now are kept from the previous results (and re-plotted from their
-    # run folders), so one invocation can add rows without re-running the rest
     saved = out / "objectives_gmm.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
-    panels_by_task = {}
-    for task in tasks + [t for t in TASKS if t in results and t not in tasks]:
+    setups, panels, fresh = {}, {}, {}
+    for task in tasks:
         n = TASKS[task].get("samples", samples_default)
-        setup, cache, rows, samples = teacher_rows(task, root, n, extra)
-        panels = [(r["name"].replace(" steps", "").replace(" step", ""), samples[r["name"]], r["sliced_w2"])
-                  for r in rows]
-        if task not in tasks:  # a task kept from before: its table keeps the teacher rows it was measured with
-            rows = [r for r in results[task] if r["name"].startswith("teacher")]
-        threshold = THRESHOLD_X * rows[-1]["sliced_w2"]
-        kept = {r["name"]: r for r in results.get(task, []) if not r["name"].startswith("teacher")}
-        for name in BENCH:
-            if task not in tasks or name not in names:
-                if name in kept:
-                    rows.append(kept[name])
-                    x = _saved_samples(task, name, root, n, setup, extra)
-                    if x is not None and not kept[name].get("skipped"):
-                        panels.append((name, x, kept[name]["sliced_w2"]))
-                continue
-            if time.perf_counter() - start > budget:
-                print(f"[{task}] {name}: skipped (budget_s={budget:g} spent)", flush=True)
-                rows.append({"name": name, "skipped": True})
-                continue
-            print(f"[{task}] {name} ...", flush=True)
-            row, x = student_row(task, name, root, cache, n, threshold, setup, extra)
-            rows.append(row)
-            panels.append((name, x, row["sliced_w2"]))
-            print(f"[{task}] {name}: sliced-W2 {row['sliced_w2']:.4f} modes {row['modes']} "
-                  f"mass err {row['worst_mass_err']:.1%} {row['wall_s']:.0f} s", flush=True)
-            results[task] = rows
+        setup, rows, samples = teacher_rows(task, root, n, extra)
+        setups[task] = setup
+        panels[task] = [(r["name"].replace(" steps", "").replace(" step", ""), samples[r["name"]], r["sliced_w2"])
+                        for r in rows]
+        fresh[task] = {r["name"]: r for r in rows}
+        print(f"[{task}] teacher rows done", flush=True)
+    commands = {(task, name): train_command(task, name, root, seeds, TASKS[task].get("samples", samples_default),
+                                            extra, compose_cfg(TASKS[task]["overrides"] + BENCH[name] + extra)
+                                            .trainer.steps)
+                for task in tasks for name in rows_of(task, names)}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(train_seeds, cmd, root / task / name): (task, name)
+                   for (task, name), cmd in commands.items()}
+        for fut in as_completed(futures):
+            task, name = futures[fut]
+            fut.result()
+            n = TASKS[task].get("samples", samples_default)
+            threshold = THRESHOLD_X * fresh[task]["teacher 64 steps"]["sliced_w2"]
+            rows, x = collect(task, name, root / task / name, setups[task], threshold, n)
+            for r in rows:
+                fresh[task][r["name"]] = r
+                print(f"[{task}] {r['name']}: sliced-W2 {r['sliced_w2']:.4f} ± {r['sliced_w2_std']:.4f} "
+                      f"mass err {r['worst_mass_err']:.1%} ± {r['worst_mass_err_std']:.1%}", flush=True)
+            panels[task].append((name, x, rows[0]["seeds"][0]["sliced_w2"]))
+            _merge(results, fresh)
             _write(out, results)
-        results[task] = rows
-        _write(out, results)
-        panels_by_task[task] = (setup, panels)
-        plot(out / "objectives_gmm.png", panels_by_task)
+    _merge(results, fresh)
+    _write(out, results)
+    plot(out / "objectives_gmm.png", {t: (setups[t], panels[t]) for t in tasks})
+    plot_seeds(out / "objectives_gmm_seeds.png", results)
     return 0
 
 
-def _saved_samples(task: str, name: str, root: Path, n: int, setup, extra: list[str]):
-    """Final samples of an earlier run of this row, from its run folder (None if it is gone)."""
-    run = root / task / name
-    if not checkpoint.list_checkpoints(run):
-        return None
-    cfg = compose_cfg(TASKS[task]["overrides"] + BENCH[name] + extra)
-    return _final_samples(cfg, run, setup, n)
+def _merge(results: dict, fresh: dict) -> None:
+    """This invocation's rows replace the same-named rows; the others are kept; rows in TEACHER_STEPS / BENCH order."""
+    for task, rows in fresh.items():
+        merged = {r["name"]: r for r in results.get(task, [])} | rows
+        order = [f"teacher {k} step{'s' if k > 1 else ''}" for k in TEACHER_STEPS]
+        for b in BENCH:
+            order += [b] + sorted(n for n in merged if n.startswith(b + "_hybrid"))
+        results[task] = [merged[n] for n in order if n in merged]
 
 
 def _write(out: Path, results: dict) -> None:
-    head = ("# Objectives on exact Gaussian mixtures\n\n1-step students (EMA generator) vs the teacher's DDIM "
-            "sampler on the same evaluation noise; written by `tools/bench_objectives.py`.\n\n")
+    head = ("# Objectives on exact Gaussian mixtures\n\nStudents (EMA generator) vs the teacher's DDIM sampler on the "
+            "same evaluation noise, mean ± std over seeds; written by `OMP_NUM_THREADS=1 python "
+            "tools/bench_objectives.py jobs=2` (two multiruns side by side on 2 cores: wall times compare within a "
+            "table only). `_hybrid1`: the row's student with the teacher taking its first step.\n\n")
     sections = []
     for task in [t for t in TASKS if t in results]:
         t64 = [r for r in results[task] if r["name"] == "teacher 64 steps"][0]["sliced_w2"]

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from onestep.progress import bar as progress_bar
 
-from onestep.sampling import nfe, sample
+from onestep.sampling import hybrid_sample, nfe, sample
 
 CHUNK = 2048
 
@@ -39,20 +39,29 @@ def compare(setup, student, generator, teacher, eval_cfg, *, seed: int = 12345, 
     noise, cond = eval_inputs(setup, eval_cfg.num_samples, seed)
     device = next(generator.parameters()).device
     jobs = [("student", "renoise" if student.method == "renoise" else student.method, k) for k in eval_cfg.student_steps]
+    jobs += [("hybrid", eval_cfg.teacher_method, k) for k in getattr(eval_cfg, "hybrid_teacher_steps", None) or []]
     jobs += [("teacher", eval_cfg.teacher_method, k) for k in eval_cfg.teacher_steps]
     rows, samples = [], {}
     for model, method, steps in progress_bar(jobs, desc="evaluate", disable=not progress, leave=False):
         rng = torch.Generator(device=device).manual_seed(seed)
         if model == "student":
             fn = lambda z, c: student.sample(generator, z.to(device), _dev(c, device), steps, rng)  # noqa: E731
+        elif model == "hybrid":  # ``steps`` is the teacher's share of the student's own t-list
+            fn = lambda z, c: hybrid_sample(teacher, generator, z.to(device), student.ts, steps,  # noqa: E731
+                                            _dev(c, device), teacher_method=method, student_method=student.method,
+                                            generator=rng)
         else:
             ts = teacher.schedule.default_ts(steps)
             fn = lambda z, c: sample(teacher, z.to(device), ts, _dev(c, device), method=method, generator=rng)  # noqa: E731
         x = chunked(fn, noise, cond)
         m = setup.evaluator.metrics(x, cond)
-        rows.append({"model": model, "sampler": method, "steps": steps, "nfe": nfe(method, steps),
-                     **{k: v for k, v in m.items() if not isinstance(v, list)}})
-        samples[f"{model} {steps} step{'s' if steps > 1 else ''}"] = (x, cond)
+        if model == "hybrid":
+            row = {"model": f"teacher {steps} + student", "sampler": f"{method} + {student.method}",
+                   "steps": len(student.ts), "nfe": len(student.ts)}
+        else:
+            row = {"model": model, "sampler": method, "steps": steps, "nfe": nfe(method, steps)}
+        rows.append({**row, **{k: v for k, v in m.items() if not isinstance(v, list)}})
+        samples[f"{row['model']} {row['steps']} step{'s' if row['steps'] > 1 else ''}"] = (x, cond)
     return rows, samples
 
 
