@@ -57,6 +57,7 @@ CONFIG_CASES = [
     ("zero DSM learning rate", ["teacher.net_lr=0"], "teacher.net_lr"),
     ("zero eval samples", ["eval.num_samples=0"], "eval.num_samples"),
     ("zero teacher eval steps", ["eval.teacher_steps=[0,4]"], "eval.teacher_steps"),
+    ("hybrid sampling of a 1-step student", ["eval.hybrid_teacher_steps=[1]"], "eval.hybrid_teacher_steps"),
 ]
 
 #: (case, overrides, key): known only once a file is read or the teacher is built; the run folder is taken back
