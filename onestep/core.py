@@ -19,7 +19,7 @@ from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.schedules import EDM, Schedule, bcast
 
-WEIGHTINGS = ("edm", "eps", "x0", "v")
+WEIGHTINGS = ("edm", "eps", "x0", "v", "alpha2_eps")
 #: distributions of an objective's noise level t (``objective.t_dist``; see sample_t)
 T_DISTS = ("unit", "grid", "karras")
 #: points of the discrete training grid DMD2 and SiD-LSG index (their num_train_timesteps) on continuous schedules
@@ -92,23 +92,38 @@ def noised(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Ten
     return bcast(schedule.alpha(t), x0) * x0 + bcast(schedule.sigma(t), x0) * eps, eps
 
 
+def vp_frame(schedule: Schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of the variance-preserving schedule with the same SNR as ``schedule`` at t: alpha / r, sigma / r,
+    r = sqrt(alpha^2 + sigma^2). On VP schedules that is (alpha, sigma) itself (alpha^2 = alphabar_t, sigma^2 =
+    1 - alphabar_t); x0 and eps predictions are the same in both frames, so weights written in VP terms by the
+    official codes (SwiftBrush's sigma_t^2, alpha_t^2) carry over to EDM and flow schedules through it."""
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    r = torch.sqrt(a**2 + s**2)
+    return a / r, s / r
+
+
 def dsm_loss(denoiser: Denoiser, x0: torch.Tensor, cond=None, *, weighting: str = "edm", sigma_data: float = 0.5,
-             t: torch.Tensor | None = None, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """Denoising score matching, mean over the batch.
+             t: torch.Tensor | None = None, lo: float = 0.0, hi: float = 1.0,
+             eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoising score matching, mean over the batch (at given t and noise eps when passed).
 
     weighting "edm": lambda ||D - x0||^2 with lambda = (sig^2 + sd^2) / (sig sd)^2, sig = sigma/alpha
     (EDM eq. (8) with Table 1's lambda: unit weight on the raw network output); "eps"/"x0"/"v": plain MSE
-    of that prediction against its exact target.
+    of that prediction against its exact target; "alpha2_eps": alpha_t^2 ||eps_hat - eps||^2 with alpha_t^2 =
+    alphabar_t in VP terms (vp_frame), SwiftBrush's LoRA loss (VinAIResearch/SwiftBrush train_swiftbrush.py:817-822).
     """
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"critic weighting '{weighting}' is unknown; choose one of {WEIGHTINGS}")
     sched = denoiser.schedule
     t = sample_t(sched, x0.shape[0], lo, hi, like=x0) if t is None else t
-    x_t, eps = noised(sched, x0, t)
+    x_t, eps = noised(sched, x0, t, eps)
     if weighting == "edm":
         sig = bcast(sched.sigma(t) / sched.alpha(t), x0)
         lam = (sig**2 + sigma_data**2) / (sig * sigma_data) ** 2
         err = lam * (denoiser.x0(x_t, t, cond) - x0) ** 2
+    elif weighting == "alpha2_eps":
+        a_vp = bcast(vp_frame(sched, t)[0], x0)
+        err = a_vp**2 * (denoiser.predict("eps", x_t, t, cond) - eps) ** 2
     else:
         target = param.from_x0_eps(x0, eps, weighting, t, sched)
         err = (denoiser.predict(weighting, x_t, t, cond) - target) ** 2

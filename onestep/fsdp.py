@@ -60,8 +60,9 @@ def shard(net: nn.Module, mixed_precision: str = "no") -> bool:
     for m in reversed(blocks):  # pre-order reversed: every block before the blocks that contain it
         fully_shard(m, mp_policy=mp, reshard_after_forward=True)
     fully_shard(net, mp_policy=mp, reshard_after_forward=True)
-    if hasattr(net, "features"):  # GAN heads read the critic's features: a second entry point
-        register_fsdp_forward_method(net, "features")
+    for entry in ("features", "spatial_features"):  # GAN heads read the critic's features: more entry points
+        if hasattr(net, entry):
+            register_fsdp_forward_method(net, entry)
     return True
 
 

@@ -172,6 +172,8 @@ class View(Denoiser):
         self.conditional, self.embedded_guidance = net.conditional, net.embedded_guidance
         if hasattr(net, "feature_dim"):
             self.feature_dim = net.feature_dim
+        if hasattr(net, "spatial_feature_shape"):
+            self.spatial_feature_shape = net.spatial_feature_shape
 
     conditional = False  # set per instance in __init__ (shadows Denoiser.conditional)
 
@@ -211,6 +213,12 @@ class View(Denoiser):
             raise ConfigError(f"objective.discriminator needs a network with features(x_t, t, cond); "
                               f"{type(self.net).__name__} has none (use objective.discriminator=none)")
         return self._call(self.net.features, x_t, t, cond)
+
+    def spatial_features(self, x_t, t, cond=None):
+        if not hasattr(self.net, "spatial_features"):
+            raise ConfigError(f"objective.gan_head needs a network with spatial features (an image UNet's bottleneck); "
+                              f"{type(self.net).__name__} has none (use objective.gan_head=mlp_pool)")
+        return self._call(self.net.spatial_features, x_t, t, cond)
 
 
 # --- roles ----------------------------------------------------------------------------------------------------

@@ -32,18 +32,30 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 class MidBlockFeatures:
-    """``features`` for Denoisers that wrap a diffusers UNet as ``self.unet``."""
+    """``features`` and ``spatial_features`` for Denoisers that wrap a diffusers UNet as ``self.unet``."""
 
-    def features(self, x_t, t, cond=None) -> torch.Tensor:
-        """Mid-block activations averaged over space (batch, feature_dim): what discriminator heads read.
-        Captured by a forward hook, so the whole UNet runs (the up path's output is discarded)."""
+    @property
+    def spatial_feature_shape(self) -> tuple[int, int, int]:
+        """(channels, h, w) of ``spatial_features``: every down block but the last halves the input's size."""
+        down = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        _, height, width = self.data_shape
+        return self.unet.config.block_out_channels[-1], height // down, width // down
+
+    def spatial_features(self, x_t, t, cond=None) -> torch.Tensor:
+        """Mid-block activations (batch, feature_dim, h, w), the UNet's bottleneck: what DMD2's conv head reads
+        (tianweiy/DMD2 main/sd_guidance.py:161-164). Captured by a forward hook, so the whole UNet runs (the up
+        path's output is discarded)."""
         captured = []
         hook = self.unet.mid_block.register_forward_hook(lambda m, args, out: captured.append(out))
         try:
             self(x_t, t, cond)
         finally:
             hook.remove()
-        return captured[0].mean((2, 3)).to(x_t.dtype)
+        return captured[0].to(x_t.dtype)
+
+    def features(self, x_t, t, cond=None) -> torch.Tensor:
+        """Mid-block activations averaged over space (batch, feature_dim): what the MLP heads read."""
+        return self.spatial_features(x_t, t, cond).mean((2, 3))
 
 
 class UNet2DDenoiser(MidBlockFeatures, Denoiser):

@@ -1,7 +1,7 @@
 """Objectives, one per file. Importing this package registers each objective's config with Hydra."""
 
 from onestep.objectives import dmd2  # noqa: F401  (registers)
-from onestep.objectives import adversarial, dmd, fdistill, sid, sim, vsd  # noqa: F401  (registers)
+from onestep.objectives import adversarial, dmd, fdistill, sid, sida, sim, vsd  # noqa: F401  (registers)
 from onestep.objectives import cd, ict, rcm, scm  # noqa: F401  (registers; consistency family)
 from onestep.objectives.base import OBJECTIVES, make_objective
 

@@ -1,11 +1,21 @@
 """GAN heads shared by every objective, and the adversarial-only objective (LADD style).
 
-Two discriminators, both a small MLP head on a denoiser's last hidden layer (``features(x_t, t, cond)``)
-evaluated at *noised* samples x_t = alpha_t x + sigma_t eps, t ~ U[t_lo, t_hi]:
+Two discriminators, both a small head on a denoiser's features evaluated at *noised* samples
+x_t = alpha_t x + sigma_t eps, t drawn by ``gan_t_dist`` in [gan_t_lo, gan_t_hi]:
   critic   DMD2 (Yin et al. 2024b, Sec. 4.3): the head sits on the fake-score critic; the discriminator
            loss also trains the critic's trunk (it is part of the critic update).
   teacher  LADD (Sauer et al. 2024, Sec. 3): the head sits on a *frozen* copy of the teacher network;
            only the head is trained. With the exact GMM teacher, the DSM-trained teacher MLP is that copy.
+Heads (``gan_head``):
+  mlp_pool      an MLP on ``features(x_t, t, cond)``: the last hidden layer of the 2-D / N-D MLPs, an image UNet's
+                bottleneck averaged over space, a transformer's image tokens averaged
+  conv          DMD2's official head on the spatial bottleneck (``spatial_features``, (B, C, h, w)): conv 4x4 stride 2
+                + GroupNorm(32) + SiLU until 4x4 is left, a conv over the remaining h x w + GroupNorm + SiLU, a 1x1 conv
+                to one logit (tianweiy/DMD2 main/edm/edm_guidance.py:48-56 for 8x8, main/sd_guidance.py:107-133 for
+                SDXL's 32x32 and SD1.5's 8x8; here generalized to any size); image UNets only
+  channel_mean  SiDA's: no head parameters, the logits are the bottleneck's channel mean (B, h, w) or, on the MLPs,
+                the last hidden layer's mean (B,) (mingyuanzhou/SiD branch sida, sida_training/sida_networks.py:151-152
+                ``logits = x.mean(dim=1, keepdim=True)`` after the encoder); discriminator=critic only
 Losses are the non-saturating GAN (Goodfellow et al. 2014; DMD2 eq. (5)-(6)):
   discriminator  L_D = E softplus(-D(x_t^real)) + E softplus(D(x_t^fake))
   generator      L_G = E softplus(-D(x_t^fake))
@@ -17,6 +27,7 @@ Any objective adds the head through the shared config fields of ``GANConfig`` an
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +38,14 @@ from onestep import conditioning
 from onestep.denoisers.base import Denoiser, Guided
 from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, frozen, register_objective
-from onestep.core import noised, sample_t
+from onestep.core import T_DISTS, noised, sample_t
 
 DISCRIMINATORS = ("none", "critic", "teacher")
+GAN_HEADS = ("mlp_pool", "conv", "channel_mean")
+#: DMD2's conv head halves the bottleneck (conv 4x4 stride 2) down to this size, then one conv covers it
+CONV_HEAD_FINAL = 4
+#: GroupNorm groups of the conv head (DMD2's 32; fewer when the channels are not a multiple of 32)
+CONV_HEAD_GROUPS = 32
 HEAD = "disc"  # the trained head's name in Nets.modules and in checkpoints
 HEAD_SEED = 0
 
@@ -40,43 +56,94 @@ class GANConfig:
 
     #: none | critic (DMD2 / SiDA head on the fake-score critic) | teacher (LADD head on frozen teacher features)
     discriminator: str = "none"
-    #: generator weight lambda of L_G (DMD2 uses 3e-3 on images)
+    #: generator weight lambda of L_G (DMD2's gen_cls_loss_weight: 3e-3 ImageNet, 1e-3 SD1.5, 5e-3 SDXL; tianweiy/DMD2
+    #: experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh:26)
     gan_weight: float = 0.0
-    #: weight of L_D in the critic update
+    #: weight of L_D in the critic update (DMD2's guidance_cls_loss_weight / cls_loss_weight: 1e-2 in every released
+    #: config, e.g. experiments/sdxl/sdxl_cond999_..._backsim_scratch.sh:36)
     disc_weight: float = 1.0
-    #: t ~ U[gan_t_lo, gan_t_hi] (fractions of the schedule's range) for the discriminator's noised inputs
+    #: the discriminator's noise level, drawn by gan_t_dist in [gan_t_lo, gan_t_hi] (fractions of the schedule's range)
     gan_t_lo: float = 0.02
     gan_t_hi: float = 0.98
+    #: unit | grid | karras (onestep.core.sample_t); DMD2's is grid with gan_t_lo=0, gan_t_hi=1: an index uniform in
+    #: 0..999 of the Karras grid / SD table, drawn for real and fake rows apart (main/edm/edm_guidance.py:174-179,
+    #: main/sd_guidance.py:147-151; diffusion_gan_max_timestep 1000)
+    gan_t_dist: str = "unit"
+    #: mlp_pool (MLP on pooled features) | conv (DMD2's conv + GroupNorm head on an image UNet's spatial bottleneck)
+    #: | channel_mean (SiDA's parameter-free logits); see onestep/objectives/adversarial.py
+    gan_head: str = "mlp_pool"
     disc_hidden: int = 128
 
 
-def features(denoiser: nn.Module, x_t, t, cond=None) -> torch.Tensor:
-    """The denoiser's ``features`` (the unguided network's: a head reads one branch, not the CFG mix)."""
+def features(denoiser: nn.Module, x_t, t, cond=None, *, spatial: bool = False) -> torch.Tensor:
+    """The denoiser's ``features`` or ``spatial_features`` (the unguided network's: a head reads one branch, not
+    the CFG mix)."""
     net = denoiser.base if isinstance(denoiser, Guided) else denoiser
-    if not hasattr(net, "features"):
-        raise ConfigError(f"objective.discriminator needs a network with features(x_t, t, cond); "
+    entry = "spatial_features" if spatial else "features"
+    if not hasattr(net, entry):
+        raise ConfigError(f"objective.discriminator needs a network with {entry}(x_t, t, cond); "
                           f"{type(net).__name__} has none (use discriminator=none)")
-    return net.features(x_t, t, cond)
+    return getattr(net, entry)(x_t, t, cond)
 
 
-class Head(nn.Module):
-    """Logit = MLP(features). ``net`` (frozen, not a registered submodule, never checkpointed or optimized)
-    supplies the features for the LADD head; for the DMD2 head the critic does."""
+def has_spatial_features(net: nn.Module) -> bool:
+    return getattr(net, "spatial_feature_shape", None) is not None
 
-    def __init__(self, in_dim: int, hidden: int, net: Denoiser | None = None):
+
+class _TeacherFeatures(nn.Module):
+    """``net`` (frozen, not a registered submodule, never checkpointed or optimized) supplies the features for the
+    LADD head; for the DMD2 head the critic does."""
+
+    spatial = False
+
+    def __init__(self, net: Denoiser | None):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 1))
         self._frozen = [net] if net is not None else []
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.mlp(feats.to(next(self.mlp.parameters()).dtype)).squeeze(-1)
 
     def teacher_features(self, x_t, t, cond):
         net = self._frozen[0]
         if next(net.parameters()).device != x_t.device:
             net.to(x_t.device)
-        return net.features(x_t, t, cond)
+        return features(net, x_t, t, cond, spatial=self.spatial)
+
+
+class Head(_TeacherFeatures):
+    """Logit = MLP(features): ``gan_head=mlp_pool``."""
+
+    def __init__(self, in_dim: int, hidden: int, net: Denoiser | None = None):
+        super().__init__(net)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.mlp(feats.to(next(self.mlp.parameters()).dtype)).squeeze(-1)
+
+
+class ConvHead(_TeacherFeatures):
+    """Logit = DMD2's conv stack on the (B, C, h, w) bottleneck: ``gan_head=conv`` (see the module docstring). On 8x8
+    it is DMD2's ImageNet / SD1.5 head layer for layer, on 32x32 its SDXL head; in fp32, as DMD2 runs it."""
+
+    spatial = True
+
+    def __init__(self, shape: tuple[int, int, int], net: Denoiser | None = None):
+        super().__init__(net)
+        self.shape = tuple(shape)
+        c, h, w = shape
+        groups = math.gcd(CONV_HEAD_GROUPS, c)
+        layers: list[nn.Module] = []
+        while max(h, w) > CONV_HEAD_FINAL:
+            layers += [nn.Conv2d(c, c, kernel_size=4, stride=2, padding=1), nn.GroupNorm(groups, c), nn.SiLU()]
+            h, w = max(h // 2, 1), max(w // 2, 1)
+        layers += [nn.Conv2d(c, c, kernel_size=(h, w), stride=(h, w)), nn.GroupNorm(groups, c), nn.SiLU(),
+                   nn.Conv2d(c, 1, kernel_size=1)]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        out = self.convs(feats.to(next(self.convs.parameters()).dtype))
+        if out.shape[1:] != (1, 1, 1):
+            raise ConfigError(f"objective.gan_head=conv was built for the bottleneck {self.shape} but got "
+                              f"{tuple(feats.shape[1:])}; the network's spatial_feature_shape is wrong")
+        return out.flatten()
 
 
 class GANTerm:
@@ -95,8 +162,16 @@ class GANTerm:
             raise ConfigError(f"objective.discriminator=critic needs an objective with a critic ({cfg.name} has none); "
                               "use objective.discriminator=teacher")
         check_t_range(cfg, "gan_t_lo", "gan_t_hi")
+        if cfg.gan_t_dist not in T_DISTS:
+            raise ConfigError(f"objective.gan_t_dist='{cfg.gan_t_dist}' is unknown; choose one of {T_DISTS}")
+        if cfg.gan_head not in GAN_HEADS:
+            raise ConfigError(f"objective.gan_head='{cfg.gan_head}' is unknown; choose one of {GAN_HEADS}")
+        if cfg.gan_head == "channel_mean" and cfg.discriminator == "teacher":
+            raise ConfigError("objective.gan_head=channel_mean has no parameters, so on the frozen teacher "
+                              "(discriminator=teacher) nothing would learn; use discriminator=critic or gan_head=mlp_pool")
         self.cfg = cfg
         self.kind = cfg.discriminator
+        self.head = cfg.gan_head
 
     @property
     def active(self) -> bool:
@@ -110,31 +185,49 @@ class GANTerm:
         if dim is None:
             raise ConfigError(f"objective.discriminator={self.kind} needs a network with features(); "
                               f"{type(net).__name__} has none (use objective.discriminator=none)")
+        if self.head == "conv" and not has_spatial_features(net):
+            raise ConfigError(f"objective.gan_head=conv needs spatial features (an image UNet's bottleneck); "
+                              f"{type(net).__name__}'s features are a vector: use objective.gan_head=mlp_pool")
+        if self.head == "channel_mean":
+            return {}
         frozen_net = copy.deepcopy(net).eval().requires_grad_(False) if self.kind == "teacher" else None
         with torch.random.fork_rng(devices=[]):  # the head's init must not depend on what ran before
             torch.manual_seed(HEAD_SEED)
-            head = Head(dim, self.cfg.disc_hidden, frozen_net)
+            if self.head == "conv":
+                head = ConvHead(net.spatial_feature_shape, frozen_net)
+            else:
+                head = Head(dim, self.cfg.disc_hidden, frozen_net)
         return {HEAD: (head, "critic")}
 
+    def head_module(self, nets: Nets) -> nn.Module | None:
+        return nets.modules.get(HEAD)
+
     def logits(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
+        """(B,) logits, or (B, h, w) for channel_mean on a spatial bottleneck."""
+        if self.head == "channel_mean":
+            spatial = has_spatial_features(nets.critic.base if isinstance(nets.critic, Guided) else nets.critic)
+            return features(nets.critic, x_t, t, cond, spatial=spatial).mean(1)
         head = nets.modules[HEAD]
-        feats = head.teacher_features(x_t, t, cond) if self.kind == "teacher" else features(nets.critic, x_t, t, cond)
-        return head(feats)
+        if self.kind == "teacher":
+            return head(head.teacher_features(x_t, t, cond))
+        return head(features(nets.critic, x_t, t, cond, spatial=head.spatial))
 
     def _noised(self, nets: Nets, x):
         sched = nets.teacher.schedule
-        t = sample_t(sched, x.shape[0], self.cfg.gan_t_lo, self.cfg.gan_t_hi, like=x)
+        t = sample_t(sched, x.shape[0], self.cfg.gan_t_lo, self.cfg.gan_t_hi, like=x, dist=self.cfg.gan_t_dist)
         return noised(sched, x, t)[0], t
 
     def generator_loss(self, nets: Nets, x, cond) -> tuple[torch.Tensor, dict]:
         """lambda * L_G at generator samples x (gradient reaches x through the frozen critic and head)."""
-        with frozen(nets.critic if self.kind == "critic" else None, nets.modules[HEAD]):
+        with frozen(nets.critic if self.kind == "critic" else None, self.head_module(nets)):
             x_t, t = self._noised(nets, x)
             loss = F.softplus(-self.logits(nets, x_t, t, cond)).mean()
         return self.cfg.gan_weight * loss, {"gan_g": loss.detach()}
 
     def discriminator_loss(self, nets: Nets, fake, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """disc_weight * L_D on noised real data vs noised (detached) generator samples, same t for both."""
+        """disc_weight * L_D on noised real data vs noised (detached) generator samples. Every row draws its own t and
+        noise, the real rows independently of the fake ones, as DMD2's two compute_cls_logits calls do
+        (tianweiy/DMD2 main/edm/edm_guidance.py:202-209)."""
         if batch.real is None:
             raise ConfigError("objective.discriminator needs real data samples in the batch (data= with real samples)")
         x_t, t = self._noised(nets, torch.cat([batch.real.to(fake), fake.detach()]))

@@ -48,6 +48,9 @@ class Objective:
 
     #: set by the trainer when build_modules returned modules trained by the critic update
     trains_critic_modules: bool = False
+    #: set by the trainer: the global batch (images per generator step, every process together); 0 = unknown, a
+    #: loss that counts images (SiDA's GAN start) then counts its own batch
+    images_per_step: int = 0
 
     def build_modules(self, setup) -> dict[str, tuple[nn.Module, str]]:
         """Extra trained modules (GAN heads, log-variance heads...): name -> (module, "generator" | "critic"),

@@ -31,10 +31,15 @@ class CriticObjective(Objective):
     def critic_cond(self, nets: Nets, batch: Batch):
         return batch.cond
 
+    def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
+        """The DSM noise levels (None: dsm_loss's own draw, u ~ U[0, 1] through the schedule)."""
+        return None
+
     def critic_loss(self, nets: Nets, batch: Batch, step: int):
         with torch.no_grad():
             x = self.generate(nets, batch)
-        loss = dsm_loss(self.critic_model(nets), x, self.critic_cond(nets, batch), weighting=self.cfg.critic_weighting)
+        loss = dsm_loss(self.critic_model(nets), x, self.critic_cond(nets, batch), weighting=self.cfg.critic_weighting,
+                        t=self.critic_t(nets, x))
         out = {"dsm": loss}
         if self.gan.active:
             d, logs = self.gan.discriminator_loss(nets, x, batch)

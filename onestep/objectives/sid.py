@@ -23,8 +23,8 @@ SiD-LSG: separate CFG scales, applied to the unguided teacher and to the critic:
     critic_guidance  critic while it is trained by DSM (its guided output is what regresses on x0)
 Scale 1 is the plain conditional model, 0 the unconditional one ("zero guidance"), < 1 anti-guidance. The
 critic's unconditional branch is trained by dropping labels with ``critic_label_dropout``.
-SiDA: the same loss plus lambda * L_G of a discriminator head on the critic's features (adversarial.py);
-its L_D joins the critic update.
+SiDA (sida.py): the same loss plus lambda * L_G of a discriminator on the critic's features; its L_D joins the
+critic update.
 """
 
 from __future__ import annotations
@@ -47,17 +47,24 @@ from onestep.core import noised, sample_t
 ALPHA_RANGE = (0.0, 1.5)
 
 
-def sid_loss(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, cond=None, *, alpha: float = 1.2,
-             lo: float = 0.02, hi: float = 0.98, t=None, eps=None) -> tuple[torch.Tensor, dict]:
-    """SiD's generator loss at generator samples x (differentiable w.r.t. x through both denoisers)."""
-    t = sample_t(teacher.schedule, x.shape[0], lo, hi, like=x) if t is None else t
+def sid_terms(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, cond, t, eps=None, *, alpha: float = 1.2):
+    """SiD's per-sample term (mean over elements, differentiable w.r.t. x through both denoisers), its normalizer w
+    (B,), no grad, and x_t (with grad): what SiDA's official balance reuses."""
     x_t, _ = noised(teacher.schedule, x, t, eps)
     with frozen(critic):
         f_phi, f_psi = teacher.x0(x_t, t, cond), critic.x0(x_t, t, cond)
     delta = f_phi - f_psi
     per = (delta * ((f_phi - x) - alpha * delta)).flatten(1).mean(1)  # = (1-alpha)|d|^2 + d.(f_psi - x)
-    loss = (per / dmd_normalizer(x, f_phi.detach()).flatten()).mean()
-    return loss, {"sid_gap": delta.detach().flatten(1).norm(dim=1).mean()}
+    logs = {"sid_gap": delta.detach().flatten(1).norm(dim=1).mean()}
+    return per, dmd_normalizer(x, f_phi.detach()).flatten(), x_t, logs
+
+
+def sid_loss(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, cond=None, *, alpha: float = 1.2,
+             lo: float = 0.02, hi: float = 0.98, t=None, eps=None) -> tuple[torch.Tensor, dict]:
+    """SiD's generator loss at generator samples x (differentiable w.r.t. x through both denoisers)."""
+    t = sample_t(teacher.schedule, x.shape[0], lo, hi, like=x) if t is None else t
+    per, w, _, logs = sid_terms(teacher, critic, x, cond, t, eps, alpha=alpha)
+    return (per / w).mean(), logs
 
 
 @dataclass
@@ -118,24 +125,3 @@ class SiD(CriticObjective):
         t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
         loss, logs = sid_loss(self.real_model(nets), fake, x, batch.cond, alpha=self.cfg.alpha, t=t)
         return self.with_gan(loss, {"sid": loss.detach(), **logs}, nets, x, batch.cond)
-
-
-@dataclass
-class SiDAConfig(SiDConfig):
-    name: str = "sida"
-    discriminator: str = "critic"
-    gan_weight: float = 0.01
-
-
-@register_objective
-class SiDA(SiD):
-    """SiD + the adversarial term on the critic's features (SiDA); ``gan_weight`` 0 is rejected."""
-
-    name = "sida"
-    Config = SiDAConfig
-
-    def __init__(self, cfg, generate):
-        super().__init__(cfg, generate)
-        if cfg.gan_weight <= 0 or cfg.discriminator != "critic":
-            raise ConfigError(f"objective=sida needs objective.discriminator=critic and gan_weight > 0 (got "
-                              f"{cfg.discriminator}, {cfg.gan_weight}); use objective=sid for plain SiD")

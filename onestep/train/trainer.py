@@ -56,6 +56,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     gc = cfg.generator
     student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
     objective = make_objective(cfg.objective, student.train_sample)
+    objective.images_per_step = tc.batch_size
     torch.manual_seed(cfg.seed + 1)  # extra modules start the same whether the teacher was trained or cached
     heads = objective.build_modules(setup)
     objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
