@@ -173,6 +173,12 @@ class TrainerConfig:
     #: under several processes, shard generator and critic (weights, gradients, AdamW moments) with torch's FSDP2
     #: instead of replicating them (onestep/fsdp.py); also switched on by an accelerate FSDP launch config
     fsdp: bool = False
+    #: torch.compile the run's networks in place (generator, critic, targets, teacher; the networks an objective
+    #: differentiates with torch.func.jvp stay eager: sCM / rCM's generator)
+    compile: bool = False
+    #: torch.compile mode: auto (max-autotune on CUDA, default elsewhere) | default | reduce-overhead | max-autotune |
+    #: max-autotune-no-cudagraphs
+    compile_mode: str = "auto"
 
 
 @dataclass

@@ -322,6 +322,7 @@ class Networks:
         dtype = frozen_dtype(tc.frozen_dtype)
         shape = shape or (lambda net: net)
         device = torch.device("cpu") if device is None else device
+        self.device = device
         self.heads = dict(heads or {})
         self.decays = {EMA: tc.ema_decay, **(targets or {})}
         for name, (_, role) in self.heads.items():
@@ -380,6 +381,7 @@ class Networks:
                                   "(only diffusers models do); set trainer.gradient_checkpointing=false")
         self.sharded = shard and fsdp.world_size() > 1
         self.teacher_sharded = False
+        self.compiled: list[str] | None = None  # the names compile() compiled (None: not asked to)
         if self.sharded:  # after the targets were copied from the generator: they stay replicated
             fsdp.check(lora)
             for name in ("generator", "critic"):
@@ -399,6 +401,29 @@ class Networks:
                 if self.sharded:
                     stack.enter_context(fsdp.whole(net))
             yield
+
+    def compile(self, mode: str, eager: tuple[str, ...] = ()) -> list[str]:
+        """torch.compile every network of the run in place (``nn.Module.compile``: state-dict keys, checkpoints and
+        export are unchanged) but those of the roles in ``eager`` — the objective's torch.func.jvp networks, whose
+        forward-mode AD (through onestep.kernels' attention functions) is kept out of dynamo. Roles that share one
+        module (a LoRA base, the EMA at decay 0) share the decision. ``mode``: auto = max-autotune on CUDA, the
+        default mode elsewhere. Returns the compiled names."""
+        if mode == "auto":
+            mode = "max-autotune" if self.device.type == "cuda" else "default"
+        by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+        shared = self.teacher._base[0] is not None  # the teacher runs through the LoRA roles' shared base
+        pairs = [(n, r.module) for n, r in self.roles.items()]
+        pairs.append(("teacher", self.base.net if shared else self.teacher.net))
+        for name, module in pairs:
+            by_module.setdefault(id(module), (module, []))[1].append(name)
+        done = []
+        for module, names in by_module.values():
+            if any(n in eager for n in names):
+                continue
+            module.compile(mode=mode)
+            done += names
+        self.compiled = done
+        return done
 
     # --- what the trainer and objectives use --------------------------------------------------------------
 
@@ -460,6 +485,8 @@ class Networks:
             local = sum(p.to_local().numel() for p in self.teacher.parameters()) / 1e6
             teacher += f" FSDP2-sharded over {fsdp.world_size()} processes ({local:.3f}M params per process)"
         lines = [teacher + base + f"; attention: {self.attention}"]
+        if self.compiled is not None:
+            lines.append(f"  torch.compile: {', '.join(self.compiled) or 'none'} (eager: the rest)")
         for name, role in self.roles.items():
             if name != "generator" and role is self.roles["generator"]:
                 lines.append(f"  {name}: the generator itself (decay 0)")

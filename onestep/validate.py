@@ -85,6 +85,7 @@ OBJECTIVE_RANGES: dict[str, tuple[Range, str]] = {
 #: accelerate's mixed precision modes this trainer supports
 MIXED_PRECISION = ("no", "fp16", "bf16")
 STUDENT_METHODS = ("renoise", "ddim")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: trainer.log_with: accelerate trackers the trainer feeds (onestep/train/tracking.py); auto = tensorboard when
 #: installed, else none
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
@@ -113,6 +114,7 @@ def check_config(cfg) -> None:
                               "hybrid sampling needs a student of 2 or more steps (generator.steps)")
     _choice("trainer.mixed_precision", cfg.trainer.mixed_precision, MIXED_PRECISION)
     _choice("generator.method", cfg.generator.method, STUDENT_METHODS)
+    _choice("trainer.compile_mode", cfg.trainer.compile_mode, COMPILE_MODES)
     _choice("eval.teacher_method", cfg.eval.teacher_method, METHODS)
     _check_tracker(cfg.trainer.log_with)
     _check_teacher(cfg.teacher)

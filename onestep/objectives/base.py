@@ -35,6 +35,8 @@ class Objective:
     Config: ClassVar[type] = ObjectiveConfig
     #: trained networks besides the generator; "critic" is a copy of the teacher net (fake score)
     networks: ClassVar[tuple[str, ...]] = ("generator", "critic")
+    #: roles the loss differentiates with torch.func.jvp (trainer.compile leaves them eager)
+    jvp_networks: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg, generate):
         """``generate(nets, batch) -> x0`` maps a batch to generator samples with gradients."""

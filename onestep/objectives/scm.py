@@ -140,6 +140,7 @@ class SCM(Objective):
     """Shared sCD / sCT loss; subclasses say where dx_t/dt comes from."""
 
     networks = ("generator",)
+    jvp_networks = ("generator",)  # scm_tangent's torch.func.jvp through the student
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)

@@ -63,6 +63,8 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     networks = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads,
                         targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc),
                         shard=fsdp.requested(cfg))
+    if tc.compile:
+        networks.compile(tc.compile_mode, eager=objective.jvp_networks)
     teacher = guided(networks.teacher, cfg.teacher.guidance)
     nets = networks.nets(teacher)
     with networks.whole("teacher"), acc.main_process_first(), progress.phase(f"{cfg.objective.name} prepare", show):
