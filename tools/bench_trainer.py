@@ -66,6 +66,15 @@ def framework(overrides, steps, run_dir: Path) -> tuple[float, dict]:
     return last["it_per_s"], {k: v for k, v in last.items() if k.startswith("time/")}
 
 
+def compiled(overrides, steps, run_dir: Path) -> tuple[float, float]:
+    """train() with trainer.compile=true: steps/s over steps 2..N and the seconds spent outside them (setup, the
+    first step with its compilation, the short evaluation) minus the same for the eager run."""
+    torch._dynamo.reset()  # every repeat pays its own compilation
+    t0 = time.perf_counter()
+    rate, _ = framework(overrides + ["trainer.compile=true"], steps, run_dir)
+    return rate, time.perf_counter() - t0 - (steps - 1) / rate
+
+
 def bare(overrides, steps, run_dir: Path) -> float:
     """steps/s of a hand-written loop with the same nets, batch, objective, TTUR and EMA (steps 2..N)."""
     cfg = _cfg(overrides + QUIET + [f"trainer.steps={steps}"])
@@ -119,19 +128,27 @@ def main(argv: list[str]) -> None:
         run = root / name
         if "dmd2" in name:  # DMD's regression pairs built once, read by every run of the case
             overrides = overrides + [f"objective.pairs_file={root / name}_pairs.safetensors"]
-        fw, bl, phases = [], [], {}
+        fw, bl, cp, outside, phases = [], [], [], {}, {}
         for r in range(repeats):
-            order = ("framework", "bare") if r % 2 == 0 else ("bare", "framework")
+            order = ("framework", "bare", "compiled") if r % 2 == 0 else ("compiled", "bare", "framework")
             for side in order:
                 if side == "framework":
+                    t0 = time.perf_counter()
                     rate, phases = framework(overrides, steps, run)
+                    outside.setdefault("eager", []).append(time.perf_counter() - t0 - (steps - 1) / rate)
                     fw.append(rate)
+                elif side == "compiled":
+                    rate, extra = compiled(overrides, steps, run)
+                    cp.append(rate)
+                    outside.setdefault("compiled", []).append(extra)
                 else:
                     if not (run / "config.yaml").exists():  # the bare loop reads the caches the trainer built
                         framework(overrides, 3, run)
                     bl.append(bare(overrides, steps, run))
-                print(f"[{name}] {side}: {(fw if side == 'framework' else bl)[-1]:.2f} steps/s", flush=True)
-        rows.append({"case": name, "steps": steps, "framework": max(fw), "bare": max(bl), "phases": phases})
+                rates = {"framework": fw, "bare": bl, "compiled": cp}[side]
+                print(f"[{name}] {side}: {rates[-1]:.2f} steps/s", flush=True)
+        rows.append({"case": name, "steps": steps, "framework": max(fw), "bare": max(bl), "compiled": max(cp),
+                     "compile_s": min(outside["compiled"]) - min(outside["eager"]), "phases": phases})
     shutil.rmtree(root, ignore_errors=True)
     write(rows, time.perf_counter() - t_all, argv)
 
@@ -144,18 +161,23 @@ def write(rows, wall: float, argv) -> None:
              "Steps/s of `onestep train` vs a bare loop doing the same math in the same process (same nets, batch, "
              "objective, TTUR, EMA; first step excluded on both sides; best of the repeats). Target: framework "
              ">= 0.9x the bare loop. Phases: the trainer's own `time/<phase>_ms` per step over its last log "
-             "interval (teacher overlaps critic and generator).",
+             "interval (teacher overlaps critic and generator). `trainer.compile=true`: the same run with its networks "
+             "through torch.compile (mode `default` on CPU; sCD's generator stays eager: torch.func.jvp), its steps/s "
+             "over the same steps, and the extra seconds outside them (compilation at the first step and at the "
+             "evaluation's batch shape).",
              "",
              "| case | steps timed | bare loop (steps/s) | onestep train (steps/s) | ratio | target met | "
-             "data | critic | generator | teacher | targets | log | checkpoint (ms/step) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "data | critic | generator | teacher | targets | log | checkpoint (ms/step) | compiled (steps/s) | "
+             "compiled / eager | compile time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["phases"]
         ratio = r["framework"] / r["bare"]
         lines.append(f"| {r['case']} | {r['steps']} | {r['bare']:.2f} | {r['framework']:.2f} | {ratio:.2f} | "
                      f"{'yes' if ratio >= 0.9 else 'no'} | "
                      + " | ".join(f"{p.get(f'time/{k}_ms', 0):.1f}" for k in
-                                  ("data", "critic", "generator", "teacher", "targets", "log", "checkpoint")) + " |")
+                                  ("data", "critic", "generator", "teacher", "targets", "log", "checkpoint"))
+                     + f" | {r['compiled']:.2f} | {r['compiled'] / r['framework']:.2f} | {r['compile_s']:.0f} |")
     text = "\n".join(lines) + "\n"
     out = ROOT / "results" / "trainer_overhead.md"
     out.write_text(text)
