@@ -119,7 +119,7 @@ class MeanFlow(Objective):
     name = "meanflow"
     Config = MeanFlowConfig
     networks = ("generator",)
-X
+    jvp_networks = ("generator",)  # meanflow_target's torch.func.jvp through the generator (trainer.compile: eager)
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)
