@@ -163,18 +163,22 @@ class SCM(Objective):
     def dxdt(self, teacher: Denoiser, x0, z, x_t, t, cond) -> torch.Tensor:
         raise NotImplementedError(f"objective {self.name} must define dxdt (where dx_t/dt comes from)")
 
-    def scm_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def training_points(self, batch: Batch, teacher: Denoiser, sched) -> tuple:
+        """(x0, z, x_t, t): the points the loss is taken at. sCM: a data sample noised to t ~ the proposal (Sec. 4.3)."""
         if batch.real is None:
             raise ConfigError(f"objective '{self.name}' needs data samples (x0) but the data source gives none; "
                               "use data with real samples (data=gmm)")
+        c, x0 = self.cfg, batch.real
+        t = trig_times(x0.shape[0], c.sigma_data, c.p_mean, c.p_std, sched.t_min, sched.t_max, like=x0)
+        z = c.sigma_data * torch.randn_like(x0)
+        return x0, z, bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * z, t
+
+    def scm_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         c = self.cfg
         student = as_trigflow(nets.generator, c.sigma_data)
         teacher = as_trigflow(nets.teacher, c.sigma_data)
-        sched = student.schedule
-        x0, cond = batch.real, batch.cond
-        t = trig_times(x0.shape[0], c.sigma_data, c.p_mean, c.p_std, sched.t_min, sched.t_max, like=x0)
-        z = c.sigma_data * torch.randn_like(x0)
-        x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * z
+        cond = batch.cond
+        x0, z, x_t, t = self.training_points(batch, teacher, student.schedule)
         with torch.no_grad():
             dxdt = self.dxdt(teacher, x0, z, x_t, t, cond)
         r = min(1.0, step / c.warmup_steps) if c.warmup_steps else 1.0
@@ -187,7 +191,7 @@ class SCM(Objective):
         if c.prior_weighting:
             err = err / (c.sigma_data * torch.tan(t.to(wdtype)))
         if c.divide_by_dim:
-            err = err / x0[0].numel()
+            err = err / x_t[0].numel()
         if c.adaptive_weighting:
             w = nets.modules["logvar"](t)
             loss = (torch.exp(w) * err - w).mean()  # eq. (9)
