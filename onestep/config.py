@@ -110,6 +110,9 @@ class GeneratorConfig:
     attention: str = "default"
     #: wrap the generator so that x0(x, t_min) = x exactly (consistency models' c_skip / c_out boundary)
     consistency_boundary: bool = False
+    #: the generator takes the guidance scale w as an input (guidance distillation, Meng et al. 2023) and uses this
+    #: w when the conditioning carries none (sampling, eval); None = no guidance input
+    guidance_input: Optional[float] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

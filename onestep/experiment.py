@@ -208,9 +208,17 @@ def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
 
 
 def shape_student(gc, net: Denoiser) -> Denoiser:
-    """generator.attention and generator.consistency_boundary applied to a generator / critic network (the
-    ``shape`` that networks.Networks applies to each copy of ``setup.student_init``)."""
+    """generator.attention, generator.guidance_input and generator.consistency_boundary applied to a generator /
+    critic network (the ``shape`` that networks.Networks applies to each copy of ``setup.student_init``)."""
     from onestep.denoisers.consistency import ConsistencyBoundary
 
     set_attention(net, gc.attention)
+    if gc.guidance_input is not None:
+        if not hasattr(net, "add_guidance_input") or gc.lora.rank is not None:
+            raise ConfigError(f"generator.guidance_input={gc.guidance_input} adds a trained guidance embedding to a "
+                              f"full copy of the GMM MLP; {type(net).__name__}"
+                              f"{' with generator.lora' if gc.lora.rank is not None else ''} has none "
+                              "(unset generator.guidance_input, or use teacher=gmm_classes without LoRA)")
+        net = copy.deepcopy(net)  # (the init is shared: the teacher itself for image teachers)
+        net.add_guidance_input(gc.guidance_input)
     return ConsistencyBoundary(net) if gc.consistency_boundary else net

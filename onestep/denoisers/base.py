@@ -14,7 +14,7 @@ from torch import nn
 from onestep import param
 from onestep.conditioning import Cond, as_cond
 from onestep.errors import ConfigError
-from onestep.schedules import Schedule
+from onestep.schedules import Schedule, bcast
 
 
 class Denoiser(nn.Module):
@@ -82,22 +82,24 @@ class Denoiser(nn.Module):
 GUIDANCE = "guidance"
 
 
-def with_guidance(cond, scale: float):
-    """``cond`` plus the field ``GUIDANCE`` = scale on every row (and on the null row: it is no part of the prompt)."""
+def with_guidance(cond, scale: "float | torch.Tensor"):
+    """``cond`` plus the field ``GUIDANCE`` = scale on every row (and on the null row: it is no part of the prompt).
+    ``scale`` may be one value per row (B,) (a w-conditioned student trained on random scales); the kind of ``cond``
+    (Labels, prompts) is kept."""
     if not isinstance(cond, Cond):
         return cond  # nothing to add it to: the network names the conditioning it needs
     dev = next(iter(cond.fields.values())).device
     null_dev = next(iter(cond.null_fields.values())).device
-    g = torch.full((len(cond),), float(scale), dtype=torch.float32, device=dev)
-    return Cond({**cond.fields, GUIDANCE: g}, {**cond.null_fields, GUIDANCE: g[:1].to(null_dev)}, cond.texts,
-                cond.null_text)
+    g = torch.as_tensor(scale, dtype=torch.float32, device=dev).expand(len(cond)).clone()
+    return cond._like({**cond.fields, GUIDANCE: g}, cond.texts, {**cond.null_fields, GUIDANCE: g[:1].to(null_dev)})
 
 
 class Guided(Denoiser):
     """Classifier-free guidance: D_w = D(x, t, null) + w (D(x, t, c) - D(x, t, null)).
 
     Predictions at a fixed (x_t, t) are affine in one another, so combining in the native
-    parametrization equals combining in any other (x0, eps, score...). ``scale`` 1 is the conditional model.
+    parametrization equals combining in any other (x0, eps, score...). ``scale`` 1 is the conditional model;
+    a (B,) tensor is one scale per sample (SNOOPI's random-scale guidance, a guidance-distillation target).
 
     A base with ``embedded_guidance`` (guidance-distilled Flux: the transformer was trained to output the guided
     prediction for the scale it is given) is run once, D_w = D(x, t, c | guidance = w), as its pipeline does.
@@ -110,23 +112,28 @@ class Guided(Denoiser):
         if not base.conditional:
             raise ConfigError(f"guidance scale {scale} needs a conditional teacher; this one is unconditional "
                               "(set teacher.guidance=1 or use a conditional teacher)")
-        self.base, self.scale = base, float(scale)
+        self.base, self.scale = base, scale if isinstance(scale, torch.Tensor) else float(scale)
         self.schedule, self.prediction = base.schedule, base.prediction
         self.data_shape, self.num_classes = base.data_shape, base.num_classes
 
     def forward(self, x_t, t, cond=None):
         if self.base.embedded_guidance:
             return self.base(x_t, t, with_guidance(cond, self.scale))
-        if cond is None or self.scale == 1.0:
+        per_sample = isinstance(self.scale, torch.Tensor)
+        if cond is None or (not per_sample and self.scale == 1.0):
             return self.base(x_t, t, cond)
         cond = as_cond(cond, self.num_classes)
         both = self.base(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, cond.null()]))
         c, u = both.chunk(2)
-        return u + self.scale * (c - u)
+        scale = bcast(self.scale, c).to(c) if per_sample else self.scale
+        return u + scale * (c - u)
 
 
-def guided(denoiser: Denoiser, scale: float) -> Denoiser:
+def guided(denoiser: Denoiser, scale: "float | torch.Tensor") -> Denoiser:
     """The denoiser at guidance ``scale``: CFG, or the scale fed to an embedded-guidance network. Scale 1 is the
     denoiser itself, for every caller that means "no extra guidance" by it; on an embedded-guidance network that
-    keeps the network's own default scale (flow.py: ``guidance``, set from teacher.guidance), not guidance 1."""
+    keeps the network's own default scale (flow.py: ``guidance``, set from teacher.guidance), not guidance 1.
+    A (B,) tensor of scales always guides (each row at its own scale, 1 included)."""
+    if isinstance(scale, torch.Tensor):
+        return Guided(denoiser, scale)
     return denoiser if scale == 1.0 else Guided(denoiser, scale)

@@ -5,6 +5,7 @@
 expressed for an arbitrary schedule through the scale-free variable x/alpha (so sigma_EDM = s/a).
 Native prediction: x0. The preconditioning keeps every time well conditioned, which is what lets a
 one-step generator initialized from it move quickly.
+``add_guidance_input`` gives it the guidance scale w as an input (guidance distillation, objectives/guidance_distill.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from onestep.conditioning import labels_of
-from onestep.denoisers.base import Denoiser
+from onestep.conditioning import Cond, labels_of
+from onestep.denoisers.base import GUIDANCE, Denoiser
 from onestep.schedules import Schedule, bcast
 
 
@@ -47,6 +48,18 @@ class MLPDenoiser(Denoiser):
             nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        self.guidance_embed: nn.Module | None = None
+        self.guidance: float | None = None
+
+    def add_guidance_input(self, default: float) -> None:
+        """Take the guidance scale w as an input (the Cond field ``GUIDANCE``; ``default`` when the conditioning has
+        none): Meng et al. 2023 ("On Distillation of Guided Diffusion Models", Sec. 3.1) embed w with Fourier
+        features and add it to the time embedding. The last layer starts at zero, so the net starts as it was."""
+        dim = self.time.freqs.shape[0] * 2
+        self.guidance_embed = nn.Sequential(FourierTime(dim, seed=1), nn.Linear(dim, dim))
+        nn.init.zeros_(self.guidance_embed[1].weight)
+        nn.init.zeros_(self.guidance_embed[1].bias)
+        self.embedded_guidance, self.guidance = True, float(default)
 
     def forward(self, x_t, t, cond=None):
         x, c_skip, c_out, h = self._trunk(x_t, t, cond)
@@ -71,6 +84,10 @@ class MLPDenoiser(Denoiser):
         if self.label is not None:
             labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
             e = e + self.label(labels)
+        if self.guidance_embed is not None:
+            given = isinstance(cond, Cond) and GUIDANCE in cond
+            w = cond[GUIDANCE].to(t) if given else torch.full_like(t, self.guidance)
+            e = e + self.guidance_embed(w)
         e = self.emb(e)
         h = self.inp(c_in * x) + e
         for blk in self.blocks:
