@@ -1,7 +1,8 @@
 """Benchmark every objective on the exact Gaussian-mixture tasks, next to the teacher's own sampler, over seeds.
 
     OMP_NUM_THREADS=1 python tools/bench_objectives.py [tasks=ring8,grid25,classes16] [only=dmd2,sid] \
-        [seeds=0,1,2] [jobs=2] [out=results] [root=runs/bench_objectives] [samples=5000] [hydra.key=value ...]
+        [seeds=0,1,2] [jobs=2] [reuse=true] [out=results] [root=runs/bench_objectives] [samples=5000] \
+        [hydra.key=value ...]
     python tools/bench_objectives.py render      # rewrite the markdown and the seeds plot from the JSON
 
 Arguments with a dot are Hydra overrides added to every run (e.g. trainer.steps=20 for a smoke run).
@@ -16,7 +17,8 @@ rows of ``eval.hybrid_teacher_steps``), the training wall time, and the first ch
 THRESHOLD_X of the teacher's 64-step value; rows report mean +- std over the seeds and whether the task's target
 (TARGETS, issue 18) is met. Writes <out>/objectives_gmm.{md,json,png} (one table per task, scatter panels of seed 0),
 <out>/objectives_gmm_seeds.png (mean +- std against the targets) and <out>/objectives_gmm_summary.md (the README's
-table). Rows not run by this invocation are kept from the previous objectives_gmm.json (``only=<new row>``).
+table). Rows not run by this invocation are kept from the previous objectives_gmm.json (``only=<new row>``);
+``reuse=true`` reads the rows whose run folders already hold every seed's finished run instead of training them.
 
 To add an objective, add one row to BENCH (e.g. ``"cd": ["objective=cd"]``).
 """
@@ -71,9 +73,19 @@ SCD = ["objective=scd", "generator.sigma_init=null", "objective.warmup_steps=200
 RCM = ["objective=rcm", "generator.sigma_init=null", "objective.warmup_steps=200", "objective.dm_weight=0.1",
        "objective.ttur=2", "trainer.generator_optim.lr=1e-3", "trainer.critic_optim.lr=1e-3"]
 DMD2 = ["objective=dmd2", "objective.discriminator=critic", "objective.gan_weight=0.01"]
-#: few-step students sample from sigma_max = 80 (EDM); 2 steps at sigma 80 -> 0.8, 4 steps on Karras' rho = 7
-#: spacing from 80 to 0.5; the DMD2 rows train for their step count (backward simulation) and also report hybrid
-#: sampling with the teacher's first step (Gandikota & Bau 2025)
+#: MeanFlow and reflow train on rectified-flow time (their run's own teacher schedule; the evaluation is in data
+#: space against the same exact mixture); configs/experiment/gmm_{meanflow,reflow,tbcm}.yaml
+MEANFLOW = ["objective=meanflow", "teacher.schedule=rectified_flow", "generator.sigma_init=null", "objective.loss=l2",
+            "objective.flow_matching_ratio=0.25", "objective.consistency_ratio=0.75", "trainer.generator_optim.lr=1e-3"]
+REFLOW = ["objective=reflow", "teacher.schedule=rectified_flow", "generator.sigma_init=null",
+          "objective.reflow_steps=200", "trainer.generator_optim.lr=1e-3"]  # the budget split 200 reflow + rest
+TBCM = ["objective=tbcm", "generator.sigma_init=null", "objective.warmup_steps=200", "trainer.generator_optim.lr=1e-3"]
+FLOW_TWO_STEP = ["generator.steps=2", "generator.ts=[0.9999,0.5]", "eval.student_steps=[2]"]
+#: few-step consistency students sample from sigma_max = 80 (EDM): 2 steps at sigma 80 -> 0.8, 4 steps on Karras'
+#: rho = 7 spacing from 80 to 0.5. The few-step DMD2 students start where the 1-step rows do (sigma_init = 1: from
+#: sigma_max, 400-500 steps of backward simulation left them at 5-8 of 8 ring modes) on the evenly spaced t-list
+#: below it (1, 0.5 / 1, 0.75, 0.5, 0.25), trained for their step count (backward simulation), and also report
+#: hybrid sampling with the teacher taking the first step (Gandikota & Bau 2025)
 TWO_STEP = ["generator.steps=2", "generator.ts=[80.0,0.8]", "eval.student_steps=[2]"]
 FOUR_STEP = ["generator.steps=4", "generator.ts=[80.0,21.4,4.2,0.5]", "eval.student_steps=[4]"]
 HYBRID = ["eval.hybrid_teacher_steps=[1]"]
@@ -89,8 +101,8 @@ BENCH: dict[str, list[str]] = {
     "sim": ["objective=sim"],
     "fdistill": ["objective=fdistill"],
     "adversarial": ["objective=adversarial"],
-    "dmd2_2step": DMD2 + ["generator.sigma_init=null"] + TWO_STEP + HYBRID,
-    "dmd2_4step": DMD2 + ["generator.sigma_init=null"] + FOUR_STEP + HYBRID,
+    "dmd2_2step": DMD2 + ["generator.steps=2", "eval.student_steps=[2]"] + HYBRID,
+    "dmd2_4step": DMD2 + ["generator.steps=4", "eval.student_steps=[4]"] + HYBRID,
     # consistency family (configs/experiment/gmm_{cd,scd,rcm}.yaml): sampling starts at sigma_max as consistency
     # models are trained to (no sigma_init)
     "cd": CD,
@@ -100,9 +112,16 @@ BENCH: dict[str, list[str]] = {
     "scd_2step": SCD + TWO_STEP,
     "rcm": RCM,
     "rcm_2step": RCM + TWO_STEP,
+    "meanflow": MEANFLOW,
+    "meanflow_2step": MEANFLOW + FLOW_TWO_STEP,
+    "reflow": REFLOW,
+    "reflow_2step": REFLOW + FLOW_TWO_STEP,
+    "tbcm": TBCM,
+    "tbcm_2step": TBCM + TWO_STEP,
 }
 #: rows run on FEW_STEP_TASKS only
-FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step"}
+FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step",
+                 "meanflow", "meanflow_2step", "reflow", "reflow_2step", "tbcm", "tbcm_2step"}
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
 THRESHOLD_X = 3.0  # "converged": sliced-W2 within 3x of the teacher's 64-step sampler
@@ -121,6 +140,10 @@ METRICS = ("sliced_w2", "worst_mass_err", "modes_covered", "wall_s")
 def compose_cfg(overrides: list[str]):
     with initialize_config_module("onestep.configs", version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+def task_cfg(task: str):
+    return compose_cfg(TASKS[task]["overrides"] + ["objective=dmd2"])
 
 
 def rows_of(task: str, names: list[str]) -> list[str]:
@@ -189,6 +212,8 @@ def collect(task: str, name: str, folder: Path, setup, threshold: float, n: int)
     first = None
     for run in run_folders(folder):
         cfg = OmegaConf.load(run / "config.yaml")
+        if cfg.teacher.schedule != task_cfg(task).teacher.schedule:  # a row on its own time axis (MeanFlow, reflow)
+            setup = experiment.build(cfg, run, progress=False)  # (reads the run's cached teacher net)
         metrics = json.loads((run / "metrics.json").read_text())
         wall = metrics["seconds"]["setup"] + metrics["seconds"]["distill"]
         for r in metrics["rows"]:
@@ -409,6 +434,7 @@ def main(argv: list[str]) -> int:
     names = args.get("only", ",".join(BENCH)).split(",")
     seeds = [int(s) for s in args.get("seeds", "0,1,2").split(",")]
     jobs = int(args.get("jobs", 1))
+    reuse = args.get("reuse", "false") == "true"
     out, root = Path(args.get("out", "results")), Path(args.get("root", "runs/bench_objectives")).resolve()
     samples_default = int(args.get("samples", 5000))
     unknown = [t for t in tasks if t not in TASKS] + [b for b in names if b not in BENCH]
@@ -432,9 +458,12 @@ def main(argv: list[str]) -> int:
                                             extra, compose_cfg(TASKS[task]["overrides"] + BENCH[name] + extra)
                                             .trainer.steps)
                 for task in tasks for name in rows_of(task, names)}
+    if reuse:  # rows whose run folders hold every seed's finished run are read, not trained again
+        commands = {k: (None if len(run_folders(root / k[0] / k[1])) == len(seeds) else cmd)
+                    for k, cmd in commands.items()}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(train_seeds, cmd, root / task / name): (task, name)
-                   for (task, name), cmd in commands.items()}
+        futures = {pool.submit(train_seeds, cmd, root / task / name) if cmd else pool.submit(lambda: None):
+                   (task, name) for (task, name), cmd in commands.items()}
         for fut in as_completed(futures):
             task, name = futures[fut]
             fut.result()
@@ -458,7 +487,8 @@ def main(argv: list[str]) -> int:
 def _merge(results: dict, fresh: dict) -> None:
     """This invocation's rows replace the same-named rows; the others are kept; rows in TEACHER_STEPS / BENCH order."""
     for task, rows in fresh.items():
-        merged = {r["name"]: r for r in results.get(task, [])} | rows
+        kept = [r for r in results.get(task, []) if "seeds" in r]  # rows of another protocol are not kept
+        merged = {r["name"]: r for r in kept} | rows
         order = [f"teacher {k} step{'s' if k > 1 else ''}" for k in TEACHER_STEPS]
         for b in BENCH:
             order += [b] + sorted(n for n in merged if n.startswith(b + "_hybrid"))
