@@ -8,6 +8,7 @@ lambda, see adversarial.py). Multi-step students train with backward simulation 
 Critic: denoising score matching on (detached) generator samples, so it tracks the generator's score,
 plus ``disc_weight`` times the discriminator loss when the head is on.
 Optional: DMD's regression term (eq. 9) on noise -> teacher-ODE-sample pairs, weight ``regression_weight``.
+PG-SB (SNOOPI, snoopi.py): ``guidance_range=[w_min, w_max]`` draws the real score's CFG scale per sample.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, 
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.regression import TeacherPairs
+from onestep.objectives.snoopi import RandomGuidance, RandomGuidanceConfig
 
 
 @dataclass
-class DMD2Config(ObjectiveConfig, GANConfig):
+class DMD2Config(ObjectiveConfig, GANConfig, RandomGuidanceConfig):
     name: str = "dmd2"
     ttur: int = 5
     #: the distribution matching gradient's noise level t, within [t_lo, t_hi] (fractions of the schedule's range)
@@ -56,6 +58,7 @@ class DistributionMatching(CriticObjective):
         if cfg.regression_weight < 0:
             raise ConfigError(f"objective.regression_weight={cfg.regression_weight} must be >= 0")
         self.pairs = TeacherPairs(cfg.regression_pairs, cfg.regression_steps, cfg.pairs_file)
+        self.pgsb = RandomGuidance(cfg)
 
     def prepare(self, nets: Nets) -> None:
         if self.cfg.regression_weight > 0:
@@ -64,8 +67,9 @@ class DistributionMatching(CriticObjective):
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
         t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
-        loss, logs = dmd_loss(nets.teacher, nets.critic, x, batch.cond, t=t)
-        out = {"dm": loss, **logs}
+        real, w = self.pgsb.draw(nets.teacher, x)
+        loss, logs = dmd_loss(real, nets.critic, x, batch.cond, t=t)
+        out = {"dm": loss, **logs, **self.pgsb.logs(w)}
         if self.cfg.regression_weight > 0:
             reg = self.pairs.loss(nets, batch, self.generate)
             out["regression"] = reg

@@ -23,6 +23,7 @@ SiD-LSG: separate CFG scales, applied to the unguided teacher and to the critic:
     critic_guidance  critic while it is trained by DSM (its guided output is what regresses on x0)
 Scale 1 is the plain conditional model, 0 the unconditional one ("zero guidance"), < 1 anti-guidance. The
 critic's unconditional branch is trained by dropping labels with ``critic_label_dropout``.
+PG-SB (SNOOPI, snoopi.py): ``guidance_range=[w_min, w_max]`` draws the real score's scale per sample instead.
 SiDA (sida.py): the same loss plus lambda * L_G of a discriminator on the critic's features; its L_D joins the
 critic update.
 """
@@ -41,6 +42,7 @@ from onestep.objectives.base import (Batch, Nets, ObjectiveConfig, check_t_dist,
                                      register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
+from onestep.objectives.snoopi import RandomGuidance, RandomGuidanceConfig
 from onestep.core import noised, sample_t
 
 #: the range of alpha SiD studies; beyond 1.5 the negative (1 - alpha) ||delta||^2 term dominates and diverges
@@ -68,7 +70,7 @@ def sid_loss(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, cond=None, *,
 
 
 @dataclass
-class SiDConfig(ObjectiveConfig, GANConfig):
+class SiDConfig(ObjectiveConfig, GANConfig, RandomGuidanceConfig):
     name: str = "sid"
     ttur: int = 1
     #: SiD's alpha, in [0, 1.5]; 1.2 is the paper's default
@@ -103,6 +105,10 @@ class SiD(CriticObjective):
         check_t_dist(cfg)
         if not 0 <= cfg.critic_label_dropout < 1:
             raise ConfigError(f"objective.critic_label_dropout={cfg.critic_label_dropout} must be in [0, 1)")
+        self.pgsb = RandomGuidance(cfg)
+        if self.pgsb.active and cfg.real_guidance is not None:
+            raise ConfigError("objective.real_guidance and objective.guidance_range (PG-SB) both set the real score's "
+                              "scale; unset one (objective.real_guidance=null)")
 
     def real_model(self, nets: Nets) -> Denoiser:
         if self.cfg.real_guidance is None:
@@ -123,5 +129,6 @@ class SiD(CriticObjective):
         x = self.generate(nets, batch)
         fake = guided(nets.critic, self.cfg.fake_guidance)
         t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
-        loss, logs = sid_loss(self.real_model(nets), fake, x, batch.cond, alpha=self.cfg.alpha, t=t)
-        return self.with_gan(loss, {"sid": loss.detach(), **logs}, nets, x, batch.cond)
+        real, w = self.pgsb.draw(self.real_model(nets), x)
+        loss, logs = sid_loss(real, fake, x, batch.cond, alpha=self.cfg.alpha, t=t)
+        return self.with_gan(loss, {"sid": loss.detach(), **logs, **self.pgsb.logs(w)}, nets, x, batch.cond)

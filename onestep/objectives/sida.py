@@ -101,9 +101,10 @@ class SiDA(SiD):
             return super().generator_loss(nets, batch, step)
         x = self.generate(nets, batch)
         t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
-        per, w, x_t, logs = sid_terms(self.real_model(nets), nets.critic, x, batch.cond, t, alpha=self.cfg.alpha)
+        real, scales = self.pgsb.draw(self.real_model(nets), x)  # PG-SB (snoopi.py) when guidance_range is set
+        per, w, x_t, logs = sid_terms(real, nets.critic, x, batch.cond, t, alpha=self.cfg.alpha)
         sid = (per / w).mean()
-        out = {"sid": sid.detach(), **logs}
+        out = {"sid": sid.detach(), **logs, **self.pgsb.logs(scales)}
         if not self.gan_on(step, x.shape[0]):
             return {"loss": sid, **out}
         with frozen(nets.critic, self.gan.head_module(nets)):

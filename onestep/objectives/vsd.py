@@ -17,6 +17,8 @@ Critic (SwiftBrush's LoRA teacher copy, or a full copy): DSM on detached generat
 generator step; SwiftBrush's is alpha_t^2-weighted eps-MSE (``critic_weighting=alpha2_eps``) on integer timesteps
 0..999 (``critic_t_dist=grid``, t_lo 0, t_hi 1 of the critic's draw) with 10% null prompts (``critic_label_dropout``;
 train_swiftbrush.py:803-822, which drops the whole batch's prompts with probability 0.1, here each row's).
+PG-SB (SNOOPI, snoopi.py): ``guidance_range=[w_min, w_max]`` draws the real score's CFG scale per sample; a critic
+guided with the teacher's scale (fake_guidance=None) takes the same per-sample scale.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from onestep.objectives.adversarial import GANConfig
 from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import denoised_pair, surrogate_loss
+from onestep.objectives.snoopi import RandomGuidance, RandomGuidanceConfig
 from onestep.schedules import bcast
 
 VSD_WEIGHTINGS = ("x0", "eps", "sigma2")
@@ -59,7 +62,7 @@ def vsd_gradient(teacher: Denoiser, critic: Denoiser, x, cond=None, *, weighting
 
 
 @dataclass
-class VSDConfig(ObjectiveConfig, GANConfig):
+class VSDConfig(ObjectiveConfig, GANConfig, RandomGuidanceConfig):
     name: str = "vsd"
     ttur: int = 1
     t_lo: float = 0.02
@@ -99,11 +102,13 @@ class VSD(CriticObjective):
             raise ConfigError(f"objective.critic_t_dist='{cfg.critic_t_dist}' is unknown; choose unit or grid")
         if not 0 <= cfg.critic_label_dropout < 1:
             raise ConfigError(f"objective.critic_label_dropout={cfg.critic_label_dropout} must be in [0, 1)")
+        self.pgsb = RandomGuidance(cfg)
 
-    def fake_model(self, nets: Nets) -> Denoiser:
+    def fake_model(self, nets: Nets, w: torch.Tensor | None = None) -> Denoiser:
+        """The critic in the generator gradient; ``w``: PG-SB's per-sample scales of the real score."""
         scale = self.cfg.fake_guidance
         if scale is None:
-            scale = nets.teacher.scale if isinstance(nets.teacher, Guided) else 1.0
+            scale = w if w is not None else nets.teacher.scale if isinstance(nets.teacher, Guided) else 1.0
         return guided(nets.critic, scale)
 
     def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
@@ -119,7 +124,8 @@ class VSD(CriticObjective):
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
         t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
-        grad = vsd_gradient(nets.teacher, self.fake_model(nets), x, batch.cond, weighting=self.cfg.weighting, t=t)
+        real, w = self.pgsb.draw(nets.teacher, x)
+        grad = vsd_gradient(real, self.fake_model(nets, w), x, batch.cond, weighting=self.cfg.weighting, t=t)
         loss = surrogate_loss(x, grad)
-        out = {"vsd": loss, "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean()}
+        out = {"vsd": loss, "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean(), **self.pgsb.logs(w)}
         return self.with_gan(loss, out, nets, x, batch.cond)
