@@ -113,6 +113,10 @@ class GeneratorConfig:
     #: the generator takes the guidance scale w as an input (guidance distillation, Meng et al. 2023) and uses this
     #: w when the conditioning carries none (sampling, eval); None = no guidance input
     guidance_input: Optional[float] = None
+    #: multi-student distillation (MSD, objective=msd): K students, each a copy of the student init that serves a
+    #: partition of the classes (``partition``: contiguous | interleaved); a router picks the student per class
+    students: int = 1
+    partition: str = "contiguous"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

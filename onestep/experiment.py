@@ -208,8 +208,8 @@ def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
 
 
 def shape_student(gc, net: Denoiser) -> Denoiser:
-    """generator.attention, generator.guidance_input and generator.consistency_boundary applied to a generator /
-    critic network (the ``shape`` that networks.Networks applies to each copy of ``setup.student_init``)."""
+    """generator.attention, generator.guidance_input, generator.students and generator.consistency_boundary applied to
+    a generator / critic network (the ``shape`` that networks.Networks applies to each copy of ``setup.student_init``)."""
     from onestep.denoisers.consistency import ConsistencyBoundary
 
     set_attention(net, gc.attention)
@@ -221,4 +221,11 @@ def shape_student(gc, net: Denoiser) -> Denoiser:
                               "(unset generator.guidance_input, or use teacher=gmm_classes without LoRA)")
         net = copy.deepcopy(net)  # (the init is shared: the teacher itself for image teachers)
         net.add_guidance_input(gc.guidance_input)
+    if gc.students > 1:
+        from onestep.denoisers.students import MultiStudent
+
+        if gc.lora.rank is not None:
+            raise ConfigError(f"generator.students={gc.students} trains K full copies; generator.lora is not "
+                              "supported with it (unset generator.lora.rank or use generator.students=1)")
+        net = MultiStudent(net, gc.students, gc.partition)  # (copies the init K times)
     return ConsistencyBoundary(net) if gc.consistency_boundary else net

@@ -172,6 +172,8 @@ class View(Denoiser):
         self.conditional, self.embedded_guidance = net.conditional, net.embedded_guidance
         if hasattr(net, "feature_dim"):
             self.feature_dim = net.feature_dim
+        if hasattr(net, "num_students"):  # a multi-student generator (denoisers/students.py)
+            self.num_students = net.num_students
         if hasattr(net, "spatial_feature_shape"):
             self.spatial_feature_shape = net.spatial_feature_shape
 

@@ -64,6 +64,7 @@ RANGES: dict[str, tuple[Range, str]] = {
     "teacher.net_lr": (POSITIVE, "the MLP's DSM learning rate"),
     "teacher.net_batch": (COUNT, "the MLP's DSM batch size"),
     "generator.steps": (COUNT, "student sampling steps"),
+    "generator.students": (COUNT, "students of a multi-student generator (MSD); 1 = one generator"),
     "generator.sigma_init": (POSITIVE, "the noise level sigma/alpha the student starts at"),
     "eval.num_samples": (COUNT, "samples per evaluated model"),
 }

@@ -218,6 +218,10 @@ def export(run: Run, out, *, overwrite: bool = False, lora_only: bool = False, a
         raise ConfigError(f"run '{run.path}' stopped at step {run.step} of trainer.steps={run.cfg.trainer.steps}; "
                           "finish it (rerun its onestep train command) or pass allow_unfinished=true to export "
                           "the latest checkpoint")
+    if run.cfg.generator.students > 1:
+        raise ConfigError(f"generator.students={run.cfg.generator.students}: a multi-student (MSD) generator routes "
+                          "each class to its own network, which no diffusers pipeline holds; sample it with "
+                          f"`onestep sample run_dir={run.path}` instead of exporting")
     out = prepare_out(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
