@@ -220,8 +220,8 @@ def export(run: Run, out, *, overwrite: bool = False, lora_only: bool = False, a
                           "the latest checkpoint")
     if run.cfg.generator.students > 1:
         raise ConfigError(f"generator.students={run.cfg.generator.students}: a multi-student (MSD) generator routes "
-                          "each class to its own network, which no diffusers pipeline holds; sample it with "
-                          f"`onestep sample run_dir={run.path}` instead of exporting")
+                          "each class to its own network, which no diffusers pipeline holds; use its run folder "
+                          f"instead (onestep sample run_dir={run.path} for images, onestep bench bench.runs=[...])")
     out = prepare_out(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
