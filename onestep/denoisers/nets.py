@@ -31,6 +31,10 @@ class FourierTime(nn.Module):
         return torch.cat([ang.cos(), ang.sin()], 1)
 
 
+#: parameter-name prefix of the guidance input's modules (the adapter AGD trains with the rest frozen)
+GUIDANCE_ADAPTER = "guidance_embed"
+
+
 class MLPDenoiser(Denoiser):
     prediction = "x0"
 
@@ -51,14 +55,25 @@ class MLPDenoiser(Denoiser):
         self.guidance_embed: nn.Module | None = None
         self.guidance: float | None = None
 
-    def add_guidance_input(self, default: float) -> None:
+    def add_guidance_input(self, default: float, bottleneck: int = 16) -> None:
         """Take the guidance scale w as an input (the Cond field ``GUIDANCE``; ``default`` when the conditioning has
-        none): Meng et al. 2023 ("On Distillation of Guided Diffusion Models", Sec. 3.1) embed w with Fourier
-        features and add it to the time embedding. The last layer starts at zero, so the net starts as it was."""
-        dim = self.time.freqs.shape[0] * 2
-        self.guidance_embed = nn.Sequential(FourierTime(dim, seed=1), nn.Linear(dim, dim))
-        nn.init.zeros_(self.guidance_embed[1].weight)
-        nn.init.zeros_(self.guidance_embed[1].bias)
+        none). Meng et al. 2023 ("On Distillation of Guided Diffusion Models", Sec. 3) embed w with Fourier
+        features and add it to the time embedding (``guidance_embed.w``); AGD (Jensen & Sadat 2025) adds small
+        adapters to the blocks instead, each a residual bottleneck MLP on the block's input and the w features
+        (``guidance_embed.blocks``), and trains only them. Every output layer starts at zero, so the net starts as it
+        was; all of it lives under ``GUIDANCE_ADAPTER``."""
+        dim, hidden = self.time.freqs.shape[0] * 2, self.inp.out_features
+
+        def zero_last(*layers):
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(layers[-1].bias)
+            return nn.Sequential(*layers)
+
+        self.guidance_embed = nn.ModuleDict({
+            "fourier": FourierTime(dim, seed=1),
+            "w": zero_last(nn.Linear(dim, dim)),
+            "blocks": nn.ModuleList(zero_last(nn.Linear(hidden + dim, bottleneck), nn.SiLU(),
+                                              nn.Linear(bottleneck, hidden)) for _ in self.blocks)})
         self.embedded_guidance, self.guidance = True, float(default)
 
     def forward(self, x_t, t, cond=None):
@@ -84,12 +99,14 @@ class MLPDenoiser(Denoiser):
         if self.label is not None:
             labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
             e = e + self.label(labels)
+        adapters, g = [None] * len(self.blocks), None
         if self.guidance_embed is not None:
             given = isinstance(cond, Cond) and GUIDANCE in cond
-            w = cond[GUIDANCE].to(t) if given else torch.full_like(t, self.guidance)
-            e = e + self.guidance_embed(w)
+            g = self.guidance_embed["fourier"](cond[GUIDANCE].to(t) if given else torch.full_like(t, self.guidance))
+            e = e + self.guidance_embed["w"](g)
+            adapters = self.guidance_embed["blocks"]
         e = self.emb(e)
         h = self.inp(c_in * x) + e
-        for blk in self.blocks:
-            h = h + blk(h + e)
+        for blk, adapter in zip(self.blocks, adapters):
+            h = h + blk(h + e) + (0 if adapter is None else adapter(torch.cat([h, g.to(h)], 1)))
         return x, c_skip, c_out, h

@@ -1,4 +1,4 @@
-"""Guidance distillation: stage one of Meng et al. 2023 ("On Distillation of Guided Diffusion Models", CVPR, Sec. 3.1).
+"""Guidance distillation: stage one of Meng et al. 2023 ("On Distillation of Guided Diffusion Models", CVPR 2023, Sec. 3).
 
 Classifier-free guidance costs two network passes per step (conditional and unconditional). A student x_eta(z_t, w)
 that takes the guidance scale w as an input learns the teacher's guided prediction for every w at once, in one pass:
@@ -10,26 +10,31 @@ on the x0 error (Karras et al. 2022, Table 1: unit weight on the network output)
 (core.dsm_loss "edm"); Meng et al. use the truncated-SNR weight of progressive distillation, which weights the same
 x0 error by max(SNR, 1) instead.
 
-The student: generator.guidance_input=<w used when none is given> adds a zero-initialized Fourier embedding of w to the
-network's time embedding (Meng et al.: "w is embedded with Fourier features, like t"; denoisers/nets.py
-``add_guidance_input``), so it starts as the conditional network, initialized from the teacher's. The trained student
+The student: generator.guidance_input=<w used when none is given> adds zero-initialized guidance inputs (denoisers/
+nets.py ``add_guidance_input``): a Fourier embedding of w added to the time embedding (Meng et al.) and a small residual
+adapter per block on the block's input and the w features (AGD's adapters), so it starts as the conditional network,
+initialized from the teacher's. ``trained=full`` trains every weight (Meng et al.); ``trained=adapter`` keeps the base
+frozen and trains the guidance inputs only (AGD, Jensen & Sadat 2025: ~2% of the weights on their nets, 13%
+on the 128-wide GMM MLP). The trained student
 is a w-conditioned denoiser, sampled with generator.steps steps of generator.method (ddim) at any w through
 ``with_guidance`` (or the default w), where the teacher needs 2x the evaluations. Stage two of the paper (progressive
 distillation of this student to fewer steps) is not part of this objective.
 
 Inputs z_t: ``source=data`` noises training data (Meng et al.); ``source=trajectory`` takes the states of the
 teacher's own CFG-guided DDIM trajectories at the same w (AGD, Jensen & Sadat 2025, "Efficient Distillation of
-Classifier-Free Guidance using Adapters", Sec. 3.2: the student then sees at training what it sees at inference).
+Classifier-Free Guidance using Adapters", TMLR: the student then sees at training what it sees at inference).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from onestep.core import noised, sample_t
 from onestep.denoisers.base import Denoiser, guided, with_guidance
+from onestep.denoisers.nets import GUIDANCE_ADAPTER
 from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, register_objective
 from onestep.objectives.snoopi import check_guidance_range, sample_guidance, unguided
@@ -37,6 +42,7 @@ from onestep.sampling import sample
 from onestep.schedules import bcast
 
 SOURCES = ("data", "trajectory")
+TRAINED = ("full", "adapter")
 #: EDM's sigma_data of the x0 weighting (the MLP's preconditioning uses the same)
 SIGMA_DATA = 0.5
 
@@ -55,7 +61,7 @@ def edm_weight(schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def trajectory_states(teacher: Denoiser, noise: torch.Tensor, cond, w: torch.Tensor, steps: int):
     """(z_t, t): per row, a state of the teacher's CFG-guided DDIM trajectory at the row's w, at a step drawn
-    uniformly from its ``steps`` sampling times (AGD Sec. 3.2). No grad."""
+    uniformly from its ``steps`` sampling times (AGD: training on CFG-guided trajectories). No grad."""
     model = guided(unguided(teacher), w)
     ts = model.schedule.default_ts(steps)
     states: list[torch.Tensor] = []
@@ -64,6 +70,23 @@ def trajectory_states(teacher: Denoiser, noise: torch.Tensor, cond, w: torch.Ten
     pick = torch.randint(0, steps, (noise.shape[0],))
     x_t = torch.stack(states)[pick.to(noise.device), torch.arange(noise.shape[0], device=noise.device)]
     return x_t, ts.to(noise)[pick.to(noise.device)]
+
+
+@contextmanager
+def adapter_only(student: Denoiser):
+    """AGD: the student's base parameters take no gradient for the duration, only its guidance adapter
+    (``GUIDANCE_ADAPTER``) does; AdamW skips parameters without a gradient, so the base stays the teacher's."""
+    base = [p for n, p in student.named_parameters() if not n.startswith(GUIDANCE_ADAPTER) and p.requires_grad]
+    if len(base) == sum(1 for _ in student.parameters()):
+        raise ConfigError("objective.trained=adapter trains the student's guidance adapter only, and this student has "
+                          "none; pass generator.guidance_input=<w>")
+    for p in base:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in base:
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -80,6 +103,8 @@ class GuidanceDistillConfig(ObjectiveConfig):
     source: str = "data"
     #: DDIM steps of the teacher's trajectories (source=trajectory)
     trajectory_steps: int = 16
+    #: full (Meng et al.: every weight of the student) | adapter (AGD: the base frozen, only the guidance adapter)
+    trained: str = "full"
 
 
 @register_objective
@@ -94,6 +119,8 @@ class GuidanceDistill(Objective):
         check_t_range(cfg)
         if cfg.source not in SOURCES:
             raise ConfigError(f"objective.source='{cfg.source}' is unknown; choose one of {SOURCES}")
+        if cfg.trained not in TRAINED:
+            raise ConfigError(f"objective.trained='{cfg.trained}' is unknown; choose one of {TRAINED}")
         if cfg.trajectory_steps < 1:
             raise ConfigError(f"objective.trajectory_steps={cfg.trajectory_steps} must be >= 1")
 
@@ -120,7 +147,11 @@ class GuidanceDistill(Objective):
         w = sample_guidance(batch.noise.shape[0], self.cfg.w_min, self.cfg.w_max, like=batch.noise)
         x_t, t = self.inputs(nets, batch, w)
         target = guided_target(nets.teacher, x_t, t, batch.cond, w)
-        pred = student.x0(x_t, t, with_guidance(batch.cond, w))
-        err = edm_weight(student.schedule, t, pred) * (pred - target.to(pred)) ** 2  # Meng et al. Sec. 3.1
+        if self.cfg.trained == "adapter":
+            with adapter_only(student):
+                pred = student.x0(x_t, t, with_guidance(batch.cond, w))
+        else:
+            pred = student.x0(x_t, t, with_guidance(batch.cond, w))
+        err = edm_weight(student.schedule, t, pred) * (pred - target.to(pred)) ** 2  # Meng et al. stage one
         loss = err.flatten(1).mean(1).mean()
         return {"loss": loss, "guidance_mse": (pred - target.to(pred)).detach().pow(2).mean()}
