@@ -444,7 +444,7 @@ def main(argv: list[str]) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "objectives_gmm.json"
-    results = json.loads(saved.read_text()) if saved.exists() else {}
+    results = _current(json.loads(saved.read_text())) if saved.exists() else {}
     setups, panels, fresh = {}, {}, {}
     for task in tasks:
         n = TASKS[task].get("samples", samples_default)
@@ -484,11 +484,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _current(results: dict) -> dict:
+    """The rows of a saved JSON that this protocol wrote (teacher rows with mode counts, student rows with seeds);
+    a task left without its teacher's 64-step row is dropped."""
+    out = {}
+    for task, rows in results.items():
+        rows = [r for r in rows if "seeds" in r or (r["name"].startswith("teacher") and "modes_covered" in r)]
+        if task in TASKS and any(r["name"] == "teacher 64 steps" for r in rows):
+            out[task] = rows
+    return out
+
+
 def _merge(results: dict, fresh: dict) -> None:
     """This invocation's rows replace the same-named rows; the others are kept; rows in TEACHER_STEPS / BENCH order."""
     for task, rows in fresh.items():
-        kept = [r for r in results.get(task, []) if "seeds" in r]  # rows of another protocol are not kept
-        merged = {r["name"]: r for r in kept} | rows
+        merged = {r["name"]: r for r in results.get(task, [])} | rows
         order = [f"teacher {k} step{'s' if k > 1 else ''}" for k in TEACHER_STEPS]
         for b in BENCH:
             order += [b] + sorted(n for n in merged if n.startswith(b + "_hybrid"))
