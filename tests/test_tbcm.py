@@ -55,6 +55,9 @@ def test_grid_is_stratified_on_the_scm_proposal_and_validation():
     assert len(ts) == 9 and float(ts[0]) == sched.t_max and bool((ts[1:] < ts[:-1]).all())
     tau = torch.log(0.5 * torch.tan(ts[1:]))
     assert abs(float(tau.mean()) - obj.cfg.p_mean) < 0.05  # the mid-quantiles of N(P_mean, P_std^2) centre on P_mean
+    for u in (0.0, 1e-9, 1.0):  # the extreme draws: the top quantile clamps below t_max, never onto it
+        ts = obj.grid(sched, u)
+        assert bool((ts[1:] < ts[:-1]).all()), (u, ts.tolist())
     for bad in (dict(trajectory_steps=0), dict(solver="ddim")):
         with pytest.raises(ConfigError):
             TBCM(TBCMConfig(**bad), generate=None)

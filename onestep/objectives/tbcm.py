@@ -63,7 +63,8 @@ class TBCM(SCD):
         c, k = self.cfg, self.cfg.trajectory_steps
         q = (torch.arange(k, 0, -1, dtype=torch.float64) - u) / k
         tau = c.p_mean + c.p_std * math.sqrt(2) * torch.erfinv(2 * q - 1)
-        t = torch.arctan(torch.exp(tau) / c.sigma_data).clamp(sched.t_min, sched.t_max)
+        # below t_max: the top quantile of a small u would clamp onto the start time (a repeated time is no t-list)
+        t = torch.arctan(torch.exp(tau) / c.sigma_data).clamp(sched.t_min, sched.t_max * (1 - 1e-6))
         return torch.cat([torch.tensor([sched.t_max], dtype=torch.float64), t])
 
     def training_points(self, batch, teacher, sched):
