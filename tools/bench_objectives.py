@@ -216,8 +216,7 @@ def collect(task: str, name: str, folder: Path, setup, threshold: float, n: int)
     first = None
     for run in run_folders(folder):
         cfg = OmegaConf.load(run / "config.yaml")
-        if cfg.teacher.schedule != task_cfg(task).teacher.schedule:  # a row on its own time axis (MeanFlow, reflow)
-            setup = experiment.build(cfg, run, progress=False)  # (reads the run's cached teacher net)
+        setup = _setup_for(task, cfg, run, setup)
         metrics = json.loads((run / "metrics.json").read_text())
         wall = metrics["seconds"]["setup"] + metrics["seconds"]["distill"]
         for r in metrics["rows"]:
@@ -235,6 +234,26 @@ def collect(task: str, name: str, folder: Path, setup, threshold: float, n: int)
     if not per:
         raise RuntimeError(f"{folder}: no finished run folders (metrics.json); see {folder / 'train.log'}")
     return [aggregate(row, nfe[row], recs) for row, recs in per.items()], first
+
+
+def _setup_for(task: str, cfg, run: Path, setup):
+    """The task's setup, or the run's own for a row on another time axis (MeanFlow, reflow; reads its cached
+    teacher net)."""
+    if cfg.teacher.schedule != task_cfg(task).teacher.schedule:
+        return experiment.build(cfg, run, progress=False)
+    return setup
+
+
+def saved_panels(task: str, rows: list[dict], root: Path, setup, n: int) -> list:
+    """Scatter panels of a task this invocation did not run: seed 0's final samples from each row's run folder."""
+    out = []
+    for r in rows:
+        runs = [] if r["name"].startswith("teacher") or "_hybrid" in r["name"] else run_folders(root / task / r["name"])
+        if runs:
+            cfg = OmegaConf.load(runs[0] / "config.yaml")
+            x = _student_samples(cfg, _setup_for(task, cfg, runs[0], setup), checkpoint.list_checkpoints(runs[0])[-1], n)
+            out.append((r["name"], x, r["seeds"][0]["sliced_w2"]))
+    return out
 
 
 def aggregate(name: str, nfe: int, seeds: list[dict]) -> dict:
@@ -483,7 +502,13 @@ def main(argv: list[str]) -> int:
             _write(out, results)
     _merge(results, fresh)
     _write(out, results)
-    plot(out / "objectives_gmm.png", {t: (setups[t], panels[t]) for t in tasks})
+    for task in [t for t in TASKS if t in results and t not in tasks]:  # re-plot the tasks kept from before
+        n = TASKS[task].get("samples", samples_default)
+        setups[task], _, samples = teacher_rows(task, root, n, extra)
+        panels[task] = [(name.replace(" steps", "").replace(" step", ""), samples[name],
+                         next(r["sliced_w2"] for r in results[task] if r["name"] == name)) for name in samples]
+        panels[task] += saved_panels(task, results[task], root, setups[task], n)
+    plot(out / "objectives_gmm.png", {t: (setups[t], panels[t]) for t in TASKS if t in panels})
     plot_seeds(out / "objectives_gmm_seeds.png", results)
     return 0
 
