@@ -26,6 +26,7 @@ To add an objective, add one row to BENCH (e.g. ``"cd": ["objective=cd"]``).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -209,13 +210,23 @@ def run_folders(folder: Path) -> list[Path]:
     return sorted(runs, key=lambda r: OmegaConf.load(r / "config.yaml").seed)
 
 
+@functools.cache
+def _row_cfg(task: str, name: str):
+    return compose_cfg(TASKS[task]["overrides"] + BENCH[name])
+
+
+def run_cfg(task: str, name: str, run: Path):
+    """A run folder's saved config on today's schema (keys added since the run keep their defaults)."""
+    return OmegaConf.merge(_row_cfg(task, name), OmegaConf.load(run / "config.yaml"))
+
+
 def collect(task: str, name: str, folder: Path, setup, threshold: float, n: int):
     """Per-seed records of a row (and of its hybrid rows) from its run folders; seed 0's final samples."""
     per: dict[str, list[dict]] = {}
     nfe: dict[str, int] = {}
     first = None
     for run in run_folders(folder):
-        cfg = OmegaConf.load(run / "config.yaml")
+        cfg = run_cfg(task, name, run)
         setup = _setup_for(task, cfg, run, setup)
         metrics = json.loads((run / "metrics.json").read_text())
         wall = metrics["seconds"]["setup"] + metrics["seconds"]["distill"]
@@ -250,7 +261,7 @@ def saved_panels(task: str, rows: list[dict], root: Path, setup, n: int) -> list
     for r in rows:
         runs = [] if r["name"].startswith("teacher") or "_hybrid" in r["name"] else run_folders(root / task / r["name"])
         if runs:
-            cfg = OmegaConf.load(runs[0] / "config.yaml")
+            cfg = run_cfg(task, r["name"], runs[0])
             x = _student_samples(cfg, _setup_for(task, cfg, runs[0], setup), checkpoint.list_checkpoints(runs[0])[-1], n)
             out.append((r["name"], x, r["seeds"][0]["sliced_w2"]))
     return out
