@@ -1,6 +1,7 @@
 """Every results table's NFE column agrees with the row it is on: the sampler's evaluations for its step count
 (onestep.sampling.nfe) where the table has sampler and steps columns, else the step count in the row's name
-("teacher 4 steps", "cd_2step"; a bare objective name is a 1-step student). A stale row copied from another
+("teacher 4 steps", "cd_2step", "dmd2_4step_hybrid1": the teacher's steps count in the student's t-list; a bare
+objective name is a 1-step student). A stale row copied from another
 step count (issue 18: cd_2step showing the 1-step figures with NFE 1) fails here."""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def expected_nfe(header: list[str], row: list[str]) -> int:
     if "sampler" in cell and "steps" in cell:
         return nfe(cell["sampler"], int(cell["steps"]))
     name = row[0]
-    m = re.search(r"(\d+) steps?$", name) or re.search(r"_(\d+)step$", name)
+    m = re.search(r"(\d+) steps?$", name) or re.search(r"_(\d+)step(?:_hybrid\d+)?$", name)
     return int(m.group(1)) if m else 1
 
 
