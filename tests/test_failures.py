@@ -60,10 +60,17 @@ def _logged_step(run: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def _default_signals() -> None:
+    """In the child: Ctrl-C and SIGTERM as a terminal gives them. A pytest started in the background of a
+    non-interactive shell inherits SIGINT ignored, and the trainer rightly leaves an ignored signal alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _cli(args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "onestep.cli", "train", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_signals)
 
 
 @pytest.mark.slow
