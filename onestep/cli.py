@@ -6,6 +6,7 @@
     onestep train --cfg job                        # print the composed config
     onestep bench bench.runs=[runs/gmm_dmd2/a]     # quality vs NFE: teacher samplers and student checkpoints
     onestep sample run_dir=<run or export folder> num=16 seed=0 out=grid.png [prompt="..."] [class_label=3] [steps=2]
+                   [negative_prompt="..." nasa_scale=0.1]   # NASA: a negative prompt for 1-step text students
     onestep export run_dir=<run folder> out=<folder> [overwrite=true] [lora_only=true] [allow_unfinished=true]
     onestep runs [out_root=runs]                   # the run folders: experiment, step, headline metric, status
 
@@ -189,15 +190,17 @@ def _sample(args: list[str]) -> None:
     o = _options(SampleConfig, args, "sample")
     try:
         out = S.check_request(o.num, o.out, o.steps)
+        S.check_nasa_request(o.negative_prompt, o.nasa_scale)
         if not o.run_dir:
             raise ConfigError("run_dir is not set; pass run_dir=<run folder of onestep train, or an export folder>")
         if S.is_export(o.run_dir):
             images = S.sample_export(o.run_dir, o.num, o.seed, o.prompt, o.class_label, o.steps,
-                                     str(_device(o.cpu)))
+                                     str(_device(o.cpu)), o.negative_prompt, o.nasa_scale)
         else:
             run = load_run(o.run_dir, _device(o.cpu), "run_dir", "pass run_dir=<run folder of onestep train>",
                            progress=True, frozen_dtype="fp32")
-            images = S.sample_run(run, o.num, o.seed, o.prompt, o.class_label, o.steps)
+            images = S.sample_run(run, o.num, o.seed, o.prompt, o.class_label, o.steps, o.negative_prompt,
+                                  o.nasa_scale)
         S.write_images(images, out)
     except ConfigError as e:
         _fail(str(e))

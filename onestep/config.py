@@ -231,6 +231,11 @@ class SampleConfig:
     out: Optional[str] = None
     #: text-to-image students: every image gets this prompt
     prompt: Optional[str] = None
+    #: text-to-image UNet students (sd15, sdxl): steer away from this prompt with NASA (SNOOPI's Negative-Away Steer
+    #: Attention, in every cross-attention layer; CFG does not work in one step)
+    negative_prompt: Optional[str] = None
+    #: NASA's alpha: Z = Z+ - alpha Z- in each cross-attention layer (default 0.1, SNOOPI Sec. 6.1 for SD1.5 students)
+    nasa_scale: Optional[float] = None
     #: class-conditional students: every image gets this label (default: labels i % num_classes)
     class_label: Optional[int] = None
     #: student steps (default: the step count it was trained for)

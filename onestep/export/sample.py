@@ -5,22 +5,31 @@ initial latents (n, C, H, W), then one draw per re-noising step; so `onestep sam
 pipeline called with the same seed give the same images. Class-conditional students get labels ``class_label``
 or ``i % num_classes``; text students ``[prompt] * n``. The result is (n, C, H, W) in [0, 1], written as a PNG
 grid or as a safetensors file with one tensor ``images``.
+
+``negative_prompt`` (SD1.x/2.x and SDXL UNet students, run or export folders) runs the student with NASA
+(onestep.denoisers.nasa: SNOOPI's Negative-Away Steer Attention, Z = Z+ - nasa_scale Z- in every cross-attention
+layer), a negative prompt that works in one step; the export folder's pipeline stays plain diffusers, so NASA is an
+option of this command (or of ``nasa_attention(pipe.unet, ...)``), not part of the folder.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from onestep.conditioning import Labels
+from onestep.denoisers.nasa import DEFAULT_SCALE, check_scale, nasa_attention
 from onestep.errors import ConfigError
 from onestep.eval.runs import Run
 from onestep.export.pipelines import EXPORT_FILE, GLOBAL_RENOISE
 
 SUFFIXES = (".png", ".safetensors")
+#: teachers whose students read the prompt embeddings in diffusers cross-attention layers (NASA's place)
+NASA_KINDS = ("sd15", "sdxl")
 
 
 def check_request(num: int, out, steps: int | None) -> Path:
@@ -32,6 +41,32 @@ def check_request(num: int, out, steps: int | None) -> Path:
         raise ConfigError(f"out={out!r} must end in .png (a grid) or .safetensors (tensor 'images', (n, C, H, W) "
                           "in [0, 1])")
     return Path(out).expanduser()
+
+
+def check_nasa_request(negative_prompt: str | None, nasa_scale: float | None) -> float | None:
+    """NASA's alpha for this request (None: no negative prompt)."""
+    if negative_prompt is None:
+        if nasa_scale is not None:
+            raise ConfigError(f"nasa_scale={nasa_scale} needs a negative prompt to steer away from; pass "
+                              "negative_prompt=\"...\" (NASA, text-to-image UNet students) or drop nasa_scale")
+        return None
+    return DEFAULT_SCALE if nasa_scale is None else check_scale(nasa_scale)
+
+
+def run_nasa(run: Run, negative_prompt: str | None, nasa_scale: float | None):
+    """The context in which the run's generator steers away from ``negative_prompt`` (a no-op without one)."""
+    scale = check_nasa_request(negative_prompt, nasa_scale)
+    if scale is None:
+        return nullcontext()
+    if run.setup.conditioner is None:
+        raise ConfigError("negative_prompt is for text-to-image students (NASA steers their cross-attention); this "
+                          f"run is {'class-conditional' if run.setup.num_classes else 'unconditional'}")
+    kind = run.cfg.teacher.kind
+    if kind not in NASA_KINDS:
+        raise ConfigError(f"negative_prompt (NASA) needs a UNet student with cross-attention (teacher=sd15 or sdxl); "
+                          f"this run's teacher is {kind}")
+    negative = run.setup.conditioner.text.encode([negative_prompt])["prompt_embeds"]
+    return nasa_attention(run.generator, negative, scale, what=f"the generator of run '{run.path}'")
 
 
 def conditioning(run: Run, num: int, prompt: str | None, class_label: int | None):
@@ -61,12 +96,14 @@ def conditioning(run: Run, num: int, prompt: str | None, class_label: int | None
 
 @torch.no_grad()
 def sample_run(run: Run, num: int, seed: int, prompt: str | None = None, class_label: int | None = None,
-               steps: int | None = None) -> torch.Tensor:
+               steps: int | None = None, negative_prompt: str | None = None,
+               nasa_scale: float | None = None) -> torch.Tensor:
     shape = tuple(run.setup.teacher.data_shape)
     if len(shape) != 3:
         raise ConfigError(f"run '{run.path}' generates {shape}-shaped points, not images; onestep sample makes "
                           "images (evaluate point teachers with onestep bench)")
     cond = conditioning(run, num, prompt, class_label)
+    steer = run_nasa(run, negative_prompt, nasa_scale)
     device = next(run.generator.parameters()).device
     rng = torch.Generator("cpu").manual_seed(int(seed))
     noise = torch.randn((num, *shape), generator=rng, dtype=torch.float32).to(device)
@@ -74,7 +111,8 @@ def sample_run(run: Run, num: int, seed: int, prompt: str | None = None, class_l
         cond = cond.to(device)
     if run.cfg.teacher.kind in GLOBAL_RENOISE:  # as their pipelines: re-noising from the (re)seeded global RNG
         rng = torch.Generator("cpu").manual_seed(int(seed))
-    x = run.student().sample(run.generator, noise, cond, steps, rng)
+    with steer:
+        x = run.student().sample(run.generator, noise, cond, steps, rng)
     if run.setup.codec is not None:
         x = run.setup.codec.decode(x)
     return (x.float().cpu() / 2 + 0.5).clamp(0, 1)
@@ -86,12 +124,18 @@ def is_export(folder) -> bool:
 
 @torch.no_grad()
 def sample_export(folder, num: int, seed: int, prompt: str | None = None, class_label: int | None = None,
-                  steps: int | None = None, device: str = "cpu") -> torch.Tensor:
-    """The export's own documented call through plain diffusers (what a user of the folder runs)."""
+                  steps: int | None = None, device: str = "cpu", negative_prompt: str | None = None,
+                  nasa_scale: float | None = None) -> torch.Tensor:
+    """The export's own documented call through plain diffusers (what a user of the folder runs); with a
+    ``negative_prompt``, NASA installed on the pipeline's UNet around that call."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
     info = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
+    scale = check_nasa_request(negative_prompt, nasa_scale)
+    if scale is not None and not info.get("prompted"):
+        raise ConfigError(f"negative_prompt is for text-to-image students (NASA steers their cross-attention); "
+                          f"export '{folder}' is class-conditional")
     kwargs = {"custom_pipeline": str(folder), "trust_remote_code": True} if info.get("custom_pipeline") else {}
     pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -111,9 +155,18 @@ def sample_export(folder, num: int, seed: int, prompt: str | None = None, class_
         call["batch_size"] = num
         if class_label is not None:
             call["class_labels"] = [int(class_label)] * num
+    steer = nullcontext()
+    if scale is not None:
+        if getattr(pipe, "unet", None) is None:
+            raise ConfigError(f"negative_prompt (NASA) needs a UNet student with cross-attention (SD1.x/2.x, SDXL); "
+                              f"export '{folder}' holds a {type(pipe).__name__} without a unet")
+        negative = pipe.encode_prompt(prompt=negative_prompt, device=pipe.device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=False)[0]
+        steer = nasa_attention(pipe.unet, negative, scale, what=f"the unet of export '{folder}'")
     if info.get("reseed_global"):
         torch.manual_seed(int(seed))
-    out = pipe(**call, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pt")
+    with steer:
+        out = pipe(**call, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pt")
     return out.images.float().cpu()
 
 
