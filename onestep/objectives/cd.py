@@ -81,19 +81,29 @@ class ConsistencyDistillation(Objective):
             else c.num_scales
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
-        if batch.real is None:
-            raise ConfigError(f"objective '{self.name}' needs data samples (x0) but the data source gives none; "
-                              "use data with real samples (data=gmm)")
-        c, student = self.cfg, nets.generator
-        sched = student.schedule
-        target = self._target(nets)
-        x0 = batch.real
+        return self.consistency_loss(nets, batch, step)[0]
+
+    def pair(self, sched, x0: torch.Tensor, step: int):
+        """An adjacent pair of levels per sample and the data noised to the upper one:
+        (sig_lo, sig_hi, t_lo, t_hi, x_hi, eps, number of levels)."""
+        c = self.cfg
         n_scales = self.scales(step)
         sigmas = C.karras_sigmas(n_scales, *C.sigma_range(sched), c.rho)
         idx = torch.multinomial(C.index_probs(sigmas, c.time_sampling, c.p_mean, c.p_std), x0.shape[0], replacement=True)
         sig_lo, sig_hi = sigmas[idx], sigmas[idx + 1]
         t_lo, t_hi = (C.t_of_sigma(sched, s).to(x0) for s in (sig_lo, sig_hi))
         x_hi, eps = noised(sched, x0, t_hi)
+        return sig_lo, sig_hi, t_lo, t_hi, x_hi, eps, n_scales
+
+    def consistency_loss(self, nets: Nets, batch: Batch, step: int):
+        """(the loss dict, f_theta(x_{n+1}, t_{n+1}) with its gradient)."""
+        if batch.real is None:
+            raise ConfigError(f"objective '{self.name}' needs data samples (x0) but the data source gives none; "
+                              "use data with real samples (data=gmm)")
+        c, student = self.cfg, nets.generator
+        target = self._target(nets)
+        x0 = batch.real
+        sig_lo, sig_hi, t_lo, t_hi, x_hi, eps, n_scales = self.pair(student.schedule, x0, step)
         with torch.no_grad():
             x_lo = self._step(nets, x0, eps, x_hi, t_hi, t_lo, batch.cond)
             y = target.x0(x_lo, t_lo, batch.cond)
@@ -102,7 +112,7 @@ class ConsistencyDistillation(Objective):
         d = C.distance(f.to(wdtype), y.to(wdtype), c.distance, c.huber_c or None)
         lam = C.pair_weight(sig_lo, sig_hi, c.weighting).to(d)
         loss = (lam * d).mean()
-        return {"loss": loss, "consistency": d.mean().detach(), "scales": torch.tensor(float(n_scales))}
+        return {"loss": loss, "consistency": d.mean().detach(), "scales": torch.tensor(float(n_scales))}, f
 
     def _step(self, nets, x0, eps, x, t, s, cond):
         """x at time s < t: the teacher's probability-flow ODE step (CD), or the same eps at s (CT)."""
