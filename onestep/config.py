@@ -117,6 +117,9 @@ class GeneratorConfig:
     #: partition of the classes (``partition``: contiguous | interleaved); a router picks the student per class
     students: int = 1
     partition: str = "contiguous"
+    #: Phased DMD (objective=phased_dmd): one expert per student step (generator.experts = generator.steps), a copy of
+    #: the student init routed by t, so step i runs expert i (denoisers/experts.py); 1 = one network for every step
+    experts: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -228,4 +228,16 @@ def shape_student(gc, net: Denoiser) -> Denoiser:
             raise ConfigError(f"generator.students={gc.students} trains K full copies; generator.lora is not "
                               "supported with it (unset generator.lora.rank or use generator.students=1)")
         net = MultiStudent(net, gc.students, gc.partition)  # (copies the init K times)
+    if gc.experts > 1:
+        from onestep.denoisers.experts import PhaseExperts
+        from onestep.generator import Student
+
+        if gc.experts != gc.steps:
+            raise ConfigError(f"generator.experts={gc.experts} gives one expert per student step: pass "
+                              f"generator.steps={gc.experts} (got generator.steps={gc.steps})")
+        if gc.lora.rank is not None or gc.students > 1:
+            raise ConfigError(f"generator.experts={gc.experts} trains full copies of one network; unset "
+                              "generator.lora.rank and generator.students")
+        ts = Student(net.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init).ts
+        net = PhaseExperts(net, ts.tolist(), gc.method)  # (copies the init once per step)
     return ConsistencyBoundary(net) if gc.consistency_boundary else net

@@ -174,6 +174,8 @@ class View(Denoiser):
             self.feature_dim = net.feature_dim
         if hasattr(net, "num_students"):  # a multi-student generator (denoisers/students.py)
             self.num_students = net.num_students
+        if hasattr(net, "num_experts"):  # one expert per step (denoisers/experts.py)
+            self.num_experts, self.phase_ts, self.phase_method = net.num_experts, net.phase_ts, net.phase_method
         if hasattr(net, "spatial_feature_shape"):
             self.spatial_feature_shape = net.spatial_feature_shape
 

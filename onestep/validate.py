@@ -65,6 +65,7 @@ RANGES: dict[str, tuple[Range, str]] = {
     "teacher.net_batch": (COUNT, "the MLP's DSM batch size"),
     "generator.steps": (COUNT, "student sampling steps"),
     "generator.students": (COUNT, "students of a multi-student generator (MSD); 1 = one generator"),
+    "generator.experts": (COUNT, "experts of a phased (Phased DMD) generator, one per step; 1 = one network"),
     "generator.sigma_init": (POSITIVE, "the noise level sigma/alpha the student starts at"),
     "eval.num_samples": (COUNT, "samples per evaluated model"),
 }

@@ -222,6 +222,10 @@ def export(run: Run, out, *, overwrite: bool = False, lora_only: bool = False, a
         raise ConfigError(f"generator.students={run.cfg.generator.students}: a multi-student (MSD) generator routes "
                           "each class to its own network, which no diffusers pipeline holds; use its run folder "
                           f"instead (onestep sample run_dir={run.path} for images, onestep bench bench.runs=[...])")
+    if getattr(run.cfg.generator, "experts", 1) > 1:
+        raise ConfigError(f"generator.experts={run.cfg.generator.experts}: a phased (Phased DMD) generator runs a "
+                          "different network at each step, which no diffusers pipeline holds; use its run folder "
+                          f"instead (onestep sample run_dir={run.path} for images, onestep bench bench.runs=[...])")
     out = prepare_out(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
