@@ -160,6 +160,8 @@ def test_onestep_sample_with_a_negative_prompt(tmp_path, capsys):
     steered = sample_run(run, 2, seed=3, prompt=prompt, negative_prompt="a blue circle", nasa_scale=0.5)
     assert (zero - plain).abs().max() <= 1e-6
     assert (steered - plain).abs().max() > 1e-3
+    # any prompt, not only the training prompts the run's embedding cache holds
+    assert sample_run(run, 1, seed=3, prompt="a prompt the run never saw").shape == (1, 3, 16, 16)
     out = export(run, tmp_path / "export")
     theirs = sample_export(out, 2, seed=3, prompt=prompt, negative_prompt="a blue circle", nasa_scale=0.5)
     print(f"export vs run with NASA: max diff {(theirs - steered).abs().max().item():.2e}; NASA moved the images by "

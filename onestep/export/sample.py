@@ -77,7 +77,10 @@ def conditioning(run: Run, num: int, prompt: str | None, class_label: int | None
                               "pass prompt=\"...\"")
         if not prompt:
             raise ConfigError("this run is text-to-image: pass prompt=\"...\" (e.g. prompt=\"a handwritten seven\")")
-        return setup.conditioner([prompt] * num)
+        # encoded here, not read from the run's embedding cache: that holds the training prompts only
+        c = setup.conditioner
+        fields = {k: v.expand(num, *v.shape[1:]) for k, v in c.text.encode([prompt]).items()}
+        return c.text.assemble([prompt] * num, fields, c.negative_prompt, c.size, c.size)
     if prompt:
         raise ConfigError("prompt is for text-to-image students; this run is class-conditional: pass class_label=<k>"
                           if setup.num_classes else "prompt is for text-to-image students; this run is unconditional")
