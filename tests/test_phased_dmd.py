@@ -145,6 +145,27 @@ def test_last_phase_is_dmd_and_plain_dsm():
     assert torch.allclose(a, b, rtol=1e-5), (a, b)
 
 
+def test_subinterval_dsm_is_the_weighted_regression_on_the_target():
+    """Inside a phase the fake-score loss is EDM's lambda(t) sigma_{t|s}^2 / sigma_t^2 ||D(x_t) - x0*||^2 (mean), with
+    x_t = alpha_{t|s} x_s + sigma_{t|s} eps and x0* of eq. (13), transcribed in fp64."""
+    nets, batch = nets_and_batch()
+    critic = nets.critic.double()
+    sched = critic.schedule
+    x_s, eps = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
+    s = torch.full((32,), 0.3, dtype=torch.float64)
+    t = sched.t_from_unit(torch.rand(32, dtype=torch.float64) * 0.5 + 0.45)
+    got = subinterval_dsm(critic, x_s, s, batch.cond, t=t, eps=eps)
+    a_t, s_t = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
+    a_s, s_s = sched.alpha(s)[:, None], sched.sigma(s)[:, None]
+    s_ts2 = s_t**2 - (a_t / a_s) ** 2 * s_s**2
+    x_t = (a_t / a_s) * x_s + s_ts2.sqrt() * eps
+    target = (x_t - s_t**2 / s_ts2.sqrt() * eps) / a_t
+    sig2 = (s_t / a_t) ** 2
+    lam = (sig2 + 0.25) / (sig2 * 0.25) * s_ts2 / s_t**2
+    want = (lam * (critic.x0(x_t, t, batch.cond) - target) ** 2).mean()
+    assert torch.allclose(got, want, rtol=1e-10), (got, want)
+
+
 def test_phase_direction_is_the_x_s_space_score_difference():
     """Inside a phase (s = t_1) the direction is (sigma_{t|s}^2 / alpha_{t|s}) (s_fake - s_real) over DMD's
     normalizer in x_s space, with the scores transcribed from the x0 predictions (score = (alpha_t mu - x_t) /
