@@ -57,7 +57,9 @@ def boundaries(n_levels: int, k: int) -> torch.Tensor:
 def boundary_ts(schedule, n_levels: int, k: int, rho: float = 7.0) -> torch.Tensor:
     """The k-step t-list of a k-segment student: the segments' upper ends t(sig_{b_k}) > ... > t(sig_{b_1})."""
     sigmas = C.karras_sigmas(n_levels, *C.sigma_range(schedule), rho)
-    return C.t_of_sigma(schedule, sigmas[boundaries(n_levels, k)[1:]]).flip(0)
+    ts = C.t_of_sigma(schedule, sigmas[boundaries(n_levels, k)[1:]]).flip(0)
+    ts[0] = schedule.t_max  # (the top level's time, without the round trip through sigma)
+    return ts
 
 
 def to_boundary(x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule,
