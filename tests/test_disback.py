@@ -110,22 +110,43 @@ def test_bad_input_fails_in_one_line():
         obj.generator_loss(nets, batch, 1)
 
 
+@pytest.mark.parametrize("args, key", [(["experiment=gmm_disback", "objective.degrade_steps=10", "objective.path_points=4"],
+                                        "objective.degrade_steps")])
+def test_cli_bad_input_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch, args, key):
+    """The README's "Bad input" row: exit status 2, one stderr line naming the key, the new run folder taken back."""
+    import sys
+
+    from onestep import cli
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    out = tmp_path / "runs"
+    small = ["teacher.net_steps=5", "teacher.net_hidden=16", "trainer.steps=4", "trainer.batch_size=16",
+             "trainer.progress=false", "eval.num_samples=16", "eval.teacher_steps=[2]", "eval.plot=false"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", *args, *small, f"out_root={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1 and err[0].startswith("onestep: error:") and key in err[0], err
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+
+
 @pytest.mark.slow
 def test_classes16_disback(tmp_path):
     """experiment=gmm_disback shortened to 250 steps (40 of degradation recording, 4 path points, 30 steps each on the
-    way back, the teacher from step 130): all 20 modes with sliced-W2 below the teacher's 1-step DDIM / 2; the path
+    way back, the teacher from step 130): all 20 modes with sliced-W2 below 0.6 x the teacher's 1-step DDIM
+    (measured 0.48 x); the path
     snapshots are checkpointed modules, all different."""
     from conftest import compose
     from onestep.train.trainer import train
 
     ov = ["experiment=gmm_disback", "teacher.net_steps=500", "trainer.steps=250", "trainer.progress=false",
-          "trainer.checkpoint_every=1000", "eval.teacher_steps=[1,32]", "eval.num_samples=2000", "eval.plot=false"]
+          "trainer.checkpoint_every=1000", "eval.teacher_steps=[1]", "eval.num_samples=2000", "eval.plot=false"]
     out = train(compose(ov), tmp_path)
     rows = {(r["model"], r["steps"]): r for r in out["rows"]}
-    s, t1, t32 = rows[("student", 1)], rows[("teacher", 1)], rows[("teacher", 32)]
+    s, t1 = rows[("student", 1)], rows[("teacher", 1)]
     print(f"\ndisback 1-step sliced-W2 {s['sliced_w2']:.4f}, modes {s['modes_covered']}/20 (teacher 1-step "
-          f"{t1['sliced_w2']:.4f}, 32-step {t32['sliced_w2']:.4f})")
-    assert s["modes_covered"] == 20 and s["sliced_w2"] <= t1["sliced_w2"] / 2, (s, t1)
+          f"{t1['sliced_w2']:.4f})")
+    assert s["modes_covered"] == 20 and s["sliced_w2"] <= 0.6 * t1["sliced_w2"], (s, t1)  # measured 0.123 / 0.255
     saved = out["networks"].checkpointed()
     flat = [torch.cat([p.detach().flatten() for p in saved[f"path_{j}"].parameters()]) for j in range(1, 5)]
     assert all(not torch.allclose(flat[i], flat[j]) for i in range(4) for j in range(i + 1, 4))

@@ -259,22 +259,42 @@ def test_export_refuses_a_phased_run_in_one_line(tmp_path):
     assert "\n" not in str(e.value) and "generator.experts=2" in str(e.value)
 
 
+@pytest.mark.parametrize("args, key", [(["experiment=gmm_phased_dmd", "generator.steps=3"], "generator.experts")])
+def test_cli_bad_input_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch, args, key):
+    """The README's "Bad input" row: exit status 2, one stderr line naming the key, the new run folder taken back."""
+    import sys
+
+    from onestep import cli
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    out = tmp_path / "runs"
+    small = ["teacher.net_steps=5", "teacher.net_hidden=16", "trainer.steps=4", "trainer.batch_size=16",
+             "trainer.progress=false", "eval.num_samples=16", "eval.teacher_steps=[2]", "eval.plot=false"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", *args, *small, f"out_root={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1 and err[0].startswith("onestep: error:") and key in err[0], err
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+
+
 @pytest.mark.slow
 def test_classes16_phased_dmd_two_phases(tmp_path):
     """experiment=gmm_phased_dmd shortened (250 steps, phase 0 for 100): the 2-expert 2-step student covers all 20
-    modes with sliced-W2 below the teacher's 1-step DDIM / 2; the two experts differ from each other."""
+    modes with sliced-W2 below 0.6 x the teacher's 1-step DDIM (measured 0.41 x); the two experts differ from each
+    other."""
     from conftest import compose
     from onestep.train.trainer import train
 
     ov = ["experiment=gmm_phased_dmd", "teacher.net_steps=500", "trainer.steps=250", "objective.phase_length=100",
-          "trainer.progress=false", "trainer.checkpoint_every=1000", "eval.teacher_steps=[1,32]",
+          "trainer.progress=false", "trainer.checkpoint_every=1000", "eval.teacher_steps=[1]",
           "eval.num_samples=2000", "eval.plot=false"]
     out = train(compose(ov), tmp_path)
     rows = {(r["model"], r["steps"]): r for r in out["rows"]}
-    s, t1, t32 = rows[("student", 2)], rows[("teacher", 1)], rows[("teacher", 32)]
+    s, t1 = rows[("student", 2)], rows[("teacher", 1)]
     print(f"\nphased_dmd (2 experts) 2-step sliced-W2 {s['sliced_w2']:.4f}, modes {s['modes_covered']}/20 (teacher "
-          f"1-step {t1['sliced_w2']:.4f}, 32-step {t32['sliced_w2']:.4f})")
-    assert s["modes_covered"] == 20 and s["sliced_w2"] <= t1["sliced_w2"] / 2, (s, t1)
+          f"1-step {t1['sliced_w2']:.4f})")
+    assert s["modes_covered"] == 20 and s["sliced_w2"] <= 0.6 * t1["sliced_w2"], (s, t1)  # measured 0.104 / 0.255
     moe = out["networks"].unwrapped("generator_ema").net
     assert isinstance(moe, PhaseExperts) and moe.num_experts == 2
     flat = [torch.cat([p.detach().flatten() for p in e.parameters()]) for e in moe.experts]
