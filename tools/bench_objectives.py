@@ -81,6 +81,19 @@ MEANFLOW = ["objective=meanflow", "teacher.schedule=rectified_flow", "generator.
 REFLOW = ["objective=reflow", "teacher.schedule=rectified_flow", "generator.sigma_init=null",
           "objective.reflow_steps=200", "trainer.generator_optim.lr=1e-3"]  # the budget split 200 reflow + rest
 TBCM = ["objective=tbcm", "generator.sigma_init=null", "objective.warmup_steps=200", "trainer.generator_optim.lr=1e-3"]
+#: TCM: 200 steps of CD (stage 1, frozen) then 200 of truncated CD at t >= t' (configs/experiment/gmm_tcm.yaml); TSCD:
+#: Hyper-SD's 8 -> 4 -> 2 segments for 100 steps each, then plain CD (configs/experiment/gmm_tscd.yaml)
+TCM = ["objective=tcm", "objective.stage1_steps=200"] + CD[1:]
+TSCD = ["objective=tscd", "objective.stage_steps=[100,100,100]"] + CD[1:]
+#: SCott: CD with the teacher's SDE over 3 sub-steps at noise strength eta = 0.3 (the paper's eta = 1 leaves a 1-step
+#: student at the mixture mean on the ring: configs/experiment/gmm_scott.yaml); BOOT: data-free bootstrapping of the
+#: teacher's ODE from the noise end (configs/experiment/gmm_boot.yaml; a 1-step method, no 2-step row)
+SCOTT = ["objective=scott", "objective.eta=0.3", "objective.substeps=3"] + CD[1:]
+BOOT = ["objective=boot", "generator.sigma_init=null", "objective.delta=0.05", "objective.span=0.25",
+        "trainer.generator_optim.lr=1e-3"]
+GUIDANCE_DISTILL = ["objective=guidance_distill", "generator.sigma_init=null", "generator.steps=16", "generator.method=ddim",
+                    "generator.guidance_input=${teacher.guidance}", "eval.student_steps=[16]", "trainer.steps=600",
+                    "trainer.generator_optim.lr=1e-3", "trainer.generator_optim.betas=[0.9,0.99]"]
 FLOW_TWO_STEP = ["generator.steps=2", "generator.ts=[0.9999,0.5]", "eval.student_steps=[2]"]
 #: few-step consistency students sample from sigma_max = 80 (EDM): 2 steps at sigma 80 -> 0.8, 4 steps on Karras'
 #: rho = 7 spacing from 80 to 0.5. The few-step DMD2 students start where the 1-step rows do (sigma_init = 1: from
@@ -119,13 +132,30 @@ BENCH: dict[str, list[str]] = {
     "reflow_2step": REFLOW + FLOW_TWO_STEP,
     "tbcm": TBCM,
     "tbcm_2step": TBCM + TWO_STEP,
+    "tcm": TCM,
+    "tcm_2step": TCM + TWO_STEP,
+    "tscd": TSCD,
+    "tscd_2step": TSCD + TWO_STEP,
+    "scott": SCOTT,
+    "scott_2step": SCOTT + TWO_STEP,
+    "boot": BOOT,
+    # issue 22 (classes16): SNOOPI's PG-SB (the real score's CFG scale w ~ U[1.5, 2.5] per sample, around the
+    # teacher's 2; configs of tests/test_snoopi.py), MSD's 4 routed students (configs/experiment/gmm_msd.yaml) and
+    # guidance distillation (configs/experiment/gmm_guidance_distill.yaml: a w-conditioned 16-step DDIM student, one
+    # pass per step where the guided teacher takes two; trained 600 steps)
+    "vsd_pgsb": ["objective=vsd", "objective.guidance_range=[1.5,2.5]"],
+    "sid_pgsb": ["objective=sid", "objective.guidance_range=[1.5,2.5]"],
+    "dmd2_pgsb": DMD2 + ["objective.guidance_range=[1.5,2.5]"],
+    "msd": ["objective=msd", "generator.students=4", "generator.partition=contiguous", "objective.ttur=5"],
+    "guidance_distill_16step": GUIDANCE_DISTILL,
 }
-#: rows measured on the ring only so far (issue 21's methods: grid25 / classes16 rows are still to be run)
-RING_ONLY_ROWS = {"meanflow", "meanflow_2step", "reflow", "reflow_2step", "tbcm", "tbcm_2step"}
-RING_ONLY_TASKS = ("ring8",)
-#: rows run on FEW_STEP_TASKS only
+#: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; the
+#: trajectory methods' 1-step rows also classes16 (issue 21); guidance and multi-student rows need classes: classes16
 FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step",
-                 "meanflow", "meanflow_2step", "reflow", "reflow_2step", "tbcm", "tbcm_2step"}
+                 "meanflow_2step", "reflow_2step", "tbcm_2step", "tcm_2step", "tscd_2step",
+                 "scott_2step"}
+CLASS_ROWS = {"guidance_distill_16step", "vsd_pgsb", "sid_pgsb", "dmd2_pgsb", "msd"}
+ROW_TASKS = {**{b: FEW_STEP_TASKS for b in FEW_STEP_ROWS}, **{b: ("classes16",) for b in CLASS_ROWS}}
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
 THRESHOLD_X = 3.0  # "converged": sliced-W2 within 3x of the teacher's 64-step sampler
@@ -151,8 +181,7 @@ def task_cfg(task: str):
 
 
 def rows_of(task: str, names: list[str]) -> list[str]:
-    return [b for b in names if (task in FEW_STEP_TASKS or b not in FEW_STEP_ROWS)
-            and (task in RING_ONLY_TASKS or b not in RING_ONLY_ROWS)]
+    return [b for b in names if task in ROW_TASKS.get(b, TASKS)]
 
 
 def teacher_rows(task: str, root: Path, n: int, extra: list[str]):
