@@ -110,6 +110,29 @@ def test_bad_input_fails_in_one_line():
         obj.generator_loss(nets, batch, 1)
 
 
+def test_resume_across_both_stages_is_bit_identical(tmp_path):
+    """The path points are trainer-checkpointed modules: 3 + 9 steps (stopped inside stage 1, after path_1 and before
+    path_2) == 12 steps, generator, critic and every path point bit for bit."""
+    from safetensors.torch import load_file
+
+    from conftest import compose
+    from onestep.train.trainer import train
+
+    ov = ["experiment=gmm_disback", "teacher.net_steps=5", "teacher.net_hidden=16", "trainer.batch_size=16",
+          "trainer.checkpoint_every=3", "trainer.progress=false", "eval.num_samples=64", "eval.teacher_steps=[2]",
+          "eval.plot=false", "objective.ttur=1", "objective.degrade_steps=6", "objective.path_points=2",
+          "objective.backtrack_steps=2"]
+    train(compose(ov + ["trainer.steps=12"]), tmp_path / "a")
+    for steps in (3, 12):
+        train(compose(ov + [f"trainer.steps={steps}"]), tmp_path / "b")
+    for name in ("generator", "critic", "path_1", "path_2"):
+        a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    p1, p2 = (load_file(str(tmp_path / "a" / "checkpoints" / "step_00000012" / f"path_{j}.safetensors")) for j in (1, 2))
+    assert any(not torch.equal(p1[k], p2[k]) for k in p1)
+
+
 @pytest.mark.parametrize("args, key", [(["experiment=gmm_disback", "objective.degrade_steps=10", "objective.path_points=4"],
                                         "objective.degrade_steps")])
 def test_cli_bad_input_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch, args, key):
