@@ -6,9 +6,10 @@ sub-interval [t_i, t_{i-1}) (expert 0 everything from t_0 up, expert k-1 everyth
     G(x_t, t) = G_{r(t)}(x_t, t),   r(t) = #{j : t_j > t}  (clamped to k-1),
 so the student's step i (evaluated at t_i) runs expert i. Rows of one expert never touch another's weights, so a loss on
 the output of step i trains expert i only (Phased DMD's phase i). A critic built the same way (``generator.experts``
-shapes every copy of the student init) is one fake-score network per sub-interval, each untouched until the phase that
-first samples its t range, i.e. still the teacher there (the paper re-initializes the fake score from the teacher at the
-start of each phase). The route compares t with the t-list in t's own dtype, so t_i as the sampler passes it (cast
+shapes every copy of the student init) is one fake-score network per sub-interval: phase i first samples
+[t_{i+1}, t_i), expert i+1's range, which is then still the teacher (the paper re-initializes the fake score from the
+teacher at the start of each phase); only the last phase's new range, below t_{k-1}, shares expert k-1 with the phase
+before it. The route compares t with the t-list in t's own dtype, so t_i as the sampler passes it (cast
 to the batch's dtype) always lands on expert i.
 """
 

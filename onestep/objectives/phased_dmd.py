@@ -23,8 +23,10 @@ psi(x_t) ~ ((alpha_s^2 sigma_t + alpha_t sigma_s^2) / (alpha_s^2 sigma_{t|s})) e
 1 / sigma_{t|s} as t -> s; the paper clamps 1 / sigma_{t|s}^2 into [0, 10] in the loss, here the loss weight is EDM's
 lambda(t) times sigma_{t|s}^2 / sigma_t^2 (<= 1; 1 at s = 0, so the last phase is plain DSM): a factor fixed per (t, s)
 does not move the minimizer, and it keeps the target's variance that of plain DSM.
-The fake score is shaped like the generator (one network per sub-interval [t_j, t_{j-1})): the part below t_i is
-untouched before phase i, i.e. still the teacher, as the paper's per-phase re-initialization from the teacher.
+The fake score is shaped like the generator (one network per sub-interval [t_j, t_{j-1})): the range phase i adds,
+[t_{i+1}, t_i), is expert i+1's, untouched before phase i, i.e. still the teacher, as the paper's per-phase
+re-initialization from the teacher (except the last phase's range below t_{k-1}, which expert k-1 already fitted on
+[t_{k-1}, t_{k-2}) in the phase before).
 Not covered: SGTS inside a phase (several steps per expert), LoRA experts.
 """
 
