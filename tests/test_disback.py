@@ -129,12 +129,13 @@ def test_resume_across_both_stages_is_bit_identical(tmp_path):
         a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    p1, p2 = (load_file(str(tmp_path / "a" / "checkpoints" / "step_00000012" / f"path_{j}.safetensors")) for j in (1, 2))
+    last = tmp_path / "a" / "checkpoints" / "step_00000012"
+    p1, p2 = (load_file(str(last / f"path_{j}.safetensors")) for j in (1, 2))
     assert any(not torch.equal(p1[k], p2[k]) for k in p1)
 
 
-@pytest.mark.parametrize("args, key", [(["experiment=gmm_disback", "objective.degrade_steps=10", "objective.path_points=4"],
-                                        "objective.degrade_steps")])
+@pytest.mark.parametrize("args, key", [(["experiment=gmm_disback", "objective.degrade_steps=10",
+                                         "objective.path_points=4"], "objective.degrade_steps")])
 def test_cli_bad_input_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch, args, key):
     """The README's "Bad input" row: exit status 2, one stderr line naming the key, the new run folder taken back."""
     import sys

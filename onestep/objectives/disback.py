@@ -1,6 +1,6 @@
 """DisBack: distribution backtracking (Zhang et al. 2024, "Distribution Backtracking Builds A Faster Convergence
-Trajectory for Diffusion Distillation", arXiv 2408.15991; official code github.com/SYZhang0805/DisBack, main/degradation.py
-and main/train_sd.py, built on DMD2's).
+Trajectory for Diffusion Distillation", arXiv 2408.15991; official code github.com/SYZhang0805/DisBack,
+main/degradation.py and main/train_sd.py, built on DMD2's).
 
 Score distillation pulls the generator toward the teacher's score from the first step, where the two distributions are
 far apart (the paper's "score mismatch"). DisBack records the way from the teacher to the initial generator and has the
@@ -15,9 +15,9 @@ Stage 1, degradation recording (Sec. 3.2, Alg. 1): a copy of the teacher's score
 Stage 2, distribution backtracking (Sec. 3.3, Alg. 2): score distillation (DMD's gradient, distribution_matching.py)
     whose real score is the path point s_{N-1}, then s_{N-2}, ..., s_0 = the teacher, while the critic keeps tracking
     the generator (it starts as s_N, the initial generator's score). The switch: a fixed number of generator steps per
-    path point, ``backtrack_steps`` (train_sd.py's --interval, 1000 by default: the target checkpoint moves one node back
-    every interval iterations); after s_1 the teacher stays the target to the end. Path points are evaluated with the
-    teacher's CFG scale, as the official code loads them into its guided real-score network.
+    path point, ``backtrack_steps`` (train_sd.py's --interval, 1000 by default: the target checkpoint moves one node
+    back every interval iterations); after s_1 the teacher stays the target to the end. Path points are evaluated with
+    the teacher's CFG scale, as the official code loads them into its guided real-score network.
 The GAN block (``discriminator=critic``, ``gan_weight``; adversarial.py) adds stage 2's adversarial term, as the
 official SDXL run (--gen_cls_loss_weight 5e-3). With path_points=1 stage 2 is DMD2 with a critic pre-trained on the
 initial generator. Not covered: LoRA critics (the path stores full copies of the critic network).
@@ -75,9 +75,9 @@ class DisBack(CriticObjective):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"objective.{key}={getattr(cfg, key)} must be >= 1")
         if cfg.degrade_steps % cfg.path_points:
-            raise ConfigError(f"objective.degrade_steps={cfg.degrade_steps} must be a multiple of objective.path_points="
-                              f"{cfg.path_points} (evenly spaced snapshots); e.g. objective.degrade_steps="
-                              f"{cfg.path_points * max(1, round(cfg.degrade_steps / cfg.path_points))}")
+            raise ConfigError(f"objective.degrade_steps={cfg.degrade_steps} must be a multiple of "
+                              f"objective.path_points={cfg.path_points} (evenly spaced snapshots); e.g. "
+                              f"objective.degrade_steps={cfg.path_points * max(1, round(cfg.degrade_steps / cfg.path_points))}")
         self.every = cfg.degrade_steps // cfg.path_points
 
     def build_modules(self, setup):

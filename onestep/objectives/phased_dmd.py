@@ -110,7 +110,8 @@ class PhasedDMD(CriticObjective):
         check_t_range(cfg)
         if cfg.discriminator != "none":
             raise ConfigError(f"objective.discriminator={cfg.discriminator}: objective=phased_dmd has no GAN term (the "
-                              "paper trains data-free, without GAN or regression losses); use objective.discriminator=none")
+                              "paper trains data-free, without GAN or regression losses); use "
+                              "objective.discriminator=none")
         if cfg.phase_length < 1:
             raise ConfigError(f"objective.phase_length={cfg.phase_length} must be >= 1 (generator steps per phase)")
         self._units: dict[float, float] = {}
@@ -209,7 +210,8 @@ def phased_dmd_gradient(teacher, critic, x_s: torch.Tensor, s: torch.Tensor | No
     a_t, s_t, a_ts, s_ts = transition(teacher.schedule, t, s, x_s)
     x_t = a_ts * x_s + s_ts * eps
     mu_real, mu_fake = teacher.x0(x_t, t, cond).to(wdtype), critic.x0(x_t, t, cond).to(wdtype)
-    # Tweedie from t back to s: E[x_s | x_t] = (x_t + sigma_{t|s}^2 score(x_t)) / alpha_{t|s}, score = (a_t mu - x_t)/s_t^2
+    # Tweedie from t back to s: E[x_s | x_t] = (x_t + sigma_{t|s}^2 score(x_t)) / alpha_{t|s},
+    # score = (alpha_t mu - x_t) / sigma_t^2
     xs_real = (x_t + s_ts**2 * (a_t * mu_real - x_t) / s_t**2) / a_ts
     diff = (s_ts**2 * a_t / (a_ts * s_t**2)) * (mu_fake - mu_real)
     norm = (x_s - xs_real).abs().flatten(1).mean(1).clamp_min(NORMALIZER_FLOOR).view(-1, *([1] * (x_s.ndim - 1)))
