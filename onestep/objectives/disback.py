@@ -75,9 +75,10 @@ class DisBack(CriticObjective):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"objective.{key}={getattr(cfg, key)} must be >= 1")
         if cfg.degrade_steps % cfg.path_points:
+            fit = cfg.path_points * max(1, round(cfg.degrade_steps / cfg.path_points))
             raise ConfigError(f"objective.degrade_steps={cfg.degrade_steps} must be a multiple of "
                               f"objective.path_points={cfg.path_points} (evenly spaced snapshots); e.g. "
-                              f"objective.degrade_steps={cfg.path_points * max(1, round(cfg.degrade_steps / cfg.path_points))}")
+                              f"objective.degrade_steps={fit}")
         self.every = cfg.degrade_steps // cfg.path_points
 
     def build_modules(self, setup):
