@@ -148,14 +148,22 @@ BENCH: dict[str, list[str]] = {
     "dmd2_pgsb": DMD2 + ["objective.guidance_range=[1.5,2.5]"],
     "msd": ["objective=msd", "generator.students=4", "generator.partition=contiguous", "objective.ttur=5"],
     "guidance_distill_16step": GUIDANCE_DISTILL,
+    # Phased DMD: 2 experts, one per step, phase 0 trained alone for 150 steps (configs/experiment/gmm_phased_dmd.yaml);
+    # DisBack: 40 steps of recording the degradation path (4 points), then 30 steps per point backwards
+    # (configs/experiment/gmm_disback.yaml)
+    "phased_dmd_2step": ["objective=phased_dmd", "generator.steps=2", "generator.experts=2", "generator.method=ddim",
+                         "objective.phase_length=150", "eval.student_steps=[2]"],
+    "disback": ["objective=disback", "objective.degrade_steps=40", "objective.path_points=4",
+                "objective.backtrack_steps=30"],
 }
-#: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; the
-#: trajectory methods' 1-step rows also classes16 (issue 21); guidance and multi-student rows need classes: classes16
-FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step",
-                 "meanflow_2step", "reflow_2step", "tbcm_2step", "tcm_2step", "tscd_2step",
-                 "scott_2step"}
-CLASS_ROWS = {"guidance_distill_16step", "vsd_pgsb", "sid_pgsb", "dmd2_pgsb", "msd"}
-ROW_TASKS = {**{b: FEW_STEP_TASKS for b in FEW_STEP_ROWS}, **{b: ("classes16",) for b in CLASS_ROWS}}
+#: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; issue
+#: 21's methods' 1-step rows every task; guidance and multi-student rows need classes: classes16
+FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step"}
+CLASS_ROWS = {"guidance_distill_16step", "vsd_pgsb", "sid_pgsb", "dmd2_pgsb", "msd", "phased_dmd_2step"}
+#: the 2-step rows of issue 21's methods: on the ring only (their 1-step rows run on every task)
+RING_ROWS = {"meanflow_2step", "reflow_2step", "tbcm_2step", "tcm_2step", "tscd_2step", "scott_2step"}
+ROW_TASKS = {**{b: FEW_STEP_TASKS for b in FEW_STEP_ROWS}, **{b: ("classes16",) for b in CLASS_ROWS},
+             **{b: ("ring8",) for b in RING_ROWS}}
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
 THRESHOLD_X = 3.0  # "converged": sliced-W2 within 3x of the teacher's 64-step sampler
