@@ -63,6 +63,28 @@ def one_line(excinfo) -> str:
     return msg
 
 
+#: keys that keep a CLI run tiny whatever the objective (a bad-input test's run must stop on its bad key, not on these)
+CLI_SMALL = ["teacher.net_steps=5", "teacher.net_hidden=16", "trainer.steps=4", "trainer.batch_size=16",
+             "trainer.progress=false", "eval.num_samples=16", "eval.teacher_steps=[2]", "eval.plot=false"]
+
+
+def cli_bad_input(args, out, capsys, monkeypatch) -> str:
+    """README's "Bad input" contract for ``onestep train <args> out_root=<out>`` run in this process: exit status 2,
+    one stderr line "onestep: error: ...", no run folder left under ``out``; returns the line."""
+    import sys
+
+    from onestep import cli
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", *args, f"out_root={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1 and err[0].startswith("onestep: error:"), err
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+    return err[0]
+
+
 def write_scheduler(folder, **config):
     """folder/scheduler/scheduler_config.json holding ``config``; returns folder."""
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)

@@ -138,20 +138,9 @@ def test_resume_across_both_stages_is_bit_identical(tmp_path):
                                          "objective.path_points=4"], "objective.degrade_steps")])
 def test_cli_bad_input_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch, args, key):
     """The README's "Bad input" row: exit status 2, one stderr line naming the key, the new run folder taken back."""
-    import sys
+    from conftest import CLI_SMALL, cli_bad_input
 
-    from onestep import cli
-
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    out = tmp_path / "runs"
-    small = ["teacher.net_steps=5", "teacher.net_hidden=16", "trainer.steps=4", "trainer.batch_size=16",
-             "trainer.progress=false", "eval.num_samples=16", "eval.teacher_steps=[2]", "eval.plot=false"]
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        cli.main(["train", *args, *small, f"out_root={out}"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert done.value.code == 2 and len(err) == 1 and err[0].startswith("onestep: error:") and key in err[0], err
-    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+    assert key in cli_bad_input([*args, *CLI_SMALL], tmp_path / "runs", capsys, monkeypatch)
 
 
 @pytest.mark.slow

@@ -176,15 +176,12 @@ def test_validation():
 def test_bad_stage1_path_is_one_line(tmp_path, capsys, monkeypatch):
     """README "Bad input": `onestep train experiment=gmm_tcm objective.stage1=/no/such objective.stage1_steps=0` ends
     with exit 2 and one line naming objective.stage1, before any folder is created."""
-    from onestep import cli
+    from conftest import cli_bad_input
 
-    monkeypatch.setattr("sys.argv", ["onestep"])
     out = tmp_path / "runs"
-    with pytest.raises(SystemExit) as done:
-        cli.main(["train", "experiment=gmm_tcm", f"objective.stage1={tmp_path / 'nope'}", "objective.stage1_steps=0",
-                  f"out_root={out}"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert done.value.code == 2 and len(err) == 1 and "objective.stage1=" in err[0], err
+    line = cli_bad_input(["experiment=gmm_tcm", f"objective.stage1={tmp_path / 'nope'}", "objective.stage1_steps=0"], out,
+                         capsys, monkeypatch)
+    assert "objective.stage1=" in line
     assert not out.exists()
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.students import run_routed
 from onestep.errors import ConfigError
 
 
@@ -52,17 +53,7 @@ class PhaseExperts(Denoiser):
     def _routed(self, method: str, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         t = self._time(t, x_t)
         route = self.route(t)
-        out = None
-        for k, expert in enumerate(self.experts):
-            rows = (route == k).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            fn = expert if method == "forward" else getattr(expert, method)
-            y = fn(x_t[rows], t[rows], None if cond is None else cond[rows])
-            if out is None:
-                out = y.new_zeros((x_t.shape[0], *y.shape[1:]))
-            out = out.index_copy(0, rows, y)
-        return out
+        return run_routed(self.experts, route, method, x_t, t, cond)
 
     def forward(self, x_t, t, cond=None):
         return self._routed("forward", x_t, t, cond)

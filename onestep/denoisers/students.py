@@ -38,6 +38,22 @@ def partition_classes(num_classes: int, students: int, partition: str = "contigu
     return c % students if partition == "interleaved" else c * students // num_classes
 
 
+def run_routed(nets: nn.ModuleList, route: torch.Tensor, method: str, x_t: torch.Tensor, t: torch.Tensor, cond):
+    """Each row through the network ``route`` names (``method``: forward | features | ...), put back in row order; a
+    network with no rows is not called (the routers of MultiStudent and PhaseExperts)."""
+    out = None
+    for k, net in enumerate(nets):
+        rows = (route == k).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        fn = net if method == "forward" else getattr(net, method)
+        y = fn(x_t[rows], t[rows], None if cond is None else cond[rows])
+        if out is None:
+            out = y.new_zeros((x_t.shape[0], *y.shape[1:]))
+        out = out.index_copy(0, rows, y)
+    return out
+
+
 class MultiStudent(Denoiser):
     """K copies of a class-conditional network and the class -> student router (``assignment``, a buffer)."""
 
@@ -67,17 +83,7 @@ class MultiStudent(Denoiser):
     def _routed(self, method: str, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         t = self._time(t, x_t)
         route = self.route(cond).to(x_t.device)
-        out = None
-        for k, student in enumerate(self.students):
-            rows = (route == k).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            fn = student if method == "forward" else getattr(student, method)
-            y = fn(x_t[rows], t[rows], cond[rows])
-            if out is None:
-                out = y.new_zeros((x_t.shape[0], *y.shape[1:]))
-            out = out.index_copy(0, rows, y)
-        return out
+        return run_routed(self.students, route, method, x_t, t, cond)
 
     def forward(self, x_t, t, cond=None):
         return self._routed("forward", x_t, t, cond)
