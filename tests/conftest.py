@@ -63,6 +63,21 @@ def one_line(excinfo) -> str:
     return msg
 
 
+def ring_run_beats_one_step_teacher(overrides, tmp_path, factor: float, label: str, samples: int = 2000):
+    """Train a ring experiment (``overrides``) and assert its 1-step student covers all 8 modes with a sliced-W2 at most
+    the teacher's own 1-step sampler's (the mixture mean, ~0.70) / ``factor``; prints both; returns the two rows."""
+    from onestep.train.trainer import train
+
+    ov = [*overrides, "trainer.progress=false", "trainer.checkpoint_every=1000", "eval.teacher_steps=[1]",
+          f"eval.num_samples={samples}", "eval.plot=false"]
+    rows = {(r["model"], r["steps"]): r for r in train(compose(ov), tmp_path)["rows"]}
+    student, teacher1 = rows[("student", 1)], rows[("teacher", 1)]
+    print(f"\n{label} 1-step sliced-W2 {student['sliced_w2']:.4f} (teacher 1-step {teacher1['sliced_w2']:.4f})")
+    assert student["modes_covered"] == 8, student
+    assert student["sliced_w2"] <= teacher1["sliced_w2"] / factor, (student, teacher1)
+    return student, teacher1
+
+
 #: keys that keep a CLI run tiny whatever the objective (a bad-input test's run must stop on its bad key, not on these)
 CLI_SMALL = ["teacher.net_steps=5", "teacher.net_hidden=16", "trainer.steps=4", "trainer.batch_size=16",
              "trainer.progress=false", "eval.num_samples=16", "eval.teacher_steps=[2]", "eval.plot=false"]

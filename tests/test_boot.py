@@ -107,13 +107,7 @@ def test_validation():
 def test_boot_ring_beats_the_teachers_one_step_sampler(tmp_path):
     """experiment=gmm_boot shortened (250 steps, teacher net 400 steps): from noise alone the 1-step student covers all
     8 modes far below the teacher's own 1-step sampler (the mixture mean, ~0.70)."""
-    from conftest import compose
-    from onestep.train.trainer import train
+    from conftest import ring_run_beats_one_step_teacher
 
-    ov = ["experiment=gmm_boot", "trainer.steps=250", "teacher.net_steps=400", "trainer.progress=false",
-          "trainer.checkpoint_every=1000", "eval.teacher_steps=[1]", "eval.num_samples=2000", "eval.plot=false"]
-    rows = {(r["model"], r["steps"]): r for r in train(compose(ov), tmp_path)["rows"]}
-    student, teacher1 = rows[("student", 1)], rows[("teacher", 1)]
-    print(f"\nboot 1-step sliced-W2 {student['sliced_w2']:.4f} (teacher 1-step {teacher1['sliced_w2']:.4f})")
-    assert student["modes_covered"] == 8, student
-    assert student["sliced_w2"] <= teacher1["sliced_w2"] / 3, (student, teacher1)  # measured 0.147 vs 0.703
+    ring_run_beats_one_step_teacher(["experiment=gmm_boot", "trainer.steps=250", "teacher.net_steps=400"], tmp_path, 3,
+                                    "boot")  # measured 0.147 vs 0.703

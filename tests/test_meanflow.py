@@ -170,13 +170,7 @@ def test_buckets_and_validation():
 def test_meanflow_ring_beats_the_teachers_one_step_sampler(tmp_path):
     """experiment=gmm_meanflow, shortened: the 1-step student covers all 8 modes at a sliced-W2 far below the teacher's
     own 1-step sampler (the mixture mean, ~0.71)."""
-    from conftest import compose
-    from onestep.train.trainer import train
+    from conftest import ring_run_beats_one_step_teacher
 
-    ov = ["experiment=gmm_meanflow", "trainer.steps=400", "trainer.progress=false", "trainer.checkpoint_every=1000",
-          "eval.teacher_steps=[1]", "eval.num_samples=5000", "eval.plot=false"]
-    rows = {(r["model"], r["steps"]): r for r in train(compose(ov), tmp_path)["rows"]}
-    student, teacher1 = rows[("student", 1)], rows[("teacher", 1)]
-    print(f"\nmeanflow 1-step sliced-W2 {student['sliced_w2']:.4f} (teacher 1-step {teacher1['sliced_w2']:.4f})")
-    assert student["modes_covered"] == 8, student
-    assert student["sliced_w2"] <= teacher1["sliced_w2"] / 4, (student, teacher1)
+    ring_run_beats_one_step_teacher(["experiment=gmm_meanflow", "trainer.steps=400"], tmp_path, 4, "meanflow",
+                                    samples=5000)

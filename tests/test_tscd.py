@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose
 from onestep.core import Batch, Nets
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser
@@ -161,13 +160,7 @@ def test_stages_and_validation():
 def test_tscd_ring_beats_the_teachers_one_step_sampler(tmp_path):
     """experiment=gmm_tscd shortened (8, 4, 2 segments for 40 steps each, then 180 steps of k = 1; a 400-step teacher): the 1-step student covers all 8
     modes with a sliced-W2 far below the teacher's own 1-step sampler (the mixture mean, ~0.70)."""
-    from onestep.train.trainer import train
+    from conftest import ring_run_beats_one_step_teacher
 
-    ov = ["experiment=gmm_tscd", "teacher.net_steps=400", "trainer.steps=300", "objective.stage_steps=[40,40,40]",
-          "trainer.progress=false", "trainer.checkpoint_every=1000", "eval.teacher_steps=[1]",
-          "eval.num_samples=2000", "eval.plot=false"]
-    rows = {(r["model"], r["steps"]): r for r in train(compose(ov), tmp_path)["rows"]}
-    student, teacher1 = rows[("student", 1)], rows[("teacher", 1)]
-    print(f"\ntscd 1-step sliced-W2 {student['sliced_w2']:.4f} (teacher 1-step {teacher1['sliced_w2']:.4f})")
-    assert student["modes_covered"] == 8, student
-    assert student["sliced_w2"] <= teacher1["sliced_w2"] / 3, (student, teacher1)
+    ring_run_beats_one_step_teacher(["experiment=gmm_tscd", "teacher.net_steps=400", "trainer.steps=300",
+                                     "objective.stage_steps=[40,40,40]"], tmp_path, 3, "tscd")
