@@ -46,6 +46,7 @@ import onestep.config  # noqa: F401
 import onestep.objectives  # noqa: F401
 from onestep import checkpoint, experiment
 from onestep.denoisers.base import guided
+from onestep.schedules import make_schedule
 from onestep.eval.report import chunked, eval_inputs
 from onestep.generator import Student
 from onestep.sampling import sample
@@ -91,8 +92,12 @@ TSCD = ["objective=tscd", "objective.stage_steps=[100,100,100]"] + CD[1:]
 SCOTT = ["objective=scott", "objective.eta=0.3", "objective.substeps=3"] + CD[1:]
 BOOT = ["objective=boot", "generator.sigma_init=null", "objective.delta=0.05", "objective.span=0.25",
         "trainer.generator_optim.lr=1e-3"]
+#: the student samples on the teacher rows' own 16-step t-list (EDM's rho = 7 spacing, schedule.default_ts): the
+#: generator's default 16-step list is even in t, which on EDM is sigma 80, 75, ..., 5 and a last jump from sigma 5
+GUIDANCE_TS = ",".join(f"{t:.6g}" for t in make_schedule("edm").default_ts(16).tolist())
 GUIDANCE_DISTILL = ["objective=guidance_distill", "generator.sigma_init=null", "generator.steps=16", "generator.method=ddim",
-                    "generator.guidance_input=${teacher.guidance}", "eval.student_steps=[16]", "trainer.steps=600",
+                    f"generator.ts=[{GUIDANCE_TS}]", "generator.guidance_input=${teacher.guidance}",
+                    "eval.student_steps=[16]", "trainer.steps=600",
                     "trainer.generator_optim.lr=1e-3", "trainer.generator_optim.betas=[0.9,0.99]"]
 FLOW_TWO_STEP = ["generator.steps=2", "generator.ts=[0.9999,0.5]", "eval.student_steps=[2]"]
 #: few-step consistency students sample from sigma_max = 80 (EDM): 2 steps at sigma 80 -> 0.8, 4 steps on Karras'
@@ -171,7 +176,11 @@ EVAL_SEED = 12345  # the trainer's evaluation seed (onestep.eval.report.compare)
 CHECKPOINTS = 8  # checkpoints per run, evaluated for steps-to-threshold
 #: the summary's rows (the consistency family's 1-/2-step rows: results/objectives_gmm.md and consistency_gmm.md)
 SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversarial", "dmd2_2step",
-                "dmd2_2step_hybrid1", "dmd2_4step", "dmd2_4step_hybrid1", "cd_4step")
+                "dmd2_2step_hybrid1", "dmd2_4step", "dmd2_4step_hybrid1", "cd_4step",
+                # issue 21 (trajectory / consistency) and issue 22 (distribution matching, guidance)
+                "meanflow", "meanflow_2step", "reflow", "reflow_2step", "tbcm", "tbcm_2step", "tcm", "tcm_2step", "tscd",
+                "tscd_2step", "scott", "scott_2step", "boot", "disback", "phased_dmd_2step", "vsd_pgsb", "sid_pgsb",
+                "dmd2_pgsb", "msd", "guidance_distill_16step")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",
