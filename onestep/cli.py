@@ -368,6 +368,20 @@ def _check_writable(key: str, folder: str) -> None:
         _fail(f"{key}={folder!r} cannot be created or written ({e.strerror or e}); pass {key}=<writable folder>")
 
 
+def _with_plugins(args: list[str]) -> list[str]:
+    """Import the modules ``plugins=[...]`` names (they register families, objectives and config folders) and add
+    their config folders to Hydra's search path."""
+    from onestep import plugins
+
+    try:
+        plugins.load(plugins.names_in_overrides(args))
+    except ConfigError as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - Hydra's override grammar
+        _fail(f"{plugins.KEY}: {_first_line(e)}; pass plugins=[module,...]")
+    return plugins.searchpath_overrides() + args
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -376,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         _fail(f"unknown command {argv[0]!r}{did_you_mean(argv[0], list(COMMANDS))}; {USAGE}")
     command, rest = argv[0], argv[1:]
+    if command in ("train", "bench"):
+        rest = _with_plugins(rest)
     if "--help" in rest or "-h" in rest:
         _help(command, rest)
         return

@@ -306,6 +306,8 @@ class Config:
     #: run folder; the CLI fills it from the experiment name and overrides (the run's identity)
     run_dir: Optional[str] = None
     out_root: str = "runs"
+    #: modules imported before the config is composed: third-party teacher families and objectives (onestep/plugins.py)
+    plugins: list = field(default_factory=list)
 
 
 store(None, "base_config", Config)

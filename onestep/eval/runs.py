@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from onestep import checkpoint, experiment
+from onestep import checkpoint, experiment, plugins
 from onestep.config import BenchConfig, CriticConfig, EvalConfig, GeneratorConfig, TrainerConfig
 from onestep.errors import ConfigError
 from onestep.experiment import shape_student
@@ -43,10 +43,12 @@ def run_config(path: str | Path, key: str, fix: str):
         raise ConfigError(f"{key}: '{path}' is not a folder; {fix}")
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{key}: '{path}' has no config.yaml, so it is not a onestep run folder; {fix}")
+    config = OmegaConf.load(run / "config.yaml")
+    plugins.load(config.get(plugins.KEY))  # what the run's own command imported (families, objectives)
     defaults = {"generator": GeneratorConfig, "critic": CriticConfig, "trainer": TrainerConfig, "eval": EvalConfig,
                 "bench": BenchConfig}
     return OmegaConf.merge(OmegaConf.create({k: OmegaConf.structured(v) for k, v in defaults.items()}),
-                           OmegaConf.load(run / "config.yaml"))
+                           config)
 
 
 def load_run(path: str | Path, device: torch.device, key: str = "bench.runs",

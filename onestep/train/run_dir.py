@@ -89,12 +89,18 @@ def _differences(old, new, prefix: str = "") -> list[str]:
         if full in RESUMABLE_CHANGES:
             continue
         a, b = old.get(key), new.get(key)
+        if key not in old and _empty(b):  # a key the schemas gained after the run was made, left at its default
+            continue
         if OmegaConf.is_dict(a) and OmegaConf.is_dict(b):
             out += _differences(a, b, full + ".")
         elif (OmegaConf.to_container(a) if OmegaConf.is_config(a) else a) != \
                 (OmegaConf.to_container(b) if OmegaConf.is_config(b) else b):
             out.append(f"{full}: {a} -> {b}")
     return out
+
+
+def _empty(value) -> bool:
+    return (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value) in (None, [], {})
 
 
 def resume_state(run_dir, modules: dict, resume: bool, acc) -> dict | None:
