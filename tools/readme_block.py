@@ -132,11 +132,12 @@ def on_files(files, config):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="list blocks that differ from their files; exit 1 if any")
+    ap.add_argument("--root", type=Path, default=None, help="the repository root (default: this checkout)")
     ap.add_argument("--readme", type=Path, default=None,
-                    help="one page only (its folder is taken as the repository root); default: README.md and docs/")
+                    help="one page only (its folder is the root unless --root is given); default: README.md and docs/")
     args = ap.parse_args(argv)
-    root = args.readme.resolve().parent if args.readme else ROOT
-    targets = [args.readme.resolve()] if args.readme else pages()
+    root = (args.root or (args.readme.parent if args.readme else ROOT)).resolve()
+    targets = [args.readme.resolve()] if args.readme else pages(root)
     bad, names = [], {}
     for page in targets:
         label = page.relative_to(root).as_posix()
