@@ -118,6 +118,13 @@ def test_no_internal_issue_numbers():
     assert not {k: v for k, v in found.items() if v}
 
 
+def test_readme_links_resolve():
+    """README is read on the forge, outside the docs build: its relative links must name files that exist."""
+    text = outside_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+    targets = {m.partition("#")[0] for m in re.findall(r"\]\((?![a-z]+:)([^)\s]+)\)", text)}
+    assert targets and not {t for t in targets if not (ROOT / t).exists()}
+
+
 def test_readme_fits_a_first_day():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 300
