@@ -65,17 +65,16 @@ def _table(cls: type, prefix: str) -> list[str]:
     return ["| key | default | meaning |", "|---|---|---|", *_rows(cls, prefix)]
 
 
-def _group_schema(group: str) -> type | None:
-    """The one dataclass a Hydra config group's options are made of (None when there is none, or several)."""
+def _group_schemas(group: str) -> list[type]:
+    """The dataclasses a Hydra config group's options are made of, in name order."""
     options = ConfigStore.instance().repo.get(group, {})
     types = {OmegaConf.get_type(node.node) for node in options.values() if hasattr(node, "node")}
-    types = {t for t in types if dataclasses.is_dataclass(t)}
-    return types.pop() if len(types) == 1 else None
+    return sorted((t for t in types if dataclasses.is_dataclass(t)), key=lambda t: t.__name__)
 
 
-def _section_schema(f: dataclasses.Field) -> type | None:
+def _section_schemas(f: dataclasses.Field) -> list[type]:
     value = _default(f)
-    return type(value) if dataclasses.is_dataclass(value) else _group_schema(f.name)
+    return [type(value)] if dataclasses.is_dataclass(value) else _group_schemas(f.name)
 
 
 def render() -> str:
@@ -84,12 +83,13 @@ def render() -> str:
     for f in dataclasses.fields(config.Config):
         if f.name == "objective":
             continue
-        cls = _section_schema(f)
-        if cls is None:
+        schemas = _section_schemas(f)
+        if not schemas:
             top.append(f)
-            continue
-        head = field_docs(cls).get("", "")
-        lines += [f"### `{f.name}`", ""] + ([head, ""] if head else []) + _table(cls, f"{f.name}.") + [""]
+        for cls in schemas:  # one table, or one per schema where a group's options differ in type
+            title = f"`{f.name}`" + (f" (`{cls.__name__}`)" if len(schemas) > 1 else "")
+            head = field_docs(cls).get("", "")
+            lines += [f"### {title}", ""] + ([head, ""] if head else []) + _table(cls, f"{f.name}.") + [""]
     if top:
         docs = field_docs(config.Config)
         lines += ["### top level", "", "| key | default | meaning |", "|---|---|---|"]
