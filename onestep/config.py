@@ -259,7 +259,7 @@ class ExportConfig:
     #: LoRA students: write the adapter (pytorch_lora_weights.safetensors, pipe.load_lora_weights) next to the
     #: teacher's UNet instead of merging it
     lora_only: bool = False
-    #: the raw generator instead of its EMA (``generator_ema``)
+    #: export the generator's EMA (``generator_ema``); false = the raw generator
     ema: bool = True
     #: SD-family: also write one original-layout .safetensors (StableDiffusionPipeline.from_single_file)
     single_file: bool = True
