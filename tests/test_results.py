@@ -26,9 +26,8 @@ RESULTS = ROOT / "results"
 #: the tools that write results/*.md; each has ``rendered(folder) -> {file name: markdown}``, reading only data files
 RENDERERS = ("report_runs", "report_digits_t2i", "bench_objectives", "bench_recipes", "bench_memory", "bench_trainer",
              "soak")
-#: written by kernels/bench.py, which is moving to tools/ (its renderer goes with it); consistency_gmm.md: no tool
-#: writes it any more
-NOT_RENDERED = {"jvp_attention_cpu.md", "jvp_transformer_cpu.md", "consistency_gmm.md"}
+#: written by kernels/bench.py, which is moving to tools/ (its renderer goes with it)
+NOT_RENDERED = {"jvp_attention_cpu.md", "jvp_transformer_cpu.md"}
 MARKDOWN = sorted(RESULTS.glob("*.md"))
 COMMAND = re.compile(r"`(?:[A-Z_]+=\S+ )*(?:python|onestep) [^`]*`")
 

@@ -174,7 +174,7 @@ TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
 THRESHOLD_X = 3.0  # "converged": sliced-W2 within 3x of the teacher's 64-step sampler
 EVAL_SEED = 12345  # the trainer's evaluation seed (onestep.eval.report.compare)
 CHECKPOINTS = 8  # checkpoints per run, evaluated for steps-to-threshold
-#: the summary's rows (the consistency family's 1-/2-step rows: results/objectives_gmm.md and consistency_gmm.md)
+#: the summary's rows (the consistency family's 1-/2-step rows: results/objectives_gmm.md)
 SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversarial", "dmd2_2step",
                 "dmd2_2step_hybrid1", "dmd2_4step", "dmd2_4step_hybrid1", "cd_4step",
                 # issue 21 (trajectory / consistency) and issue 22 (distribution matching, guidance)
