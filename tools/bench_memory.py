@@ -1,8 +1,9 @@
 """Peak memory and time per step of an `sd15_dmd2` run on the real SD1.5 UNet architecture (random weights,
 built from its config, 860M parameters), for the memory options.
 
-    python tools/bench_memory.py                      # all rows; writes results/sd_memory_<device>.md
+    python tools/bench_memory.py                      # all rows; writes results/sd_memory_<device>.{json,md}
     python tools/bench_memory.py --resolution 256     # image side in pixels (latents = side / 8)
+    python tools/bench_memory.py render               # rewrite results/sd_memory_*.md from their JSON, running nothing
 
 Each row is a separate `onestep train experiment=sd15_dmd2 ...` in a fresh process (so peaks do not mix),
 3 steps, timed and measured from the end of step 1 to the end of step 3 (steady state: the transient of
@@ -93,17 +94,15 @@ def counts(config: dict, rank: int = 64) -> tuple[int, int]:
     return sum(p.numel() for p in unet.parameters()), lora
 
 
-def estimates() -> str:
+def estimates() -> list[dict]:
     """Weights + gradients + Adam moments of a DMD2 run (teacher, generator, critic), activations excluded."""
-    lines = ["| model | UNet params | full fine-tune, bf16 teacher | LoRA-64 generator + critic, bf16 base |",
-             "|---|---|---|---|"]
+    out = []
     for name, config in (("SD1.5", {"cross_attention_dim": 768}), ("SDXL", SDXL_UNET)):
         n, lora = counts(config)
         full = n * 2 + 2 * n * 4 * 4  # bf16 teacher; fp32 generator and critic with grads and Adam m, v
         low = n * 2 + 2 * lora * 4 * 4 + lora * 4  # one bf16 base; two fp32 adapters (+ grads, Adam), EMA adapter
-        lines.append(f"| {name} | {n / 1e9:.2f} B | {full / 2**30:.1f} GiB | {low / 2**30:.1f} GiB "
-                     f"({lora / 1e6:.1f} M adapter params each) |")
-    return "\n".join(lines)
+        out.append({"model": name, "unet_params": n, "lora_params": lora, "full_bytes": full, "lora_bytes": low})
+    return out
 
 
 def one(args) -> None:
@@ -141,6 +140,10 @@ def _vm_hwm_gib() -> float:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["render"]:  # rewrite the markdown from its data, running nothing
+        for name, text in rendered(ROOT / "results").items():
+            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 on GPU, 128 on CPU)")
     ap.add_argument("--work", default="runs/bench_memory")
@@ -161,7 +164,7 @@ def main() -> None:
     for label, overrides in ROWS:
         est = estimate_gib(params, label)
         if not cuda and est > 0.8 * ram_gib:
-            rows.append((label, f"not run (≥ {est:.1f} GiB of weights + optimizer state; RAM {ram_gib:.0f} GiB)", ""))
+            rows.append({"label": label, "not_run_gib": est})
             print(f"{label}: skipped, needs >= {est:.1f} GiB", flush=True)
             continue
         run_dir = work / "runs" / label.replace(" ", "").replace(",", "_")
@@ -174,33 +177,61 @@ def main() -> None:
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, __file__, "--one", json.dumps(ov)], capture_output=True, text=True)
         if r.returncode != 0:
-            rows.append((label, "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:120], ""))
+            rows.append({"label": label, "failed": (r.stderr.strip().splitlines() or ["?"])[-1][:120]})
             print(f"{label}: failed\n{r.stderr[-2000:]}", flush=True)
             continue
-        m = json.loads(r.stdout.strip().splitlines()[-1])
-        rows.append((label, f"{m['peak_gib']:.2f} GiB", f"{m['s_per_step']:.1f}"))
-        print(f"{label}: {rows[-1][1]}, {rows[-1][2]} s/step ({time.perf_counter() - t0:.0f} s)", flush=True)
+        rows.append({"label": label, **json.loads(r.stdout.strip().splitlines()[-1])})
+        print(f"{label}: {rows[-1]['peak_gib']:.2f} GiB, {rows[-1]['s_per_step']:.1f} s/step "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    threads = torch.get_num_threads()
-    head = [f"# sd15_dmd2 memory and speed ({device})", "",
-            f"Command: `python tools/bench_memory.py{' --resolution ' + str(res) if args.resolution else ''}`", "",
-            f"SD1.5 UNet architecture ({params / 1e6:.0f}M parameters, random weights), {res}x{res} px "
-            f"({res // 8}x{res // 8} latents), batch 1, objective.ttur=1 (one critic + one generator update per "
-            f"step), {'bf16 autocast' if cuda else f'{threads} CPU threads'}; trained weights in fp32, a bf16 frozen "
-            f"UNet runs under autocast. Peak: "
-            f"{'torch.cuda.max_memory_allocated' if cuda else 'process RSS high-water mark'} over steps 2-3. Attention: PyTorch "
-            f"SDPA{'' if cuda else ' (xformers has no CPU kernels)'}.", "",
-            "| configuration | peak memory | s / step |", "|---|---|---|"]
-    table = "\n".join(head + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
-    table += ("\nWeights + gradients + Adam moments of a DMD2 run, from parameter counts (meta-device models; "
-              "activations, which gradient checkpointing shrinks, come on top):\n\n" + estimates() + "\n")
-    out = ROOT / "results" / f"sd_memory_{'gpu' if cuda else 'cpu'}.md"
-    out.write_text(table)
-    print(table)
+    data = {"device": device, "cuda": cuda, "resolution": res, "resolution_given": args.resolution is not None,
+            "unet_params": params, "threads": torch.get_num_threads(), "ram_gib": ram_gib, "rows": rows,
+            "estimates": estimates()}
+    name = f"sd_memory_{'gpu' if cuda else 'cpu'}"
+    (ROOT / "results" / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = rendered(ROOT / "results")[f"{name}.md"]
+    (ROOT / "results" / f"{name}.md").write_text(text)
+    print(text)
     sys.path.insert(0, str(ROOT / "tools"))
     from readme_block import update_readme
 
-    print("README block updated" if update_readme(f"results/{out.name}") else f"README has no block for {out.name}")
+    print("README block updated" if update_readme(f"results/{name}.md") else f"README has no block for {name}.md")
+
+
+def render(d: dict) -> str:
+    """results/sd_memory_<device>.md from its JSON: the measured rows, then the estimates from parameter counts."""
+    res, cuda = d["resolution"], d["cuda"]
+    lines = [f"# sd15_dmd2 memory and speed ({d['device']})", "",
+             f"Command: `python tools/bench_memory.py{' --resolution ' + str(res) if d['resolution_given'] else ''}`", "",
+             f"SD1.5 UNet architecture ({d['unet_params'] / 1e6:.0f}M parameters, random weights), {res}x{res} px "
+             f"({res // 8}x{res // 8} latents), batch 1, objective.ttur=1 (one critic + one generator update per "
+             f"step), {'bf16 autocast' if cuda else str(d['threads']) + ' CPU threads'}; trained weights in fp32, a "
+             f"bf16 frozen UNet runs under autocast. Peak: "
+             f"{'torch.cuda.max_memory_allocated' if cuda else 'process RSS high-water mark'} over steps 2-3. "
+             f"Attention: PyTorch SDPA{'' if cuda else ' (xformers has no CPU kernels)'}.", "",
+             "| configuration | peak memory | s / step |", "|---|---|---|"]
+    for r in d["rows"]:
+        if "not_run_gib" in r:
+            cells = (f"not run (≥ {r['not_run_gib']:.1f} GiB of weights + optimizer state; RAM "
+                     f"{d['ram_gib']:.0f} GiB)", "")
+        elif "failed" in r:
+            cells = (f"failed: {r['failed']}", "")
+        else:
+            cells = (f"{r['peak_gib']:.2f} GiB", f"{r['s_per_step']:.1f}")
+        lines.append(f"| {r['label']} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Weights + gradients + Adam moments of a DMD2 run, from parameter counts (meta-device models; "
+              "activations, which gradient checkpointing shrinks, come on top):", "",
+              "| model | UNet params | full fine-tune, bf16 teacher | LoRA-64 generator + critic, bf16 base |",
+              "|---|---|---|---|"]
+    for e in d["estimates"]:
+        lines.append(f"| {e['model']} | {e['unet_params'] / 1e9:.2f} B | {e['full_bytes'] / 2**30:.1f} GiB | "
+                     f"{e['lora_bytes'] / 2**30:.1f} GiB ({e['lora_params'] / 1e6:.1f} M adapter params each) |")
+    return "\n".join(lines) + "\n"
+
+
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes, rendered from the sd_memory_*.json in ``folder`` alone."""
+    return {f.with_suffix(".md").name: render(json.loads(f.read_text())) for f in sorted(folder.glob("sd_memory_*.json"))}
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
 THRESHOLD_X = 3.0  # "converged": sliced-W2 within 3x of the teacher's 64-step sampler
 EVAL_SEED = 12345  # the trainer's evaluation seed (onestep.eval.report.compare)
 CHECKPOINTS = 8  # checkpoints per run, evaluated for steps-to-threshold
-#: the summary's rows (the consistency family's 1-/2-step rows: results/objectives_gmm.md and consistency_gmm.md)
+#: the summary's rows (the consistency family's 1-/2-step rows: results/objectives_gmm.md)
 SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversarial", "dmd2_2step",
                 "dmd2_2step_hybrid1", "dmd2_4step", "dmd2_4step_hybrid1", "cd_4step",
                 # issue 21 (trajectory / consistency) and issue 22 (distribution matching, guidance)
@@ -592,6 +592,16 @@ def _merge(results: dict, fresh: dict) -> None:
 
 
 def _write(out: Path, results: dict) -> None:
+    (out / "objectives_gmm.json").write_text(json.dumps(results, indent=1))
+    for name, text in rendered(out).items():
+        (out / name).write_text(text)
+    if out.resolve() == ROOT / "results":
+        update_readme("results/objectives_gmm_summary.md")
+
+
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes (the tables, the summary), rendered from ``folder``'s objectives_gmm.json alone."""
+    results = json.loads((folder / "objectives_gmm.json").read_text())
     head = ("# Objectives on exact Gaussian mixtures\n\nStudents (EMA generator) vs the teacher's DDIM sampler on the "
             "same evaluation noise, mean ± std over seeds; written by `OMP_NUM_THREADS=1 python "
             "tools/bench_objectives.py jobs=2` (two multiruns side by side on 2 cores: wall times compare within a "
@@ -600,11 +610,7 @@ def _write(out: Path, results: dict) -> None:
     for task in [t for t in TASKS if t in results]:
         t64 = [r for r in results[task] if r["name"] == "teacher 64 steps"][0]["sliced_w2"]
         sections.append(markdown(task, results[task], THRESHOLD_X * t64))
-    (out / "objectives_gmm.md").write_text(head + "\n\n".join(sections) + "\n")
-    (out / "objectives_gmm.json").write_text(json.dumps(results, indent=1))
-    (out / "objectives_gmm_summary.md").write_text(summary(results))
-    if out.resolve() == ROOT / "results":
-        update_readme("results/objectives_gmm_summary.md")
+    return {"objectives_gmm.md": head + "\n\n".join(sections) + "\n", "objectives_gmm_summary.md": summary(results)}
 
 
 if __name__ == "__main__":

@@ -132,10 +132,16 @@ def write(out: Path, rows: list[dict], commands: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipes_gmm.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     path = out / "recipes_gmm.md"
-    path.write_text(markdown(rows, commands))
+    path.write_text(rendered(out)["recipes_gmm.md"])
     if path.resolve().parent == (ROOT / "results").resolve():
         update_readme("results/recipes_gmm.md")
     return path
+
+
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes, rendered from ``folder``'s recipes_gmm.json alone."""
+    saved = json.loads((folder / "recipes_gmm.json").read_text())
+    return {"recipes_gmm.md": markdown(saved["rows"], saved["commands"])}
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 """The framework's own overhead: steps/s of `onestep train` against a bare loop doing the same math.
 
     OMP_NUM_THREADS=2 python tools/bench_trainer.py [cases=gmm_dmd2,digits_dmd2,digits_scd] [repeats=2]
+    python tools/bench_trainer.py render     # rewrite results/trainer_overhead.md from its JSON, running nothing
 
 For each case the same process builds the experiment twice: once through ``onestep.train.trainer.train`` (accelerate,
 the NaN guard, data-parallel batches, phase clock, logging every trainer.log_every, checkpoints at the experiment's
@@ -8,8 +9,8 @@ cadence, the tracker off) and once as a bare loop written here from the same pie
 the objective's losses, AdamW, clip_grad_norm_, the EMA/target update) with nothing else. Both exclude their first
 step (allocation, warm-up). The order alternates over ``repeats`` and the best rate of each is kept, so a busy
 moment on a shared machine does not land on one side only. The trainer's own per-phase breakdown (time/<phase>_ms
-in stats.jsonl, last log interval) is printed next to it. Writes results/trainer_overhead.md and refreshes its
-README block.
+in stats.jsonl, last log interval) is printed next to it. Writes results/trainer_overhead.json and the markdown
+rendered from it, results/trainer_overhead.md, and refreshes its README block.
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ def bare(overrides, steps, run_dir: Path) -> float:
 
 
 def main(argv: list[str]) -> None:
+    if argv == ["render"]:  # rewrite the markdown from its data, running nothing
+        for name, text in rendered(ROOT / "results").items():
+            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+        return
     opts = dict(a.split("=", 1) for a in argv)
     names = opts.get("cases", ",".join(CASES)).split(",")
     repeats = int(opts.get("repeats", 2))
@@ -157,8 +162,21 @@ def main(argv: list[str]) -> None:
 
 def write(rows, wall: float, argv) -> None:
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    lines = [f"Command: `OMP_NUM_THREADS={threads} python tools/bench_trainer.py{' ' + ' '.join(argv) if argv else ''}`"
-             f" ({wall:.0f} s wall; {platform.processor() or platform.machine()}, torch {torch.__version__}, CPU).",
+    data = {"command": f"OMP_NUM_THREADS={threads} python tools/bench_trainer.py{' ' + ' '.join(argv) if argv else ''}",
+            "wall_s": wall, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "rows": rows}
+    (ROOT / "results" / "trainer_overhead.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = rendered(ROOT / "results")["trainer_overhead.md"]
+    (ROOT / "results" / "trainer_overhead.md").write_text(text)
+    print(text)
+    from readme_block import update_readme
+
+    update_readme("results/trainer_overhead.md")
+
+
+def render(d: dict) -> str:
+    """results/trainer_overhead.md from its JSON: the command, the rates, their ratios, the trainer's phases."""
+    lines = [f"Command: `{d['command']}` ({d['wall_s']:.0f} s wall; {d['machine']}, torch {d['torch']}, CPU).",
              "",
              "Steps/s of `onestep train` vs a bare loop doing the same math in the same process (same nets, batch, "
              "objective, TTUR, EMA; first step excluded on both sides; best of the repeats). Target: framework "
@@ -172,7 +190,7 @@ def write(rows, wall: float, argv) -> None:
              "data | critic | generator | teacher | targets | log | checkpoint (ms/step) | compiled (steps/s) | "
              "compiled / eager | compile time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in d["rows"]:
         p = r["phases"]
         ratio = r["framework"] / r["bare"]
         lines.append(f"| {r['case']} | {r['steps']} | {r['bare']:.2f} | {r['framework']:.2f} | {ratio:.2f} | "
@@ -180,13 +198,12 @@ def write(rows, wall: float, argv) -> None:
                      + " | ".join(f"{p.get(f'time/{k}_ms', 0):.1f}" for k in
                                   ("data", "critic", "generator", "teacher", "targets", "log", "checkpoint"))
                      + f" | {r['compiled']:.2f} | {r['compiled'] / r['framework']:.2f} | {r['compile_s']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    out = ROOT / "results" / "trainer_overhead.md"
-    out.write_text(text)
-    print(text)
-    from readme_block import update_readme
+    return "\n".join(lines) + "\n"
 
-    update_readme("results/trainer_overhead.md")
+
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes, rendered from ``folder``'s trainer_overhead.json alone."""
+    return {"trainer_overhead.md": render(json.loads((folder / "trainer_overhead.json").read_text()))}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Distill the shipped text-to-image digits teacher with the README's two experiments and report them.
 
     python tools/report_digits_t2i.py [--out-root runs/report] [--threads 2]
+    python tools/report_digits_t2i.py render     # rewrite results/digits_t2i.md from its JSON, running nothing
 
 Runs `onestep train experiment=digits_t2i_dmd2` and `experiment=digits_t2i_lcm_lora` (each alone on the
 machine; a finished run folder is reused, with the wall seconds it recorded), then writes
-  results/digits_t2i.md      the evaluation tables, wall seconds and the issue's targets, checked
+  results/digits_t2i.json    each run's steps, phase and wall seconds and evaluation rows
+  results/digits_t2i.md      rendered from that JSON: the tables, wall seconds and the targets, checked
   docs/digits_t2i_grid.png   held-out prompts as rows: teacher 25 DDIM steps | DMD2 1 step | LCM-LoRA 1 and 4 steps
 and refreshes README.md's generated block.
 """
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_block import ROOT, update_readme  # noqa: E402
 
 EXPERIMENTS = ("digits_t2i_dmd2", "digits_t2i_lcm_lora")
-RESULTS, GRID = "results/digits_t2i.md", "docs/digits_t2i_grid.png"
+RESULTS, DATA, GRID = "results/digits_t2i.md", "results/digits_t2i.json", "docs/digits_t2i_grid.png"
 PER_CELL = 3
 
 
@@ -90,7 +92,18 @@ def grid(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def report(runs: dict[str, Path]) -> str:
+def report_data(runs: dict[str, Path]) -> dict:
+    """What results/digits_t2i.md shows of each run: steps, phase seconds, wall seconds, evaluation rows."""
+    out = {}
+    for name, run in runs.items():
+        m = json.loads((run / "metrics.json").read_text())
+        sec = {k: m.get("seconds", {}).get(k, 0.0) for k in ("setup", "distill", "evaluate")}
+        out[name] = {"steps": m["steps"], "seconds": sec, "wall_s": sum(sec.values()), "rows": m["rows"]}
+    return out
+
+
+def render(data: dict) -> str:
+    """results/digits_t2i.md from results/digits_t2i.json: the tables, wall seconds and the targets, checked."""
     from onestep.eval.report import markdown_table
 
     lines = ["Command: `python tools/report_digits_t2i.py`", "",
@@ -98,14 +111,11 @@ def report(runs: dict[str, Path]) -> str:
              "machine's 2 CPU cores by the two experiments as shipped; evaluation on held-out prompt templates "
              "(FD / KID / precision / recall in the digits feature space of decoded samples, 2,000 samples; label "
              "acc = prompt accuracy)."]
-    for name, run in runs.items():
-        m = json.loads((run / "metrics.json").read_text())
-        rows = m["rows"]
-        sec = m.get("seconds", {})
-        wall = sum(sec.get(k, 0.0) for k in ("setup", "distill", "evaluate"))
-        lines += ["", f"**`onestep train experiment={name}`** ({m['steps']} steps): {wall:.0f} s wall "
-                  f"(setup {sec.get('setup', 0):.0f} s, distillation {sec.get('distill', 0):.0f} s, evaluation "
-                  f"{sec.get('evaluate', 0):.0f} s)", "", markdown_table(rows)]
+    for name, d in data.items():
+        rows, sec, wall = d["rows"], d["seconds"], d["wall_s"]
+        lines += ["", f"**`onestep train experiment={name}`** ({d['steps']} steps): {wall:.0f} s wall "
+                  f"(setup {sec['setup']:.0f} s, distillation {sec['distill']:.0f} s, evaluation "
+                  f"{sec['evaluate']:.0f} s)", "", markdown_table(rows)]
         t25 = next(r for r in rows if r["model"] == "teacher" and r["steps"] == 25)
         s1 = next(r for r in rows if r["model"] == "student" and r["steps"] == 1)
         ratio, gap = s1["fd"] / t25["fd"], 100 * (t25["label_acc"] - s1["label_acc"])
@@ -118,7 +128,16 @@ def report(runs: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes, rendered from ``folder``'s digits_t2i.json alone."""
+    return {"digits_t2i.md": render(json.loads((folder / "digits_t2i.json").read_text()))}
+
+
 def main() -> None:
+    if sys.argv[1:] == ["render"]:  # rewrite the markdown from its data, running nothing
+        for name, text in rendered(ROOT / "results").items():
+            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-root", default="runs/report")
     ap.add_argument("--threads", type=int, default=2)
@@ -127,7 +146,8 @@ def main() -> None:
     out_root = Path(args.out_root).resolve()
     runs = {name: run_experiment(name, out_root, args.threads) for name in EXPERIMENTS}
     grid(runs, ROOT / GRID)
-    text = report(runs)
+    (ROOT / DATA).write_text(json.dumps(report_data(runs), indent=1) + "\n", encoding="utf-8")
+    text = rendered(ROOT / "results")["digits_t2i.md"]
     (ROOT / RESULTS).write_text(text, encoding="utf-8")
     print(text)
     print("README block updated" if update_readme(RESULTS) else f"README has no block for {RESULTS}")

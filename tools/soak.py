@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python tools/soak.py [steps=20000] [checkpoint_every=500] [out=results] \
         [root=runs/soak] [hydra.key=value ...]
+    python tools/soak.py render     # rewrite results/soak.md from results/soak.json, running nothing
 
 Trains gmm_dmd2 (MLPs of width 32, batch 64, ttur 1) for ``steps`` steps in this process,
 a checkpoint every ``checkpoint_every`` steps (keep_checkpoints=2), then resumes the finished run once for
@@ -11,12 +12,14 @@ a checkpoint every ``checkpoint_every`` steps (keep_checkpoints=2), then resumes
   - the size of <run>/checkpoints after every save: bounded by keep_checkpoints checkpoints
   - checkpoint save time in % of the training time between two checkpoints, and the resume time (load the
     newest checkpoint, cut the logs back) in steps' worth of time
-and writes <out>/soak.md (the command at the top, a table, PASS / FAIL per bound) and <out>/soak.png.
+and writes <out>/soak.json (the measurements), <out>/soak.md rendered from it (the command at the top, a
+table, PASS / FAIL per bound) and <out>/soak.png.
 Arguments with a dot are Hydra overrides added to the run. The run folder ``root`` is deleted first.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -29,6 +32,7 @@ import onestep.objectives  # noqa: F401
 from onestep import checkpoint
 from onestep.train import trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 #: the loop's bookkeeping is what soaks, not the objective's quality: one critic update per step, no regression
 TINY = ["experiment=gmm_dmd2", "teacher.net_hidden=32", "teacher.net_steps=200", "trainer.batch_size=64",
         "objective.ttur=1", "objective.regression_weight=0", "trainer.keep_checkpoints=2", "trainer.log_every=100",
@@ -148,31 +152,50 @@ def write(r: dict, s: dict, out: Path, command: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "soak.png", dpi=110)
 
+    data = {"command": command, "steps": r["steps"], "every": r["every"], "keep": r["keep"], "wall_s": r["wall"],
+            "summary": s}
+    (out / "soak.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "soak.md").write_text(rendered(out)["soak.md"])
+
+
+def render(d: dict) -> str:
+    """soak.md from soak.json: the command, a table of the measurements, PASS / FAIL per bound."""
+    s, every, keep = d["summary"], d["every"], d["keep"]
+
     def verdict(ok):
         return "PASS" if ok else "FAIL"
 
     rows = [
-        ("steps run (checkpoint every)", f"{r['steps']} ({r['every']})", ""),
-        ("wall time of the run", f"{r['wall']:.0f} s", ""),
+        ("steps run (checkpoint every)", f"{d['steps']} ({every})", ""),
+        ("wall time of the run", f"{d['wall_s']:.0f} s", ""),
         ("median step time", f"{s['step_ms']:.1f} ms", ""),
         ("RSS after warm-up / at the end / max",
          f"{s['rss_warm']:.0f} / {s['rss_end']:.0f} / {s['rss_max']:.0f} MiB", ""),
         ("RSS growth after warm-up (max)", f"{100 * s['rss_growth']:+.1f}%",
          f"{verdict(s['rss_growth'] <= MAX_RSS_GROWTH)} (<= {100 * MAX_RSS_GROWTH:.0f}%)"),
         ("checkpoints/ on disk, max after a save", f"{s['disk_max'] / 2**10:.0f} KiB",
-         f"{verdict(s['disk_max'] <= s['disk_bound'])} (<= {r['keep']} x {s['disk_bound'] / r['keep'] / 2**10:.0f} KiB)"),
-        ("checkpoint save (mean)", f"{s['save_ms']:.1f} ms = {s['save_pct']:.2f}% of {r['every']} steps", ""),
+         f"{verdict(s['disk_max'] <= s['disk_bound'])} (<= {keep} x {s['disk_bound'] / keep / 2**10:.0f} KiB)"),
+        ("checkpoint save (mean)", f"{s['save_ms']:.1f} ms = {s['save_pct']:.2f}% of {every} steps", ""),
         ("resume (load newest checkpoint, cut logs)",
-         f"{s['resume_ms']:.1f} ms = {s['resume_steps']:.1f} steps = {s['resume_pct']:.2f}% of {r['every']} steps", ""),
+         f"{s['resume_ms']:.1f} ms = {s['resume_steps']:.1f} steps = {s['resume_pct']:.2f}% of {every} steps", ""),
     ]
-    md = [f"# Soak run\n\nWritten by `{command}` (CPU, 1 thread, a machine shared with other jobs: times are "
+    md = [f"# Soak run\n\nWritten by `{d['command']}` (CPU, 1 thread, a machine shared with other jobs: times are "
           "indicative).\n",
           "| quantity | value | bound |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     md += ["", "![soak](soak.png)", ""]
-    (out / "soak.md").write_text("\n".join(md))
+    return "\n".join(md)
+
+
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes, rendered from ``folder``'s soak.json alone."""
+    return {"soak.md": render(json.loads((folder / "soak.json").read_text()))}
 
 
 def main(argv: list[str]) -> dict:
+    if argv == ["render"]:  # rewrite the markdown from its data, running nothing
+        for name, text in rendered(ROOT / "results").items():
+            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+        return {}
     opts = {"steps": "20000", "checkpoint_every": "500", "out": "results", "root": "runs/soak"}
     overrides = []
     for a in argv:
