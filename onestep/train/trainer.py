@@ -54,7 +54,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
         setup = experiment.build(cfg, run_dir, progress=show)  # files derived once (teacher net, caches): rank 0
     gc = cfg.generator
-    student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+    student = Student.from_config(setup.teacher.schedule, gc)
     objective = make_objective(cfg.objective, student.train_sample)
     objective.images_per_step = tc.batch_size
     torch.manual_seed(cfg.seed + 1)  # extra modules start the same whether the teacher was trained or cached
