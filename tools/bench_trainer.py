@@ -84,7 +84,7 @@ def bare(overrides, steps, run_dir: Path) -> float:
     student = Student.from_config(setup.teacher.schedule, gc)
     objective = make_objective(cfg.objective, student.train_sample)
     heads = objective.build_modules(setup)
-    objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
+    objective.set_run(heads, images_per_step=tc.batch_size)
     nets_ = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads, targets=objective.targets(),
                      shape=partial(shape_student, gc))
     nets = nets_.nets(guided(nets_.teacher, cfg.teacher.guidance))

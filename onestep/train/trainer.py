@@ -56,10 +56,9 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     gc = cfg.generator
     student = Student.from_config(setup.teacher.schedule, gc)
     objective = make_objective(cfg.objective, student.train_sample)
-    objective.images_per_step = tc.batch_size
     torch.manual_seed(cfg.seed + 1)  # extra modules start the same whether the teacher was trained or cached
     heads = objective.build_modules(setup)
-    objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
+    objective.set_run(heads, images_per_step=tc.batch_size)
     networks = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads,
                         targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc),
                         shard=fsdp.requested(cfg))
