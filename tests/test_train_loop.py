@@ -82,3 +82,32 @@ def test_set_run_counts_critic_updates_of_heads_without_a_critic_network():
     assert objective.critic_updates == 3 and objective.images_per_step == 64
     objective.set_run({"disc": (nn.Linear(2, 1), "generator")}, images_per_step=64)
     assert objective.critic_updates == 0
+
+
+def test_step_log_reads_only_on_log_steps_and_explains_a_slow_first_step(tmp_path, capsys):
+    """Between log steps the values stay as they are (no read, no line); a log step writes one stats line with
+    the values averaged over the processes; a first step slower than SLOW_FIRST_STEP_S is explained, and the rate
+    counts from the second step."""
+    import json
+
+    import torch
+    from accelerate import Accelerator
+
+    from onestep.train.phases import PhaseClock
+    from onestep.train.step_log import SLOW_FIRST_STEP_S, StepLog
+
+    cfg = compose(["experiment=gmm_dmd2", "trainer.steps=10", "trainer.log_with=none"])
+    acc = Accelerator(cpu=True)
+    halves = lambda logs: {k: v / 2 for k, v in logs.items()}  # noqa: E731  (a visible stand-in for the mean)
+    log = StepLog(acc, tmp_path, cfg, 3, PhaseClock(acc.device), show=True, optimizers=(None, None), mean=halves)
+    log.t0 -= SLOW_FIRST_STEP_S + 5
+    logs = {"gen/loss": torch.tensor(3.0)}
+    assert log.step(4, logs, read=False, bad_steps=0) is logs
+    assert "first step: 15 s" in capsys.readouterr().out
+    assert not (tmp_path / "stats.jsonl").exists()
+    assert log.step(5, logs, read=True, bad_steps=2) == {"gen/loss": 1.5}
+    (line,) = (tmp_path / "stats.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert (record["step"], record["bad_steps"], record["gen/loss"]) == (5, 2, 1.5)
+    assert record["it_per_s"] > 1 / SLOW_FIRST_STEP_S  # one step since the first, not the slow first step itself
+    log.close()
