@@ -238,6 +238,6 @@ def shape_student(gc, net: Denoiser) -> Denoiser:
         if gc.lora.rank is not None or gc.students > 1:
             raise ConfigError(f"generator.experts={gc.experts} trains full copies of one network; unset "
                               "generator.lora.rank and generator.students")
-        ts = Student(net.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init).ts
+        ts = Student.from_config(net.schedule, gc).ts
         net = PhaseExperts(net, ts.tolist(), gc.method)  # (copies the init once per step)
     return ConsistencyBoundary(net) if gc.consistency_boundary else net

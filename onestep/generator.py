@@ -36,6 +36,11 @@ class Student:
         self.ts = check_ts(self.ts_for(steps) if ts is None else ts, schedule)
         self.method = method
 
+    @classmethod
+    def from_config(cls, schedule, gc) -> "Student":
+        """The student of a run's ``generator`` config section (the one place that reads it for the sampler)."""
+        return cls(schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+
     def ts_for(self, steps: int) -> torch.Tensor:
         """The schedule's student t-list from the start time (Schedule.student_ts: evenly spaced; DMD2's integer
         timesteps on SD tables; through the shift on flow schedules)."""

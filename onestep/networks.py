@@ -319,22 +319,21 @@ class Networks:
 
     def __init__(self, cfg, setup, *, critic: bool, heads: dict[str, tuple[nn.Module, str]] | None = None,
                  targets: dict[str, float] | None = None, device=None, shape=None, shard: bool = False):
-        """``shard``: FSDP2 for the generator and critic when there are several processes (onestep/fsdp.py)."""
-        check_networks(cfg)
+        """``shard``: FSDP2 for the generator and critic when there are several processes (onestep/fsdp.py).
+        The config's keys were checked by validate.check_config (``check_networks`` among them) before the run
+        started; what is checked here can only be known once the networks are built."""
         gl, cl = cfg.generator.lora, cfg.critic.lora
         tc = cfg.trainer
-        dtype = frozen_dtype(tc.frozen_dtype)
+        dtype = DTYPES[tc.frozen_dtype]
         shape = shape or (lambda net: net)
         device = torch.device("cpu") if device is None else device
         self.device = device
         self.heads = dict(heads or {})
         self.decays = {EMA: tc.ema_decay, **(targets or {})}
-        for name, (_, role) in self.heads.items():
+        for name, (_, role) in self.heads.items():  # what an objective's build_modules returned
             if role not in ("generator", "critic"):
                 raise ValueError(f"module '{name}' has role '{role}', not generator|critic")
 
-        if not 0 <= tc.ema_decay < 1:
-            raise ConfigError(f"trainer.ema_decay={tc.ema_decay} must be in [0, 1)")
         lora = gl.rank is not None or (critic and cl.rank is not None)
         teacher, init = setup.teacher, setup.student_init
         self.base: SharedBase | None = None
@@ -377,7 +376,7 @@ class Networks:
             role.module.to(device)
         for m, _ in self.heads.values():
             m.to(device).requires_grad_(True).train()
-        if tc.gradient_checkpointing:
+        if tc.gradient_checkpointing:  # whether a built network supports it
             nets = {id(r.module): r.module for k, r in self.roles.items() if k in ("generator", "critic")}.values()
             func = checkpointing_func(self.base)
             if not any([_set_gradient_checkpointing(n, func) for n in nets]):
@@ -387,7 +386,7 @@ class Networks:
         self.teacher_sharded = False
         self.compiled: list[str] | None = None  # the names compile() compiled (None: not asked to)
         if self.sharded:  # after the targets were copied from the generator: they stay replicated
-            fsdp.check(lora)
+            fsdp.check(lora)  # (FSDP may come from the launch config, and shards only under several processes)
             for name in ("generator", "critic"):
                 if name in self.roles:
                     fsdp.shard(self.roles[name].module, tc.mixed_precision)

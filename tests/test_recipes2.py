@@ -373,7 +373,7 @@ def test_sida_constant_balance_is_unchanged_and_bad_values_fail():
     with pytest.raises(ConfigError, match="unguided critic|fake_guidance=1"):
         SiDA(SiDAConfig(gan_balance="official", fake_guidance=0.5), None)
     obj = SiDA(SiDAConfig(), None)
-    obj.images_per_step = 100
+    obj.set_run({}, images_per_step=100)
     assert not obj.gan_on(0, 4) and obj.gan_on(1, 4)  # the trainer's global batch, not this process's rows
 
 

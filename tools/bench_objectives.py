@@ -344,7 +344,7 @@ def _generator(setup, ckpt: Path, gc):
 
 def _student_samples(cfg, setup, ckpt: Path, n: int):
     gc = cfg.generator
-    student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+    student = Student.from_config(setup.teacher.schedule, gc)
     net = _generator(setup, ckpt, gc)
     noise, cond = eval_inputs(setup, n, EVAL_SEED)
     rng = torch.Generator().manual_seed(EVAL_SEED)

@@ -82,10 +82,10 @@ def bare(overrides, steps, run_dir: Path) -> float:
     tc, gc = cfg.trainer, cfg.generator
     torch.manual_seed(cfg.seed)
     setup = experiment.build(cfg, run_dir, progress=False)  # (the teacher net / caches the framework run wrote)
-    student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+    student = Student.from_config(setup.teacher.schedule, gc)
     objective = make_objective(cfg.objective, student.train_sample)
     heads = objective.build_modules(setup)
-    objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
+    objective.set_run(heads, images_per_step=tc.batch_size)
     nets_ = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads, targets=objective.targets(),
                      shape=partial(shape_student, gc))
     nets = nets_.nets(guided(nets_.teacher, cfg.teacher.guidance))

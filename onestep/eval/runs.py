@@ -33,7 +33,7 @@ class Run:
 
     def student(self) -> Student:
         gc = self.cfg.generator
-        return Student(self.setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+        return Student.from_config(self.setup.teacher.schedule, gc)
 
 
 def run_config(path: str | Path, key: str, fix: str):

@@ -48,11 +48,17 @@ class Objective:
     def critic_updates(self) -> int:
         return self.cfg.ttur if "critic" in self.networks or self.trains_critic_modules else 0
 
-    #: set by the trainer when build_modules returned modules trained by the critic update
+    #: whether build_modules' modules include one trained by the critic update (``set_run``)
     trains_critic_modules: bool = False
-    #: set by the trainer: the global batch (images per generator step, every process together); 0 = unknown, a
-    #: loss that counts images (SiDA's GAN start) then counts its own batch
+    #: the global batch (images per generator step, every process together; ``set_run``); 0 = unknown, a loss
+    #: that counts images (SiDA's GAN start) then counts its own batch
     images_per_step: int = 0
+
+    def set_run(self, modules: dict[str, tuple[nn.Module, str]], images_per_step: int) -> None:
+        """What the trainer knows once it built the run: the modules ``build_modules`` returned (heads trained by
+        the critic update count as critic updates without a critic network) and the global batch."""
+        self.trains_critic_modules = any(role == "critic" for _, role in modules.values())
+        self.images_per_step = images_per_step
 
     def build_modules(self, setup) -> dict[str, tuple[nn.Module, str]]:
         """Extra trained modules (GAN heads, log-variance heads...): name -> (module, "generator" | "critic"),

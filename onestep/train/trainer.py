@@ -1,8 +1,9 @@
 """The training loop: generator + frozen teacher + (optional) critic, alternating updates with TTUR.
 
-Order of events per step (reads top to bottom in ``train``):
+``setup`` builds a run (accelerator, run folder, experiment, objective, networks, optimizers, resume state);
+``train``'s loop then reads as the order of events per step:
     seed this step's RNG -> critic updates (objective.critic_updates times) -> one generator update
-    -> EMA -> bad-step count (guard.py) -> stats line -> checkpoint -> periodic eval/samples
+    -> EMA / targets -> bad-step count (guard.py) -> stats line (step_log.py) -> checkpoint -> periodic eval/samples
 An update whose loss or gradients are non-finite on any rank has its gradients zeroed (guard.py).
 Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
 is picked up; every step reseeds from (seed, step), so an interrupted and resumed run is
@@ -12,35 +13,58 @@ the global batch and of every per-sample draw (data_parallel.py): the run equals
 
 from __future__ import annotations
 
-import json
 import signal
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from omegaconf import DictConfig
 
 from onestep import checkpoint, experiment, fsdp, progress
-from onestep.denoisers.base import guided
+from onestep.core import Nets
+from onestep.denoisers.base import Denoiser, guided
 from onestep.eval.report import compare, eval_inputs, write_report
 from onestep.experiment import shape_student
 from onestep.generator import Student
 from onestep.networks import EMA, Networks
 from onestep.objectives import make_objective
+from onestep.objectives.base import Objective
 from onestep.train.data_parallel import DataParallel
 from onestep.train.guard import NonFiniteLoss, StepGuard, grad_norm  # noqa: F401  (NonFiniteLoss: the CLI's)
 from onestep.train.interrupt import Interrupted, StopOnSignal
 from onestep.train.phases import PhaseClock
 from onestep.train.run_dir import prepare_run_dir, resume_state, undo_on_bad_input
+from onestep.train.step_log import StepLog, append
 from onestep.train.tracking import Tracker, accelerator_args
 from onestep.validate import check_config
 
 
-@undo_on_bad_input
-def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> dict:
-    t_begin = time.perf_counter()
+@dataclass
+class Training:
+    """What ``setup`` built: everything a training step reads."""
+    cfg: DictConfig
+    acc: Accelerator
+    run_dir: Path
+    show: bool  # progress output on this process (trainer.progress, main process)
+    dp: DataParallel
+    setup: experiment.Setup
+    student: Student
+    objective: Objective
+    networks: Networks
+    teacher: Denoiser  # the (guided) teacher view
+    nets: Nets
+    opt_g: torch.optim.Optimizer
+    opt_c: torch.optim.Optimizer | None
+    start: int = 0  # the first step to run (a resumed run: its checkpoint's step)
+    bad_steps: int = 0  # bad steps before ``start`` (guard.py)
+
+
+def setup(cfg, run_dir: str | Path | None = None) -> Training:
+    """Accelerator, run folder, experiment, objective, networks, optimizers and the resume state of a run."""
     check_config(cfg)  # every key that needs no file, before the run folder exists
     tc = cfg.trainer
     # without CUDA, accelerate joins the processes of torchrun / accelerate launch (gloo) only when told cpu=True
@@ -52,15 +76,14 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
 
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
-        setup = experiment.build(cfg, run_dir, progress=show)  # files derived once (teacher net, caches): rank 0
+        built = experiment.build(cfg, run_dir, progress=show)  # files derived once (teacher net, caches): rank 0
     gc = cfg.generator
-    student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
+    student = Student.from_config(built.teacher.schedule, gc)
     objective = make_objective(cfg.objective, student.train_sample)
-    objective.images_per_step = tc.batch_size
     torch.manual_seed(cfg.seed + 1)  # extra modules start the same whether the teacher was trained or cached
-    heads = objective.build_modules(setup)
-    objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
-    networks = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads,
+    heads = objective.build_modules(built)
+    objective.set_run(heads, images_per_step=tc.batch_size)
+    networks = Networks(cfg, built, critic="critic" in objective.networks, heads=heads,
                         targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc),
                         shard=fsdp.requested(cfg))
     if tc.compile:
@@ -75,113 +98,124 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     opt_g = acc.prepare(_adamw(networks.params("generator"), tc.generator_optim))
     c_params = networks.params("critic")
     opt_c = acc.prepare(_adamw(c_params, tc.critic_optim)) if c_params else None
+    t = Training(cfg, acc, run_dir, show, dp, built, student, objective, networks, teacher, nets, opt_g, opt_c)
     state = resume_state(run_dir, networks.checkpointed(), tc.resume, acc)  # loads weights in place
-    start = 0
     if state is not None:
-        start = state["step"]
+        t.start, t.bad_steps = state["step"], state.get("bad_steps", 0)
         fsdp.load_optimizer(opt_g, state["opt_generator"])  # (sliced into shards under FSDP)
         if opt_c is not None:
             fsdp.load_optimizer(opt_c, state["opt_critic"])
         if acc.is_main_process:
-            print(f"resuming from step {start} (checkpoint {state['checkpoint']})", flush=True)
-    ema = networks.unwrapped(EMA)
-    track = Tracker(acc, run_dir, cfg, start)  # mirrors the JSONL lines and sample grids (tracking.py)
+            print(f"resuming from step {t.start} (checkpoint {state['checkpoint']})", flush=True)
+    return t
 
-    stats_file = Path(run_dir) / "stats.jsonl"
-    bar = progress.bar(range(start, tc.steps), initial=start, total=tc.steps, desc="distill", disable=not show)
-    clock = PhaseClock(acc.device)  # time/<phase>_ms in stats.jsonl (phases.py)
-    clock.watch(networks.teacher, "teacher")
+
+@undo_on_bad_input
+def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> dict:
+    t_begin = time.perf_counter()
+    t = setup(cfg, run_dir)
+    tc = cfg.trainer
+    clock = PhaseClock(t.acc.device)  # time/<phase>_ms in stats.jsonl (phases.py)
+    clock.watch(t.networks.teacher, "teacher")
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
-    guard = StepGuard(tc.max_bad_steps, state.get("bad_steps", 0) if state else 0, stop.requested, acc.device)
-    t0 = t_rate = time.perf_counter()
-    seconds = {"setup": round(t0 - t_begin, 1), "resumed_at_step": start}
-    def role_update(role: str, loss, opt, step: int) -> dict[str, torch.Tensor]:
-        """One update of ``role`` on a fresh batch; its logged values, prefixed (critic/..., gen/...)."""
-        with clock("data"):
-            batch = dp.batch(setup.data, tc.batch_size, acc.device)
-        with clock(role):
-            with acc.autocast(), dp.draws():
-                out = loss(nets, batch, step)
-            _update(acc, networks, role, out, opt, tc.grad_clip, guard)
-        prefix = "gen" if role == "generator" else role
-        return {f"{prefix}/{k}": v.detach() for k, v in out.items()}
+    guard = StepGuard(tc.max_bad_steps, t.bad_steps, stop.requested, t.acc.device)
+    log = StepLog(t.acc, t.run_dir, cfg, t.start, clock, show=t.show, optimizers=(t.opt_g, t.opt_c), mean=t.dp.mean)
+    seconds = {"setup": round(log.t0 - t_begin, 1), "resumed_at_step": t.start}
 
     with stop:
-        for step in bar:
+        for step in log:
             _seed(cfg.seed, step)
             logs: dict[str, torch.Tensor] = {}  # on the device; read once per log step (no host sync per value)
-            for _ in range(objective.critic_updates):
-                logs.update(role_update("critic", objective.critic_loss, opt_c, step))
-            logs.update(role_update("generator", objective.generator_loss, opt_g, step))
+            for _ in range(t.objective.critic_updates):
+                logs.update(_role_update(t, "critic", step, clock, guard))
+            logs.update(_role_update(t, "generator", step, clock, guard))
             with clock("targets"):
-                networks.update_targets()
+                t.networks.update_targets()  # generator_ema and the objective's targets
             clock.step()
             guard.end_step()  # counts bad steps on the device; agrees on a stop signal
 
             done = step + 1
-            main = acc.is_main_process
-            if done == start + 1:  # the first step allocates and warms up: the rate and ETA count from the next
-                t_rate = time.perf_counter()
-                progress.restart_clock(bar)
-                if show and t_rate - t0 > 10:
-                    print(f"\nfirst step: {t_rate - t0:.0f} s (one-time allocation and warm-up); the rate counts "
-                          "from the second", flush=True)
-            log_now = done % tc.log_every == 0 or done == tc.steps
-            if log_now or done % tc.checkpoint_every == 0 or guard.stop:
+            log_now = _due(done, tc.log_every, tc.steps)
+            save_now = _due(done, tc.checkpoint_every, tc.steps) or guard.stop
+            if log_now or save_now:
                 guard.check()  # stops the run after more than trainer.max_bad_steps bad steps in a row
-            if log_now:
-                logs, phases = dp.mean(_read(logs)), clock.read()
-            if main and (done % tc.log_every == 0 or done == tc.steps):
-                rate = (done - start - 1) / (time.perf_counter() - t_rate) if done > start + 1 else 1 / (t_rate - t0)
-                bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
-                                 if k.endswith("loss")} | {"it/s": f"{rate:.1f}"}, refresh=False)
-                with clock("log"):
-                    record = {"step": done, "it_per_s": rate, "bad_steps": guard.total, **logs, **phases}
-                    _append(stats_file, record)
-                    track.stats(record, opt_g, opt_c)
-            if done % tc.checkpoint_every == 0 or done == tc.steps or guard.stop:
-                with clock("checkpoint"):  # every rank takes part (sharded states gather); the main process writes
-                    states, train_state = networks.checkpointed(), _state(done, opt_g, opt_c, guard.total)
-                    if main:
-                        checkpoint.save(run_dir, done, states, train_state, keep=tc.keep_checkpoints)
-                    acc.wait_for_everyone()
-            evaluate = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
-            plot = tc.sample_every and done % tc.sample_every == 0
-            if evaluate or plot:
-                with networks.whole(EMA), clock("eval"):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
-                    if main and evaluate:
-                        record = {"step": done, **_eval_student(setup, student, ema, cfg.eval)}
-                        _append(Path(run_dir) / "evals.jsonl", record)
-                        track.evals(record)
-                    if main and plot:
-                        _plot_samples(setup, student, ema, run_dir / f"samples_{done:08d}.png")
-                        track.samples(done, run_dir / f"samples_{done:08d}.png")
+            logs = log.step(done, logs, read=log_now, bad_steps=guard.total)
+            if save_now:
+                _save(t, done, guard.total, clock)
+            _periodic(t, done, clock, log.track)  # evaluation / sample grid every trainer.eval_every / sample_every
             for cb in callbacks:
                 cb(done, logs)
             if guard.stop and done < tc.steps:  # every rank, after the same step (guard.end_step)
-                bar.close()
-                track.close()
-                raise Interrupted(done, run_dir, stop.signum or signal.SIGTERM)
-    bar.close()
+                log.close(trackers=True)
+                raise Interrupted(done, t.run_dir, stop.signum or signal.SIGTERM)
+    log.close()
+    seconds["distill"] = round(time.perf_counter() - log.t0, 1)
+    return _final_evaluation(t, log.track, seconds)
 
+
+def _due(done: int, every: int, last: int) -> bool:
+    return done % every == 0 or done == last
+
+
+def _role_update(t: Training, role: str, step: int, clock: PhaseClock, guard: StepGuard) -> dict[str, torch.Tensor]:
+    """One update of ``role`` on a fresh batch; its logged values, prefixed (critic/..., gen/...)."""
+    loss, opt = (t.objective.critic_loss, t.opt_c) if role == "critic" else (t.objective.generator_loss, t.opt_g)
+    with clock("data"):
+        batch = t.dp.batch(t.setup.data, t.cfg.trainer.batch_size, t.acc.device)
+    with clock(role):
+        with t.acc.autocast(), t.dp.draws():
+            out = loss(t.nets, batch, step)
+        _update(t.acc, t.networks, role, out, opt, t.cfg.trainer.grad_clip, guard)
+    prefix = "gen" if role == "generator" else role
+    return {f"{prefix}/{k}": v.detach() for k, v in out.items()}
+
+
+def _save(t: Training, done: int, bad_steps: int, clock: PhaseClock) -> None:
+    with clock("checkpoint"):  # every rank takes part (sharded states gather); the main process writes
+        states, train_state = t.networks.checkpointed(), _state(done, t.opt_g, t.opt_c, bad_steps)
+        if t.acc.is_main_process:
+            checkpoint.save(t.run_dir, done, states, train_state, keep=t.cfg.trainer.keep_checkpoints)
+        t.acc.wait_for_everyone()
+
+
+def _periodic(t: Training, done: int, clock: PhaseClock, track: Tracker) -> None:
+    """Every trainer.eval_every steps (but the last: the final evaluation follows) an evaluation of the EMA student
+    (evals.jsonl), every trainer.sample_every steps a sample grid (samples_<step>.png)."""
+    tc, main, ema = t.cfg.trainer, t.acc.is_main_process, t.networks.unwrapped(EMA)
+    evaluate = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
+    plot = tc.sample_every and done % tc.sample_every == 0
+    if not (evaluate or plot):
+        return
+    with t.networks.whole(EMA), clock("eval"):  # (every rank: the EMA role is the sharded generator when ema_decay=0)
+        if main and evaluate:
+            record = {"step": done, **_eval_student(t.setup, t.student, ema, t.cfg.eval)}
+            append(t.run_dir / "evals.jsonl", record)
+            track.evals(record)
+        if main and plot:
+            _plot_samples(t.setup, t.student, ema, t.run_dir / f"samples_{done:08d}.png")
+            track.samples(done, t.run_dir / f"samples_{done:08d}.png")
+
+
+def _final_evaluation(t: Training, track: Tracker, seconds: dict) -> dict:
+    """The final comparison of student and teacher (results.md, metrics.json, samples.png) on the main process."""
+    cfg, setup, ema = t.cfg, t.setup, t.networks.unwrapped(EMA)
     t_eval = time.perf_counter()
-    seconds["distill"] = round(t_eval - t0, 1)
-    with networks.whole("teacher", EMA):  # every rank gathers sharded ones; the main process evaluates alone
-        if not acc.is_main_process:
+    with t.networks.whole("teacher", EMA):  # every rank gathers sharded ones; the main process evaluates alone
+        if not t.acc.is_main_process:
             return {}
-        rows, samples = compare(setup, student, ema, teacher, cfg.eval, progress=show)
+        rows, samples = compare(setup, t.student, ema, t.teacher, cfg.eval, progress=t.show)
     seconds["evaluate"] = round(time.perf_counter() - t_eval, 1)
     # wall seconds of this process (a resumed run counts from resumed_at_step)
-    table = write_report(run_dir, rows, {"steps": tc.steps, "objective": cfg.objective.name, "seconds": seconds,
-                                         "headline": setup.evaluator.headline},
+    table = write_report(t.run_dir, rows, {"steps": cfg.trainer.steps, "objective": cfg.objective.name,
+                                           "seconds": seconds, "headline": setup.evaluator.headline},
                          note=getattr(setup.evaluator, "what", None))
-    track.finish(tc.steps, rows, table)
+    track.finish(cfg.trainer.steps, rows, table)
     if cfg.eval.plot:
         pick = [f"teacher {s} step{'s' if s > 1 else ''}" for s in (1, max(cfg.eval.teacher_steps))] + \
                [k for k in samples if k.startswith("student")][:1]
-        setup.evaluator.plot(run_dir / "samples.png", {k: samples[k] for k in dict.fromkeys(pick) if k in samples})
-    print(f"\n{table}\n\nrun folder: {run_dir}")
-    return {"rows": rows, "run_dir": str(run_dir), "networks": networks, "optimizers": (opt_g, opt_c)}
+        setup.evaluator.plot(t.run_dir / "samples.png", {k: samples[k] for k in dict.fromkeys(pick) if k in samples})
+    print(f"\n{table}\n\nrun folder: {t.run_dir}")
+    return {"rows": rows, "run_dir": str(t.run_dir), "networks": t.networks, "optimizers": (t.opt_g, t.opt_c)}
 
 
 def _adamw(params, oc):
@@ -207,19 +241,6 @@ def _update(acc, networks, what, out, opt, clip, guard: StepGuard) -> None:
     guard.screen(what, out["loss"], norm, params)  # non-finite on any rank: the gradients are zeroed (device)
     opt.step()
     opt.zero_grad(set_to_none=True)
-
-
-def _read(logs: dict) -> dict[str, float]:
-    """The logged values as floats, read from the device in one transfer."""
-    if not logs:
-        return {}
-    values = torch.stack([torch.as_tensor(v).detach().reshape(()).to(torch.float64) for v in logs.values()])
-    return dict(zip(logs, values.tolist()))
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
