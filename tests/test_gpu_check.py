@@ -1,0 +1,87 @@
+"""tools/gpu_check.py (issue 31) kept from rotting without a GPU: its --dry-run runs every part at toy sizes on the
+CPU, through the same code the CUDA run takes, and must give every part its rows with finite numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the columns each part's measured rows must carry (besides case and status)
+COLUMNS = {1: ("max abs err", "max rel err", "tolerance (rel)"), 2: ("ms", "TFLOP/s", "peak GiB"),
+           3: ("peak GiB", "s/step"), 4: ("peak GiB", "s/step", "loss"),
+           5: ("onestep train (steps/s)", "bare loop (steps/s)", "ratio")}
+
+
+def _dry_run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the script sets it for the Triton parts alone
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out),
+                           *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def _results(out: Path) -> tuple[dict, str]:
+    return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow  # ~2 minutes: five subprocesses, two of them short training runs
+def test_dry_run_gives_every_part_its_rows(tmp_path):
+    r = _dry_run(tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data, md = _results(tmp_path)
+    head = data["header"]
+    assert head["command"] == f"python tools/gpu_check.py --dry-run --out {tmp_path}"
+    assert head["mode"].startswith("dry run") and "torch " in head["versions"] and "triton " in head["versions"]
+    assert f"- command: `{head['command']}`" in md and f"- device: {head['device']}" in md
+    assert [p["part"] for p in data["parts"]] == [1, 2, 3, 4, 5]
+    for part in data["parts"]:
+        assert part["status"] == "ok", part
+        assert f"## Part {part['part']}: {part['title']}" in md
+        measured = [row for row in part["rows"] if row["status"] == "ok"]
+        assert measured, part
+        for row in measured:
+            for column in COLUMNS[part["part"]]:
+                assert isinstance(row[column], (int, float)) and math.isfinite(row[column]), (column, row)
+            assert f"| {row['case']} | " in md
+    rows = {p["part"]: p["rows"] for p in data["parts"]}
+    assert all(row["max rel err"] <= row["tolerance (rel)"] for row in rows[1])
+    assert len(rows[1]) == 2 and len(rows[2]) == 4  # with and without the K, V tangent; four attention methods
+    # the same sCD step under both attentions: the same loss
+    math_loss, flash_loss = (row["loss"] for row in rows[4])
+    assert flash_loss == pytest.approx(math_loss, rel=1e-4)
+    skipped = [row["case"] for row in rows[3] if row["status"] != "ok"]
+    assert all("compile" in case or "xformers" in case for case in skipped), skipped
+
+
+def test_a_part_over_its_budget_is_cut_and_reported(tmp_path):
+    # part 3 needs ~40 s in the dry run; 0.05 x its 120 s is 6 s
+    r = _dry_run(tmp_path, "--parts", "3", "--budget-scale", "0.05")
+    assert r.returncode == 1
+    data, md = _results(tmp_path)
+    (part,) = data["parts"]
+    assert part["status"].startswith("cut: over its 6 s budget after "), part
+    assert part["seconds"] < 30
+    assert f"## Part 3: {part['title']}" in md and part["status"] in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "1,7"], "--parts '1,7': give part numbers from [1, 2, 3, 4, 5]"),
+    (["--budget-scale", "0"], "--budget-scale 0.0: must be > 0"),
+])
+def test_bad_options_are_one_line(tmp_path, args, message):
+    r = _dry_run(tmp_path, *args)
+    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1]
+
+
+def test_without_cuda_the_full_run_says_what_to_do(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no device, on any machine
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "no CUDA device here" in r.stderr and "--dry-run" in r.stderr
+    assert not (tmp_path / "gpu_check.md").exists()
