@@ -154,8 +154,9 @@ def _missing(e: ModuleNotFoundError) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def part_correctness(dry: bool, device: str):
     """On CUDA: 3 dtypes x 2 head dims x 3 N x 2 tangent forms = 36 cases at B = 1, H = 4; the float64 reference at
-    N = 4096 holds ~5 N x N float64 matrices per head (2.7 GB). Most of the ~60 s is Triton compiling and autotuning
-    each (dtype, d, tangent) variant once. Dry run: fp32, d = 16, N = 32 (two of the interpreter's 16-row blocks)."""
+    N = 4096 holds ~5 N x N float64 matrices per head (2.7 GB for the 4 heads). Most of the ~60 s is Triton compiling
+    and autotuning each (dtype, d, tangent) variant once. Dry run: fp32, d = 16, N = 32 (two of the interpreter's
+    16-row blocks)."""
     ok = _kernels()
     if dry:
         grid = [("float32", 16, 32)]
@@ -298,8 +299,8 @@ TOY_SDXL = TOY_UNET | {"block_out_channels": (32, 64), "addition_embed_type": "t
                        "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 16}
 LORA = ["generator.lora.rank={r}", "critic.lora.rank={r}"]
 #: (model, label, batch, overrides). objective.ttur=1 throughout: a step is one critic and one generator update.
-#: On an H100 an SD1.5 row is ~15 s (loading the pipeline, 10 steps, a 1-sample evaluation), an SDXL row ~40 s:
-#: ~220 s in this order, the optional rows last so that a slow machine cuts those first
+#: On an H100 an SD1.5 row is ~15 s (loading the pipeline, 10 steps), an SDXL row ~30 s, the two random pipeline
+#: folders ~20 s: ~190 s in all, the optional rows last so that a slow machine cuts those first
 SD_ROWS = [
     ("sd15", "LoRA-{r}, bf16 frozen", 1, [*LORA, "trainer.frozen_dtype=bf16", "trainer.gradient_checkpointing=false"]),
     ("sd15", "LoRA-{r}, bf16 frozen", 4, [*LORA, "trainer.frozen_dtype=bf16", "trainer.gradient_checkpointing=false"]),
