@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "gpu_check.py"
 #: the columns each part's measured rows must carry (besides case and status)
 COLUMNS = {1: ("max abs err", "max rel err", "tolerance (rel)"), 2: ("ms", "TFLOP/s", "peak GiB"),
            3: ("peak GiB", "s/step"), 4: ("peak GiB", "s/step", "loss"),
@@ -22,7 +23,7 @@ COLUMNS = {1: ("max abs err", "max rel err", "tolerance (rel)"), 2: ("ms", "TFLO
 def _dry_run(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the script sets it for the Triton parts alone
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out),
+    return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out),
                            *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
@@ -81,7 +82,25 @@ def test_bad_options_are_one_line(tmp_path, args, message):
 
 def test_without_cuda_the_full_run_says_what_to_do(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no device, on any machine
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "no CUDA device here" in r.stderr and "--dry-run" in r.stderr
     assert not (tmp_path / "gpu_check.md").exists()
+
+
+def test_a_plain_checkout_runs_without_the_install(tmp_path):
+    """The lent GPU machine runs a copy of the repository that is not installed: onestep, onestep.kernels and
+    onestep.configs must resolve from the checkout, and kernels/ must not shadow the `kernels` package diffusers
+    looks for. Python without its site hooks (-S) does not see the editable install; PYTHONPATH gives it torch & co."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p.endswith("site-packages")))
+    probe = subprocess.run([sys.executable, "-S", "-c",
+                            "import importlib.util; print(importlib.util.find_spec('onestep'))"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert probe.stdout.strip() == "None", probe.stdout + probe.stderr  # onestep is not importable there
+    rows = tmp_path / "rows.jsonl"
+    # part 4: diffusers' Flux transformer, onestep's denoisers and objectives, the kernels through the processor
+    r = subprocess.run([sys.executable, "-S", str(SCRIPT), "--child", "4", "--rows-file", str(rows), "--dry-run"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(line)["status"] for line in rows.read_text().splitlines()] == ["ok", "ok"]

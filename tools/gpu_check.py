@@ -50,21 +50,27 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[1:1] = [str(ROOT / "tools"), str(ROOT / "tests")]  # bench_memory, bench_trainer; sd_fixtures
-if importlib.util.find_spec("onestep") is None:  # a plain checkout (the lent GPU machine has no install)
-    sys.path.insert(0, str(ROOT))
+
+
+def _package(name: str, folder: Path) -> None:
+    """Import ``folder`` as the package ``name`` (its submodules are then found through its __path__)."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[name])
+
+
+if importlib.util.find_spec("onestep") is None:
+    # a plain checkout (the lent GPU machine has no install): the packages as pyproject.toml maps them. Not by putting
+    # the repository on sys.path: its top-level kernels/ would shadow the `kernels` package that diffusers imports
+    _package("onestep", ROOT / "onestep")
+    _package("onestep.kernels", ROOT / "kernels")
+    _package("onestep.configs", ROOT / "configs")
 
 
 def _kernels():
-    """onestep.kernels: installed, or (a plain checkout) the repository's kernels/ registered under that name, so
-    that onestep.denoisers.attention's `from onestep.kernels import ...` finds the same module."""
-    try:
-        import onestep.kernels as ok
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location("onestep.kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        ok = importlib.util.module_from_spec(spec)
-        sys.modules["onestep.kernels"] = ok
-        spec.loader.exec_module(ok)
+    import onestep.kernels as ok
+
     return ok
 
 
