@@ -68,12 +68,6 @@ if importlib.util.find_spec("onestep") is None:
     _package("onestep.configs", ROOT / "configs")
 
 
-def _kernels():
-    import onestep.kernels as ok
-
-    return ok
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # budgets and sizes
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +157,8 @@ def part_correctness(dry: bool, device: str):
     N = 4096 holds ~5 N x N float64 matrices per head (2.7 GB for the 4 heads). Most of the ~60 s is Triton compiling
     and autotuning each (dtype, d, tangent) variant once. Dry run: fp32, d = 16, N = 32 (two of the interpreter's
     16-row blocks)."""
-    ok = _kernels()
+    import onestep.kernels as ok
+
     if dry:
         grid = [("float32", 16, 32)]
         B, H = 1, 1
@@ -222,11 +217,13 @@ def part_speed(dry: bool, device: str):
     """bf16, d = 128, 24 heads. B = 16 up to N = 4096, then B x N held at 65536 tokens, so the cost grows only
     linearly in N: the fused fwd + JVP at N = 65536 is 1.6e14 FLOPs (~1 s); Triton's autotuning of its 6 configurations
     there (~7 calls each) is most of the part's ~70 s, which is why N = 65536 comes last.
-    MATH + jvp runs only where its N x N matrices fit (8 bf16 + 4 fp32 per head, the estimate of kernels/bench.py's
-    GPU table). Dry run: fp32, d = 16, 2 heads, N = 32, the CPU's SDPA."""
+    MATH + jvp runs only where its N x N matrices fit (estimated as 8 in bf16 and 4 in fp32 per head: the scores, the
+    probabilities, their tangents and the softmax's temporaries). Dry run: fp32, d = 16, 2 heads, N = 32, the CPU's
+    SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ok = _kernels()
+    import onestep.kernels as ok
+
     F = torch.nn.functional
     if dry:
         dtype, d, H, points, reps = torch.float32, 16, 2, [(32, 1)], 1
@@ -504,7 +501,6 @@ def part_flux(dry: bool, device: str):
     except ModuleNotFoundError as e:
         yield _missing(e)
         return
-    _kernels()
     widths, (n_img, n_txt), reps = (TOY_FLUX, (16, 8), 1) if dry else (FLUX_WIDTHS, (4096, 512), 3)
     dtype = torch.float32 if dry else torch.bfloat16
     for attention in ("math", "jvp_flash"):
