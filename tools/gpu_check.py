@@ -670,7 +670,7 @@ def run_part(part: int, budget: float, dry: bool, work: Path) -> dict:
             proc.wait()
             code = None
     seconds = time.perf_counter() - t0
-    rows = [json.loads(ln) for ln in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    rows = _read_rows(rows_file)
     if code is None:
         status = f"cut: over its {budget:.0f} s budget after {len(rows)} rows"
     elif code != 0:
@@ -679,12 +679,27 @@ def run_part(part: int, budget: float, dry: bool, work: Path) -> dict:
         print(log.read_text()[-4000:], file=sys.stderr)
     elif not rows:
         status = "crashed: no rows"
-    elif any(r["status"] not in ("ok",) and not r["status"].startswith("skipped") for r in rows):
+    elif _failed(rows):
         status = "ok, with failures"
     else:
         status = "ok"
     return {"part": part, "title": TITLES[part], "status": status, "seconds": round(seconds, 1),
             "budget_s": round(budget), "rows": rows}
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows a part wrote; a last line cut short by the kill of a part over its budget is dropped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def _failed(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] != "ok" and not r["status"].startswith("skipped")]
 
 
 def _cell(v) -> str:
@@ -719,7 +734,7 @@ def write(out: Path, head: dict, parts: list[dict]) -> None:
     for p in parts:
         lines += [f"## Part {p['part']}: {p['title']}", "",
                   f"{p['status']} ({p['seconds']:.0f} s of a {p['budget_s']} s budget)", ""]
-        failed = [r for r in p["rows"] if r["status"] != "ok" and not r["status"].startswith("skipped")]
+        failed = _failed(p["rows"])
         if failed:
             lines += [f"**failed:** {r['case']}: {r['status']}" for r in failed] + [""]
         cols = list(dict.fromkeys(k for r in p["rows"] for k in r))
@@ -765,6 +780,11 @@ def main(argv: list[str] | None = None) -> int:
             done.append(run_part(p, budgets[p] * args.budget_scale, args.dry_run, Path(work)))
             print(f"== part {p}: {done[-1]['status']} in {done[-1]['seconds']:.0f} s", flush=True)
             write(out, head, done)
+    for p in done:  # what needs looking at, last on the screen
+        if p["status"] != "ok":
+            print(f"part {p['part']}: {p['status']}")
+        for r in _failed(p["rows"]):
+            print(f"part {p['part']}: {r['case']}: {r['status']}")
     print(f"wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}")
     return 0 if all(p["status"] == "ok" for p in done) else 1
 
