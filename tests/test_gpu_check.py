@@ -58,7 +58,7 @@ def test_dry_run_gives_every_part_its_rows(tmp_path):
     math_loss, flash_loss = (row["loss"] for row in rows[4])
     assert flash_loss == pytest.approx(math_loss, rel=1e-4)
     skipped = [row["case"] for row in rows[3] if row["status"] != "ok"]
-    assert all("compile" in case or "xformers" in case for case in skipped), skipped
+    assert all("compile" in case for case in skipped), skipped  # (the xformers-blocked row runs on the CPU too)
 
 
 def test_a_part_over_its_budget_is_cut_and_reported(tmp_path):
