@@ -66,10 +66,17 @@ class Objective:
         (target <- decay * target + (1 - decay) * generator) and checkpoints them."""
         return {}
 
-    def prepare(self, nets: Nets) -> None:
+    def run_weights(self) -> dict[str, str]:
+        """Generator weights this objective reads from other runs: its config field -> the path the field gives (a
+        run folder, a checkpoint folder or a .safetensors file). The layer that runs the objective resolves the paths
+        (objectives know no checkpoint layout: onestep.checkpoint.read_run_weights) and hands the weights to
+        ``prepare``."""
+        return {}
+
+    def prepare(self, nets: Nets, weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         """Build what the objective derives once, before the first step (DMD's regression pairs). Under several
         processes the trainer runs it on the main process first and on the others after, so that a file written
-        here is read by them, not rebuilt."""
+        here is read by them, not rebuilt. ``weights``: the state dicts ``run_weights()`` named, by the same names."""
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"objective {self.name} must define generator_loss")

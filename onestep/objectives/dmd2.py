@@ -60,7 +60,7 @@ class DistributionMatching(CriticObjective):
         self.pairs = TeacherPairs(cfg.regression_pairs, cfg.regression_steps, cfg.pairs_file)
         self.pgsb = RandomGuidance(cfg)
 
-    def prepare(self, nets: Nets) -> None:
+    def prepare(self, nets: Nets, weights=None) -> None:
         if self.cfg.regression_weight > 0:
             self.pairs.get(nets.teacher, next(nets.generator.parameters()).device)
 

@@ -127,7 +127,7 @@ class Reflow(Objective):
             return {}
         return {"reflowed_pairs": (PairBank(self.cfg.num_pairs, setup.teacher.data_shape), "generator")}
 
-    def prepare(self, nets: Nets) -> None:
+    def prepare(self, nets: Nets, weights=None) -> None:
         teacher, c = nets.teacher, self.cfg
         if teacher.conditional and not teacher.num_classes:
             raise ConfigError("objective=reflow builds noise -> teacher-sample pairs for unconditional or class-"

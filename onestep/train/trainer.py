@@ -68,7 +68,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     teacher = guided(networks.teacher, cfg.teacher.guidance)
     nets = networks.nets(teacher)
     with networks.whole("teacher"), acc.main_process_first(), progress.phase(f"{cfg.objective.name} prepare", show):
-        objective.prepare(nets)  # (the main process may run the teacher alone)
+        objective.prepare(nets, checkpoint.read_run_weights(objective.run_weights()))  # (main process: teacher alone)
     if acc.is_main_process:
         print(networks.describe(), flush=True)
 
