@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from onestep.core import sample_t
-from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.denoisers.base import Denoiser, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
 from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, register_objective
@@ -101,8 +101,7 @@ class DisBack(CriticObjective):
         CFG scale."""
         if index == 0:
             return nets.teacher
-        scale = nets.teacher.scale if isinstance(nets.teacher, Guided) else 1.0
-        return guided(nets.modules[f"path_{index}"], scale)
+        return guided(nets.modules[f"path_{index}"], nets.teacher.guidance_scale)
 
     @torch.no_grad()
     def record(self, nets: Nets, j: int) -> None:

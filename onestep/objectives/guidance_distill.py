@@ -37,7 +37,7 @@ from onestep.denoisers.base import Denoiser, guided, with_guidance
 from onestep.denoisers.nets import GUIDANCE_ADAPTER
 from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, register_objective
-from onestep.objectives.snoopi import check_guidance_range, sample_guidance, unguided
+from onestep.objectives.snoopi import check_guidance_range, sample_guidance
 from onestep.sampling import sample
 from onestep.schedules import bcast
 
@@ -50,7 +50,7 @@ SIGMA_DATA = 0.5
 def guided_target(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond, w: torch.Tensor) -> torch.Tensor:
     """The teacher's CFG prediction x^w(z_t) of each row at its own scale w (B,), no grad."""
     with torch.no_grad():
-        return guided(unguided(teacher), w).x0(x_t, t, cond)
+        return guided(teacher.unguided(), w).x0(x_t, t, cond)
 
 
 def edm_weight(schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def edm_weight(schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def trajectory_states(teacher: Denoiser, noise: torch.Tensor, cond, w: torch.Tensor, steps: int):
     """(z_t, t): per row, a state of the teacher's CFG-guided DDIM trajectory at the row's w, at a step drawn
     uniformly from its ``steps`` sampling times (AGD: training on CFG-guided trajectories). No grad."""
-    model = guided(unguided(teacher), w)
+    model = guided(teacher.unguided(), w)
     ts = model.schedule.default_ts(steps)
     states: list[torch.Tensor] = []
     with torch.no_grad():

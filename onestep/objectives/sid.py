@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.denoisers.base import Denoiser, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
 from onestep.objectives.base import (Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, frozen,
@@ -113,8 +113,7 @@ class SiD(CriticObjective):
     def real_model(self, nets: Nets) -> Denoiser:
         if self.cfg.real_guidance is None:
             return nets.teacher
-        base = nets.teacher.base if isinstance(nets.teacher, Guided) else nets.teacher
-        return guided(base, self.cfg.real_guidance)
+        return guided(nets.teacher.unguided(), self.cfg.real_guidance)
 
     def critic_model(self, nets: Nets) -> Denoiser:
         return guided(nets.critic, self.cfg.critic_guidance)

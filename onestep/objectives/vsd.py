@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from onestep.core import sample_t, vp_frame
-from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.denoisers.base import Denoiser, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
 from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, register_objective
@@ -108,7 +108,7 @@ class VSD(CriticObjective):
         """The critic in the generator gradient; ``w``: PG-SB's per-sample scales of the real score."""
         scale = self.cfg.fake_guidance
         if scale is None:
-            scale = w if w is not None else nets.teacher.scale if isinstance(nets.teacher, Guided) else 1.0
+            scale = w if w is not None else nets.teacher.guidance_scale
         return guided(nets.critic, scale)
 
     def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
