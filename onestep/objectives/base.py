@@ -30,6 +30,30 @@ class ObjectiveConfig:
     ttur: int = 1
 
 
+@dataclass
+class TimeRange:
+    """The noise levels a loss draws t from, shared by the objectives' configs (``check_t_range`` checks them). A
+    config redeclares a field only to change its default or to document its paper's choice."""
+
+    #: the loss's noise level t within [t_lo, t_hi] (fractions of the schedule's time range)
+    t_lo: float = 0.02
+    t_hi: float = 0.98
+
+
+@dataclass
+class TimeDraw(TimeRange):
+    #: how t is drawn in [t_lo, t_hi]: unit (u ~ U[t_lo, t_hi] through the schedule: log-uniform sigma on EDM) | grid
+    #: (integer index uniform on the 1000-point Karras grid on EDM, or on SD's timestep table) | karras (continuous on
+    #: the Karras ramp); see onestep.core.sample_t (``check_t_dist`` checks it)
+    t_dist: str = "unit"
+
+
+@dataclass
+class CriticWeighting:
+    #: critic's DSM weighting: edm | eps | x0 | v (onestep.core.dsm_loss)
+    critic_weighting: str = "edm"
+
+
 class Objective:
     name: ClassVar[str]
     Config: ClassVar[type] = ObjectiveConfig

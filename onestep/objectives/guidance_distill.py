@@ -36,7 +36,8 @@ from onestep.core import noised, sample_t
 from onestep.denoisers.base import Denoiser, guided, with_guidance
 from onestep.denoisers.nets import GUIDANCE_ADAPTER
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, register_objective
+from onestep.objectives.base import (Batch, Nets, Objective, ObjectiveConfig, TimeRange, check_t_range,
+                                     register_objective)
 from onestep.objectives.snoopi import check_guidance_range, sample_guidance
 from onestep.sampling import sample
 from onestep.schedules import bcast
@@ -90,7 +91,7 @@ def adapter_only(student: Denoiser):
 
 
 @dataclass
-class GuidanceDistillConfig(ObjectiveConfig):
+class GuidanceDistillConfig(ObjectiveConfig, TimeRange):
     name: str = "guidance_distill"
     #: the range of guidance scales the student learns, w ~ U[w_min, w_max] per sample (1 = conditional); Meng et
     #: al.'s U[0, 4] in their convention

@@ -38,7 +38,7 @@ import torch
 
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, TimeRange, check_t_range, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import NORMALIZER_FLOOR, surrogate_loss
 from onestep.schedules import bcast
@@ -50,15 +50,13 @@ UNIT_BISECTIONS = 60
 
 
 @dataclass
-class PhasedDMDConfig(ObjectiveConfig, GANConfig):
+class PhasedDMDConfig(ObjectiveConfig, GANConfig, TimeRange):
     name: str = "phased_dmd"
     #: fake-score updates per generator update (the paper: 5, Sec. 4 "the pseudo-score model is updated 5 times per
     #: generator update")
     ttur: int = 5
-    #: the diffusion time t of both losses: u ~ U[max(u_s, t_lo), t_hi] through the schedule, u_s the unit coordinate
-    #: of the phase's end s (the sub-interval (s, 1]); t_lo / t_hi as DMD2's (distribution_matching.py)
-    t_lo: float = 0.02
-    t_hi: float = 0.98
+    # t_lo / t_hi (TimeRange): the diffusion time t of both losses is u ~ U[max(u_s, t_lo), t_hi] through the
+    # schedule, u_s the unit coordinate of the phase's end s (the sub-interval (s, 1])
     #: generator steps of each phase before the next expert trains; the last phase runs to trainer.steps (the paper
     #: trains the high-SNR expert longer, Sec. 4.3)
     phase_length: int = 200

@@ -36,7 +36,7 @@ from onestep.conditioning import Cond
 from onestep.core import Batch, Nets, noised, sample_t
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, ObjectiveConfig, register_objective
+from onestep.objectives.base import Objective, ObjectiveConfig, TimeRange, register_objective
 from onestep.sampling import METHODS, sample
 
 MODES = ("instaflow", "reflow", "distill")
@@ -45,7 +45,7 @@ PAIR_SEED, DISTILL_SEED = 4321, 8765
 
 
 @dataclass
-class ReflowConfig(ObjectiveConfig):
+class ReflowConfig(ObjectiveConfig, TimeRange):
     name: str = "reflow"
     #: instaflow (reflow, then distill the reflowed model) | reflow (2-rectified flow) | distill (teacher pairs)
     mode: str = "instaflow"
