@@ -22,6 +22,7 @@ from onestep.errors import ConfigError
 from onestep.experiment import BUILDERS, build_sd
 from onestep.networks import check_networks
 from onestep.objectives import make_objective
+from onestep.objectives.base import check_generator_keys
 from onestep.sampling import METHODS, check_ts
 
 
@@ -131,6 +132,7 @@ def check_config(cfg) -> None:
     objective = make_objective(cfg.objective, generate=None)  # the objective's own hyperparameter checks
     for name, path in objective.run_weights().items():  # weights of other runs: the files exist
         generator_weights_file(path, f"objective.{name}")
+    check_generator_keys(type(objective), cfg.generator)  # generator keys another objective's shape reads
 
 
 def _check(key: str, value, rng: Range, what: str) -> None:

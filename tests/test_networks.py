@@ -74,6 +74,23 @@ def test_views_switch_adapters(tmp_path):
     assert torch.equal(base.net(x, t), init(x, t))
 
 
+def test_view_passes_the_networks_data_attributes_through():
+    """A View answers with its network's data attributes, whatever shaped the network (here MSD's routed students),
+    and refuses its methods and submodules: run through the view they would skip its adapter and dtype."""
+    from onestep.denoisers.nets import MLPDenoiser
+    from onestep.denoisers.students import MultiStudent
+    from onestep.networks import View
+    from onestep.schedules import make_schedule
+
+    net = MultiStudent(MLPDenoiser(make_schedule("edm"), 2, hidden=8, depth=1, num_classes=4), 2)
+    view = View(net)
+    assert view.num_students == 2 and view.feature_dim == net.feature_dim == 8 and view.num_classes == 4
+    assert view.assignment is net.assignment  # a buffer of the network
+    assert not hasattr(view, "route") and not hasattr(view, "students")
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        view.no_such_thing
+
+
 def test_full_copies_are_separate(tmp_path):
     nets = train(compose(TINY + ["trainer.steps=2"]), tmp_path)["networks"]
     g, c = nets.roles["generator"].module, nets.roles["critic"].module

@@ -5,9 +5,9 @@ outside onestep registers the same way from its own module, named by ``plugins=[
 import importlib
 import pkgutil
 
-from onestep.objectives.base import OBJECTIVES, make_objective
+from onestep.objectives.base import OBJECTIVES, make_objective, objective_class
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["OBJECTIVES", "make_objective"]
+__all__ = ["OBJECTIVES", "make_objective", "objective_class"]

@@ -27,6 +27,7 @@ Classifier-Free Guidance using Adapters", TMLR: the student then sees at trainin
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -113,6 +114,20 @@ class GuidanceDistill(Objective):
     name = "guidance_distill"
     Config = GuidanceDistillConfig
     networks = ("generator",)
+    generator_keys = ("guidance_input",)
+
+    @classmethod
+    def shape_generator(cls, gc, net):
+        if gc.guidance_input is None:
+            return net  # (the loss names the key to set)
+        if not hasattr(net, "add_guidance_input") or gc.lora.rank is not None:
+            raise ConfigError(f"generator.guidance_input={gc.guidance_input} adds a trained guidance embedding to a "
+                              f"full copy of the GMM MLP; {type(net).__name__}"
+                              f"{' with generator.lora' if gc.lora.rank is not None else ''} has none "
+                              "(unset generator.guidance_input, or use teacher=gmm_classes without LoRA)")
+        net = copy.deepcopy(net)  # (the init is shared: the teacher itself for image teachers)
+        net.add_guidance_input(gc.guidance_input)
+        return net
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)

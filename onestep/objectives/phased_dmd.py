@@ -36,7 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from onestep.denoisers.experts import PhaseExperts
 from onestep.errors import ConfigError
+from onestep.generator import Student
 from onestep.objectives.adversarial import GANConfig
 from onestep.objectives.base import Batch, Nets, ObjectiveConfig, TimeRange, check_t_range, register_objective
 from onestep.objectives.critic import CriticObjective
@@ -102,6 +104,27 @@ def unit_of(schedule, s: float) -> float:
 class PhasedDMD(CriticObjective):
     name = "phased_dmd"
     Config = PhasedDMDConfig
+    generator_keys = ("experts",)
+
+    @classmethod
+    def shape_generator(cls, gc, net):
+        if gc.experts == 1:
+            return net  # (the loss names the keys to set)
+        if gc.experts != gc.steps:
+            raise ConfigError(f"generator.experts={gc.experts} gives one expert per student step: pass "
+                              f"generator.steps={gc.experts} (got generator.steps={gc.steps})")
+        if gc.lora.rank is not None:
+            raise ConfigError(f"generator.experts={gc.experts} trains full copies of one network; unset "
+                              "generator.lora.rank")
+        ts = Student(net.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init).ts
+        return PhaseExperts(net, ts.tolist(), gc.method)  # (copies the init once per step)
+
+    @classmethod
+    def export_refusal(cls, gc):
+        if gc.experts > 1:
+            return (f"generator.experts={gc.experts}: a phased (Phased DMD) generator runs a different network at "
+                    "each step")
+        return None
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)

@@ -61,8 +61,8 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
     heads = objective.build_modules(setup)
     objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
     networks = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads,
-                        targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc),
-                        shard=fsdp.requested(cfg))
+                        targets=objective.targets(), device=acc.device,
+                        shape=partial(shape_student, gc, objective=type(objective)), shard=fsdp.requested(cfg))
     if tc.compile:
         networks.compile(tc.compile_mode, eager=objective.jvp_networks)
     teacher = guided(networks.teacher, cfg.teacher.guidance)
