@@ -143,6 +143,8 @@ RULES = {
     "denoisers know no objective nor anything above them": ({"denoisers"}, ABOVE),
     "teachers know nothing above them": ({"teachers"}, {n for n, t in TIER.items() if t > TIER["teachers"]}),
     "generator, data and experiment use core, not objectives": ({"generator", "data", "experiment"}, {"objectives"}),
+    "networks, checkpoints and sharding know no objective (objectives ask them for views)": (
+        {"networks", "checkpoint", "fsdp"}, {"objectives"}),
     "experiment does not import eval": ({"experiment"}, {"eval"}),
     "eval imports neither train nor experiment": ({"eval"}, {"train", "experiment"}),
     "export imports neither train nor eval": ({"export"}, {"train", "eval"}),
