@@ -166,6 +166,21 @@ def test_stage1_path_reads_a_run_folder_checkpoint_or_file(tmp_path):
         read_run_weights({"stage1": str(tmp_path / "missing")})
 
 
+def test_the_trainer_reads_stage1_from_another_runs_folder(tmp_path):
+    """objective.stage1=<run folder>: the objective only names the run (run_weights); the trainer resolves the folder
+    (checkpoint.read_run_weights) and prepare copies that run's generator_ema into the frozen stage-1 model."""
+    from onestep.checkpoint import list_checkpoints
+    from onestep.train.trainer import train
+
+    train(compose(TINY), tmp_path / "stage1")
+    stage2 = [a for a in TINY if not a.startswith("objective.stage1_steps")]
+    train(compose(stage2 + [f"objective.stage1={tmp_path / 'stage1'}", "objective.stage1_steps=0", "trainer.steps=2"]),
+          tmp_path / "stage2")
+    source = load_file(str(list_checkpoints(tmp_path / "stage1")[-1] / "generator_ema.safetensors"))
+    frozen = load_file(str(list_checkpoints(tmp_path / "stage2")[-1] / f"{STAGE1}.safetensors"))
+    assert source.keys() == frozen.keys() and all(torch.equal(source[k], frozen[k]) for k in source)
+
+
 def test_validation():
     for bad in (dict(), dict(stage1_steps=-1), dict(stage1="x", stage1_steps=5), dict(stage1_steps=5, boundary_prob=1.0),
                 dict(stage1_steps=5, transition_sigma=0.0), dict(stage1_steps=5, boundary_weight=-1.0)):
