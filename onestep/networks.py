@@ -175,14 +175,14 @@ class View(Denoiser):
     conditional = False  # set per instance in __init__ (shadows Denoiser.conditional)
 
     def __getattr__(self, name: str):
-        """Every other data attribute of the wrapped network (feature_dim, a routed generator's num_students or
-        phase_ts, ...), whatever shaped it. Methods and submodules are not passed: run through the view, they would
+        """Every other public data attribute of the wrapped network (feature_dim, a routed generator's num_students
+        or phase_ts, ...), whatever shaped it. Methods and submodules are not passed: run through the view, they would
         skip its adapter and dtype (the view defines the entry points it runs: forward, features, ...)."""
         try:
             return super().__getattr__(name)  # parameters, buffers and submodules of the view itself
         except AttributeError:
             net = self.__dict__.get("_modules", {}).get("net")
-            if net is None or name.startswith("__"):
+            if net is None or name.startswith("_"):  # private state (torch's, accelerate's flags) stays the view's
                 raise
             value = getattr(net, name)
             if callable(value):

@@ -182,8 +182,8 @@ def check_generator_keys(cls: type[Objective], gc) -> None:
     defaults = {f.name: f.default for f in fields(GeneratorConfig) if f.default is not MISSING}
     for other in sorted(OBJECTIVES.values(), key=lambda c: c.name):
         for key in other.generator_keys:
-            if key not in cls.generator_keys and gc[key] != defaults[key]:
-                raise ConfigError(f"generator.{key}={gc[key]} shapes the generator of objective={other.name}, and "
+            if key not in cls.generator_keys and getattr(gc, key) != defaults[key]:
+                raise ConfigError(f"generator.{key}={getattr(gc, key)} shapes the generator of objective={other.name}, and "
                                   f"objective={cls.name} does not read it: pass objective={other.name} or leave "
                                   f"generator.{key} at {defaults[key]}")
 
