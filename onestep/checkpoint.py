@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from onestep.errors import ConfigError
+
 _STEP = re.compile(r"^step_(\d{8})$")
 
 
@@ -93,3 +95,29 @@ def _fsync_dir(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+#: the checkpointed role another run's generator is read from (what `onestep sample` reads)
+GENERATOR_ROLE = "generator_ema"
+
+
+def generator_weights_file(path: str, key: str) -> Path:
+    """The file of a run's generator weights: ``path`` is a .safetensors file itself, a checkpoint folder (its
+    generator_ema.safetensors) or a run folder (the newest checkpoint that has one); ``key`` is the config key that
+    gave the path, for the error."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".safetensors":
+        return p
+    if (p / f"{GENERATOR_ROLE}.safetensors").is_file():
+        return p / f"{GENERATOR_ROLE}.safetensors"
+    for ckpt in reversed(list_checkpoints(p) if p.is_dir() else []):
+        if (ckpt / f"{GENERATOR_ROLE}.safetensors").is_file():
+            return ckpt / f"{GENERATOR_ROLE}.safetensors"
+    raise ConfigError(f"{key}='{path}' is not a run folder with a checkpoint, a checkpoint folder or a .safetensors "
+                      f"file of generator weights; pass {key}=<the run folder of a finished run of this generator>")
+
+
+def read_run_weights(paths: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The generator weights an objective reads from other runs (``Objective.run_weights()``: config field of the
+    objective -> path), by the same names; objectives know no checkpoint layout, the trainer reads them here."""
+    return {name: load_file(str(generator_weights_file(path, f"objective.{name}"))) for name, path in paths.items()}

@@ -99,6 +99,15 @@ class Cond:
         texts = None if any(c.texts is None for c in conds) else [s for c in conds for s in c.texts]
         return first._like(fields, texts)
 
+    @staticmethod
+    def of_classes(labels: torch.Tensor | None, num_classes: int, device=None) -> "Cond | None":
+        """The conditioning of stored class labels (a pool of teacher samples, a checkpointed buffer): Labels on
+        ``device``, or None for an unconditional model (``num_classes`` 0) or no labels; objectives rebuild their
+        pools' conditions through this and never name the conditioning's type."""
+        if labels is None or not num_classes:
+            return None
+        return Labels(labels, num_classes).to(device)
+
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.fields.items())
         return f"{type(self).__name__}({shapes})"

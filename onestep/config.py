@@ -110,15 +110,17 @@ class GeneratorConfig:
     attention: str = "default"
     #: wrap the generator so that x0(x, t_min) = x exactly (consistency models' c_skip / c_out boundary)
     consistency_boundary: bool = False
-    #: the generator takes the guidance scale w as an input (guidance distillation, Meng et al. 2023) and uses this
-    #: w when the conditioning carries none (sampling, eval); None = no guidance input
+    # The next keys shape the network and are read by one objective's ``shape_generator`` (objectives/base.py), named
+    # in each comment; under any other objective they stay at these defaults.
+    #: read by objective=guidance_distill: the generator takes the guidance scale w as an input (Meng et al. 2023) and
+    #: uses this w when the conditioning carries none (sampling, eval); None = no guidance input
     guidance_input: Optional[float] = None
-    #: multi-student distillation (MSD, objective=msd): K students, each a copy of the student init that serves a
-    #: partition of the classes (``partition``: contiguous | interleaved); a router picks the student per class
+    #: read by objective=msd: K students, each a copy of the student init that serves a partition of the classes
+    #: (``partition``: contiguous | interleaved); a router picks the student per class
     students: int = 1
     partition: str = "contiguous"
-    #: Phased DMD (objective=phased_dmd): one expert per student step (generator.experts = generator.steps), a copy of
-    #: the student init routed by t, so step i runs expert i (denoisers/experts.py); 1 = one network for every step
+    #: read by objective=phased_dmd: one expert per student step (generator.experts = generator.steps), a copy of the
+    #: student init routed by t, so step i runs expert i (denoisers/experts.py); 1 = one network for every step
     experts: int = 1
     lora: LoraConfig = field(default_factory=LoraConfig)
 

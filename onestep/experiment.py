@@ -207,37 +207,13 @@ def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
     return setup
 
 
-def shape_student(gc, net: Denoiser) -> Denoiser:
-    """generator.attention, generator.guidance_input, generator.students and generator.consistency_boundary applied to
-    a generator / critic network (the ``shape`` that networks.Networks applies to each copy of ``setup.student_init``)."""
+def shape_student(gc, net: Denoiser, objective) -> Denoiser:
+    """generator.attention, the run's objective's shape (``objective``: its class, whose ``shaped(gc, net)`` reads
+    the generator keys it owns: routed students, phase experts, a guidance input) and generator.consistency_boundary
+    applied to a generator / critic network (the ``shape`` that networks.Networks applies to each copy of
+    ``setup.student_init``)."""
     from onestep.denoisers.consistency import ConsistencyBoundary
 
     set_attention(net, gc.attention)
-    if gc.guidance_input is not None:
-        if not hasattr(net, "add_guidance_input") or gc.lora.rank is not None:
-            raise ConfigError(f"generator.guidance_input={gc.guidance_input} adds a trained guidance embedding to a "
-                              f"full copy of the GMM MLP; {type(net).__name__}"
-                              f"{' with generator.lora' if gc.lora.rank is not None else ''} has none "
-                              "(unset generator.guidance_input, or use teacher=gmm_classes without LoRA)")
-        net = copy.deepcopy(net)  # (the init is shared: the teacher itself for image teachers)
-        net.add_guidance_input(gc.guidance_input)
-    if gc.students > 1:
-        from onestep.denoisers.students import MultiStudent
-
-        if gc.lora.rank is not None:
-            raise ConfigError(f"generator.students={gc.students} trains K full copies; generator.lora is not "
-                              "supported with it (unset generator.lora.rank or use generator.students=1)")
-        net = MultiStudent(net, gc.students, gc.partition)  # (copies the init K times)
-    if gc.experts > 1:
-        from onestep.denoisers.experts import PhaseExperts
-        from onestep.generator import Student
-
-        if gc.experts != gc.steps:
-            raise ConfigError(f"generator.experts={gc.experts} gives one expert per student step: pass "
-                              f"generator.steps={gc.experts} (got generator.steps={gc.steps})")
-        if gc.lora.rank is not None or gc.students > 1:
-            raise ConfigError(f"generator.experts={gc.experts} trains full copies of one network; unset "
-                              "generator.lora.rank and generator.students")
-        ts = Student.from_config(net.schedule, gc).ts
-        net = PhaseExperts(net, ts.tolist(), gc.method)  # (copies the init once per step)
+    net = objective.shaped(gc, net)
     return ConsistencyBoundary(net) if gc.consistency_boundary else net

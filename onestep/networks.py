@@ -167,19 +167,28 @@ class View(Denoiser):
         self.net, self.adapter = net, adapter
         self._base = [base]  # a list: not a submodule of its own
         self._own = own  # parameter names of the role (None = all of net's)
+        # the Denoiser interface has class-level defaults, which __getattr__ would never be asked for
         self.schedule, self.prediction = net.schedule, net.prediction
         self.data_shape, self.num_classes = net.data_shape, net.num_classes
         self.conditional, self.embedded_guidance = net.conditional, net.embedded_guidance
-        if hasattr(net, "feature_dim"):
-            self.feature_dim = net.feature_dim
-        if hasattr(net, "num_students"):  # a multi-student generator (denoisers/students.py)
-            self.num_students = net.num_students
-        if hasattr(net, "num_experts"):  # one expert per step (denoisers/experts.py)
-            self.num_experts, self.phase_ts, self.phase_method = net.num_experts, net.phase_ts, net.phase_method
-        if hasattr(net, "spatial_feature_shape"):
-            self.spatial_feature_shape = net.spatial_feature_shape
 
     conditional = False  # set per instance in __init__ (shadows Denoiser.conditional)
+
+    def __getattr__(self, name: str):
+        """Every other public data attribute of the wrapped network (feature_dim, a routed generator's num_students
+        or phase_ts, ...), whatever shaped it. Methods and submodules are not passed: run through the view, they would
+        skip its adapter and dtype (the view defines the entry points it runs: forward, features, ...)."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of the view itself
+        except AttributeError:
+            net = self.__dict__.get("_modules", {}).get("net")
+            if net is None or name.startswith("_"):  # private state (torch's, accelerate's flags) stays the view's
+                raise
+            value = getattr(net, name)
+            if callable(value):
+                raise AttributeError(f"{type(self).__name__} passes data attributes of its network through, not "
+                                     f"'{name}': call it on the network itself (Networks.unwrapped)") from None
+            return value
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         own = None if self._own is None else set(self._own)

@@ -16,11 +16,13 @@ from typing import Callable, NamedTuple
 
 from omegaconf import OmegaConf
 
+from onestep.checkpoint import generator_weights_file
 from onestep.denoisers.attention import check_attention
 from onestep.errors import ConfigError
 from onestep.experiment import BUILDERS, build_sd
 from onestep.networks import check_networks
 from onestep.objectives import make_objective
+from onestep.objectives.base import check_generator_keys
 from onestep.sampling import METHODS, check_ts
 
 
@@ -127,7 +129,10 @@ def check_config(cfg) -> None:
             raise ConfigError(f"generator.ts: {e}; pass generator.ts=[t_0, t_1, ...] or generator.ts=null") from None
     check_attention(cfg.generator.attention)
     check_networks(cfg)
-    make_objective(cfg.objective, generate=None)  # the objective's own hyperparameter checks
+    objective = make_objective(cfg.objective, generate=None)  # the objective's own hyperparameter checks
+    for name, path in objective.run_weights().items():  # weights of other runs: the files exist
+        generator_weights_file(path, f"objective.{name}")
+    check_generator_keys(type(objective), cfg.generator)  # generator keys another objective's shape reads
 
 
 def _check(key: str, value, rng: Range, what: str) -> None:

@@ -165,7 +165,6 @@ def test_classes16_student_matches_the_guided_teacher_at_several_w(trained, tmp_
     DSM-trained net the student starts from, guided by CFG, is 0.033 / 0.100 / 0.267 from the teacher at w = 1, 2, 4."""
     from conftest import compose
     from onestep.eval.gmm_metrics import sliced_w2
-    from onestep.objectives.snoopi import unguided
     from onestep.sampling import sample
     from onestep.train.trainer import train
     from onestep.denoisers.base import with_guidance
@@ -173,7 +172,7 @@ def test_classes16_student_matches_the_guided_teacher_at_several_w(trained, tmp_
     ov = ["experiment=gmm_guidance_distill", "teacher.net_steps=400", "trainer.steps=300", "trainer.progress=false",
           "trainer.checkpoint_every=1000", "eval.num_samples=2000", "eval.plot=false", f"objective.trained={trained}"]
     out = train(compose(ov), tmp_path)
-    student, teacher = out["networks"].unwrapped("generator_ema"), unguided(out["networks"].teacher)
+    student, teacher = out["networks"].unwrapped("generator_ema"), out["networks"].teacher.unguided()
     if trained == "adapter":
         from safetensors.torch import load_file
 

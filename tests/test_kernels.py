@@ -235,7 +235,14 @@ def test_set_jvp_attention_make_jvp_safe():
 def test_peak_memory_blockwise_vs_math_jvp():
     """Peak allocated bytes of forward+JVP at N = 1024 (B 1, H 8, d 64, as in results/jvp_attention_cpu.md), each in a
     fresh subprocess (same run): the kernel's stays below half of ONE N x N score matrix, MATH + jvp holds five."""
-    from onestep.kernels.bench import MATH_NN_MATRICES, measure_cpu_point
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tools" / "bench_kernels.py"  # the bench lives outside the library
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    MATH_NN_MATRICES, measure_cpu_point = bench.MATH_NN_MATRICES, bench.measure_cpu_point
 
     N, H, d = 1024, 8, 64
     m = measure_cpu_point("math_jvp", N, B=1, H=H, d=d, threads=1)

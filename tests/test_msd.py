@@ -96,7 +96,8 @@ def test_students_start_as_the_init_and_bad_input_fails():
 def test_export_refuses_a_multi_student_run_in_one_line(tmp_path):
     from onestep.export.pipelines import export
 
-    cfg = SimpleNamespace(generator=SimpleNamespace(students=4), trainer=SimpleNamespace(steps=1))
+    cfg = SimpleNamespace(generator=SimpleNamespace(students=4), trainer=SimpleNamespace(steps=1),
+                          objective=SimpleNamespace(name="msd"))
     run = SimpleNamespace(finished=True, cfg=cfg, path=Path(tmp_path / "run"), step=1)
     out = tmp_path / "exported"
     with pytest.raises(ConfigError) as e:
@@ -133,3 +134,15 @@ def test_classes16_msd_four_students(tmp_path):
             rows_c = labels == c
             alone = routed.students[int(routed.assignment[c])](x[rows_c], tt[rows_c], cond[rows_c.nonzero().flatten()])
             assert torch.equal(y[rows_c], alone), c
+
+
+def test_students_under_another_objective_are_refused_in_one_line():
+    """generator.students is MSD's shape (MSD.generator_keys): a run of another objective that sets it stops before it
+    starts instead of training one generator and ignoring the key."""
+    from conftest import compose
+    from onestep.validate import check_config
+
+    with pytest.raises(ConfigError, match="generator.students=4 shapes the generator of objective=msd") as e:
+        check_config(compose(["experiment=gmm_msd", "objective=dmd2"]))
+    assert "\n" not in str(e.value) and "pass objective=msd" in str(e.value)
+    check_config(compose(["experiment=gmm_msd"]))

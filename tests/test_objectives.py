@@ -415,3 +415,31 @@ def test_sid_lsg_guidance_scales():
     dropped = obj.critic_cond(nets, Batch(noise=x, cond=Labels(torch.zeros(4000, dtype=torch.long), 2))).labels
     assert abs(float((dropped == 2).double().mean()) - 0.5) < 0.05 and set(dropped.tolist()) == {0, 2}
     assert SiD(SiDConfig(), None).critic_cond(nets, Batch(noise=x, cond=cond)) is cond
+
+
+def test_objectives_register_themselves_and_a_plugin_objective_trains_through_the_cli(tmp_path):
+    """Every module of onestep/objectives registers by being there (no import list), and an objective from a module
+    outside onestep (tests/plugins/plugin_objective.py) trains through `onestep train plugins=[...] objective=...`."""
+    import json
+    import os
+    import pkgutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onestep.objectives as objectives
+    from conftest import CLI_SMALL
+
+    modules = {f"onestep.objectives.{m.name}" for m in pkgutil.iter_modules(objectives.__path__)}
+    assert modules <= set(sys.modules), modules - set(sys.modules)  # each file imported, so each registered
+    assert {cls.__module__ for cls in objectives.OBJECTIVES.values()} <= modules
+    assert "plugin_pull" not in objectives.OBJECTIVES  # only a run that names the plugin imports it
+    plugin_dir = Path(__file__).parent / "plugins"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(plugin_dir),
+                                                                            os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "onestep.cli", "train", "plugins=[plugin_objective]", "experiment=gmm_adversarial",
+           "objective=plugin_pull", *CLI_SMALL, f"out_root={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = [json.loads(line) for f in tmp_path.rglob("stats.jsonl") for line in f.read_text().splitlines()]
+    assert stats and all("gen/plugin_gap" in s for s in stats), stats

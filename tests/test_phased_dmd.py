@@ -235,15 +235,22 @@ def test_bad_input_fails_in_one_line():
 def test_experiment_keys_are_checked():
     from conftest import compose
     from onestep.experiment import shape_student
+    from onestep.objectives.dmd2 import DMD2
 
     sched = make_schedule("edm")
     net = MLPDenoiser(sched, 4, hidden=16, depth=1)
     cfg = compose(["experiment=gmm_phased_dmd", "generator.steps=3"])
     with pytest.raises(ConfigError, match="generator.steps=2") as e:
-        shape_student(cfg.generator, net)
+        shape_student(cfg.generator, net, PhasedDMD)
     assert "\n" not in str(e.value)
-    moe = shape_student(compose(["experiment=gmm_phased_dmd"]).generator, net)
+    moe = shape_student(compose(["experiment=gmm_phased_dmd"]).generator, net, PhasedDMD)
     assert isinstance(moe, PhaseExperts) and moe.num_experts == 2 and moe.phase_method == "ddim"
+    # the experts are phased_dmd's shape: under another objective the key is refused, not ignored
+    with pytest.raises(ConfigError, match="generator.experts=2 shapes the generator of objective=phased_dmd") as e:
+        shape_student(compose(["experiment=gmm_phased_dmd"]).generator, net, DMD2)
+    assert "\n" not in str(e.value)
+    plain = shape_student(compose(["experiment=gmm_dmd2"]).generator, net, DMD2)
+    assert plain is net
 
 
 def test_export_refuses_a_phased_run_in_one_line(tmp_path):
@@ -252,7 +259,8 @@ def test_export_refuses_a_phased_run_in_one_line(tmp_path):
 
     from onestep.export.pipelines import export
 
-    cfg = SimpleNamespace(generator=SimpleNamespace(students=1, experts=2), trainer=SimpleNamespace(steps=1))
+    cfg = SimpleNamespace(generator=SimpleNamespace(students=1, experts=2), trainer=SimpleNamespace(steps=1),
+                          objective=SimpleNamespace(name="phased_dmd"))
     run = SimpleNamespace(finished=True, cfg=cfg, path=Path(tmp_path / "run"), step=1)
     with pytest.raises(ConfigError) as e:
         export(run, tmp_path / "exported")

@@ -20,7 +20,7 @@ from torch import nn
 from conftest import compose
 from onestep.conditioning import Labels
 from onestep.core import Batch, Nets, dsm_loss, noised, sample_t
-from onestep.denoisers.base import Guided, guided
+from onestep.denoisers.base import Denoiser, Guided, guided
 from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser, class_mixture, ring
 from onestep.denoisers.nets import MLPDenoiser
 from onestep.errors import ConfigError
@@ -225,7 +225,7 @@ def test_conv_head_reads_a_unets_spatial_bottleneck_and_refuses_vectors():
         GANTerm(bad, True)
 
 
-class _Seen(nn.Module):
+class _Seen(Denoiser):
     """A critic whose features are x_t itself; remembers every t it was called at."""
 
     def __init__(self, sched):

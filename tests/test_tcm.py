@@ -16,7 +16,8 @@ from onestep.denoisers.base import Denoiser
 from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser
 from onestep.errors import ConfigError
 from onestep.objectives.cd import CDConfig, ConsistencyDistillation
-from onestep.objectives.tcm import STAGE1, TCM, TCMConfig, stage1_file
+from onestep.checkpoint import generator_weights_file, read_run_weights
+from onestep.objectives.tcm import STAGE1, TCM, TCMConfig
 from onestep.schedules import make_schedule
 
 MU, VAR = torch.tensor([0.3, -0.5], dtype=torch.float64), 0.2
@@ -152,15 +153,32 @@ def test_stage1_path_reads_a_run_folder_checkpoint_or_file(tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_00000004").mkdir()  # older, and without weights
     save_file({"w": torch.tensor([0.25, -2.0], dtype=torch.float64)}, str(ckpt / "generator_ema.safetensors"))
     for path in (tmp_path / "run", ckpt, ckpt / "generator_ema.safetensors"):
-        assert stage1_file(str(path)) == ckpt / "generator_ema.safetensors"
+        assert generator_weights_file(str(path), "objective.stage1") == ckpt / "generator_ema.safetensors"
     obj = TCM(TCMConfig(stage1=str(tmp_path / "run")), generate=None)
-    obj.prepare(nets(student, stage1))
+    assert obj.run_weights() == {"stage1": str(tmp_path / "run")}  # the objective names the run, the trainer reads it
+    obj.prepare(nets(student, stage1), read_run_weights(obj.run_weights()))
     assert stage1.w.tolist() == [0.25, -2.0] and student.w.tolist() == [0.25, -2.0]
     save_file({"w": torch.zeros(3, dtype=torch.float64)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="does not fit"):
-        TCM(TCMConfig(stage1=str(tmp_path / "other.safetensors")), generate=None).prepare(nets(student, stage1))
+        other = TCM(TCMConfig(stage1=str(tmp_path / "other.safetensors")), generate=None)
+        other.prepare(nets(student, stage1), read_run_weights(other.run_weights()))
     with pytest.raises(ConfigError, match="objective.stage1="):
-        stage1_file(str(tmp_path / "missing"))
+        read_run_weights({"stage1": str(tmp_path / "missing")})
+
+
+def test_the_trainer_reads_stage1_from_another_runs_folder(tmp_path):
+    """objective.stage1=<run folder>: the objective only names the run (run_weights); the trainer resolves the folder
+    (checkpoint.read_run_weights) and prepare copies that run's generator_ema into the frozen stage-1 model."""
+    from onestep.checkpoint import list_checkpoints
+    from onestep.train.trainer import train
+
+    train(compose(TINY), tmp_path / "stage1")
+    stage2 = [a for a in TINY if not a.startswith("objective.stage1_steps")]
+    train(compose(stage2 + [f"objective.stage1={tmp_path / 'stage1'}", "objective.stage1_steps=0", "trainer.steps=2"]),
+          tmp_path / "stage2")
+    source = load_file(str(list_checkpoints(tmp_path / "stage1")[-1] / "generator_ema.safetensors"))
+    frozen = load_file(str(list_checkpoints(tmp_path / "stage2")[-1] / f"{STAGE1}.safetensors"))
+    assert source.keys() == frozen.keys() and all(torch.equal(source[k], frozen[k]) for k in source)
 
 
 def test_validation():

@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 
 import onestep.config  # noqa: F401
 import onestep.objectives  # noqa: F401
+from onestep.objectives import objective_class
 from onestep import checkpoint, experiment
 from onestep.denoisers.base import guided
 from onestep.schedules import make_schedule
@@ -336,8 +337,10 @@ def target(task: str, row: dict, t64: dict) -> tuple[bool, str]:
     return met, f"{'met' if met else 'missed'}: {what} {x:.1f}x"
 
 
-def _generator(setup, ckpt: Path, gc):
-    net = experiment.shape_student(gc, copy.deepcopy(setup.student_init))  # e.g. consistency_boundary (CD rows)
+def _generator(setup, ckpt: Path, cfg):
+    # the run's shape: e.g. consistency_boundary (CD rows), routed students (msd), experts (phased_dmd)
+    objective = objective_class(cfg.objective.name)
+    net = experiment.shape_student(cfg.generator, copy.deepcopy(setup.student_init), objective)
     net.load_state_dict(load_file(str(ckpt / "generator_ema.safetensors")))
     return net.eval()
 
@@ -345,7 +348,7 @@ def _generator(setup, ckpt: Path, gc):
 def _student_samples(cfg, setup, ckpt: Path, n: int):
     gc = cfg.generator
     student = Student.from_config(setup.teacher.schedule, gc)
-    net = _generator(setup, ckpt, gc)
+    net = _generator(setup, ckpt, cfg)
     noise, cond = eval_inputs(setup, n, EVAL_SEED)
     rng = torch.Generator().manual_seed(EVAL_SEED)
     with torch.no_grad():

@@ -87,7 +87,7 @@ def bare(overrides, steps, run_dir: Path) -> float:
     heads = objective.build_modules(setup)
     objective.set_run(heads, images_per_step=tc.batch_size)
     nets_ = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads, targets=objective.targets(),
-                     shape=partial(shape_student, gc))
+                     shape=partial(shape_student, gc, objective=type(objective)))
     nets = nets_.nets(guided(nets_.teacher, cfg.teacher.guidance))
     objective.prepare(nets)
 

@@ -600,7 +600,7 @@ def _bare_steps_per_s(overrides, steps: int, run_dir: Path, device: str) -> floa
     tc, gcfg = cfg.trainer, cfg.generator
     torch.manual_seed(cfg.seed)
     setup = experiment.build(cfg, run_dir, progress=False)
-    student = Student(setup.teacher.schedule, gcfg.steps, gcfg.ts, gcfg.method, gcfg.sigma_init)
+    student = Student.from_config(setup.teacher.schedule, gcfg)
     objective = make_objective(cfg.objective, student.train_sample)
     heads = objective.build_modules(setup)
     objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())

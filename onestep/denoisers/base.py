@@ -33,6 +33,16 @@ class Denoiser(nn.Module):
         """Takes a condition with a null branch (class labels, prompts): what CFG and condition dropout need."""
         return self.num_classes > 0
 
+    def unguided(self) -> "Denoiser":
+        """The network without classifier-free guidance: the denoiser itself; the CFG wrapper returns what it guides.
+        Objectives that guide a teacher their own way (SiD-LSG, SNOOPI) or read a network's features ask this."""
+        return self
+
+    @property
+    def guidance_scale(self) -> "float | torch.Tensor":
+        """The classifier-free guidance scale this denoiser applies: 1 (none); the CFG wrapper's ``scale``."""
+        return 1.0
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x_t, t, cond)")
 
@@ -115,6 +125,13 @@ class Guided(Denoiser):
         self.base, self.scale = base, scale if isinstance(scale, torch.Tensor) else float(scale)
         self.schedule, self.prediction = base.schedule, base.prediction
         self.data_shape, self.num_classes = base.data_shape, base.num_classes
+
+    def unguided(self) -> Denoiser:
+        return self.base
+
+    @property
+    def guidance_scale(self) -> "float | torch.Tensor":
+        return self.scale
 
     def forward(self, x_t, t, cond=None):
         if self.base.embedded_guidance:

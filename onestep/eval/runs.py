@@ -17,6 +17,7 @@ from onestep.errors import ConfigError
 from onestep.experiment import shape_student
 from onestep.generator import Student
 from onestep.networks import EMA, load_generator
+from onestep.objectives import objective_class
 
 
 @dataclass
@@ -69,7 +70,8 @@ def load_run(path: str | Path, device: torch.device, key: str = "bench.runs",
     setup = experiment.build(cfg, run, progress=progress)
     try:
         generator, step = load_generator(cfg, setup, run, role=role, device=device,
-                                         shape=partial(shape_student, cfg.generator))
+                                         shape=partial(shape_student, cfg.generator,
+                                                       objective=objective_class(cfg.objective.name)))
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}; train it further or {fix}") from None
     return Run(run, cfg, setup, generator, step)

@@ -34,6 +34,7 @@ from onestep.denoisers.consistency import LCM_TIMESTEP_SCALING, ConsistencyBound
 from onestep.errors import ConfigError
 from onestep.eval.runs import Run
 from onestep.export.weights import lora_state_dict, plain_model, student_model
+from onestep.objectives import objective_class
 
 EXPORT_FILE = "onestep_export.json"
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
@@ -218,14 +219,10 @@ def export(run: Run, out, *, overwrite: bool = False, lora_only: bool = False, a
         raise ConfigError(f"run '{run.path}' stopped at step {run.step} of trainer.steps={run.cfg.trainer.steps}; "
                           "finish it (rerun its onestep train command) or pass allow_unfinished=true to export "
                           "the latest checkpoint")
-    if run.cfg.generator.students > 1:
-        raise ConfigError(f"generator.students={run.cfg.generator.students}: a multi-student (MSD) generator routes "
-                          "each class to its own network, which no diffusers pipeline holds; use its run folder "
-                          f"instead (onestep sample run_dir={run.path} for images, onestep bench bench.runs=[...])")
-    if getattr(run.cfg.generator, "experts", 1) > 1:
-        raise ConfigError(f"generator.experts={run.cfg.generator.experts}: a phased (Phased DMD) generator runs a "
-                          "different network at each step, which no diffusers pipeline holds; use its run folder "
-                          f"instead (onestep sample run_dir={run.path} for images, onestep bench bench.runs=[...])")
+    routes = objective_class(run.cfg.objective.name).export_refusal(run.cfg.generator)
+    if routes:  # the objective shaped a generator that routes between networks
+        raise ConfigError(f"{routes}, which no diffusers pipeline holds; use its run folder instead (onestep sample "
+                          f"run_dir={run.path} for images, onestep bench bench.runs=[...])")
     out = prepare_out(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,13 +1,13 @@
-"""Objectives, one per file. Importing this package registers each objective's config with Hydra."""
+"""Objectives, one per file. Importing this package imports every module in it, and each registers its objective
+(class and Hydra config node) with ``register_objective``: adding an objective is adding its file. An objective
+outside onestep registers the same way from its own module, named by ``plugins=[module]`` (onestep/plugins.py)."""
 
-from onestep.objectives import dmd2  # noqa: F401  (registers)
-from onestep.objectives import adversarial, dmd, fdistill, sid, sida, sim, vsd  # noqa: F401  (registers)
-from onestep.objectives import boot, scott  # noqa: F401  (registers; consistency family)
-from onestep.objectives import cd, ict, rcm, scm  # noqa: F401  (registers; consistency family)
-from onestep.objectives import tcm, tscd  # noqa: F401  (registers; consistency family)
-from onestep.objectives import meanflow, reflow, tbcm  # noqa: F401  (registers; trajectory family)
-from onestep.objectives import guidance_distill, msd  # noqa: F401  (registers; guidance / multi-student)
-from onestep.objectives import disback, phased_dmd  # noqa: F401  (registers; distribution matching)
-from onestep.objectives.base import OBJECTIVES, make_objective
+import importlib
+import pkgutil
 
-__all__ = ["OBJECTIVES", "make_objective"]
+from onestep.objectives.base import OBJECTIVES, make_objective, objective_class
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["OBJECTIVES", "make_objective", "objective_class"]

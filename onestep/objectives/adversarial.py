@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onestep import conditioning
-from onestep.denoisers.base import Denoiser, Guided
+from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, frozen, register_objective
 from onestep.core import T_DISTS, noised, sample_t
@@ -78,7 +78,7 @@ class GANConfig:
 def features(denoiser: nn.Module, x_t, t, cond=None, *, spatial: bool = False) -> torch.Tensor:
     """The denoiser's ``features`` or ``spatial_features`` (the unguided network's: a head reads one branch, not
     the CFG mix)."""
-    net = denoiser.base if isinstance(denoiser, Guided) else denoiser
+    net = denoiser.unguided()
     entry = "spatial_features" if spatial else "features"
     if not hasattr(net, entry):
         raise ConfigError(f"objective.discriminator needs a network with {entry}(x_t, t, cond); "
@@ -205,7 +205,7 @@ class GANTerm:
     def logits(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
         """(B,) logits, or (B, h, w) for channel_mean on a spatial bottleneck."""
         if self.head == "channel_mean":
-            spatial = has_spatial_features(nets.critic.base if isinstance(nets.critic, Guided) else nets.critic)
+            spatial = has_spatial_features(nets.critic.unguided())
             return features(nets.critic, x_t, t, cond, spatial=spatial).mean(1)
         head = nets.modules[HEAD]
         if self.kind == "teacher":

@@ -10,14 +10,15 @@ i.e. TTUR), precision, EMA and checkpoints; objectives know nothing of them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from onestep.config import store
+from onestep.config import GeneratorConfig, store
 from onestep.core import T_DISTS, Batch, Nets
+from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -30,6 +31,30 @@ class ObjectiveConfig:
     ttur: int = 1
 
 
+@dataclass
+class TimeRange:
+    """The noise levels a loss draws t from, shared by the objectives' configs (``check_t_range`` checks them). A
+    config redeclares a field only to change its default or to document its paper's choice."""
+
+    #: the loss's noise level t within [t_lo, t_hi] (fractions of the schedule's time range)
+    t_lo: float = 0.02
+    t_hi: float = 0.98
+
+
+@dataclass
+class TimeDraw(TimeRange):
+    #: how t is drawn in [t_lo, t_hi]: unit (u ~ U[t_lo, t_hi] through the schedule: log-uniform sigma on EDM) | grid
+    #: (integer index uniform on the 1000-point Karras grid on EDM, or on SD's timestep table) | karras (continuous on
+    #: the Karras ramp); see onestep.core.sample_t (``check_t_dist`` checks it)
+    t_dist: str = "unit"
+
+
+@dataclass
+class CriticWeighting:
+    #: critic's DSM weighting: edm | eps | x0 | v (onestep.core.dsm_loss)
+    critic_weighting: str = "edm"
+
+
 class Objective:
     name: ClassVar[str]
     Config: ClassVar[type] = ObjectiveConfig
@@ -37,12 +62,34 @@ class Objective:
     networks: ClassVar[tuple[str, ...]] = ("generator", "critic")
     #: roles the loss differentiates with torch.func.jvp (trainer.compile leaves them eager)
     jvp_networks: ClassVar[tuple[str, ...]] = ()
+    #: the generator.<key> fields ``shape_generator`` reads; under any other objective they keep their defaults
+    generator_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg, generate):
         """``generate(nets, batch) -> x0`` maps a batch to generator samples with gradients."""
         if cfg.ttur < 1:
             raise ConfigError(f"objective.ttur={cfg.ttur} must be >= 1 (critic updates per generator update)")
         self.cfg, self.generate = cfg, generate
+
+    @classmethod
+    def shape_generator(cls, gc, net: Denoiser) -> Denoiser:
+        """The network this objective trains, made from one copy of the student init (generator and critic alike):
+        several routed students (MSD), one expert per step (Phased DMD), a guidance input (guidance distillation).
+        ``gc`` is the generator config; the default trains ``net`` as it is."""
+        return net
+
+    @classmethod
+    def shaped(cls, gc, net: Denoiser) -> Denoiser:
+        """``shape_generator`` after ``check_generator_keys``: what experiment.shape_student applies to each copy of
+        the student init for a run of this objective."""
+        check_generator_keys(cls, gc)
+        return cls.shape_generator(gc, net)
+
+    @classmethod
+    def export_refusal(cls, gc) -> str | None:
+        """Why the generator ``shape_generator`` makes from ``gc`` has no diffusers pipeline (it routes between
+        networks), said as "generator.<key>=<value>: <what the generator does>"; None = it exports."""
+        return None
 
     @property
     def critic_updates(self) -> int:
@@ -72,10 +119,17 @@ class Objective:
         (target <- decay * target + (1 - decay) * generator) and checkpoints them."""
         return {}
 
-    def prepare(self, nets: Nets) -> None:
+    def run_weights(self) -> dict[str, str]:
+        """Generator weights this objective reads from other runs: its config field -> the path the field gives (a
+        run folder, a checkpoint folder or a .safetensors file). The layer that runs the objective resolves the paths
+        (objectives know no checkpoint layout: onestep.checkpoint.read_run_weights) and hands the weights to
+        ``prepare``."""
+        return {}
+
+    def prepare(self, nets: Nets, weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         """Build what the objective derives once, before the first step (DMD's regression pairs). Under several
         processes the trainer runs it on the main process first and on the others after, so that a file written
-        here is read by them, not rebuilt."""
+        here is read by them, not rebuilt. ``weights``: the state dicts ``run_weights()`` named, by the same names."""
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"objective {self.name} must define generator_loss")
@@ -118,7 +172,24 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def objective_class(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective '{name}' is unknown; choose objective=<one of {sorted(OBJECTIVES)}>")
+    return OBJECTIVES[name]
+
+
 def make_objective(cfg, generate) -> Objective:
-    if cfg.name not in OBJECTIVES:
-        raise ConfigError(f"objective '{cfg.name}' is unknown; choose objective=<one of {sorted(OBJECTIVES)}>")
-    return OBJECTIVES[cfg.name](cfg, generate)
+    return objective_class(cfg.name)(cfg, generate)
+
+
+def check_generator_keys(cls: type[Objective], gc) -> None:
+    """The generator.<key> fields another objective's ``shape_generator`` reads are at their defaults: this
+    objective would not read them, and a run that sets one meant that objective."""
+    defaults = {f.name: f.default for f in fields(GeneratorConfig) if f.default is not MISSING}
+    for other in sorted(OBJECTIVES.values(), key=lambda c: c.name):
+        for key in other.generator_keys:
+            if key not in cls.generator_keys and getattr(gc, key) != defaults[key]:
+                raise ConfigError(f"generator.{key}={getattr(gc, key)} shapes the generator of objective={other.name}, and "
+                                  f"objective={cls.name} does not read it: pass objective={other.name} or leave "
+                                  f"generator.{key} at {defaults[key]}")
+

@@ -31,26 +31,22 @@ from dataclasses import dataclass
 import torch
 
 from onestep.core import sample_t
-from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.denoisers.base import Denoiser, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, register_objective
+from onestep.objectives.base import (Batch, CriticWeighting, Nets, ObjectiveConfig, TimeDraw, check_t_dist,
+                                     check_t_range, register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_loss
 
 
 @dataclass
-class DisBackConfig(ObjectiveConfig, GANConfig):
+class DisBackConfig(ObjectiveConfig, GANConfig, TimeDraw, CriticWeighting):
     name: str = "disback"
     #: critic updates per generator step in both stages (DMD2's TTUR; DisBack's scripts --dfake_gen_update_ratio 5)
     ttur: int = 5
-    #: the distribution matching gradient's t within [t_lo, t_hi] and its draw (as objective=dmd2; DisBack's scripts
-    #: --max_step_percent 0.98 and DMD2's min 0.02)
-    t_lo: float = 0.02
-    t_hi: float = 0.98
-    t_dist: str = "unit"
-    #: critic's DSM weighting: edm | eps | x0 | v
-    critic_weighting: str = "edm"
+    # t_lo / t_hi (TimeDraw) of the distribution matching gradient: DisBack's scripts --max_step_percent 0.98 and
+    # DMD2's min 0.02
     #: stage 1 (degradation recording): generator steps (each with ``ttur`` critic updates) fine-tuning the teacher
     #: copy toward the frozen initial generator (the official SDXL degradation ran 25000 iterations)
     degrade_steps: int = 100
@@ -101,8 +97,7 @@ class DisBack(CriticObjective):
         CFG scale."""
         if index == 0:
             return nets.teacher
-        scale = nets.teacher.scale if isinstance(nets.teacher, Guided) else 1.0
-        return guided(nets.modules[f"path_{index}"], scale)
+        return guided(nets.modules[f"path_{index}"], nets.teacher.guidance_scale)
 
     @torch.no_grad()
     def record(self, nets: Nets, j: int) -> None:

@@ -19,7 +19,8 @@ from typing import Optional
 from onestep.core import sample_t
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, register_objective
+from onestep.objectives.base import (Batch, CriticWeighting, Nets, ObjectiveConfig, TimeDraw, check_t_dist,
+                                     check_t_range, register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.regression import TeacherPairs
@@ -27,19 +28,14 @@ from onestep.objectives.snoopi import RandomGuidance, RandomGuidanceConfig
 
 
 @dataclass
-class DMD2Config(ObjectiveConfig, GANConfig, RandomGuidanceConfig):
+class DMD2Config(ObjectiveConfig, GANConfig, RandomGuidanceConfig, TimeDraw, CriticWeighting):
     name: str = "dmd2"
     ttur: int = 5
-    #: the distribution matching gradient's noise level t, within [t_lo, t_hi] (fractions of the schedule's range)
-    t_lo: float = 0.02
-    t_hi: float = 0.98
     #: how t is drawn: unit (u ~ U[t_lo, t_hi] through the schedule: log-uniform sigma on EDM, median 0.40) | grid
     #: (DMD2's official draw: integer index uniform in [20, 980] of the 1000-point Karras grid on EDM, median sigma
     #: 2.53, or of SD's timestep table; tianweiy/DMD2 main/edm/edm_guidance.py:82-92, main/sd_guidance.py:179-185)
     #: | karras (continuous on the Karras ramp, SiD's); see onestep.core.sample_t
     t_dist: str = "unit"
-    #: critic's DSM weighting: edm | eps | x0 | v
-    critic_weighting: str = "edm"
     #: DMD eq. (9) regression on teacher pairs: weight, pair count and teacher ODE steps (0 = off)
     regression_weight: float = 0.0
     regression_pairs: int = 2048
@@ -60,7 +56,7 @@ class DistributionMatching(CriticObjective):
         self.pairs = TeacherPairs(cfg.regression_pairs, cfg.regression_steps, cfg.pairs_file)
         self.pgsb = RandomGuidance(cfg)
 
-    def prepare(self, nets: Nets) -> None:
+    def prepare(self, nets: Nets, weights=None) -> None:
         if self.cfg.regression_weight > 0:
             self.pairs.get(nets.teacher, next(nets.generator.parameters()).device)
 

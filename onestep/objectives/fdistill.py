@@ -38,7 +38,8 @@ import torch.distributed as dist
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, register_objective
+from onestep.objectives.base import (Batch, CriticWeighting, Nets, ObjectiveConfig, TimeRange, check_t_range, frozen,
+                                     register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import denoised_pair, dmd_normalizer, surrogate_loss
 
@@ -145,7 +146,7 @@ def fdistill_gradient(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, logi
 
 
 @dataclass
-class FDistillConfig(ObjectiveConfig, GANConfig):
+class FDistillConfig(ObjectiveConfig, GANConfig, TimeRange, CriticWeighting):
     name: str = "fdistill"
     ttur: int = 5
     #: reverse_kl | forward_kl | js | hellinger | jeffreys | pearson | neyman
@@ -164,9 +165,6 @@ class FDistillConfig(ObjectiveConfig, GANConfig):
     ratio_lower: float = 0.0
     #: r clipped above at ratio_upper (FastGen: 20, config_f_distill.py:29)
     ratio_upper: float = math.inf
-    t_lo: float = 0.02
-    t_hi: float = 0.98
-    critic_weighting: str = "edm"
     #: the density ratio's discriminator: a head on the critic's features (or on frozen teacher features)
     discriminator: str = "critic"
 

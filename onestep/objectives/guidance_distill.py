@@ -27,6 +27,7 @@ Classifier-Free Guidance using Adapters", TMLR: the student then sees at trainin
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,8 +37,9 @@ from onestep.core import noised, sample_t
 from onestep.denoisers.base import Denoiser, guided, with_guidance
 from onestep.denoisers.nets import GUIDANCE_ADAPTER
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets, Objective, ObjectiveConfig, check_t_range, register_objective
-from onestep.objectives.snoopi import check_guidance_range, sample_guidance, unguided
+from onestep.objectives.base import (Batch, Nets, Objective, ObjectiveConfig, TimeRange, check_t_range,
+                                     register_objective)
+from onestep.objectives.snoopi import check_guidance_range, sample_guidance
 from onestep.sampling import sample
 from onestep.schedules import bcast
 
@@ -50,7 +52,7 @@ SIGMA_DATA = 0.5
 def guided_target(teacher: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond, w: torch.Tensor) -> torch.Tensor:
     """The teacher's CFG prediction x^w(z_t) of each row at its own scale w (B,), no grad."""
     with torch.no_grad():
-        return guided(unguided(teacher), w).x0(x_t, t, cond)
+        return guided(teacher.unguided(), w).x0(x_t, t, cond)
 
 
 def edm_weight(schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,7 @@ def edm_weight(schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def trajectory_states(teacher: Denoiser, noise: torch.Tensor, cond, w: torch.Tensor, steps: int):
     """(z_t, t): per row, a state of the teacher's CFG-guided DDIM trajectory at the row's w, at a step drawn
     uniformly from its ``steps`` sampling times (AGD: training on CFG-guided trajectories). No grad."""
-    model = guided(unguided(teacher), w)
+    model = guided(teacher.unguided(), w)
     ts = model.schedule.default_ts(steps)
     states: list[torch.Tensor] = []
     with torch.no_grad():
@@ -90,7 +92,7 @@ def adapter_only(student: Denoiser):
 
 
 @dataclass
-class GuidanceDistillConfig(ObjectiveConfig):
+class GuidanceDistillConfig(ObjectiveConfig, TimeRange):
     name: str = "guidance_distill"
     #: the range of guidance scales the student learns, w ~ U[w_min, w_max] per sample (1 = conditional); Meng et
     #: al.'s U[0, 4] in their convention
@@ -112,6 +114,20 @@ class GuidanceDistill(Objective):
     name = "guidance_distill"
     Config = GuidanceDistillConfig
     networks = ("generator",)
+    generator_keys = ("guidance_input",)
+
+    @classmethod
+    def shape_generator(cls, gc, net):
+        if gc.guidance_input is None:
+            return net  # (the loss names the key to set)
+        if not hasattr(net, "add_guidance_input") or gc.lora.rank is not None:
+            raise ConfigError(f"generator.guidance_input={gc.guidance_input} adds a trained guidance embedding to a "
+                              f"full copy of the GMM MLP; {type(net).__name__}"
+                              f"{' with generator.lora' if gc.lora.rank is not None else ''} has none "
+                              "(unset generator.guidance_input, or use teacher=gmm_classes without LoRA)")
+        net = copy.deepcopy(net)  # (the init is shared: the teacher itself for image teachers)
+        net.add_guidance_input(gc.guidance_input)
+        return net
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onestep.denoisers.students import MultiStudent
 from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, register_objective
 from onestep.objectives.dmd2 import DMD2Config, DistributionMatching
@@ -35,6 +36,23 @@ class MSDConfig(DMD2Config):
 class MSD(DistributionMatching):
     name = "msd"
     Config = MSDConfig
+    generator_keys = ("students", "partition")
+
+    @classmethod
+    def shape_generator(cls, gc, net):
+        if gc.students == 1:
+            return net  # (generator_loss names the key to set)
+        if gc.lora.rank is not None:
+            raise ConfigError(f"generator.students={gc.students} trains K full copies; generator.lora is not "
+                              "supported with it (unset generator.lora.rank or use generator.students=1)")
+        return MultiStudent(net, gc.students, gc.partition)  # (copies the init K times)
+
+    @classmethod
+    def export_refusal(cls, gc):
+        if gc.students > 1:
+            return (f"generator.students={gc.students}: a multi-student (MSD) generator routes each class to its own "
+                    "network")
+        return None
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         if getattr(nets.generator, "num_students", 1) < 2:

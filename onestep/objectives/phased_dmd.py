@@ -36,9 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
+from onestep.denoisers.experts import PhaseExperts
 from onestep.errors import ConfigError
+from onestep.generator import Student
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, register_objective
+from onestep.objectives.base import Batch, Nets, ObjectiveConfig, TimeRange, check_t_range, register_objective
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import NORMALIZER_FLOOR, surrogate_loss
 from onestep.schedules import bcast
@@ -50,15 +52,13 @@ UNIT_BISECTIONS = 60
 
 
 @dataclass
-class PhasedDMDConfig(ObjectiveConfig, GANConfig):
+class PhasedDMDConfig(ObjectiveConfig, GANConfig, TimeRange):
     name: str = "phased_dmd"
     #: fake-score updates per generator update (the paper: 5, Sec. 4 "the pseudo-score model is updated 5 times per
     #: generator update")
     ttur: int = 5
-    #: the diffusion time t of both losses: u ~ U[max(u_s, t_lo), t_hi] through the schedule, u_s the unit coordinate
-    #: of the phase's end s (the sub-interval (s, 1]); t_lo / t_hi as DMD2's (distribution_matching.py)
-    t_lo: float = 0.02
-    t_hi: float = 0.98
+    # t_lo / t_hi (TimeRange): the diffusion time t of both losses is u ~ U[max(u_s, t_lo), t_hi] through the
+    # schedule, u_s the unit coordinate of the phase's end s (the sub-interval (s, 1])
     #: generator steps of each phase before the next expert trains; the last phase runs to trainer.steps (the paper
     #: trains the high-SNR expert longer, Sec. 4.3)
     phase_length: int = 200
@@ -104,6 +104,27 @@ def unit_of(schedule, s: float) -> float:
 class PhasedDMD(CriticObjective):
     name = "phased_dmd"
     Config = PhasedDMDConfig
+    generator_keys = ("experts",)
+
+    @classmethod
+    def shape_generator(cls, gc, net):
+        if gc.experts == 1:
+            return net  # (the loss names the keys to set)
+        if gc.experts != gc.steps:
+            raise ConfigError(f"generator.experts={gc.experts} gives one expert per student step: pass "
+                              f"generator.steps={gc.experts} (got generator.steps={gc.steps})")
+        if gc.lora.rank is not None:
+            raise ConfigError(f"generator.experts={gc.experts} trains full copies of one network; unset "
+                              "generator.lora.rank")
+        ts = Student.from_config(net.schedule, gc).ts
+        return PhaseExperts(net, ts.tolist(), gc.method)  # (copies the init once per step)
+
+    @classmethod
+    def export_refusal(cls, gc):
+        if gc.experts > 1:
+            return (f"generator.experts={gc.experts}: a phased (Phased DMD) generator runs a different network at "
+                    "each step")
+        return None
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)

@@ -23,22 +23,19 @@ from dataclasses import dataclass
 import torch
 
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, Nets, check_t_range, register_objective
+from onestep.objectives.base import Batch, CriticWeighting, Nets, TimeRange, check_t_range, register_objective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.scm import SCD, SCMConfig
 from onestep.core import dsm_loss
 
 
 @dataclass
-class RCMConfig(SCMConfig):
+class RCMConfig(SCMConfig, TimeRange, CriticWeighting):
     name: str = "rcm"
     #: lambda, the weight of the DMD regularizer; 0.02 is the official code's ratio to the sCM term (100 x sum vs 1 x
     #: sum; with adaptive_weighting=false), NVlabs/rcm rcm/models/t2v_model_distill_rcm.py:573-574, :667-670
     dm_weight: float = 0.1
-    #: t ~ U[t_lo, t_hi] (fractions of the teacher schedule's range) for the DMD gradient
-    t_lo: float = 0.02
-    t_hi: float = 0.98
-    critic_weighting: str = "edm"
+    # t_lo / t_hi (TimeRange): the DMD gradient's t ~ U[t_lo, t_hi]
 
 
 @register_objective

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from onestep import param
-from onestep.conditioning import Labels
+from onestep.conditioning import Cond
 from onestep.core import Batch, Nets, noised, sample_t
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
-from onestep.objectives.base import Objective, ObjectiveConfig, register_objective
+from onestep.objectives.base import Objective, ObjectiveConfig, TimeRange, register_objective
 from onestep.sampling import METHODS, sample
 
 MODES = ("instaflow", "reflow", "distill")
@@ -45,7 +45,7 @@ PAIR_SEED, DISTILL_SEED = 4321, 8765
 
 
 @dataclass
-class ReflowConfig(ObjectiveConfig):
+class ReflowConfig(ObjectiveConfig, TimeRange):
     name: str = "reflow"
     #: instaflow (reflow, then distill the reflowed model) | reflow (2-rectified flow) | distill (teacher pairs)
     mode: str = "instaflow"
@@ -73,7 +73,7 @@ def ode_pairs(model: Denoiser, count: int, ts: torch.Tensor, method: str, seed: 
     cond = None
     if num_classes:
         out["cond"] = torch.randint(0, num_classes, (count,), generator=g)
-        cond = Labels(out["cond"], num_classes).to(device)
+        cond = Cond.of_classes(out["cond"], num_classes, device)
     out["sample"] = sample(model, z.to(device), ts, cond, method=method).cpu()
     return out
 
@@ -127,7 +127,7 @@ class Reflow(Objective):
             return {}
         return {"reflowed_pairs": (PairBank(self.cfg.num_pairs, setup.teacher.data_shape), "generator")}
 
-    def prepare(self, nets: Nets) -> None:
+    def prepare(self, nets: Nets, weights=None) -> None:
         teacher, c = nets.teacher, self.cfg
         if teacher.conditional and not teacher.num_classes:
             raise ConfigError("objective=reflow builds noise -> teacher-sample pairs for unconditional or class-"
@@ -151,7 +151,7 @@ class Reflow(Objective):
         pool = self.pairs if stage == "reflow" or self.cfg.mode == "distill" else self._reflowed(nets)
         idx = torch.randint(0, pool["noise"].shape[0], (n,), device=device)
         z, x = pool["noise"][idx].to(batch.noise), pool["sample"][idx].to(batch.noise)
-        cond = Labels(pool["cond"][idx], nets.teacher.num_classes) if nets.teacher.num_classes else None
+        cond = Cond.of_classes(pool["cond"][idx] if "cond" in pool else None, nets.teacher.num_classes)
         if stage == "reflow":
             t = sample_t(g.schedule, n, self.cfg.t_lo, self.cfg.t_hi, like=z)
             loss = reflow_loss(g, z, x, t, cond)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from onestep.conditioning import Labels
+from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.core import Batch, Nets
@@ -37,7 +37,7 @@ def make_pairs(teacher: Denoiser, count: int, steps: int, seed: int = PAIR_SEED,
         cond = torch.randint(0, teacher.num_classes, (count,), generator=g)
         out["cond"] = cond
     ts = teacher.schedule.default_ts(steps)
-    labels = None if cond is None else Labels(cond, teacher.num_classes).to(device)
+    labels = Cond.of_classes(cond, teacher.num_classes, device)
     out["sample"] = sample(teacher, z.to(device), ts, labels, method="ddim").cpu()
     return out
 
@@ -91,6 +91,7 @@ class TeacherPairs:
         """DMD eq. (9) on a random minibatch of the pool (same size as the training batch)."""
         p = self.get(nets.teacher, batch.noise.device)
         idx = torch.randint(0, p["noise"].shape[0], (batch.noise.shape[0],), device=batch.noise.device)
-        pair_batch = Batch(noise=p["noise"][idx].to(batch.noise.dtype), cond=Labels(p["cond"][idx], nets.teacher.num_classes) if "cond" in p else None)
+        cond = Cond.of_classes(p["cond"][idx] if "cond" in p else None, nets.teacher.num_classes)
+        pair_batch = Batch(noise=p["noise"][idx].to(batch.noise.dtype), cond=cond)
         y = p["sample"][idx].to(batch.noise.dtype)
         return torch.nn.functional.mse_loss(generate(nets, pair_batch), y)

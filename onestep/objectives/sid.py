@@ -35,11 +35,11 @@ from typing import Optional
 
 import torch
 
-from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.denoisers.base import Denoiser, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import (Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, frozen,
-                                     register_objective)
+from onestep.objectives.base import (Batch, CriticWeighting, Nets, ObjectiveConfig, TimeDraw, check_t_dist,
+                                     check_t_range, frozen, register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
 from onestep.objectives.snoopi import RandomGuidance, RandomGuidanceConfig
@@ -70,18 +70,15 @@ def sid_loss(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, cond=None, *,
 
 
 @dataclass
-class SiDConfig(ObjectiveConfig, GANConfig, RandomGuidanceConfig):
+class SiDConfig(ObjectiveConfig, GANConfig, RandomGuidanceConfig, TimeDraw, CriticWeighting):
     name: str = "sid"
     ttur: int = 1
     #: SiD's alpha, in [0, 1.5]; 1.2 is the paper's default
     alpha: float = 1.2
-    t_lo: float = 0.02
-    t_hi: float = 0.98
     #: how the loss's noise level is drawn in [t_lo, t_hi]: unit | grid | karras (onestep.core.sample_t); SiD's
     #: official EDM draw is karras with t_lo=0, t_hi=0.8 (tmax 800: sigma <= 24.4; mingyuanzhou/SiD
     #: training/sid_loss.py:32-33), SiD-LSG's on SD tables grid with t_lo=0.02, t_hi=0.979
     t_dist: str = "unit"
-    critic_weighting: str = "edm"
     #: SiD-LSG guidance scales (see the module docstring); None = teacher.guidance
     real_guidance: Optional[float] = None
     fake_guidance: float = 1.0
@@ -113,8 +110,7 @@ class SiD(CriticObjective):
     def real_model(self, nets: Nets) -> Denoiser:
         if self.cfg.real_guidance is None:
             return nets.teacher
-        base = nets.teacher.base if isinstance(nets.teacher, Guided) else nets.teacher
-        return guided(base, self.cfg.real_guidance)
+        return guided(nets.teacher.unguided(), self.cfg.real_guidance)
 
     def critic_model(self, nets: Nets) -> Denoiser:
         return guided(nets.critic, self.cfg.critic_guidance)

@@ -33,7 +33,8 @@ import torch
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_range, frozen, register_objective
+from onestep.objectives.base import (Batch, CriticWeighting, Nets, ObjectiveConfig, TimeRange, check_t_range, frozen,
+                                     register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_normalizer
 from onestep.core import noised, sample_t
@@ -71,7 +72,7 @@ def sim_loss(teacher: Denoiser, critic: Denoiser, x: torch.Tensor, cond=None, *,
 
 
 @dataclass
-class SIMConfig(ObjectiveConfig, GANConfig):
+class SIMConfig(ObjectiveConfig, GANConfig, TimeRange, CriticWeighting):
     name: str = "sim"
     ttur: int = 1
     #: l2 | pseudo_huber
@@ -84,9 +85,6 @@ class SIMConfig(ObjectiveConfig, GANConfig):
     #: true: divide by the DMD/SiD per-sample normalizer mean|x - mu_p| (then the loss is not the exact gradient of a
     #: score divergence) | false: the exact Theorem 3.1 gradient
     normalize: bool = True
-    t_lo: float = 0.02
-    t_hi: float = 0.98
-    critic_weighting: str = "edm"
 
 
 @register_objective

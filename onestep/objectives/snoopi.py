@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.denoisers.base import Denoiser, guided
 from onestep.errors import ConfigError
 
 
@@ -37,11 +37,6 @@ def check_guidance_range(value, key: str = "objective.guidance_range", *, lowest
         raise ConfigError(f"{key}={list(value)} must be [w_min, w_max] with {lowest} <= w_min <= w_max (guidance "
                           "scales, 1 = the conditional model); pass e.g. "
                           f"{key}=[1.5,4.5]")
-
-
-def unguided(teacher: Denoiser) -> Denoiser:
-    """The teacher network without the trainer's CFG wrapper (teacher.guidance)."""
-    return teacher.base if isinstance(teacher, Guided) else teacher
 
 
 @dataclass
@@ -68,7 +63,7 @@ class RandomGuidance:
         if self.range is None:
             return teacher, None
         w = sample_guidance(x.shape[0], *self.range, like=x)
-        return guided(unguided(teacher), w), w
+        return guided(teacher.unguided(), w), w
 
     @staticmethod
     def logs(w: torch.Tensor | None) -> dict[str, torch.Tensor]:

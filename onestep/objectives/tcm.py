@@ -23,8 +23,9 @@ cd.py's discrete pairs and time sampling, restricted to the levels >= t'.
 The stage-1 model is a frozen target module ``stage1`` (Objective.targets with decay 1: the trainer checkpoints it
 and never moves it), filled either
     ``objective.stage1=<run folder | checkpoint folder | .safetensors>``: the generator_ema weights of a finished
-        consistency run of the same generator, read in ``prepare`` into the target AND the student (stage 2 starts from
-        stage 1, as FastGen's pretrained_ckpt_key_map {"cm_teacher": "ema", "net": "ema"}, config_tcm.py:36); or
+        consistency run of the same generator (``run_weights``: the trainer resolves the path and reads the file),
+        loaded by ``prepare`` into the target AND the student (stage 2 starts from stage 1, as FastGen's
+        pretrained_ckpt_key_map {"cm_teacher": "ema", "net": "ema"}, config_tcm.py:36); or
     ``objective.stage1_steps=N``: in-run, the first N steps are plain CD on every t (stage 1), and at step N the
         generator's weights are copied into ``stage1``, which is checkpointed from then on, so a resumed run is the
         uninterrupted run.
@@ -34,11 +35,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from onestep import checkpoint
 from onestep.core import noised
 from onestep.errors import ConfigError
 from onestep.objectives import consistency as C
@@ -46,8 +45,6 @@ from onestep.objectives.base import Batch, Nets, register_objective
 from onestep.objectives.cd import CDConfig, ConsistencyDistillation
 
 STAGE1 = "stage1"  # the frozen stage-1 model's name in Nets.targets and in checkpoints
-#: the checkpointed role a stage-1 run folder / checkpoint folder is read from (what `onestep sample` reads)
-STAGE1_ROLE = "generator_ema"
 
 
 @dataclass
@@ -63,22 +60,6 @@ class TCMConfig(CDConfig):
     stage1: str = ""
     #: in-run stage 1: this many steps of plain CD on every t before stage 2 (0 = objective.stage1 gives it)
     stage1_steps: int = 0
-
-
-def stage1_file(path: str) -> Path:
-    """The stage-1 weights file: a .safetensors file itself, a checkpoint folder's generator_ema.safetensors, or the
-    newest such file under a run folder's checkpoints."""
-    p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".safetensors":
-        return p
-    if (p / f"{STAGE1_ROLE}.safetensors").is_file():
-        return p / f"{STAGE1_ROLE}.safetensors"
-    for ckpt in reversed(checkpoint.list_checkpoints(p) if p.is_dir() else []):
-        if (ckpt / f"{STAGE1_ROLE}.safetensors").is_file():
-            return ckpt / f"{STAGE1_ROLE}.safetensors"
-    raise ConfigError(f"objective.stage1='{path}' is not a run folder with a checkpoint, a checkpoint folder or a "
-                      f".safetensors file of generator weights; pass objective.stage1=<run folder of a finished "
-                      f"consistency run> or train stage 1 in-run with objective.stage1='' objective.stage1_steps=N")
 
 
 def transition_index(sigmas: torch.Tensor, transition_sigma: float) -> int:
@@ -106,23 +87,26 @@ class TCM(ConsistencyDistillation):
             raise ConfigError(f"objective=tcm needs its stage-1 model from exactly one place (got stage1='{cfg.stage1}', "
                               f"stage1_steps={cfg.stage1_steps}): pass objective.stage1=<run folder of a consistency "
                               f"run> or objective.stage1_steps=N (N > 0 steps of CD first)")
-        self.stage1_path = stage1_file(cfg.stage1) if cfg.stage1 else None
+
+    def run_weights(self):
+        return {"stage1": self.cfg.stage1} if self.cfg.stage1 else {}
 
     def targets(self):
         # decay 1: the trainer checkpoints the stage-1 model and leaves it where this objective puts it
         return {**super().targets(), STAGE1: 1.0}
 
-    def prepare(self, nets: Nets) -> None:
-        if self.stage1_path is None:
+    def prepare(self, nets: Nets, weights=None) -> None:
+        if not self.cfg.stage1:
             return
-        from safetensors.torch import load_file
-
-        weights = load_file(str(self.stage1_path))
+        if not weights or "stage1" not in weights:
+            raise ConfigError(f"objective.stage1='{self.cfg.stage1}' was not read: the caller of prepare passes the "
+                              "weights run_weights() names (onestep.checkpoint.read_run_weights)")
+        weights = weights["stage1"]
         for net in (nets.targets[STAGE1], nets.generator):  # (a resumed run's checkpoint then overwrites both)
             own = dict(net.named_parameters())
             bad = sorted(n for n, p in own.items() if n not in weights or weights[n].shape != p.shape)
             if bad:
-                raise ConfigError(f"objective.stage1: '{self.stage1_path}' does not fit this run's generator "
+                raise ConfigError(f"objective.stage1: '{self.cfg.stage1}' does not fit this run's generator "
                                   f"({len(bad)} of {len(own)} parameters missing or of another shape, e.g. {bad[0]}); "
                                   "pass the run folder of a consistency run of the same teacher and generator")
             with torch.no_grad():

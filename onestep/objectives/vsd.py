@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 
 from onestep.core import sample_t, vp_frame
-from onestep.denoisers.base import Denoiser, Guided, guided
+from onestep.denoisers.base import Denoiser, guided
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
-from onestep.objectives.base import Batch, Nets, ObjectiveConfig, check_t_dist, check_t_range, register_objective
+from onestep.objectives.base import (Batch, CriticWeighting, Nets, ObjectiveConfig, TimeDraw, check_t_dist,
+                                     check_t_range, register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import denoised_pair, surrogate_loss
 from onestep.objectives.snoopi import RandomGuidance, RandomGuidanceConfig
@@ -62,11 +63,9 @@ def vsd_gradient(teacher: Denoiser, critic: Denoiser, x, cond=None, *, weighting
 
 
 @dataclass
-class VSDConfig(ObjectiveConfig, GANConfig, RandomGuidanceConfig):
+class VSDConfig(ObjectiveConfig, GANConfig, RandomGuidanceConfig, TimeDraw, CriticWeighting):
     name: str = "vsd"
     ttur: int = 1
-    t_lo: float = 0.02
-    t_hi: float = 0.98
     #: how the gradient's t is drawn in [t_lo, t_hi]: unit | grid | karras (onestep.core.sample_t); SwiftBrush's is
     #: grid, integer timesteps 20..980 of SD's table (VinAIResearch/SwiftBrush train_swiftbrush.py:757-758)
     t_dist: str = "unit"
@@ -108,7 +107,7 @@ class VSD(CriticObjective):
         """The critic in the generator gradient; ``w``: PG-SB's per-sample scales of the real score."""
         scale = self.cfg.fake_guidance
         if scale is None:
-            scale = w if w is not None else nets.teacher.scale if isinstance(nets.teacher, Guided) else 1.0
+            scale = w if w is not None else nets.teacher.guidance_scale
         return guided(nets.critic, scale)
 
     def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:

@@ -84,14 +84,14 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
     heads = objective.build_modules(built)
     objective.set_run(heads, images_per_step=tc.batch_size)
     networks = Networks(cfg, built, critic="critic" in objective.networks, heads=heads,
-                        targets=objective.targets(), device=acc.device, shape=partial(shape_student, gc),
-                        shard=fsdp.requested(cfg))
+                        targets=objective.targets(), device=acc.device,
+                        shape=partial(shape_student, gc, objective=type(objective)), shard=fsdp.requested(cfg))
     if tc.compile:
         networks.compile(tc.compile_mode, eager=objective.jvp_networks)
     teacher = guided(networks.teacher, cfg.teacher.guidance)
     nets = networks.nets(teacher)
     with networks.whole("teacher"), acc.main_process_first(), progress.phase(f"{cfg.objective.name} prepare", show):
-        objective.prepare(nets)  # (the main process may run the teacher alone)
+        objective.prepare(nets, checkpoint.read_run_weights(objective.run_weights()))  # (main process: teacher alone)
     if acc.is_main_process:
         print(networks.describe(), flush=True)
 

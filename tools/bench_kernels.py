@@ -1,7 +1,7 @@
-"""Benchmark of the JVP attention: ``python -m onestep.kernels.bench`` (or ``python kernels/bench.py``).
+"""Benchmark of the JVP attention (onestep.kernels): ``python tools/bench_kernels.py``.
 
-CPU (always; ``python kernels/bench.py --device cpu --threads 2``): time, peak allocated memory and peak RSS of the
-kernel's forward+JVP (the blockwise backend: ``torch.func.jvp(attention)`` and ``fused_forward_jvp``) versus the
+CPU (always; ``python tools/bench_kernels.py --device cpu --threads 2``): time, peak allocated memory and peak RSS of
+the kernel's forward+JVP (the blockwise backend: ``torch.func.jvp(attention)`` and ``fused_forward_jvp``) versus the
 MATH path (plain ``softmax(QK^T)V`` + ``torch.func.jvp``), B=1, H=8, d=64, fp32, N in --ns (default 1024, 4096,
 8192, 16384).  Every point runs in a fresh subprocess.  Peak allocated is the most bytes torch's CPU allocator
 held above its level before the call (profiler memory events), i.e. the attention's own tensors; peak RSS is
@@ -39,24 +39,9 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a file: make `onestep.kernels` (or the repo's kernels/) importable
-    _here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0]) == _here:
-        sys.path.pop(0)
-    try:
-        import onestep.kernels as _ok  # noqa: F401
-    except Exception:
-        sys.path.insert(0, os.path.dirname(_here))
-
 import torch
 
-
-def _kernels():
-    try:
-        import onestep.kernels as ok
-    except Exception:  # repo checkout without the editable install
-        import kernels as ok  # type: ignore
-    return ok
+import onestep.kernels as ok
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +119,6 @@ def _allocator_peak(fn):
 def _cpu_point(method: str, N: int, B: int, H: int, d: int, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    ok = _kernels()
     g = torch.Generator().manual_seed(0)
     shp = (B, H, N, d)
     q, k, v, qd, kd, vd = (torch.randn(shp, generator=g) for _ in range(6))
@@ -292,7 +276,6 @@ def run_gpu(ns, dims=(64, 128), dtypes=("bfloat16", "float16"), tokens=16384, he
     from tqdm import tqdm
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ok = _kernels()
     F = torch.nn.functional
     rows = []
     configs = [(dt, d, N) for dt in dtypes for d in dims for N in ns]
@@ -552,7 +535,7 @@ def transformer_report(args, device: str, date: str, argv: list[str]):
             f"{WARMUP_TOKENS[0]} + {WARMUP_TOKENS[1]} token warm-up of the teacher call and the tangent)"
             if device == "cpu" else "torch.cuda.max_memory_allocated above the weights and inputs (after a full-size "
                                      "warm-up step); times are means of 3 steps")
-    command = " ".join(["python", "kernels/bench.py", *argv])
+    command = " ".join(["python", "tools/bench_kernels.py", *argv])
     md = "\n".join([
         "# One sCD training step of a Flux-shaped block stack: generator.attention " + " vs ".join(attentions), "",
         f"- command: `{command}`",
@@ -633,7 +616,7 @@ def main(argv=None):
     name, tag = _device_name(device)
     md = "\n".join([
         f"# {title}", "",
-        f"- command: `{' '.join(['python', 'kernels/bench.py', *(sys.argv[1:] if argv is None else argv)])}`",
+        f"- command: `{' '.join(['python', 'tools/bench_kernels.py', *(sys.argv[1:] if argv is None else argv)])}`",
         f"- device: {name}", f"- versions: {_versions()}", f"- date: {date}", f"- config: {meta}",
         f"- {note}", *([f"- load average (1 min) before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f} on "
                        f"{os.cpu_count()} cores"] if device == "cpu" else []),
