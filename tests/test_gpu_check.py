@@ -91,8 +91,8 @@ def test_without_cuda_the_full_run_says_what_to_do(tmp_path):
 
 def test_a_plain_checkout_runs_without_the_install(tmp_path):
     """The lent GPU machine runs a copy of the repository that is not installed: onestep, onestep.kernels and
-    onestep.configs must resolve from the checkout, and kernels/ must not shadow the `kernels` package diffusers
-    looks for. Python without its site hooks (-S) does not see the editable install; PYTHONPATH gives it torch & co."""
+    onestep.configs must resolve from the checkout, and nothing of the checkout may shadow the `kernels` package
+    diffusers looks for. Python without its site hooks (-S) does not see the editable install; PYTHONPATH gives it torch & co."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p.endswith("site-packages")))
     probe = subprocess.run([sys.executable, "-S", "-c",

@@ -1,9 +1,9 @@
 """The layering of DESIGN.md ("Layers, and the arrows that must never exist"), read from the source: every import
-statement under onestep/ and kernels/ (module level and inside functions, parsed with ast, relative imports
+statement under onestep/ (module level and inside functions, parsed with ast, relative imports
 resolved) becomes an arrow between modules, and each rule below lists the arrows that break it.
 
-Units: ``onestep.<name>`` (a module or a subpackage with everything in it) and ``kernels`` (installed as
-onestep.kernels). A unit imports freely inside itself and from units of a lower tier; same-tier arrows are allowed
+Units: ``onestep.<name>``, a module or a subpackage with everything in it (``onestep.kernels`` is the unit
+``kernels``). A unit imports freely inside itself and from units of a lower tier; same-tier arrows are allowed
 unless a named rule forbids them (eval -> train, experiment <-> eval, data/experiment -> objectives).
 """
 
@@ -43,13 +43,11 @@ OBJECTIVE_INTERFACE = {"onestep.objectives", "onestep.objectives.base"}
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[0] == "kernels":
-        parts = ["onestep", *parts]  # installed as onestep.kernels (pyproject.toml)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def source_files() -> list[Path]:
-    return sorted([*(ROOT / "onestep").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+    return sorted((ROOT / "onestep").rglob("*.py"))
 
 
 def is_module(name: str) -> bool:
@@ -57,7 +55,7 @@ def is_module(name: str) -> bool:
     parts = name.split(".")
     if parts[0] != "onestep":
         return False
-    rel = ["kernels", *parts[2:]] if parts[1:2] == ["kernels"] else parts
+    rel = parts
     base = ROOT.joinpath(*rel)
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
@@ -86,8 +84,6 @@ def imports(path: Path) -> list[tuple[int, str]]:
 def unit(module: str) -> str | None:
     """The layer unit of a module of onestep (None for anything outside it)."""
     parts = module.split(".")
-    if parts[0] == "kernels":
-        return "kernels"
     if parts[0] != "onestep" or len(parts) == 1:
         return None
     return parts[1]
@@ -125,7 +121,7 @@ def test_imports_point_down_the_layers():
 
 def test_kernels_import_only_torch_triton_diffusers_and_the_standard_library():
     bad = []
-    for path in (ROOT / "kernels").rglob("*.py"):
+    for path in (ROOT / "onestep" / "kernels").rglob("*.py"):
         for line, target in imports(path):
             top = target.split(".")[0]
             own = target == "onestep.kernels" or target.startswith("onestep.kernels.")

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> where its files sit inside the installed package.
-INSTALLED_AS = {"onestep": "onestep", "kernels": "onestep/kernels", "configs": "onestep/configs"}
+INSTALLED_AS = {"onestep": "onestep", "configs": "onestep/configs"}
 BUILD_FILES = ("pyproject.toml", "setup.py", "README.md")
 JUNK = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
@@ -70,7 +70,7 @@ def test_wheel_carries_every_module_yaml_and_asset(wheel_names):
 
 def test_wheel_installs_the_onestep_package_and_command(wheel, wheel_names):
     tops = {name.split("/")[0] for name in wheel_names}
-    assert {t for t in tops if not t.endswith(".dist-info")} == {"onestep"}, "kernels/ or configs/ installed at the top"
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"onestep"}, "configs/ installed at the top"
     (entry_points,) = [n for n in wheel_names if n.endswith(".dist-info/entry_points.txt")]
     with zipfile.ZipFile(wheel) as zf:
         assert "onestep = onestep.cli:main" in zf.read(entry_points).decode()

@@ -61,10 +61,9 @@ def _package(name: str, folder: Path) -> None:
 
 
 if importlib.util.find_spec("onestep") is None:
-    # a plain checkout (the lent GPU machine has no install): the packages as pyproject.toml maps them. Not by putting
-    # the repository on sys.path: its top-level kernels/ would shadow the `kernels` package that diffusers imports
+    # a plain checkout (the lent GPU machine has no install): the packages as pyproject.toml maps them (configs/
+    # installs as onestep.configs), without putting the repository's top level on sys.path
     _package("onestep", ROOT / "onestep")
-    _package("onestep.kernels", ROOT / "kernels")
     _package("onestep.configs", ROOT / "configs")
 
 
