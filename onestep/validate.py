@@ -17,8 +17,8 @@ from typing import Callable, NamedTuple
 from omegaconf import OmegaConf
 
 from onestep.denoisers.attention import check_attention
+from onestep import teachers
 from onestep.errors import ConfigError
-from onestep.experiment import BUILDERS, build_sd
 from onestep.networks import check_networks
 from onestep.objectives import make_objective
 from onestep.sampling import METHODS, check_ts
@@ -91,8 +91,6 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-auto
 #: trainer.log_with: accelerate trackers the trainer feeds (onestep/train/tracking.py); auto = tensorboard when
 #: installed, else none
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
-#: teacher kinds whose image size is a choice (teacher.resolution); the others fix it
-TEXT_TO_IMAGE = tuple(kind for kind, build in BUILDERS.items() if build is build_sd)
 
 
 def check_config(cfg) -> None:
@@ -155,9 +153,9 @@ def _check_tracker(name: str) -> None:
 
 
 def _check_teacher(tc) -> None:
-    if tc.kind not in BUILDERS:
-        raise ConfigError(f"teacher.kind '{tc.kind}' is unknown; choose one of {sorted(BUILDERS)} "
-                          "(or a preset: teacher=gmm_ring, teacher=digits, teacher=sd15, ...)")
-    if tc.resolution is not None and tc.kind not in TEXT_TO_IMAGE:
+    fam = teachers.family(tc.kind)
+    if tc.resolution is not None and not fam.reads("teacher", "resolution"):
+        # only the families whose image size is a choice read teacher.resolution; the others fix it
         raise ConfigError(f"teacher.resolution={tc.resolution} does not apply to teacher.kind={tc.kind} (its data "
-                          f"has the teacher's own size); set teacher.resolution=null, or use one of {TEXT_TO_IMAGE}")
+                          f"has the teacher's own size); set teacher.resolution=null, or use one of "
+                          f"{teachers.with_field('teacher', 'resolution')}")

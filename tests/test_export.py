@@ -39,7 +39,7 @@ def train_run(overrides: list[str], run_dir: Path, stop_at: int | None = None) -
 
 
 def export_and_sample(run_dir: Path, out: Path, n: int, seed: int, prompt: str | None = None, **export_kw):
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export.pipelines import export
     from onestep.export.sample import sample_run
 
@@ -128,7 +128,7 @@ def test_cli_export_and_sample(tmp_path):
 
 
 def test_errors_are_one_line(tmp_path):
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export.pipelines import export
 
     run_dir = train_run([*DIGITS, "trainer.steps=4"], tmp_path / "run", stop_at=2)

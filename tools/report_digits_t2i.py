@@ -52,7 +52,7 @@ def grid(runs: dict[str, Path], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from onestep.denoisers.base import guided
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.sampling import sample
 
     prompts = grid_prompts()

@@ -65,7 +65,7 @@ def train_run(experiment: str, out_root: Path, threads: int) -> Path:
 
 
 def consistency_report(out_root: Path, threads: int) -> str:
-    from onestep.eval.runs import run_config
+    from onestep.runs import run_config
 
     lines = [f"Commands: `onestep train <experiment> {' '.join(CONSISTENCY_EVAL)}` (+ `{' '.join(TWO_STEP)}` for the "
              "rows with a 2-step column: the same training, the student also sampled at EDM sigma 80 -> 0.8; `python "
@@ -102,7 +102,7 @@ def _onestep(args: list[str], threads: int) -> float:
 def _protocol(run: Path) -> str:
     """The evaluation protocol of a run (and of `onestep bench` on it), read from its config.yaml."""
     from onestep.eval.report import compare
-    from onestep.eval.runs import run_config
+    from onestep.runs import run_config
 
     cfg = run_config(run, "run", "pass a run folder")
     seed = compare.__kwdefaults__["seed"]

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 
 from onestep import checkpoint, experiment, fsdp, progress
 from onestep.denoisers.base import guided
+from onestep.eval.evaluators import evaluated
 from onestep.eval.report import compare, eval_inputs, write_report
 from onestep.experiment import shape_student
 from onestep.generator import Student
@@ -52,7 +53,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
 
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
-        setup = experiment.build(cfg, run_dir, progress=show)  # files derived once (teacher net, caches): rank 0
+        setup = evaluated(cfg, experiment.build(cfg, run_dir, progress=show))  # files derived once (teacher net, caches): rank 0
     gc = cfg.generator
     student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
     objective = make_objective(cfg.objective, student.train_sample)
