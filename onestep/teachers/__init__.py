@@ -19,6 +19,7 @@ _BY_KIND: dict[str, Family] = {}
 def register(fam: Family) -> Family:
     """Add a family (and its ``teacher=<preset>`` options to Hydra's config store)."""
     from onestep.config import TeacherConfig, store
+    from onestep.denoisers.pipeline_folder import register_layout
 
     for kind in fam.kinds:
         other = _BY_KIND.get(kind)
@@ -26,6 +27,8 @@ def register(fam: Family) -> Family:
             raise ConfigError(f"teacher.kind '{kind}' is registered twice ({type(other).__name__} and "
                               f"{type(fam).__name__}); give the new family another kind name")
         _BY_KIND[kind] = fam
+    for kind, layout in fam.layouts.items():
+        register_layout(kind, layout)
     for name, values in fam.presets.items():
         store("teacher", name, TeacherConfig(**values))
     return fam

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.pipeline_folder import Layout
 
 
 @dataclass
@@ -58,6 +59,10 @@ class Family:
     #: "generator"); a field some family lists is shown by --help (and accepted by validation) only for the
     #: families that list it
     fields: dict[str, tuple[str, ...]] = {}
+    #: diffusers pipeline folders: kind -> the folder's sub-folders, the pipeline classes that write it (the first
+    #: is the one its students export to) and the phrase a hint names it by (denoisers/pipeline_folder.py checks
+    #: folders against them)
+    layouts: dict[str, Layout] = {}
     #: the ``data.kind`` values it trains on, and the phrase of the error that names them
     data_kinds: tuple[str, ...] = ()
     data_hint: str = ""
@@ -97,8 +102,8 @@ class Family:
 
 
 class TextToImage(Family):
-    """A local diffusers text-to-image pipeline folder (denoisers/pipeline_folder.py: LAYOUTS names its
-    sub-folders and pipeline classes): prompts or captioned images as data, decoded-image evaluation."""
+    """A local diffusers text-to-image pipeline folder (``layouts``): prompts or captioned images as data,
+    decoded-image evaluation."""
 
     fields = {"teacher": ("path", "negative_prompt", "resolution"),
               "eval": ("features", "inception_path", "reference", "stats_cache", "clip"), "generator": ("attention",)}
@@ -110,6 +115,4 @@ class TextToImage(Family):
     export_scheduler = "flow"
 
     def pipeline(self, kind: str) -> str:
-        from onestep.denoisers.pipeline_folder import LAYOUTS
-
-        return LAYOUTS[kind].pipelines[0]
+        return self.layouts[kind].pipelines[0]

@@ -3,6 +3,7 @@ exports through FlowMatchEulerDiscreteScheduler, without SanaPipeline's resoluti
 
 from __future__ import annotations
 
+from onestep.denoisers.pipeline_folder import Layout
 from onestep.denoisers.sana import load_sana
 from onestep.teachers import register
 from onestep.teachers.base import Parts, TextToImage
@@ -11,6 +12,8 @@ from onestep.teachers.base import Parts, TextToImage
 class Sana(TextToImage):
     kinds = ("sana",)
     presets = {"sana": {"kind": "sana"}}
+    layouts = {"sana": Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+                              ("SanaPipeline", "SanaPAGPipeline"), "a Sana")}
 
     def load(self, cfg, kind, device) -> Parts:
         p = load_sana(cfg.teacher.path, device=device, resolution=cfg.teacher.resolution)

@@ -4,6 +4,7 @@ single original-layout file, and NASA negative prompts at sampling."""
 
 from __future__ import annotations
 
+from onestep.denoisers.pipeline_folder import Layout
 from onestep.denoisers.sd import load_sd
 from onestep.teachers import register
 from onestep.teachers.base import Parts, SingleFile, TextToImage
@@ -12,6 +13,10 @@ from onestep.teachers.base import Parts, SingleFile, TextToImage
 class StableDiffusion(TextToImage):
     kinds = ("sd15", "sdxl")
     presets = {"sd15": {"kind": "sd15"}, "sdxl": {"kind": "sdxl"}}
+    layouts = {"sd15": Layout(("unet", "vae", "text_encoder", "tokenizer", "scheduler"), ("StableDiffusionPipeline",),
+                              "an SD 1.x/2.x"),
+               "sdxl": Layout(("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2",
+                               "tokenizer_2"), ("StableDiffusionXLPipeline",), "an SDXL")}
     network = "unet"
     export_scheduler = "table"
     single_file = {"sd15": SingleFile(("unet", "vae", "text_encoder"), "cond_stage_model.transformer."),

@@ -4,6 +4,7 @@ exports through FlowMatchEulerDiscreteScheduler."""
 from __future__ import annotations
 
 from onestep.denoisers.flow import load_flow
+from onestep.denoisers.pipeline_folder import Layout
 from onestep.teachers import register
 from onestep.teachers.base import Parts, TextToImage
 
@@ -29,6 +30,8 @@ class FlowTransformer(TextToImage):
 class SD3(FlowTransformer):
     kinds = ("sd3",)
     presets = {"sd3": {"kind": "sd3"}}
+    layouts = {"sd3": Layout(("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                              "text_encoder_3", "tokenizer_3", "scheduler"), ("StableDiffusion3Pipeline",), "an SD3")}
 
 
 register(SD3())
