@@ -6,7 +6,6 @@ generator and critic, codec, text encoding) and the data. The family comes from 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from onestep import teachers
 from onestep.denoisers.attention import check_attention, set_attention
 from onestep.denoisers.base import Denoiser
-from onestep.data.setup import DataSource, Setup  # noqa: F401  (DataSource: what data sources are)
+from onestep.data.setup import Setup
 from onestep.errors import ConfigError
 from onestep.pretrain import fit_dsm
 
-#: the data kinds whose files are read before the teacher loads (a bad data.path fails first)
+#: the data kinds of text-to-image runs (data.eval_path: held-out prompts for evaluation)
 TEXT_DATA = ("prompts", "image_text", "digits_text")
 
 
