@@ -16,9 +16,10 @@ from typing import Callable, NamedTuple
 
 from omegaconf import OmegaConf
 
-from onestep.denoisers.attention import check_attention
 from onestep import teachers
+from onestep.denoisers.attention import check_attention
 from onestep.errors import ConfigError
+from onestep.experiment import check_data_kind
 from onestep.networks import check_networks
 from onestep.objectives import make_objective
 from onestep.sampling import METHODS, check_ts
@@ -118,6 +119,7 @@ def check_config(cfg) -> None:
     _choice("eval.teacher_method", cfg.eval.teacher_method, METHODS)
     _check_tracker(cfg.trainer.log_with)
     _check_teacher(cfg.teacher)
+    check_data_kind(cfg)
     if cfg.generator.ts is not None:
         try:
             check_ts(list(cfg.generator.ts))

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from onestep import teachers
 from onestep.denoisers.consistency import LCM_TIMESTEP_SCALING, ConsistencyBoundary
 from onestep.errors import ConfigError
-from onestep import teachers
 from onestep.export.weights import lora_state_dict, plain_model, student_model
 from onestep.runs import Run
 
