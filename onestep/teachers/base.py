@@ -56,8 +56,8 @@ class Family:
     #: Hydra ``teacher=<name>`` presets: name -> TeacherConfig fields
     presets: dict[str, dict] = {}
     #: config fields this family reads beyond the ones every family reads, by section ("teacher", "eval",
-    #: "generator"); a field some family lists is shown by --help (and accepted by validation) only for the
-    #: families that list it
+    #: "generator"); a field some family lists is shown by --help only for the families that list it (and
+    #: validate refuses a set teacher.resolution elsewhere)
     fields: dict[str, tuple[str, ...]] = {}
     #: diffusers pipeline folders: kind -> the folder's sub-folders, the pipeline classes that write it (the first
     #: is the one its students export to) and the phrase a hint names it by (denoisers/pipeline_folder.py checks
@@ -98,7 +98,6 @@ class Family:
     def call_extras(self, tc) -> dict:
         """Extra keyword arguments of the exported pipeline's call (what the pipeline would otherwise change)."""
         return {}
-
 
 
 class TextToImage(Family):
