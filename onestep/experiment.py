@@ -93,10 +93,13 @@ def add_data(cfg, setup: Setup, files=None, progress: bool = True) -> Setup:
     elif dc.kind == "image_text":
         setup.data = ImageTextData.from_folder(files, setup.conditioner, setup.codec, setup.conditioner.size,
                                                Path(dc.cache or Path(cfg.out_root) / "cache"), shape, progress)
-    else:
+    elif dc.kind == "digits_text":
         from onestep.data.digits_text import captioned_latents
 
         setup.data = ImageTextData(*captioned_latents(setup.codec, setup.conditioner.size), setup.conditioner, shape)
+    else:  # a family that lists a data kind no source here builds
+        raise ConfigError(f"data.kind '{dc.kind}' has no data source; use data=gmm, digits, prompts, image_text or "
+                          "digits_text (the family of teacher.kind names the ones it trains on)")
     if dc.kind in TEXT_DATA and dc.eval_path:
         setup.eval_data = PromptData(read_prompts(dc.eval_path, "data.eval_path"), setup.conditioner, shape)
     probe = setup.data.batch(2, torch.device("cpu"))

@@ -148,3 +148,20 @@ def test_a_family_from_the_tests_folder_trains_samples_and_exports(tmp_path):
     want, got = (load_file(str(tmp_path / f"{n}.safetensors"))["images"] for n in ("run", "export"))
     assert want.shape == got.shape == (6, 1, 8, 8)
     assert (want - got).abs().max() <= 1e-4
+
+
+def test_every_family_names_what_the_layers_above_have():
+    """The registry's strings point at something: an evaluation protocol eval builds, an export scheduler export
+    knows, a diffusers pipeline class, data kinds the experiment builds."""
+    import diffusers
+
+    from onestep.eval.evaluators import PROTOCOLS
+    from onestep.export.pipelines import SCHEDULERS
+
+    for kind in teachers.kinds():
+        fam = teachers.family(kind)
+        assert fam.evaluation in PROTOCOLS, kind
+        assert fam.export_scheduler in (None, "class", *SCHEDULERS), kind
+        if fam.export_scheduler in SCHEDULERS:
+            assert hasattr(diffusers, fam.pipeline(kind)) and fam.network in ("unet", "transformer"), kind
+        assert fam.data_kinds and set(fam.data_kinds) <= {"gmm", "digits", "prompts", "image_text", "digits_text"}
