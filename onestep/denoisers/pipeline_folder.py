@@ -40,7 +40,7 @@ def register_layout(kind: str, layout: Layout) -> None:
 def layout_of(kind: str) -> Layout:
     if kind not in LAYOUTS:
         raise ConfigError(f"teacher '{kind}' has no pipeline-folder layout registered (known: {sorted(LAYOUTS)}); "
-                          "import onestep.teachers, or register the family that reads this folder")
+                          "import onestep.teachers, or register the family that reads such folders")
     return LAYOUTS[kind]
 
 
@@ -56,8 +56,8 @@ def _pipeline_class(folder: Path) -> str | None:
 
 
 def check_pipeline_folder(path, kind: str, by_class: bool = False) -> Path:
-    """``path`` as a folder holding what teacher=``kind`` loads (``kind`` a registered layout); a folder that lacks some of
-    it is named as another kind's when its sub-folders fit that kind. ``by_class`` also refuses a folder whose
+    """``path`` as a folder holding what teacher=``kind`` loads (``kind`` a registered layout); a folder that lacks
+    some of it is named as another kind's when its sub-folders fit that kind. ``by_class`` also refuses a folder whose
     model_index.json names another kind's pipeline, for layouts that another kind's folder contains whole (an SD3
     folder has every sub-folder Flux needs)."""
     layout = layout_of(kind)

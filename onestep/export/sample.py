@@ -112,7 +112,7 @@ def sample_run(run: Run, num: int, seed: int, prompt: str | None = None, class_l
     noise = torch.randn((num, *shape), generator=rng, dtype=torch.float32).to(device)
     if cond is not None:
         cond = cond.to(device)
-    if teachers.family(run.cfg.teacher.kind).reseed_global:  # as their pipelines: re-noising from the (re)seeded global RNG
+    if teachers.family(run.cfg.teacher.kind).reseed_global:  # as its pipeline: re-noising from the reseeded global RNG
         rng = torch.Generator("cpu").manual_seed(int(seed))
     with steer:
         x = run.student().sample(run.generator, noise, cond, steps, rng)

@@ -53,7 +53,7 @@ def train(cfg, run_dir: str | Path | None = None, callbacks: tuple[Callable[[int
 
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
-        setup = evaluated(cfg, experiment.build(cfg, run_dir, progress=show))  # files derived once (teacher net, caches): rank 0
+        setup = evaluated(cfg, experiment.build(cfg, run_dir, progress=show))  # derived files: rank 0 first
     gc = cfg.generator
     student = Student(setup.teacher.schedule, gc.steps, gc.ts, gc.method, gc.sigma_init)
     objective = make_objective(cfg.objective, student.train_sample)
