@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 import onestep.config  # noqa: F401  (registers the schemas)
 import onestep.objectives  # noqa: F401  (registers the objectives)
+import onestep.teachers  # noqa: F401  (registers the teacher families and their presets)
 from onestep.errors import ConfigError
 from onestep.help import default_experiment, did_you_mean, leaf_keys, overview, unread_keys, unread_message
 
@@ -184,7 +185,7 @@ def _device(cpu: bool):
 
 def _sample(args: list[str]) -> None:
     from onestep.config import SampleConfig
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export import sample as S
 
     o = _options(SampleConfig, args, "sample")
@@ -209,7 +210,7 @@ def _sample(args: list[str]) -> None:
 
 def _export(args: list[str]) -> None:
     from onestep.config import ExportConfig
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export.pipelines import export, usage_code
     from onestep.networks import EMA
 

@@ -2,7 +2,8 @@
 
 Groups: teacher/ generator/ objective/ data/ trainer/ eval/ (dataclass nodes, so a wrong key fails at
 compose time) and experiment/ (yaml files under configs/experiment that pick options and override fields).
-Objectives register their own Config dataclass (see objectives/base.py).
+Objectives register their own Config dataclass (see objectives/base.py); teacher families their ``teacher=``
+presets (onestep/teachers/).
 """
 
 from __future__ import annotations
@@ -313,17 +314,6 @@ class Config:
 
 
 store(None, "base_config", Config)
-store("teacher", "gmm_ring", TeacherConfig(mixture="ring"))
-store("teacher", "gmm_grid", TeacherConfig(mixture="grid"))
-store("teacher", "gmm_classes", TeacherConfig(mixture="class_mixture", guidance=2.0))
-store("teacher", "gmm_ring_learned", TeacherConfig(kind="gmm_learned", mixture="ring"))
-store("teacher", "digits", TeacherConfig(kind="digits"))
-store("teacher", "sd15", TeacherConfig(kind="sd15"))
-store("teacher", "sdxl", TeacherConfig(kind="sdxl"))
-store("teacher", "sd3", TeacherConfig(kind="sd3"))
-#: guidance-distilled Flux (dev) takes the guidance scale as an input; 3.5 is FluxPipeline's default
-store("teacher", "flux", TeacherConfig(kind="flux", guidance=3.5))
-store("teacher", "sana", TeacherConfig(kind="sana"))
 store("generator", "default", GeneratorConfig)
 store("data", "gmm", DataConfig)
 store("data", "digits", DataConfig(kind="digits"))

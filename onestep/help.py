@@ -15,6 +15,8 @@ from importlib import resources
 
 from omegaconf import DictConfig, OmegaConf
 
+from onestep import teachers
+
 #: one line per command (`onestep --help`)
 COMMANDS = {
     "train": "distill a teacher into a few-step student (Hydra overrides key=value; -m for sweeps)",
@@ -24,22 +26,9 @@ COMMANDS = {
     "runs": "the run folders under out_root: experiment, step, headline metric, status",
 }
 
-GMM = ("gmm", "gmm_learned")
-TEXT_TO_IMAGE = ("sd15", "sdxl", "sd3", "flux", "sana")
-#: teacher.<field> -> the teacher kinds that read it (fields not listed apply to every kind)
-TEACHER_FIELDS = {
-    "mixture": GMM, "mixture_args": GMM, "schedule": GMM, "schedule_args": GMM,
-    "net_hidden": GMM, "net_depth": GMM, "net_time_scale": GMM, "net_steps": GMM, "net_lr": GMM, "net_batch": GMM,
-    "path": ("digits", *TEXT_TO_IMAGE), "negative_prompt": TEXT_TO_IMAGE, "resolution": TEXT_TO_IMAGE,
-    "max_sequence_length": ("sd3", "flux"),
-}
 #: data.<field> -> the data kinds that read it
 DATA_FIELDS = {"path": ("prompts", "image_text"), "cache": ("prompts", "image_text", "digits_text"),
                "eval_path": ("prompts", "image_text", "digits_text")}
-#: eval.<field> read only by image experiments (not the 2-D / 16-D mixtures)
-IMAGE_EVAL_FIELDS = ("features", "inception_path", "reference", "stats_cache", "clip")
-#: generator.<field> read only by diffusers networks
-DIFFUSERS_GENERATOR_FIELDS = ("attention",)
 #: sections `train --help` shows, in order (bench has its own command)
 SECTIONS = ("teacher", "generator", "critic", "objective", "data", "trainer", "eval")
 
@@ -209,15 +198,10 @@ def schema_help(command: str) -> str:
 
 def applies(section: str, name: str, cfg: DictConfig, trains_critic: bool) -> bool:
     """Whether ``section.name`` is read by the run ``cfg`` describes."""
-    kind = cfg.teacher.kind
-    if section == "teacher":
-        return kind in TEACHER_FIELDS.get(name, (kind,))
+    if section in ("teacher", "eval", "generator"):  # the teacher family says which of its fields it reads
+        return teachers.reads(cfg.teacher.kind, section, name)
     if section == "data":
         return cfg.data.kind in DATA_FIELDS.get(name, (cfg.data.kind,))
-    if section == "eval" and name in IMAGE_EVAL_FIELDS:
-        return kind not in GMM and (name != "clip" or kind in TEXT_TO_IMAGE)
-    if section == "generator" and name in DIFFUSERS_GENERATOR_FIELDS:
-        return kind not in GMM
     if section == "critic":
         return trains_critic
     return True

@@ -17,9 +17,10 @@ from typing import Callable, NamedTuple
 from omegaconf import OmegaConf
 
 from onestep.checkpoint import generator_weights_file
+from onestep import teachers
 from onestep.denoisers.attention import check_attention
 from onestep.errors import ConfigError
-from onestep.experiment import BUILDERS, build_sd
+from onestep.experiment import check_data_kind
 from onestep.networks import check_networks
 from onestep.objectives import make_objective
 from onestep.objectives.base import check_generator_keys
@@ -93,8 +94,6 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-auto
 #: trainer.log_with: accelerate trackers the trainer feeds (onestep/train/tracking.py); auto = tensorboard when
 #: installed, else none
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
-#: teacher kinds whose image size is a choice (teacher.resolution); the others fix it
-TEXT_TO_IMAGE = tuple(kind for kind, build in BUILDERS.items() if build is build_sd)
 
 
 def check_config(cfg) -> None:
@@ -122,6 +121,7 @@ def check_config(cfg) -> None:
     _choice("eval.teacher_method", cfg.eval.teacher_method, METHODS)
     _check_tracker(cfg.trainer.log_with)
     _check_teacher(cfg.teacher)
+    check_data_kind(cfg)
     if cfg.generator.ts is not None:
         try:
             check_ts(list(cfg.generator.ts))
@@ -160,9 +160,9 @@ def _check_tracker(name: str) -> None:
 
 
 def _check_teacher(tc) -> None:
-    if tc.kind not in BUILDERS:
-        raise ConfigError(f"teacher.kind '{tc.kind}' is unknown; choose one of {sorted(BUILDERS)} "
-                          "(or a preset: teacher=gmm_ring, teacher=digits, teacher=sd15, ...)")
-    if tc.resolution is not None and tc.kind not in TEXT_TO_IMAGE:
+    fam = teachers.family(tc.kind)
+    if tc.resolution is not None and not fam.reads("teacher", "resolution"):
+        # only the families whose image size is a choice read teacher.resolution; the others fix it
         raise ConfigError(f"teacher.resolution={tc.resolution} does not apply to teacher.kind={tc.kind} (its data "
-                          f"has the teacher's own size); set teacher.resolution=null, or use one of {TEXT_TO_IMAGE}")
+                          f"has the teacher's own size); set teacher.resolution=null, or use one of "
+                          f"{teachers.with_field('teacher', 'resolution')}")

@@ -10,6 +10,7 @@ import torch
 
 import onestep.config  # noqa: F401  (registers schemas)
 import onestep.objectives  # noqa: F401  (registers objectives)
+import onestep.teachers  # noqa: F401  (registers the teacher families and their presets)
 
 #: a few-second GMM run: tiny teacher pretraining, few steps, small eval
 TINY = ["experiment=gmm_dmd2", "teacher.net_steps=40", "teacher.net_hidden=32", "trainer.steps=12",

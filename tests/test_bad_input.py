@@ -32,6 +32,8 @@ DIGITS_TEACHER = Path(__file__).resolve().parents[1] / "onestep" / "assets" / "d
 #: (case, overrides, the key the message must name): rejected by check_config before anything is created
 CONFIG_CASES = [
     ("unknown teacher kind", ["teacher.kind=nope"], "teacher.kind"),
+    ("data the teacher does not train on", ["data=digits"], "use data=gmm, not data=digits"),
+    ("text teacher on class data", ["experiment=sd15_dmd2", "data=digits"], "trains on text: use data=prompts"),
     ("resolution for a fixed-size teacher", ["experiment=digits_dmd2", "teacher.resolution=16"], "teacher.resolution"),
     ("zero batch size", ["trainer.batch_size=0"], "trainer.batch_size"),
     ("zero training steps", ["trainer.steps=0"], "trainer.steps"),

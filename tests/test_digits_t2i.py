@@ -57,7 +57,7 @@ def test_short_dmd2_run_beats_the_teachers_one_step_sampler(tmp_path):
     # for "a handwritten seven" in 1 step, and exactly what `onestep sample` draws
     from export_check import clean_process
     from onestep.eval.digits_features import load_digits_features
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export.pipelines import export
     from onestep.export.sample import sample_run
 

@@ -39,7 +39,7 @@ def train_run(overrides: list[str], run_dir: Path, stop_at: int | None = None) -
 
 
 def export_and_sample(run_dir: Path, out: Path, n: int, seed: int, prompt: str | None = None, **export_kw):
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export.pipelines import export
     from onestep.export.sample import sample_run
 
@@ -128,7 +128,7 @@ def test_cli_export_and_sample(tmp_path):
 
 
 def test_errors_are_one_line(tmp_path):
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export.pipelines import export
 
     run_dir = train_run([*DIGITS, "trainer.steps=4"], tmp_path / "run", stop_at=2)
@@ -194,3 +194,32 @@ def test_flow_students_round_trip(tmp_path):
             assert info["call"]["guidance_scale"] == (3.5 if name.startswith("flux") else 1.0)
     for g_, w, job in zip(clean_process(jobs, tmp_path), expected, jobs):
         assert g_.shape == w.shape and (g_ - w).abs().max() <= 1e-4, (job["folder"], (g_ - w).abs().max())
+
+
+def test_text_to_image_export_reads_no_prompt_file_cache_or_evaluator(tmp_path, monkeypatch):
+    """A finished SD1.5 run exports and samples with its training prompt file and embedding cache deleted: the run
+    loader builds the teacher and the generator only (no data, no evaluator: no CLIP, no Inception statistics)."""
+    import shutil
+
+    from onestep import experiment
+    from onestep.data.text import EmbeddingCache
+    from onestep.eval.t2i_eval import TextImageEvaluator
+    from onestep.export.sample import sample_export
+
+    prompts = write_prompts(tmp_path / "prompts.txt", [PROMPT, "a blue circle"])
+    run = train_run(["experiment=sd15_dmd2", f"teacher.path={make_tiny_sd15(tmp_path / 'sd15')}",
+                     f"data.path={prompts}", "trainer.steps=2", *FAST], tmp_path / "run")
+    assert (tmp_path / "cache").is_dir()
+    prompts.unlink()
+    shutil.rmtree(tmp_path / "cache")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("export / sample built the run's data or evaluator")
+    monkeypatch.setattr(EmbeddingCache, "ensure", refuse)
+    monkeypatch.setattr(experiment, "add_data", refuse)
+    monkeypatch.setattr(TextImageEvaluator, "__init__", refuse)
+    images = export_and_sample(run, tmp_path / "export", n=2, seed=5, prompt=PROMPT)
+    assert not (tmp_path / "cache").exists()
+    exported = sample_export(tmp_path / "export", 2, 5, prompt=PROMPT)
+    assert images.shape == exported.shape == (2, 3, 16, 16)
+    assert (images - exported).abs().max() <= 1e-4

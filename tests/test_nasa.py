@@ -142,7 +142,7 @@ def test_onestep_sample_with_a_negative_prompt(tmp_path, capsys):
     """A 2-step-trained SD1.5 DMD2 student: sample_run with NASA at alpha = 0 is the plain sample, at 0.5 another
     image; the export folder with the same negative prompt gives the run's images (plain diffusers + NASA on its
     unet); `onestep sample ... negative_prompt=... nasa_scale=...` writes the PNG; bad requests are one line."""
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.export.pipelines import export
     from onestep.export.sample import sample_export, sample_run
     from onestep.train.trainer import train

@@ -206,7 +206,7 @@ def test_real_architectures_map_to_the_original_keys_and_back(kind):
     for name, prefix, convert in [("unet", S.UNET_PREFIX, S.unet_to_ldm), ("vae", S.VAE_PREFIX, S.vae_to_ldm)]:
         ckpt.update({prefix + k: v for k, v in
                      convert(models[name].state_dict(), dict(models[name].config), Path(name)).items()})
-    ckpt.update({S.CLIP_PREFIX[kind] + k: v for k, v in
+    ckpt.update({S.single_file_kinds()[kind].clip_prefix + k: v for k, v in
                  S.clip_to_ldm(models["text_encoder"].state_dict(), Path("te")).items()})
     if kind == "sdxl":
         ckpt.update({S.OPEN_CLIP_PREFIX + k: v for k, v in

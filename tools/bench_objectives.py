@@ -45,9 +45,11 @@ from safetensors.torch import load_file
 import onestep.config  # noqa: F401
 import onestep.objectives  # noqa: F401
 from onestep.objectives import objective_class
+import onestep.teachers  # noqa: F401
 from onestep import checkpoint, experiment
 from onestep.denoisers.base import guided
 from onestep.schedules import make_schedule
+from onestep.eval.evaluators import evaluated
 from onestep.eval.report import chunked, eval_inputs
 from onestep.generator import Student
 from onestep.sampling import sample
@@ -207,7 +209,7 @@ def teacher_rows(task: str, root: Path, n: int, extra: list[str]):
     cfg = compose_cfg(TASKS[task]["overrides"] + ["objective=dmd2", f"eval.num_samples={n}"] + extra)
     cache = root / task / "_teacher"
     cache.mkdir(parents=True, exist_ok=True)
-    setup = experiment.build(cfg, cache, progress=False)
+    setup = evaluated(cfg, experiment.build(cfg, cache, progress=False))
     teacher = guided(setup.teacher, cfg.teacher.guidance)
     noise, cond = eval_inputs(setup, n, EVAL_SEED)
     rows, samples = [], {}
@@ -298,7 +300,7 @@ def _setup_for(task: str, cfg, run: Path, setup):
     """The task's setup, or the run's own for a row on another time axis (MeanFlow, reflow; reads its cached
     teacher net)."""
     if cfg.teacher.schedule != task_cfg(task).teacher.schedule:
-        return experiment.build(cfg, run, progress=False)
+        return evaluated(cfg, experiment.build(cfg, run, progress=False))
     return setup
 
 

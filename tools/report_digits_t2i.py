@@ -54,12 +54,12 @@ def grid(runs: dict[str, Path], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from onestep.denoisers.base import guided
-    from onestep.eval.runs import load_run
+    from onestep.runs import load_run
     from onestep.sampling import sample
 
     prompts = grid_prompts()
     dmd2, lcm = (load_run(runs[n], torch.device("cpu")) for n in EXPERIMENTS)
-    setup = dmd2.setup
+    setup = dmd2.data()  # the conditioner reads the embedding cache that building the data fills
     n = len(prompts) * PER_CELL
     cond = setup.conditioner([p for p in prompts for _ in range(PER_CELL)])
     noise = torch.randn((n, *setup.teacher.data_shape), generator=torch.Generator().manual_seed(0))

@@ -75,7 +75,7 @@ def train_run(experiment: str, out_root: Path, threads: int) -> Path:
 
 def consistency_data(out_root: Path, threads: int, previous: dict) -> dict:
     """Train (or reuse) each CONSISTENCY run and read its final evaluation; ``previous``'s recorded figures are kept."""
-    from onestep.eval.runs import run_config
+    from onestep.runs import run_config
 
     rows = []
     for label, overrides in CONSISTENCY.items():
@@ -131,7 +131,7 @@ def _onestep(args: list[str], threads: int) -> float:
 def _protocol(run: Path) -> str:
     """The evaluation protocol of a run (and of `onestep bench` on it), read from its config.yaml."""
     from onestep.eval.report import compare
-    from onestep.eval.runs import run_config
+    from onestep.runs import run_config
 
     cfg = run_config(run, "run", "pass a run folder")
     seed = compare.__kwdefaults__["seed"]

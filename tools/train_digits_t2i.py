@@ -282,6 +282,7 @@ def quality(folder: Path, guidance: float = GUIDANCE) -> dict:
     samples from held-out prompts, through the project's SD1.5 adapter."""
     from onestep.data.digits import load_digits_tensors
     from onestep.denoisers.base import guided
+    import onestep.teachers  # noqa: F401  (registers the pipeline-folder layouts that load_sd checks)
     from onestep.denoisers.sd import load_sd
     from onestep.eval.digits_features import load_digits_features
     from onestep.eval.fid import feature_metrics, stats_of

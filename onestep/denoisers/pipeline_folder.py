@@ -28,22 +28,24 @@ class Layout:
     label: str
 
 
-LAYOUTS = {
-    "sd15": Layout(("unet", "vae", "text_encoder", "tokenizer", "scheduler"), ("StableDiffusionPipeline",),
-                   "an SD 1.x/2.x"),
-    "sdxl": Layout(("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"),
-                   ("StableDiffusionXLPipeline",), "an SDXL"),
-    "sd3": Layout(("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                   "text_encoder_3", "tokenizer_3", "scheduler"), ("StableDiffusion3Pipeline",), "an SD3"),
-    "flux": Layout(("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
-                   ("FluxPipeline",), "a Flux"),
-    "sana": Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
-                   ("SanaPipeline", "SanaPAGPipeline"), "a Sana"),
-}
+#: teacher kind -> its folder layout, registered by the teacher families (onestep.teachers: each family file
+#: declares its layouts; this module only checks folders against them)
+LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(kind: str, layout: Layout) -> None:
+    LAYOUTS[kind] = layout
+
+
+def layout_of(kind: str) -> Layout:
+    if kind not in LAYOUTS:
+        raise ConfigError(f"teacher '{kind}' has no pipeline-folder layout registered (known: {sorted(LAYOUTS)}); "
+                          "import onestep.teachers, or register the family that reads such folders")
+    return LAYOUTS[kind]
 
 
 def layout_text(kind: str) -> str:
-    return "model_index.json, " + ", ".join(f"{f}/" for f in LAYOUTS[kind].subfolders)
+    return "model_index.json, " + ", ".join(f"{f}/" for f in layout_of(kind).subfolders)
 
 
 def _pipeline_class(folder: Path) -> str | None:
@@ -54,10 +56,11 @@ def _pipeline_class(folder: Path) -> str | None:
 
 
 def check_pipeline_folder(path, kind: str, by_class: bool = False) -> Path:
-    """``path`` as a folder holding what teacher=``kind`` loads (``kind`` one of LAYOUTS); a folder that lacks some of
-    it is named as another kind's when its sub-folders fit that kind. ``by_class`` also refuses a folder whose
+    """``path`` as a folder holding what teacher=``kind`` loads (``kind`` a registered layout); a folder that lacks
+    some of it is named as another kind's when its sub-folders fit that kind. ``by_class`` also refuses a folder whose
     model_index.json names another kind's pipeline, for layouts that another kind's folder contains whole (an SD3
     folder has every sub-folder Flux needs)."""
+    layout = layout_of(kind)
     fix = f"pass teacher.path=<local diffusers pipeline folder ({layout_text(kind)})>"
     if path is None or str(path) == "":
         raise ConfigError(f"teacher.path is not set; {fix}")
@@ -69,14 +72,14 @@ def check_pipeline_folder(path, kind: str, by_class: bool = False) -> Path:
     if not (folder / "model_index.json").is_file():
         raise ConfigError(f"teacher.path '{folder}' is not a diffusers pipeline folder (no model_index.json); {fix}")
     written_by = _pipeline_class(folder)
-    missing = [f"{f}/" for f in LAYOUTS[kind].subfolders if not (folder / f).is_dir()]
+    missing = [f"{f}/" for f in layout.subfolders if not (folder / f).is_dir()]
     if missing:
         fits = [k for k, lay in LAYOUTS.items() if k != kind and all((folder / f).is_dir() for f in lay.subfolders)]
         fits.sort(key=lambda k: written_by not in LAYOUTS[k].pipelines)  # the kind whose pipeline wrote it first
         hint = f" ({LAYOUTS[fits[0]].label} folder? use teacher={fits[0]})" if fits else ""
         raise ConfigError(f"teacher.path '{folder}' has no {', '.join(missing)} needed by teacher={kind}{hint}; "
                           f"expected a diffusers {kind} pipeline folder ({layout_text(kind)})")
-    if by_class and written_by not in LAYOUTS[kind].pipelines:
+    if by_class and written_by not in layout.pipelines:
         other = next((k for k, lay in LAYOUTS.items() if written_by in lay.pipelines), None)
         if other is not None:  # a pipeline class onestep does not know (a custom or derived one) is given the benefit
             raise ConfigError(f"teacher.path '{folder}' holds a {written_by} (model_index.json), not a {kind} "

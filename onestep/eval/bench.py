@@ -13,7 +13,8 @@ With student runs, the protocol (the eval section: sample count and evaluator; t
 and seed) is the runs' own, read from their config.yaml (``runs_protocol``), and the output folder is named
 after their experiment (``folder_name``); keys set on the command line win.
 
-Everything goes through ``experiment.build``, the Denoiser interface, ``sampling.sample`` and ``Student.sample``: a
+Everything goes through the runs layer (``runs.load_run``, ``runs.config_setup``), ``make_evaluator``, the Denoiser
+interface, ``sampling.sample`` and ``Student.sample``: a
 text-to-image teacher plugs in unchanged.
 """
 
@@ -31,12 +32,13 @@ from typing import Callable, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from onestep import experiment
+from onestep.data.setup import Setup
 from onestep.denoisers.base import guided
 from onestep.errors import ConfigError
+from onestep.eval.evaluators import make_evaluator
 from onestep.eval.report import chunked, eval_inputs, markdown_table
-from onestep.eval.runs import Run, load_run, run_config
 from onestep.progress import bar as progress_bar
+from onestep.runs import Run, config_setup, load_run, run_config
 from onestep.sampling import METHODS, nfe, sample
 
 
@@ -87,7 +89,7 @@ def check(bc) -> None:
         raise ConfigError(f"bench.num_samples={bc.num_samples} must be >= 2 (or null for eval.num_samples)")
 
 
-def curves(cfg, runs: list[Run], setup: experiment.Setup, device) -> list[Curve]:
+def curves(cfg, runs: list[Run], setup: Setup, device) -> list[Curve]:
     bc = cfg.bench
     teacher_cfg = runs[0].cfg.teacher if runs else cfg.teacher
     teacher = guided(setup.teacher, teacher_cfg.guidance).to(device).eval()
@@ -197,13 +199,14 @@ def bench(cfg, out_dir: str | Path, progress: bool | None = None) -> dict:
     runs = [load_run(p, device, eval_cfg=cfg.eval) for p in bc.runs]
     if runs:
         _check_same_teacher(runs)
-        setup = runs[0].setup
+        setup, evaluator = runs[0].data(), make_evaluator(runs[0].cfg, runs[0].setup)
     else:
         torch.manual_seed(cfg.seed)
-        setup = experiment.build(cfg, out, progress=show)
+        setup = config_setup(cfg, out, progress=show)
+        evaluator = make_evaluator(cfg, setup)
     n = int(bc.num_samples or cfg.eval.num_samples)
     noise, cond = eval_inputs(setup, n, bc.seed)
-    headline = setup.evaluator.headline
+    headline = evaluator.headline
 
     jobs = [(c, s) for c in curves(cfg, runs, setup, device) for s in c.steps]
     rows, computed, cached = [], 0, 0
@@ -216,7 +219,7 @@ def bench(cfg, out_dir: str | Path, progress: bool | None = None) -> dict:
         else:
             rng = torch.Generator(device=device).manual_seed(bc.seed)
             x = chunked(lambda z, k: c.fn(z.to(device), None if k is None else k.to(device), steps, rng), noise, cond)
-            metrics = setup.evaluator.metrics(x, cond)
+            metrics = evaluator.metrics(x, cond)
             row = {"model": c.model, "kind": c.kind, "sampler": c.sampler, "steps": steps, "nfe": nfe(c.sampler, steps),
                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
             tmp = path.with_suffix(".tmp")

@@ -107,12 +107,12 @@ def digits_space(device: str | torch.device = "cpu", batch_size: int = 500) -> F
 
 
 def feature_space(eval_cfg, device: str | torch.device = "cpu") -> FeatureSpace:
-    kind = eval_cfg.features
-    if kind == "inception":
+    features = eval_cfg.features
+    if features == "inception":
         return inception_space(eval_cfg.inception_path, device)
-    if kind == "digits":
+    if features == "digits":
         return digits_space(device)
-    raise ConfigError(f"eval.features '{kind}' is unknown; choose inception (clean-fid, needs eval.inception_path) "
+    raise ConfigError(f"eval.features '{features}' is unknown; choose inception (clean-fid, needs eval.inception_path) "
                       "or digits (offline)")
 
 
@@ -267,7 +267,7 @@ def image_evaluator(cfg, dataset: torch.Tensor, device: str | torch.device = "cp
 
 
 class FeatureEvaluator:
-    """The ``experiment.Evaluator`` for image experiments: FD (+ KID, precision/recall) against reference
+    """The ``eval.evaluators.Evaluator`` for image experiments: FD (+ KID, precision/recall) against reference
     statistics in one feature space, and an image-grid plot."""
 
     headline = "fd"

@@ -30,23 +30,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from onestep import teachers
 from onestep.denoisers.consistency import LCM_TIMESTEP_SCALING, ConsistencyBoundary
 from onestep.errors import ConfigError
-from onestep.eval.runs import Run
 from onestep.export.weights import lora_state_dict, plain_model, student_model
 from onestep.objectives import objective_class
+from onestep.runs import Run
 
 EXPORT_FILE = "onestep_export.json"
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline"}
-#: the pipeline component that holds the denoising network
-NETWORK = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer", "sana": "transformer"}
-FLOW = ("sd3", "flux", "sana")
-#: StableDiffusion3Pipeline and FluxPipeline do not pass their ``generator`` to ``scheduler.step``: the re-noising
-#: draws of a stochastic scheduler come from torch's global RNG. Their exports say so (``"reseed_global": true``:
-#: call ``torch.manual_seed(seed)`` before the pipeline) and `onestep sample` draws those from a second generator
-#: seeded with the same seed, which is the same stream
-GLOBAL_RENOISE = ("sd3", "flux")
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 CLASS_PIPELINE = "FewStepClassPipeline"
 
@@ -112,7 +103,7 @@ def _sd_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, 
     return scheduler, {"num_inference_steps": k}
 
 
-def _flow_scheduler(teacher_folder: Path, ts: list[float], method: str, boundary: bool):
+def _flow_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, boundary: bool):
     """FlowMatchEulerDiscreteScheduler running the student's own sigmas (no shift: the t-list already has it).
     renoise = its stochastic_sampling step x = (1 - s') x0 + s' z; ddim = its Euler step, which on a rectified flow
     is DDIM exactly."""
@@ -135,18 +126,15 @@ def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
     import diffusers
 
     tc = run.cfg.teacher
-    kind, component = tc.kind, NETWORK[tc.kind]
-    cls = getattr(diffusers, PIPELINES[kind])
+    fam = teachers.family(tc.kind)
+    component, pipeline = fam.network, fam.pipeline(tc.kind)
+    cls = getattr(diffusers, pipeline)
     model, adapter = student_model(run.generator)
     boundary = isinstance(getattr(run.generator, "net", None), ConsistencyBoundary)
     ts, method = student_steps(run)
     teacher_folder = Path(tc.path)
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
-        if kind == "sd15" else {}
-    if kind in FLOW:
-        scheduler, call = _flow_scheduler(teacher_folder, ts, method, boundary)
-    else:
-        scheduler, call = _sd_scheduler(run, teacher_folder, ts, method, boundary)
+    extra = fam.pipeline_kwargs(tc.kind)
+    scheduler, call = SCHEDULERS[fam.export_scheduler](run, teacher_folder, ts, method, boundary)
     lora = None
     if lora_only:
         if adapter is None:
@@ -164,15 +152,15 @@ def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
     net = getattr(run.generator, "net", run.generator)
     # guidance-distilled Flux takes its scale as an input: the student keeps the one it was trained with
     guidance = float(getattr(net, "guidance", 1.0)) if getattr(net, "embedded_guidance", False) else 1.0
-    call.update({"guidance_scale": guidance, "height": size, "width": size})
-    if kind in ("sd3", "flux") and tc.max_sequence_length:
-        call["max_sequence_length"] = int(tc.max_sequence_length)
-    if kind == "sana":
-        call["use_resolution_binning"] = False  # SanaPipeline would otherwise snap the size to its aspect bins
-    info = {"pipeline_class": PIPELINES[kind], "call": call, "lora": lora, "prompted": True}
-    if kind in GLOBAL_RENOISE and method == "renoise":  # (any step count: callers may ask for more steps)
+    call.update({"guidance_scale": guidance, "height": size, "width": size, **fam.call_extras(tc)})
+    info = {"pipeline_class": pipeline, "call": call, "lora": lora, "prompted": True}
+    if fam.reseed_global and method == "renoise":  # (any step count: callers may ask for more steps)
         info["reseed_global"] = True
     return info
+
+
+#: Family.export_scheduler -> (run, teacher folder, t-list, method, boundary) -> (scheduler, call arguments)
+SCHEDULERS = {"table": _sd_scheduler, "flow": _flow_scheduler}
 
 
 def _class_pipeline_module():
@@ -228,17 +216,19 @@ def export(run: Run, out, *, overwrite: bool = False, lora_only: bool = False, a
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kind = run.cfg.teacher.kind
-    if kind in PIPELINES:
+    fam = teachers.family(kind)
+    if fam.export_scheduler == "class":
+        info = export_class(run, tmp, lora_only)
+    elif fam.export_scheduler in SCHEDULERS:
         info = export_text_to_image(run, tmp, lora_only)
-        if single_file and not lora_only and kind in ("sd15", "sdxl"):
+        if single_file and not lora_only and kind in fam.single_file:
             from onestep.export.single_file import write_single_file
 
             info["single_file"] = write_single_file(tmp, kind).name
-    elif kind == "digits":
-        info = export_class(run, tmp, lora_only)
     else:
+        exportable = sorted(k for k in teachers.kinds() if teachers.family(k).export_scheduler)
         raise ConfigError(f"teacher.kind '{kind}' has no diffusers pipeline to export to; export supports "
-                          f"{sorted([*PIPELINES, 'digits'])}")
+                          f"{exportable}")
     info.update({"onestep_run": str(run.path.resolve()), "step": run.step, "finished": run.finished,
                  "image_size": run.setup.teacher.data_shape[-1] * (run.setup.codec.downsample if run.setup.codec else 1)})
     (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -24,12 +24,11 @@ from safetensors.torch import save_file
 from onestep.conditioning import Labels
 from onestep.denoisers.nasa import DEFAULT_SCALE, check_scale, nasa_attention
 from onestep.errors import ConfigError
-from onestep.eval.runs import Run
-from onestep.export.pipelines import EXPORT_FILE, GLOBAL_RENOISE
+from onestep import teachers
+from onestep.export.pipelines import EXPORT_FILE
+from onestep.runs import Run
 
 SUFFIXES = (".png", ".safetensors")
-#: teachers whose students read the prompt embeddings in diffusers cross-attention layers (NASA's place)
-NASA_KINDS = ("sd15", "sdxl")
 
 
 def check_request(num: int, out, steps: int | None) -> Path:
@@ -62,8 +61,9 @@ def run_nasa(run: Run, negative_prompt: str | None, nasa_scale: float | None):
         raise ConfigError("negative_prompt is for text-to-image students (NASA steers their cross-attention); this "
                           f"run is {'class-conditional' if run.setup.num_classes else 'unconditional'}")
     kind = run.cfg.teacher.kind
-    if kind not in NASA_KINDS:
-        raise ConfigError(f"negative_prompt (NASA) needs a UNet student with cross-attention (teacher=sd15 or sdxl); "
+    if not teachers.family(kind).nasa:
+        nasa = " or ".join(k for k in teachers.kinds() if teachers.family(k).nasa)
+        raise ConfigError(f"negative_prompt (NASA) needs a UNet student with cross-attention (teacher={nasa}); "
                           f"this run's teacher is {kind}")
     negative = run.setup.conditioner.text.encode([negative_prompt])["prompt_embeds"]
     return nasa_attention(run.generator, negative, scale, what=f"the generator of run '{run.path}'")
@@ -112,7 +112,7 @@ def sample_run(run: Run, num: int, seed: int, prompt: str | None = None, class_l
     noise = torch.randn((num, *shape), generator=rng, dtype=torch.float32).to(device)
     if cond is not None:
         cond = cond.to(device)
-    if run.cfg.teacher.kind in GLOBAL_RENOISE:  # as their pipelines: re-noising from the (re)seeded global RNG
+    if teachers.family(run.cfg.teacher.kind).reseed_global:  # as its pipeline: re-noising from the reseeded global RNG
         rng = torch.Generator("cpu").manual_seed(int(seed))
     with steer:
         x = run.student().sample(run.generator, noise, cond, steps, rng)

@@ -24,15 +24,12 @@ from pathlib import Path
 
 import torch
 
+from onestep import teachers
 from onestep.errors import ConfigError
 
 OUT_NAME = "model.safetensors"
-#: kind -> (pipeline class, the subfolders whose weights go into the file)
-KINDS = {"sd15": ("StableDiffusionPipeline", ("unet", "vae", "text_encoder")),
-         "sdxl": ("StableDiffusionXLPipeline", ("unet", "vae", "text_encoder", "text_encoder_2"))}
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = {"sd15": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 NO_FILE = "pass single_file=false to export without the single file"
 
@@ -68,9 +65,11 @@ def write_single_file(folder: Path, kind: str) -> Path:
     are equally wide warns (the real 768 / 1280 are fine).
     """
     folder = Path(folder)
-    if kind not in KINDS:
-        raise ConfigError(f"kind '{kind}' has no single-file layout here; pass one of {sorted(KINDS)}")
-    pipeline, subs = KINDS[kind]
+    rules = single_file_kinds()
+    if kind not in rules:
+        raise ConfigError(f"kind '{kind}' has no single-file layout here; pass one of {sorted(rules)}")
+    rule, pipeline = rules[kind], teachers.family(kind).pipeline(kind)
+    subs = rule.subfolders
     if not folder.is_dir():
         raise ConfigError(f"'{folder}' is not a folder; pass a {pipeline}.save_pretrained folder")
     for sub in subs:  # every missing part named before any weights are read
@@ -83,10 +82,10 @@ def write_single_file(folder: Path, kind: str) -> Path:
     state: dict[str, torch.Tensor] = {}
     _merge(state, UNET_PREFIX, unet_to_ldm(weights["unet"], configs["unet"], folder / "unet"))
     _merge(state, VAE_PREFIX, vae_to_ldm(weights["vae"], configs["vae"], folder / "vae"))
-    _merge(state, CLIP_PREFIX[kind], clip_to_ldm(weights["text_encoder"], folder / "text_encoder"))
-    if kind == "sdxl":
+    _merge(state, rule.clip_prefix, clip_to_ldm(weights["text_encoder"], folder / "text_encoder"))
+    if rule.open_clip:
         _merge(state, OPEN_CLIP_PREFIX, clip_to_open_clip(weights["text_encoder_2"], folder / "text_encoder_2"))
-        _warn_same_width(state, folder)
+        _warn_same_width(state, rule.clip_prefix, folder)
 
     out = folder / OUT_NAME
     tmp = folder / f".{OUT_NAME}.tmp"
@@ -95,13 +94,18 @@ def write_single_file(folder: Path, kind: str) -> Path:
     return out
 
 
-def _warn_same_width(state: dict[str, torch.Tensor], folder: Path) -> None:
+def single_file_kinds() -> dict:
+    """teacher kind -> its family's single-file rule (teachers.SingleFile), for the kinds that have one."""
+    return {k: teachers.family(k).single_file[k] for k in teachers.kinds() if k in teachers.family(k).single_file}
+
+
+def _warn_same_width(state: dict[str, torch.Tensor], clip_prefix: str, folder: Path) -> None:
     """diffusers' single-file loader picks the weights of each SDXL text encoder by the position-embedding
     width (768 vs 1280 in SDXL); with equal widths it fills text_encoder_2 from text_encoder's weights. The
     file itself is right (A1111 / ComfyUI go by the key names), so this only warns."""
     import warnings
 
-    first = state[CLIP_PREFIX["sdxl"] + "text_model.embeddings.position_embedding.weight"].shape[-1]
+    first = state[clip_prefix + "text_model.embeddings.position_embedding.weight"].shape[-1]
     second = state[OPEN_CLIP_PREFIX + "positional_embedding"].shape[-1]
     if first == second:
         warnings.warn(f"'{folder}': text_encoder and text_encoder_2 are both {first} wide; diffusers' "

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from onestep import checkpoint, experiment, fsdp, progress
 from onestep.core import Nets
 from onestep.denoisers.base import Denoiser, guided
+from onestep.eval.evaluators import evaluated
 from onestep.eval.report import compare, eval_inputs, write_report
 from onestep.experiment import shape_student
 from onestep.generator import Student
@@ -76,7 +77,7 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
 
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
-        built = experiment.build(cfg, run_dir, progress=show)  # files derived once (teacher net, caches): rank 0
+        built = evaluated(cfg, experiment.build(cfg, run_dir, progress=show))  # derived files: rank 0 first
     gc = cfg.generator
     student = Student.from_config(built.teacher.schedule, gc)
     objective = make_objective(cfg.objective, student.train_sample)

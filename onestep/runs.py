@@ -1,6 +1,9 @@
-"""A finished (or checkpointed) `onestep train` run folder, loaded for evaluation, bench, sampling and export:
-its resolved config, the experiment it builds and the newest checkpoint's generator (EMA by default), through
-the Networks seam (networks.load_generator), never through the trainer."""
+"""A finished (or checkpointed) `onestep train` run folder, loaded for sampling, export, evaluation and bench:
+its resolved config (the run's plugins imported first), its teacher family's parts and the newest checkpoint's
+generator (EMA by default), through the Networks seam (networks.load_generator), never through the trainer.
+The training data are built only when asked (``Run.data``): export and sample read neither the prompt file nor
+the embedding cache, and no evaluator is built here (eval.evaluators builds one from ``run.data()``).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from omegaconf import OmegaConf
 
 from onestep import checkpoint, experiment, plugins
 from onestep.config import BenchConfig, CriticConfig, EvalConfig, GeneratorConfig, TrainerConfig
+from onestep.data.setup import Setup
 from onestep.errors import ConfigError
 from onestep.experiment import shape_student
 from onestep.generator import Student
@@ -24,9 +28,11 @@ from onestep.objectives import objective_class
 class Run:
     path: Path
     cfg: object  # the run's resolved config
-    setup: experiment.Setup
+    #: the teacher's parts; ``setup.data`` is None until ``data()`` builds it
+    setup: Setup
     generator: torch.nn.Module
     step: int
+    progress: bool = False
 
     @property
     def finished(self) -> bool:
@@ -35,6 +41,13 @@ class Run:
     def student(self) -> Student:
         gc = self.cfg.generator
         return Student.from_config(self.setup.teacher.schedule, gc)
+
+    def data(self) -> Setup:
+        """The setup with the run's data (built on the first call: reads data.path, fills the caches)."""
+        if self.setup.data is None:
+            experiment.check_data_kind(self.cfg)
+            experiment.add_data(self.cfg, self.setup, progress=self.progress)
+        return self.setup
 
 
 def run_config(path: str | Path, key: str, fix: str):
@@ -55,10 +68,10 @@ def run_config(path: str | Path, key: str, fix: str):
 def load_run(path: str | Path, device: torch.device, key: str = "bench.runs",
              fix: str = "pass bench.runs=[<run folder of onestep train>, ...]", role: str = EMA,
              progress: bool = False, frozen_dtype: str | None = None, eval_cfg=None) -> Run:
-    """A `onestep train` run folder -> its config, experiment and newest checkpoint's ``role`` (generator_ema).
+    """A `onestep train` run folder -> its config, teacher and newest checkpoint's ``role`` (generator_ema).
     ``frozen_dtype`` overrides the run's trainer.frozen_dtype (sampling and export use fp32: a LoRA student's base
-    then runs in the precision its merged export has); ``eval_cfg`` replaces its eval section (the bench's protocol,
-    which builds the evaluator)."""
+    then runs in the precision its merged export has); ``eval_cfg`` replaces its eval section (the bench's
+    protocol)."""
     run = Path(path)
     cfg = run_config(run, key, fix)
     if frozen_dtype is not None:
@@ -67,11 +80,17 @@ def load_run(path: str | Path, device: torch.device, key: str = "bench.runs",
         cfg.eval = eval_cfg
     if not checkpoint.list_checkpoints(run):
         raise ConfigError(f"{key}: '{path}' has no checkpoint yet; train it (onestep train run_dir={path}) first")
-    setup = experiment.build(cfg, run, progress=progress)
+    setup = experiment.load_teacher(cfg, run, progress=progress)
     try:
         generator, step = load_generator(cfg, setup, run, role=role, device=device,
                                          shape=partial(shape_student, cfg.generator,
                                                        objective=objective_class(cfg.objective.name)))
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}; train it further or {fix}") from None
-    return Run(run, cfg, setup, generator, step)
+    return Run(run, cfg, setup, generator, step, progress)
+
+
+def config_setup(cfg, folder: str | Path, progress: bool = True) -> Setup:
+    """The experiment a config describes, with its data, when there is no trained run to load (the teacher's
+    curves of `onestep bench`)."""
+    return experiment.build(cfg, Path(folder), progress=progress)

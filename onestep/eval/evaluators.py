@@ -1,0 +1,73 @@
+"""The evaluator of a run, built by eval from the experiment's setup: ``make_evaluator(cfg, setup)``. The
+teacher family names its protocol (``Family.evaluation``); the protocol's builder reads what the setup holds
+(the exact mixture, the codec) and the eval section. experiment knows nothing of evaluators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from onestep import teachers
+from onestep.errors import ConfigError
+from onestep.data.setup import Setup
+
+
+class Evaluator(Protocol):
+    #: the metric that ranks models (lower is better), e.g. "sliced_w2" or "fd"
+    headline: str
+
+    def metrics(self, x: torch.Tensor, cond: torch.Tensor | None) -> dict: ...
+
+    def plot(self, path: Path, panels: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None: ...
+
+
+def _mixture(cfg, setup):
+    from onestep.eval.gmm_eval import GMMEvaluator
+
+    return GMMEvaluator(setup.distribution)
+
+
+def _digit_images(cfg, setup):
+    """FD in the shipped digits feature space against every digit at the teacher's size."""
+    from onestep.data.digits import load_digits_tensors
+    from onestep.eval.digits_eval import DigitsEvaluator
+
+    return DigitsEvaluator(load_digits_tensors("all", setup.teacher.data_shape[-1])[0], setup.num_classes)
+
+
+def _text_images(cfg, setup):
+    if cfg.eval.features == "digits":  # the shipped text-to-image digits teacher
+        from onestep.eval.digits_eval import DigitsTextEvaluator
+
+        return DigitsTextEvaluator(setup.codec)
+    from onestep.eval.t2i_eval import TextImageEvaluator
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")
+    return TextImageEvaluator(setup.codec, cfg.eval, cfg.out_root, device)
+
+
+#: Family.evaluation -> its evaluator's builder (cfg, setup) -> Evaluator
+PROTOCOLS = {"mixture": _mixture, "digit_images": _digit_images, "text_images": _text_images}
+
+
+def make_evaluator(cfg, setup: Setup) -> Evaluator:
+    protocol = teachers.family(cfg.teacher.kind).evaluation
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"teacher.kind '{cfg.teacher.kind}' asks for evaluation '{protocol}', which eval does not "
+                          f"have; its family must name one of {sorted(PROTOCOLS)}")
+    return PROTOCOLS[protocol](cfg, setup)
+
+
+@dataclass
+class Evaluated(Setup):
+    """A setup with its evaluator (what the trainer and the bench measure with)."""
+
+    evaluator: Evaluator | None = None
+
+
+def evaluated(cfg, setup: Setup) -> Evaluated:
+    return Evaluated(**vars(setup), evaluator=make_evaluator(cfg, setup))
