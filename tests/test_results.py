@@ -25,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 #: the tools that write results/*.md; each has ``rendered(folder) -> {file name: markdown}``, reading only data files
 RENDERERS = ("report_runs", "report_digits_t2i", "bench_objectives", "bench_recipes", "bench_memory", "bench_trainer",
-             "soak")
-#: written by kernels/bench.py, which is moving to tools/ (its renderer goes with it)
-NOT_RENDERED = {"jvp_attention_cpu.md", "jvp_transformer_cpu.md"}
+             "soak", "bench_kernels")
 MARKDOWN = sorted(RESULTS.glob("*.md"))
 COMMAND = re.compile(r"`(?:[A-Z_]+=\S+ )*(?:python|onestep) [^`]*`")
 
@@ -46,7 +44,7 @@ def rendered() -> dict[str, tuple[str, str]]:
 
 def test_every_results_file_has_its_renderer():
     names = {p.name for p in MARKDOWN}
-    assert set(rendered()) == names - NOT_RENDERED
+    assert set(rendered()) == names
 
 
 @pytest.mark.parametrize("path", MARKDOWN, ids=[p.name for p in MARKDOWN])
@@ -58,8 +56,7 @@ def test_results_file_names_the_command_that_wrote_it(path):
         assert f"tools/{tool}.py" in head, f"{path.name}: its first lines do not name tools/{tool}.py, which writes it"
 
 
-@pytest.mark.parametrize("path", [p for p in MARKDOWN if p.name not in NOT_RENDERED],
-                         ids=[p.name for p in MARKDOWN if p.name not in NOT_RENDERED])
+@pytest.mark.parametrize("path", MARKDOWN, ids=[p.name for p in MARKDOWN])
 def test_results_file_is_what_its_tool_renders_from_its_data(path):
     tool, text = rendered()[path.name]
     assert path.read_text() == text, (f"results/{path.name} differs from what tools/{tool}.py renders from its data; "

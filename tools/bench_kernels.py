@@ -8,14 +8,16 @@ held above its level before the call (profiler memory events), i.e. the attentio
 the process high-water RSS (VmHWM) minus the RSS right before the timed call (after the inputs were created and a
 tiny warm-up call loaded the math libraries).  MATH is not run where its predicted peak (MATH_NN_MATRICES fp32
 N x N matrices) does not fit in the available RAM minus MATH_RAM_MARGIN: the row says what it would need.  The
-table ends with the issue-20 target (MATH / kernel >= 50x allocated at N = 4096), met or missed.
+table ends with the kernel's target (MATH / kernel >= 50x allocated at N = 4096), met or missed.
 
 GPU (only when CUDA is present): TFLOP/s, time and peak memory of the fused Triton forward+JVP
 (12 B H N^2 d FLOPs), of ``torch.func.jvp(attention)`` end to end, of SDPA's flash forward
 (4 B H N^2 d) and of MATH SDPA + ``torch.func.jvp`` (skipped / "OOM" where it does not fit), for
 N = 1k ... 64k, d = 64 / 128, bf16 and fp16.
 
-Writes ``results/jvp_attention_<device>.md`` (device name, versions, date, table) and prints it.
+Writes the measurements to ``results/jvp_attention_<device>.json`` (device name, versions, date, one record per row)
+and the markdown rendered from that JSON alone to ``results/jvp_attention_<device>.md``, prints it and refreshes its
+blocks on the README and docs pages.
 
 ``--transformer``: one sCD training step (objectives/scm.py: teacher velocity, the sCM tangent by
 ``torch.func.jvp``, the student's forward and the backward of the loss) of a Flux-shaped block stack -- Flux's
@@ -23,7 +25,9 @@ real widths (24 heads x 128 = 3072, T5 width 4096, MLP 4x), random weights, ``--
 ``--single`` single-stream blocks instead of 19 + 38 -- behind onestep's Flux adapter, with
 ``generator.attention`` = each of ``--attentions`` (default: math, jvp_flash); ``--tokens`` IMAGE+TEXT per row
 (default 4096+512, Flux at 1024 px, on a GPU; 1024+128 on the CPU). Peak memory and seconds of the step, fp32,
-batch 1; CPU points in fresh subprocesses as above. Writes ``results/jvp_transformer_<device>.md``.
+batch 1; CPU points in fresh subprocesses as above. Writes ``results/jvp_transformer_<device>.{json,md}``.
+
+``python tools/bench_kernels.py render`` rewrites every ``results/jvp_*.md`` from its JSON, running nothing.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +50,7 @@ import onestep.kernels as ok
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = Path(REPO_ROOT) / "results"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +88,7 @@ CPU_METHODS = {"blockwise_jvp": "kernel: torch.func.jvp(attention)", "blockwise_
 MATH_NN_MATRICES = 5
 #: RAM left to everything else when MATH's predicted peak decides whether it may run (the machine is shared)
 MATH_RAM_MARGIN = 4 << 30
-#: the issue-20 target: MATH's allocator peak over the kernel's, at this N
+#: the kernel's target: MATH's allocator peak over the kernel's, at this N
 TARGET_RATIO, TARGET_N = 50, 4096
 CPU_NS = (1024, 4096, 8192, 16384)
 
@@ -193,50 +199,33 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.0f} B"
 
 
-def run_cpu(ns, B=1, H=8, d=64, threads=None):
-    """(header, rows, meta, verdict): one row per (N, method); MATH is not run where its predicted peak does not
-    fit in the available RAM minus MATH_RAM_MARGIN."""
+def run_cpu(ns, B=1, H=8, d=64, threads=None) -> tuple[list[dict], int]:
+    """(rows, torch threads used): one record per (N, method) in the table's order -- the measurement of
+    :func:`measure_cpu_point` (time_s, alloc_bytes, peak_bytes; oom when killed) with, on the kernel's rows where MATH
+    ran, MATH's peaks over the kernel's (math_over_alloc, math_over_rss), or for a MATH whose predicted peak does not
+    fit in the available RAM minus MATH_RAM_MARGIN the bytes available then (not_run_available_bytes)."""
     from tqdm import tqdm
 
     results = {}
     for N, m in tqdm([(N, m) for N in ns for m in CPU_METHODS], desc="cpu bench", unit="pt"):
-        nn = B * H * N * N * 4  # one fp32 N x N score matrix
         if m == "math_jvp":
-            need, avail = MATH_NN_MATRICES * nn, _mem_available()
-            if need > avail - MATH_RAM_MARGIN:
-                results[N, m] = {"skip": f"not run: needs ~{_fmt_bytes(need)} ({MATH_NN_MATRICES} x {_fmt_bytes(nn)}"
-                                         f"), {_fmt_bytes(avail)} available"}
+            avail = _mem_available()
+            if MATH_NN_MATRICES * B * H * N * N * 4 > avail - MATH_RAM_MARGIN:
+                results[N, m] = {"method": m, "N": N, "not_run_available_bytes": avail}
                 continue
         results[N, m] = measure_cpu_point(m, N, B, H, d, threads)
-
-    def ratio(math, r, key):
-        return "" if "time_s" not in math or r is math else f"{math[key] / max(r[key], 1):.1f}x"
+    threads_used = next((r["threads"] for r in results.values() if "threads" in r), torch.get_num_threads())
 
     rows = []
     for N in ns:
         math = results[N, "math_jvp"]
-        for m, label in CPU_METHODS.items():
-            r = results[N, m]
-            nn = _fmt_bytes(B * H * N * N * 4)
-            if "time_s" not in r:
-                rows.append([str(N), label, nn, "-", r.get("skip", "OOM (killed)"), "-", "", ""])
-                continue
-            rows.append([str(N), label, nn, f"{r['time_s']:.2f}", _fmt_bytes(r["alloc_bytes"]),
-                         _fmt_bytes(r["peak_bytes"]), ratio(math, r, "alloc_bytes"), ratio(math, r, "peak_bytes")])
-    header = ["N", "attention", "one N x N fp32 (B H N^2 4 bytes)", "time (s)", "peak allocated", "peak RSS",
-              "MATH / this, allocated", "MATH / this, RSS"]
-    threads_used = next((r["threads"] for r in results.values() if "threads" in r), torch.get_num_threads())
-    meta = f"B={B}, H={H}, d={d}, fp32, torch threads={threads_used}"
-    verdict = None
-    if TARGET_N in ns and "time_s" in results[TARGET_N, "math_jvp"]:
-        math = results[TARGET_N, "math_jvp"]
-        got = {m: math["alloc_bytes"] / max(results[TARGET_N, m]["alloc_bytes"], 1)
-               for m in ("blockwise_jvp", "blockwise_fused")}
-        met = min(got.values()) >= TARGET_RATIO
-        verdict = (f"target (issue 20): MATH / kernel peak allocated >= {TARGET_RATIO}x at N = {TARGET_N}: "
-                   f"{got['blockwise_jvp']:.0f}x through torch.func.jvp(attention), {got['blockwise_fused']:.0f}x "
-                   f"fused -- {'met' if met else 'MISSED'}")
-    return header, rows, meta, verdict
+        for m in CPU_METHODS:
+            r = {k: v for k, v in results[N, m].items() if k != "threads"}
+            if m != "math_jvp" and "time_s" in math and "time_s" in r:
+                r["math_over_alloc"] = math["alloc_bytes"] / max(r["alloc_bytes"], 1)
+                r["math_over_rss"] = math["peak_bytes"] / max(r["peak_bytes"], 1)
+            rows.append(r)
+    return rows, threads_used
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,7 +245,7 @@ def _cuda_time(fn, warmup=2, reps=5) -> float:
 
 
 def _cuda_measure(fn):
-    """(seconds, peak extra bytes) or ("OOM", "OOM")."""
+    """(seconds, peak extra bytes), or (None, None) when out of memory."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -268,11 +257,14 @@ def _cuda_measure(fn):
         t = _cuda_time(fn)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return "OOM", "OOM"
+        return None, None
     return t, peak
 
 
-def run_gpu(ns, dims=(64, 128), dtypes=("bfloat16", "float16"), tokens=16384, heads=16):
+def run_gpu(ns, dims=(64, 128), dtypes=("bfloat16", "float16"), tokens=16384, heads=16) -> list[dict]:
+    """One record per (dtype, d, N): B, the seconds of the fused pass, of torch.func.jvp(attention), of SDPA's flash
+    forward and of MATH + torch.func.jvp, and the fused and MATH peaks in bytes; None where it ran out of memory (or,
+    for MATH, would)."""
     from tqdm import tqdm
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -285,8 +277,6 @@ def run_gpu(ns, dims=(64, 128), dtypes=("bfloat16", "float16"), tokens=16384, he
         H = heads
         shp = (B, H, N, d)
         q, k, v, qd, kd, vd = (torch.randn(shp, device="cuda", dtype=dt) for _ in range(6))
-        fl_fwd = 4 * B * H * N * N * d
-        fl_jvp = 12 * B * H * N * N * d
 
         def fused():
             return ok.fused_forward_jvp(q, k, v, qd, kd, vd, backend="triton")
@@ -302,30 +292,17 @@ def run_gpu(ns, dims=(64, 128), dtypes=("bfloat16", "float16"), tokens=16384, he
             with sdpa_kernel(SDPBackend.MATH):
                 return torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (qd, kd, vd))
 
-        t_f, m_f = _cuda_measure(fused)
-        t_e, m_e = _cuda_measure(e2e)
-        t_s, m_s = _cuda_measure(flash)
+        fused_s, fused_peak = _cuda_measure(fused)
+        e2e_s, _ = _cuda_measure(e2e)
+        flash_s, _ = _cuda_measure(flash)
         free, _ = torch.cuda.mem_get_info()
         est = 8 * B * H * N * N * (2 if dt != torch.float32 else 4) + 4 * B * H * N * N * 4
-        t_m, m_m = ("OOM", "OOM") if est > 0.9 * free else _cuda_measure(math_jvp)
-
-        def tf(fl, t):
-            return "OOM" if t == "OOM" else f"{fl / t / 1e12:.1f}"
-
-        def ms(t):
-            return "OOM" if t == "OOM" else f"{t * 1e3:.2f}"
-
-        def mem(m):
-            return "OOM" if m == "OOM" else _fmt_bytes(m)
-
-        rows.append([dt_name, str(d), str(N), str(B), tf(fl_jvp, t_f), ms(t_f), mem(m_f), ms(t_e),
-                     tf(fl_fwd, t_s), ms(t_s), tf(fl_jvp, t_m), ms(t_m), mem(m_m)])
+        math_s, math_peak = (None, None) if est > 0.9 * free else _cuda_measure(math_jvp)
+        rows.append({"dtype": dt_name, "d": d, "N": N, "B": B, "fused_s": fused_s, "fused_peak_bytes": fused_peak,
+                     "e2e_s": e2e_s, "flash_s": flash_s, "math_s": math_s, "math_peak_bytes": math_peak})
         del q, k, v, qd, kd, vd
         torch.cuda.empty_cache()
-    header = ["dtype", "d", "N", "B", "fused fwd+JVP TFLOP/s", "fused ms", "fused peak",
-              "func.jvp(attention) ms", "SDPA flash fwd TFLOP/s", "flash ms",
-              "MATH+jvp TFLOP/s (12BHN²d)", "MATH+jvp ms", "MATH+jvp peak"]
-    return header, rows, f"H={heads}, B = max(1, {tokens} // N)"
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,6 +316,8 @@ SIGMA_D = 0.5
 #: tokens of the warm-up call (the teacher velocity and the tangent, no backward: loads the math libraries without
 #: allocating gradients before the baseline is read)
 WARMUP_TOKENS = (16, 8)
+#: steps a GPU point's times are the mean of
+SCD_CUDA_REPS = 3
 
 
 def _flux_scd_step(attention: str, image_tokens: int, text_tokens: int, double: int, single: int, device: str):
@@ -408,7 +387,7 @@ def _transformer_point(attention: str, image_tokens: int, text_tokens: int, doub
             "threads": torch.get_num_threads()}
 
 
-def _cuda_scd_point(attention, image_tokens, text_tokens, double, single, reps=3) -> dict | None:
+def _cuda_scd_point(attention, image_tokens, text_tokens, double, single, reps=SCD_CUDA_REPS) -> dict | None:
     """Peaks = torch.cuda.max_memory_allocated above the weights and inputs over one step (after a full-size
     warm-up, which also runs the Triton autotuning); times = means over ``reps`` steps. None when out of memory."""
     torch.cuda.empty_cache()
@@ -444,37 +423,29 @@ def _cuda_scd_point(attention, image_tokens, text_tokens, double, single, reps=3
             "peak_bytes": peaks[1], "loss": loss}
 
 
-def run_transformer(device, tokens, attentions, double, single, threads=None, timeout=1800):
+def run_transformer(device, tokens, attentions, double, single, threads=None, timeout=1800) -> tuple[list[dict], int]:
+    """(rows, torch threads used): one record per (tokens, attention) -- image_tokens, text_tokens, attention and
+    the point's tangent_peak, peak_bytes (bytes), tangent_s, time_s and loss, or oom."""
     from tqdm import tqdm
 
-    results = {}
+    rows = []
+    threads_used = torch.get_num_threads()
     for (n_img, n_txt), attention in tqdm([(n, a) for n in tokens for a in attentions], desc="sCD step",
                                           unit="pt"):
         if device == "cpu":
             spec = {"kind": "transformer", "attention": attention, "image_tokens": n_img, "text_tokens": n_txt,
                     "double": double, "single": single, "threads": threads}
-            results[(n_img, n_txt), attention] = _run_point(spec, timeout)
+            r = _run_point(spec, timeout)
         else:
-            results[(n_img, n_txt), attention] = _cuda_scd_point(attention, n_img, n_txt, double, single)
-    rows = []
-    for (n_img, n_txt), attention in results:
-        r = results[(n_img, n_txt), attention]
-        cells = ["OOM"] * 5 if r is None else [
-            _fmt_bytes(r["tangent_peak"]), _fmt_bytes(r["peak_bytes"]), f"{r['tangent_s']:.1f}", f"{r['time_s']:.1f}",
-            f"{r['loss']:.6g}"]
-        rows.append([f"{n_img} + {n_txt}", attention] + cells)
-    header = ["image + text tokens", "generator.attention", "peak tangent (teacher + JVP)", "peak step",
-              "time tangent (s)", "time step (s)", "loss"]
-    threads_used = next((r["threads"] for r in results.values() if r and "threads" in r), torch.get_num_threads())
-    n_params = _flux_params(double, single)
-    w = FLUX_WIDTHS
-    meta = (f"FluxTransformer2DModel, {double} double-stream + {single} single-stream blocks (FLUX.1: 19 + 38) at "
-            f"FLUX.1's widths ({w['num_attention_heads']} heads x {w['attention_head_dim']}, T5 "
-            f"{w['joint_attention_dim']}, pooled {w['pooled_projection_dim']}, RoPE axes "
-            f"{'/'.join(map(str, w['axes_dims_rope']))}), random weights, {n_params / 1e6:.0f}M parameters; batch 1, "
-            "fp32"
-            + (f", torch threads={threads_used}" if device == "cpu" else ""))
-    return header, rows, meta
+            r = _cuda_scd_point(attention, n_img, n_txt, double, single)
+        row = {"image_tokens": n_img, "text_tokens": n_txt, "attention": attention}
+        if r is None:
+            row["oom"] = True
+        else:
+            threads_used = r.pop("threads", threads_used)
+            row.update(r)
+        rows.append(row)
+    return rows, threads_used
 
 
 def _flux_params(double: int, single: int) -> int:
@@ -486,20 +457,162 @@ def _flux_params(double: int, single: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# The markdown, rendered from the JSON alone
+# ------------------------------------------------------------------------------------------------
 def _table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
 
-def _versions() -> str:
+def _head(d: dict, title: str, config: str) -> list[str]:
+    v = d["versions"]
+    return [f"# {title}", "", f"- command: `{d['command']}`", f"- device: {d['device_name']}",
+            f"- versions: torch {v['torch']}, triton {v['triton']}, python {v['python']}", f"- date: {d['date']}",
+            f"- config: {config}"]
+
+
+def _render_attention_cpu(d: dict) -> str:
+    B, H = d["B"], d["H"]
+    k = d["math_nn_matrices"]
+    rows = []
+    for r in d["rows"]:
+        nn = B * H * r["N"] * r["N"] * 4  # one fp32 N x N score matrix
+        cells = [str(r["N"]), CPU_METHODS[r["method"]], _fmt_bytes(nn)]
+        if "time_s" in r:
+            cells += [f"{r['time_s']:.2f}", _fmt_bytes(r["alloc_bytes"]), _fmt_bytes(r["peak_bytes"]),
+                      *(f"{r[key]:.1f}x" if key in r else "" for key in ("math_over_alloc", "math_over_rss"))]
+        elif "not_run_available_bytes" in r:
+            cells += ["-", f"not run: needs ~{_fmt_bytes(k * nn)} ({k} x {_fmt_bytes(nn)}), "
+                           f"{_fmt_bytes(r['not_run_available_bytes'])} available", "-", "", ""]
+        else:
+            cells += ["-", "OOM (killed)", "-", "", ""]
+        rows.append(cells)
+    header = ["N", "attention", "one N x N fp32 (B H N^2 4 bytes)", "time (s)", "peak allocated", "peak RSS",
+              "MATH / this, allocated", "MATH / this, RSS"]
+    note = ("One fresh subprocess per row. Time: one call, after a tiny warm-up. Peak allocated: the most bytes "
+            "torch's CPU allocator held above its level before a second call (profiler memory events; torch has "
+            "no CPU allocator statistics) -- the attention's own tensors, O and O' included. Peak RSS: the "
+            "process high-water RSS (VmHWM, reset before the call) minus the RSS before the timed call -- adds "
+            "what glibc keeps and what BLAS allocates outside torch. Kernel = the blockwise PyTorch backend "
+            "(the CPU path; Triton runs on CPU only under TRITON_INTERPRET=1): torch.func.jvp(attention) runs "
+            "its forward, then the jvp rule's fused forward+JVP pass; fused_forward_jvp runs that pass alone. "
+            f"MATH runs only where {k} fp32 N x N matrices (its measured peak) fit in the "
+            f"available RAM minus {_fmt_bytes(d['math_ram_margin_bytes'])}.")
+    load = d["load_average"]
+    lines = [*_head(d, "Forward + JVP attention on CPU: blockwise kernel vs MATH + torch.func.jvp",
+                    f"B={B}, H={H}, d={d['d']}, fp32, torch threads={d['threads']}"),
+             f"- {note}", f"- load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} on {d['cores']} cores",
+             *([f"- {d['note']}"] if d["note"] else []), "", _table(header, rows), ""]
+    target = d["target"]
+    at = {r["method"]: r for r in d["rows"] if r["N"] == target["N"]}
+    got = {m: at[m]["math_over_alloc"] for m in ("blockwise_jvp", "blockwise_fused")
+           if "math_over_alloc" in at.get(m, {})}
+    if len(got) == 2:
+        met = min(got.values()) >= target["ratio"]
+        lines += [f"**target: MATH / kernel peak allocated >= {target['ratio']}x at N = {target['N']}: "
+                  f"{got['blockwise_jvp']:.0f}x through torch.func.jvp(attention), {got['blockwise_fused']:.0f}x "
+                  f"fused -- {'met' if met else 'MISSED'}**", ""]
+    return "\n".join(lines)
+
+
+def _render_attention_gpu(d: dict) -> str:
+    H = d["H"]
+
+    def tflops(r, factor, key):  # factor B H N^2 d FLOPs over the measured seconds
+        return "OOM" if r[key] is None else f"{factor * r['B'] * H * r['N'] ** 2 * r['d'] / r[key] / 1e12:.1f}"
+
+    def ms(t):
+        return "OOM" if t is None else f"{t * 1e3:.2f}"
+
+    def mem(b):
+        return "OOM" if b is None else _fmt_bytes(b)
+
+    rows = [[r["dtype"], str(r["d"]), str(r["N"]), str(r["B"]), tflops(r, 12, "fused_s"), ms(r["fused_s"]),
+             mem(r["fused_peak_bytes"]), ms(r["e2e_s"]), tflops(r, 4, "flash_s"), ms(r["flash_s"]),
+             tflops(r, 12, "math_s"), ms(r["math_s"]), mem(r["math_peak_bytes"])] for r in d["rows"]]
+    header = ["dtype", "d", "N", "B", "fused fwd+JVP TFLOP/s", "fused ms", "fused peak",
+              "func.jvp(attention) ms", "SDPA flash fwd TFLOP/s", "flash ms",
+              "MATH+jvp TFLOP/s (12BHN²d)", "MATH+jvp ms", "MATH+jvp peak"]
+    note = ("TFLOP/s: fused fwd+JVP and MATH+jvp counted as 12 B H N^2 d, SDPA forward as "
+            "4 B H N^2 d. Peak = torch.cuda.max_memory_allocated above the inputs.")
+    return "\n".join([*_head(d, "Forward + JVP attention on GPU: Triton kernel vs SDPA flash forward and MATH + jvp",
+                             f"H={H}, B = max(1, {d['tokens']} // N)"),
+                      f"- {note}", *([f"- {d['note']}"] if d["note"] else []), "", _table(header, rows), ""])
+
+
+def _render_transformer(d: dict) -> str:
+    cpu = d["device"] == "cpu"
+    rows = []
+    for r in d["rows"]:
+        cells = ["OOM"] * 5 if r.get("oom") else [
+            _fmt_bytes(r["tangent_peak"]), _fmt_bytes(r["peak_bytes"]), f"{r['tangent_s']:.1f}", f"{r['time_s']:.1f}",
+            f"{r['loss']:.6g}"]
+        rows.append([f"{r['image_tokens']} + {r['text_tokens']}", r["attention"], *cells])
+    header = ["image + text tokens", "generator.attention", "peak tangent (teacher + JVP)", "peak step",
+              "time tangent (s)", "time step (s)", "loss"]
+    w = d["widths"]
+    config = (f"FluxTransformer2DModel, {d['double']} double-stream + {d['single']} single-stream blocks (FLUX.1: "
+              f"19 + 38) at FLUX.1's widths ({w['num_attention_heads']} heads x {w['attention_head_dim']}, T5 "
+              f"{w['joint_attention_dim']}, pooled {w['pooled_projection_dim']}, RoPE axes "
+              f"{'/'.join(map(str, w['axes_dims_rope']))}), random weights, {d['params'] / 1e6:.0f}M parameters; "
+              "batch 1, fp32" + (f", torch threads={d['threads']}" if cpu else ""))
+    peak = (f"process high-water RSS (VmHWM) minus RSS before the step, one fresh subprocess per point (after a "
+            f"{d['warmup_tokens'][0]} + {d['warmup_tokens'][1]} token warm-up of the teacher call and the tangent)"
+            if cpu else "torch.cuda.max_memory_allocated above the weights and inputs (after a full-size warm-up "
+                        f"step); times are means of {d['reps']} steps")
+    return "\n".join([
+        *_head(d, "One sCD training step of a Flux-shaped block stack: generator.attention "
+               + " vs ".join(d["attentions"]), config),
+        "- step: the teacher's velocity (no grad; the student's own weights) and the sCM tangent (`scm_tangent`: "
+        "`torch.func.jvp` of the TrigFlow velocity, no grad) -- the 'tangent' columns, measured up to there -- then "
+        "the student's velocity with grad and the backward of ||(v - v-) / sigma_d - g||^2 (sCM eq. (9) without the "
+        "adaptive weight) into every parameter; no optimizer update. The same seed gives the same loss under every "
+        "attention.",
+        f"- peak: {peak}. 'peak step' includes the parameter gradients (4 bytes x parameters) under every "
+        "attention; 'peak tangent' is reached before any gradient exists.",
+        "", _table(header, rows), "",
+    ])
+
+
+def render(d: dict) -> str:
+    """The markdown of one JSON this tool wrote (an attention table on CPU or GPU, or a transformer step)."""
+    if d["kind"] == "transformer":
+        return _render_transformer(d)
+    return _render_attention_cpu(d) if d["device"] == "cpu" else _render_attention_gpu(d)
+
+
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes, rendered from the jvp_*.json in ``folder`` alone."""
+    return {f.with_suffix(".md").name: render(json.loads(f.read_text(encoding="utf-8")))
+            for f in sorted(Path(folder).glob("jvp_*.json"))}
+
+
+def _write(out_dir: str, stem: str, data: dict) -> None:
+    """results/<stem>.json, then the markdown rendered from it alone; refreshes its blocks when out_dir is results/."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    text = rendered(folder)[f"{stem}.md"]
+    (folder / f"{stem}.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"written to {folder / stem}.json and .md")
+    if folder.resolve() == RESULTS.resolve():
+        sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+        from readme_block import update_readme
+
+        update_readme(f"results/{stem}.md")
+
+
+# ------------------------------------------------------------------------------------------------
+def _versions() -> dict:
     try:
         import triton
 
         tv = triton.__version__
     except Exception:
         tv = "n/a"
-    return f"torch {torch.__version__}, triton {tv}, python {platform.python_version()}"
+    return {"torch": torch.__version__, "triton": tv, "python": platform.python_version()}
 
 
 def _cpu_name() -> str:
@@ -521,7 +634,7 @@ def _device_name(device: str) -> tuple[str, str]:
     return name, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def transformer_report(args, device: str, date: str, argv: list[str]):
+def transformer_report(args, device: str, run: dict) -> None:
     spec = args.tokens or ("1024+128" if device == "cpu" else "4096+512")
     tokens = [tuple(int(n) for n in pair.split("+")) for pair in spec.split(",")]
     for n_image, _ in tokens:
@@ -529,40 +642,25 @@ def transformer_report(args, device: str, date: str, argv: list[str]):
             raise SystemExit(f"--tokens: {n_image} image tokens is not a square; use e.g. "
                              f"{math.isqrt(n_image) ** 2} or {(math.isqrt(n_image) + 1) ** 2}")
     attentions = args.attentions.split(",")
-    header, rows, meta = run_transformer(device, tokens, attentions, args.double, args.single, args.threads)
-    name, tag = _device_name(device)
-    peak = ("process high-water RSS (VmHWM) minus RSS before the step, one fresh subprocess per point (after a "
-            f"{WARMUP_TOKENS[0]} + {WARMUP_TOKENS[1]} token warm-up of the teacher call and the tangent)"
-            if device == "cpu" else "torch.cuda.max_memory_allocated above the weights and inputs (after a full-size "
-                                     "warm-up step); times are means of 3 steps")
-    command = " ".join(["python", "tools/bench_kernels.py", *argv])
-    md = "\n".join([
-        "# One sCD training step of a Flux-shaped block stack: generator.attention " + " vs ".join(attentions), "",
-        f"- command: `{command}`",
-        f"- device: {name}", f"- versions: {_versions()}", f"- date: {date}", f"- config: {meta}",
-        "- step: the teacher's velocity (no grad; the student's own weights) and the sCM tangent (`scm_tangent`: "
-        "`torch.func.jvp` of the TrigFlow velocity, no grad) -- the 'tangent' columns, measured up to there -- then "
-        "the student's velocity with grad and the backward of ||(v - v-) / sigma_d - g||^2 (sCM eq. (9) without the "
-        "adaptive weight) into every parameter; no optimizer update. The same seed gives the same loss under every "
-        "attention.",
-        f"- peak: {peak}. 'peak step' includes the parameter gradients (4 bytes x parameters) under every "
-        "attention; 'peak tangent' is reached before any gradient exists.",
-        "", _table(header, rows), "",
-    ])
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"jvp_transformer_{tag}.md")
-    with open(path, "w") as f:
-        f.write(md)
-    print(md)
-    print(f"written to {path}")
+    rows, threads = run_transformer(device, tokens, attentions, args.double, args.single, args.threads)
+    data = {"kind": "transformer", **run, "attentions": attentions, "double": args.double, "single": args.single,
+            "params": _flux_params(args.double, args.single), "widths": FLUX_WIDTHS,
+            **({"threads": threads, "warmup_tokens": WARMUP_TOKENS} if device == "cpu" else {"reps": SCD_CUDA_REPS}),
+            "rows": rows}
+    _write(args.out_dir, f"jvp_transformer_{_device_name(device)[1]}", data)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["render"]:  # rewrite the markdown from its data, running nothing
+        for name, text in rendered(RESULTS).items():
+            (RESULTS / name).write_text(text, encoding="utf-8")
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--ns", default=None, help="comma-separated sequence lengths")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "results"))
+    ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--transformer", action="store_true",
                     help="one sCD step of a Flux-shaped block stack instead of the attention call alone")
     ap.add_argument("--tokens", default=None,
@@ -589,46 +687,26 @@ def main(argv=None):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    load = os.getloadavg()
+    name, tag = _device_name(device)
+    run = {"device": device, "command": " ".join(["python", "tools/bench_kernels.py", *argv]), "device_name": name,
+           "versions": _versions(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    load = os.getloadavg()[0]
     if args.transformer:
-        return transformer_report(args, device, date, sys.argv[1:] if argv is None else list(argv))
-    verdict = None
+        return transformer_report(args, device, run)
     if device == "cpu":
         ns = [int(x) for x in (args.ns or ",".join(map(str, CPU_NS))).split(",")]
-        header, rows, meta, verdict = run_cpu(ns, threads=args.threads)
-        title = "Forward + JVP attention on CPU: blockwise kernel vs MATH + torch.func.jvp"
-        note = ("One fresh subprocess per row. Time: one call, after a tiny warm-up. Peak allocated: the most bytes "
-                "torch's CPU allocator held above its level before a second call (profiler memory events; torch has "
-                "no CPU allocator statistics) -- the attention's own tensors, O and O' included. Peak RSS: the "
-                "process high-water RSS (VmHWM, reset before the call) minus the RSS before the timed call -- adds "
-                "what glibc keeps and what BLAS allocates outside torch. Kernel = the blockwise PyTorch backend "
-                "(the CPU path; Triton runs on CPU only under TRITON_INTERPRET=1): torch.func.jvp(attention) runs "
-                "its forward, then the jvp rule's fused forward+JVP pass; fused_forward_jvp runs that pass alone. "
-                f"MATH runs only where {MATH_NN_MATRICES} fp32 N x N matrices (its measured peak) fit in the "
-                f"available RAM minus {_fmt_bytes(MATH_RAM_MARGIN)}.")
+        B, H, d = 1, 8, 64
+        rows, threads = run_cpu(ns, B, H, d, threads=args.threads)
+        data = {"kind": "attention", **run, "B": B, "H": H, "d": d, "threads": threads,
+                "math_nn_matrices": MATH_NN_MATRICES, "math_ram_margin_bytes": MATH_RAM_MARGIN,
+                "load_average": [load, os.getloadavg()[0]], "cores": os.cpu_count(), "note": args.note,
+                "target": {"ratio": TARGET_RATIO, "N": TARGET_N}, "rows": rows}
     else:
         ns = [int(x) for x in (args.ns or "1024,2048,4096,8192,16384,32768,65536").split(",")]
-        header, rows, meta = run_gpu(ns)
-        title = "Forward + JVP attention on GPU: Triton kernel vs SDPA flash forward and MATH + jvp"
-        note = ("TFLOP/s: fused fwd+JVP and MATH+jvp counted as 12 B H N^2 d, SDPA forward as "
-                "4 B H N^2 d. Peak = torch.cuda.max_memory_allocated above the inputs.")
-    name, tag = _device_name(device)
-    md = "\n".join([
-        f"# {title}", "",
-        f"- command: `{' '.join(['python', 'tools/bench_kernels.py', *(sys.argv[1:] if argv is None else argv)])}`",
-        f"- device: {name}", f"- versions: {_versions()}", f"- date: {date}", f"- config: {meta}",
-        f"- {note}", *([f"- load average (1 min) before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f} on "
-                       f"{os.cpu_count()} cores"] if device == "cpu" else []),
-        *([f"- {args.note}"] if args.note else []),
-        "", _table(header, rows), "", *([f"**{verdict}**", ""] if verdict else []),
-    ])
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"jvp_attention_{tag}.md")
-    with open(path, "w") as f:
-        f.write(md)
-    print(md)
-    print(f"written to {path}")
+        tokens, heads = 16384, 16
+        data = {"kind": "attention", **run, "H": heads, "tokens": tokens, "note": args.note,
+                "rows": run_gpu(ns, tokens=tokens, heads=heads)}
+    _write(args.out_dir, f"jvp_attention_{tag}", data)
 
 
 if __name__ == "__main__":
