@@ -76,8 +76,9 @@ def compiled(overrides, steps, run_dir: Path) -> tuple[float, float]:
     return rate, time.perf_counter() - t0 - (steps - 1) / rate
 
 
-def bare(overrides, steps, run_dir: Path) -> float:
-    """steps/s of a hand-written loop with the same nets, batch, objective, TTUR and EMA (steps 2..N)."""
+def bare(overrides, steps, run_dir: Path, device: str = "cpu") -> float:
+    """steps/s of a hand-written loop with the same nets, batch, objective, TTUR and EMA (steps 2..N) on ``device``
+    (tools/gpu_check.py runs it on CUDA)."""
     cfg = _cfg(overrides + QUIET + [f"trainer.steps={steps}"])
     tc, gc = cfg.trainer, cfg.generator
     torch.manual_seed(cfg.seed)
@@ -87,7 +88,7 @@ def bare(overrides, steps, run_dir: Path) -> float:
     heads = objective.build_modules(setup)
     objective.set_run(heads, images_per_step=tc.batch_size)
     nets_ = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads, targets=objective.targets(),
-                     shape=partial(shape_student, gc, objective=type(objective)))
+                     device=torch.device(device), shape=partial(shape_student, gc, objective=type(objective)))
     nets = nets_.nets(guided(nets_.teacher, cfg.teacher.guidance))
     objective.prepare(nets)
 
@@ -108,13 +109,20 @@ def bare(overrides, steps, run_dir: Path) -> float:
     t0 = None
     for step in range(steps):
         if step == 1:
+            _sync(device)
             t0 = time.perf_counter()
         torch.manual_seed(step)
         for _ in range(objective.critic_updates):
-            update(objective.critic_loss(nets, setup.data.batch(tc.batch_size, "cpu"), step)["loss"], c_params, opt_c)
-        update(objective.generator_loss(nets, setup.data.batch(tc.batch_size, "cpu"), step)["loss"], g_params, opt_g)
+            update(objective.critic_loss(nets, setup.data.batch(tc.batch_size, device), step)["loss"], c_params, opt_c)
+        update(objective.generator_loss(nets, setup.data.batch(tc.batch_size, device), step)["loss"], g_params, opt_g)
         nets_.update_targets()
+    _sync(device)
     return (steps - 1) / (time.perf_counter() - t0)
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main(argv: list[str]) -> None:

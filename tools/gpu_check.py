@@ -560,7 +560,7 @@ DRY_SETUP = {"gmm_dmd2": ["objective.regression_pairs=64", "objective.regression
 
 def part_overhead(dry: bool, device: str):
     try:
-        from bench_trainer import framework
+        import bench_trainer
     except ModuleNotFoundError as e:
         yield _missing(e)
         return
@@ -571,69 +571,14 @@ def part_overhead(dry: bool, device: str):
                      *(DRY_SETUP[case] if dry else [])]
         run = root / case
         try:
-            fw, _ = framework(overrides, steps, run)
-            bare = _bare_steps_per_s(overrides, steps, run, device)
+            fw, _ = bench_trainer.framework(overrides, steps, run)
+            bare = bench_trainer.bare(overrides, steps, run, device)
         except ModuleNotFoundError as e:  # e.g. scikit-learn, whose digits the digits case trains on
             yield _missing(e, case)
             continue
         yield {"case": case, "status": "ok", "steps timed": steps, "onestep train (steps/s)": fw,
                "bare loop (steps/s)": bare, "ratio": fw / bare}
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _bare_steps_per_s(overrides, steps: int, run_dir: Path, device: str) -> float:
-    """Steps/s over steps 2..N of a hand-written loop on ``device`` with the trainer's nets, batch, objective, TTUR
-    and target updates: tools/bench_trainer.py's bare loop, there on the CPU only."""
-    from functools import partial
-
-    from bench_trainer import QUIET, _cfg
-
-    from onestep import experiment
-    from onestep.denoisers.base import guided
-    from onestep.experiment import shape_student
-    from onestep.generator import Student
-    from onestep.networks import Networks
-    from onestep.objectives import make_objective
-
-    cfg = _cfg(overrides + QUIET + [f"trainer.steps={steps}"])
-    tc, gcfg = cfg.trainer, cfg.generator
-    torch.manual_seed(cfg.seed)
-    setup = experiment.build(cfg, run_dir, progress=False)
-    student = Student.from_config(setup.teacher.schedule, gcfg)
-    objective = make_objective(cfg.objective, student.train_sample)
-    heads = objective.build_modules(setup)
-    objective.trains_critic_modules = any(role == "critic" for _, role in heads.values())
-    nets_ = Networks(cfg, setup, critic="critic" in objective.networks, heads=heads, targets=objective.targets(),
-                     device=device, shape=partial(shape_student, gcfg))
-    nets = nets_.nets(guided(nets_.teacher, cfg.teacher.guidance))
-    objective.prepare(nets)
-
-    def adamw(params, oc):
-        return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
-
-    g_params, c_params = nets_.params("generator"), nets_.params("critic")
-    opt_g, opt_c = adamw(g_params, tc.generator_optim), adamw(c_params, tc.critic_optim) if c_params else None
-
-    def update(loss, params, opt):
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    t0 = None
-    for step in range(steps):
-        if step == 1:
-            _sync(device)
-            t0 = time.perf_counter()
-        torch.manual_seed(step)
-        for _ in range(objective.critic_updates):
-            update(objective.critic_loss(nets, setup.data.batch(tc.batch_size, device), step)["loss"], c_params,
-                   opt_c)
-        update(objective.generator_loss(nets, setup.data.batch(tc.batch_size, device), step)["loss"], g_params, opt_g)
-        nets_.update_targets()
-    _sync(device)
-    return (steps - 1) / (time.perf_counter() - t0)
 
 
 PARTS = {1: part_correctness, 2: part_speed, 3: part_sd, 4: part_flux, 5: part_overhead}
