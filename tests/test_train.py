@@ -53,8 +53,8 @@ def test_resume_is_bit_identical(tmp_path):
 def test_a_cached_teacher_net_gives_the_run_that_trained_it(tmp_path):
     """A run folder that already holds teacher_net.safetensors skips the teacher's DSM draws; the objective's heads
     (sCD's log-variance head here) must start the same anyway. Before commit f7d2fd0 they were drawn after the
-    teacher's training, so gmm_scd's 1-step figure depended on whether the teacher was trained or read (0.0848 vs
-    0.1051 is that head's init alone)."""
+    teacher's training, so gmm_scd's seed-0 figure depended on it: 0.0848 with the teacher trained in the run, 0.0886
+    with it read from the folder (since then 0.1051 either way: the same seed, another draw of that head)."""
     import shutil
 
     cfg = compose(["experiment=gmm_scd", "teacher.net_steps=40", "teacher.net_hidden=32", "trainer.steps=3",
