@@ -50,6 +50,28 @@ def test_resume_is_bit_identical(tmp_path):
             assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
 
 
+def test_a_cached_teacher_net_gives_the_run_that_trained_it(tmp_path):
+    """A run folder that already holds teacher_net.safetensors skips the teacher's DSM draws; the objective's heads
+    (sCD's log-variance head here) must start the same anyway. Before commit f7d2fd0 they were drawn after the
+    teacher's training, so gmm_scd's seed-0 figure depended on it: 0.0848 with the teacher trained in the run, 0.0886
+    with it read from the folder (since then 0.1051 either way: the same seed, another draw of that head)."""
+    import shutil
+
+    cfg = compose(["experiment=gmm_scd", "teacher.net_steps=40", "teacher.net_hidden=32", "trainer.steps=3",
+                   "trainer.batch_size=64", "trainer.checkpoint_every=3", "trainer.progress=false",
+                   "eval.num_samples=128", "eval.teacher_steps=[2]", "eval.plot=false"])
+    train(cfg, tmp_path / "trained")
+    (tmp_path / "cached").mkdir()
+    shutil.copy(tmp_path / "trained" / "teacher_net.safetensors", tmp_path / "cached" / "teacher_net.safetensors")
+    train(cfg, tmp_path / "cached")
+
+    a, b = _final_weights(tmp_path / "trained"), _final_weights(tmp_path / "cached")
+    assert "logvar" in a and a.keys() == b.keys()
+    for net in a:
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs between a trained and a cached teacher net"
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     from onestep.errors import ConfigError
 
