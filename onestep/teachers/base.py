@@ -85,7 +85,7 @@ class Family:
         return name in self.fields.get(section, ())
 
     def load(self, cfg, kind: str, device: torch.device) -> Parts:
-        raise NotImplementedError
+        raise NotImplementedError(f"teacher family {type(self).__name__} must define load(cfg, kind, device) -> Parts")
 
     def pipeline(self, kind: str) -> str | None:
         """The diffusers pipeline class its students export to (None: no stock pipeline)."""
