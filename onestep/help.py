@@ -64,6 +64,15 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default value (its factory called); "???" for a field without one."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "???"
+
+
 def schema(node) -> type | None:
     """The dataclass behind a composed config node (None for plain dicts and values)."""
     if not isinstance(node, DictConfig):
@@ -187,8 +196,7 @@ def schema_help(command: str) -> str:
     docs = field_docs(cls)
     prefix = "bench." if command == "bench" else ""
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(_line(f"  {prefix}{f.name}", default, docs.get(f.name, "")))
+        lines.append(_line(f"  {prefix}{f.name}", field_default(f), docs.get(f.name, "")))
     if command == "bench":
         lines += ["", "plus any `onestep train` key (experiment=..., eval.num_samples=...) for the protocol"]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from onestep import config
-from onestep.help import COMMANDS, field_docs
+from onestep.help import COMMANDS, field_default, field_docs
 from onestep.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +33,6 @@ the keys the chosen teacher, data and objective read are listed). Do not edit by
 """
 
 
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return "???"
-
-
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -53,7 +45,7 @@ def _rows(cls: type, prefix: str) -> list[str]:
     """One table row per leaf field; nested dataclasses (generator.lora, trainer.generator_optim) flattened."""
     docs, out = field_docs(cls), []
     for f in dataclasses.fields(cls):
-        value = _default(f)
+        value = field_default(f)
         if dataclasses.is_dataclass(value):
             out += _rows(type(value), f"{prefix}{f.name}.")
             continue
@@ -73,7 +65,7 @@ def _group_schemas(group: str) -> list[type]:
 
 
 def _section_schemas(f: dataclasses.Field) -> list[type]:
-    value = _default(f)
+    value = field_default(f)
     return [type(value)] if dataclasses.is_dataclass(value) else _group_schemas(f.name)
 
 
@@ -93,7 +85,7 @@ def render() -> str:
     if top:
         docs = field_docs(config.Config)
         lines += ["### top level", "", "| key | default | meaning |", "|---|---|---|"]
-        lines += [f"| `{f.name}` | {_value(_default(f))} | {_cell(docs.get(f.name, ''))} |" for f in top] + [""]
+        lines += [f"| `{f.name}` | {_value(field_default(f))} | {_cell(docs.get(f.name, ''))} |" for f in top] + [""]
 
     lines += ["## Objectives", "",
               "`objective=<name>` picks one; its keys are `objective.<key>=...`. Every objective also has `name` "
