@@ -19,6 +19,11 @@ Covered (one processor instance dispatches on the module it is attached to):
   (which, like the original, ignores ``attention_mask``).
 * ``FluxAttention`` (``FluxTransformer2DModel`` double and single stream blocks), mirroring
   ``FluxAttnProcessor`` (fused or unfused projections, RMS q/k norms, rotary embeddings).
+* ``WanAttention`` (``WanTransformer3DModel`` self- and cross-attention), mirroring ``WanAttnProcessor``
+  (fused or unfused projections, RMS q/k norms across heads, the 3D rotary embedding of q and k, the I2V
+  image context's added K/V attended separately and summed). ``attention_mask`` is passed on with SDPA's
+  meaning; the processor's diffusers attention backend and context-parallel settings (``_attention_backend``,
+  ``_parallel_config``) do not apply: the kernel is the backend, on one device.
 
 Not covered (raises ``NotImplementedError`` instead of computing something different): the
 ``AttnAddedKVProcessor`` family (``UNet2DSimpleCrossAttn``-style added K/V without joint
@@ -44,8 +49,32 @@ import torch.nn as nn
 from .attention import BACKENDS, attention
 
 
+def _is_attention_class(attn, name: str) -> bool:
+    # by class name: these classes live in model files that older diffusers releases do not have
+    return any(c.__name__ == name for c in type(attn).__mro__)
+
+
 def _is_flux_attention(attn) -> bool:
-    return any(c.__name__ == "FluxAttention" for c in type(attn).__mro__)
+    return _is_attention_class(attn, "FluxAttention")
+
+
+def _is_wan_attention(attn) -> bool:
+    return _is_attention_class(attn, "WanAttention")
+
+
+#: WanAttnProcessor's text context length: an I2V cross-attention's context is the image tokens followed by this
+#: many text tokens (hardcoded there as well)
+WAN_TEXT_CONTEXT = 512
+
+
+def _wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """WanAttnProcessor's rotary embedding of x (B, N, H, D): each pair (x1, x2) of channels (2i, 2i + 1) is rotated
+    by the angle whose cos / sin sit at 2i / 2i + 1 of the (1, N, 1, D) tables. Diffusers writes the two halves into
+    an empty tensor in place; stacking them computes the same numbers (in the tables' float64 before the cast back)
+    with ops every autograd mode has a rule for."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def _contig_group_norm_pre_hook(module, args):
@@ -98,12 +127,16 @@ class JVPFlashAttnProcessor:
         **kwargs,
     ):
         # The 5th positional argument is `temb` for `Attention` (AttnProcessor2_0 signature) but
-        # `image_rotary_emb` for `FluxAttention`, whose forward passes it positionally.
+        # `image_rotary_emb` for `FluxAttention` and `rotary_emb` for `WanAttention`, whose forwards pass it
+        # positionally.
+        rotary = _is_flux_attention(attn) or _is_wan_attention(attn)
         if args:
-            if _is_flux_attention(attn):
+            if rotary:
                 image_rotary_emb = args[0]
             else:
                 temb = args[0]
+        if _is_wan_attention(attn):
+            return self._wan(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if _is_flux_attention(attn):
             return self._flux(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if getattr(attn, "add_k_proj", None) is not None:
@@ -280,6 +313,52 @@ class JVPFlashAttnProcessor:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+    # ---- WanAttnProcessor ---------------------------------------------------------------------
+    def _wan(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
+        context_img = None
+        if attn.add_k_proj is not None:
+            # I2V: the image tokens precede the text tokens in the context
+            n_img = encoder_hidden_states.shape[1] - WAN_TEXT_CONTEXT
+            context_img = encoder_hidden_states[:, :n_img]
+            encoder_hidden_states = encoder_hidden_states[:, n_img:]
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if getattr(attn, "fused_projections", False):
+            if attn.is_cross_attention:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(context).chunk(2, dim=-1)
+            else:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+
+        # RMS norms across all heads, before the split into heads; (B, N, H, D) layout as in WanAttnProcessor
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _wan_rotary(query, *rotary_emb)
+            key = _wan_rotary(key, *rotary_emb)
+
+        out_img = None
+        if context_img is not None:
+            if getattr(attn, "fused_projections", False):
+                key_img, value_img = attn.to_added_kv(context_img).chunk(2, dim=-1)
+            else:
+                key_img, value_img = attn.add_k_proj(context_img), attn.add_v_proj(context_img)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            out_img = self._attend(query.transpose(1, 2), key_img.transpose(1, 2), value_img.transpose(1, 2))
+            out_img = out_img.transpose(1, 2).flatten(2, 3).type_as(query)
+
+        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask)
+        hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        if out_img is not None:
+            hidden_states = hidden_states + out_img
+
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
 
 
 def _set_processor_recursive(model: nn.Module, processor) -> int:

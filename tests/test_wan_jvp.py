@@ -1,0 +1,180 @@
+"""The sCM / rCM tangent through Wan's transformer (WanTransformer3DModel: q/k RMS norms across heads, a 3D rotary
+embedding over (frame, row, column), cross-attention to the text) with generator.attention=jvp_flash.
+
+As in tests/test_transformer_jvp.py, a tiny random transformer with several latent frames (so the rotary embedding's
+frame axis matters) is checked three ways:
+    (a)        forward: the transformer with onestep.kernels' processor equals the stock one (fp32, 1e-5); also with
+               fused projections and in the I2V form (added K/V over an image context)
+    (b)        float32: the jvp of the TrigFlow velocity with jvp_flash equals the stock model's under
+               attention.jvp_attention (SDPA held to MATH)
+    (c)        float64: the jvp, stock and with jvp_flash, equals a central finite difference of the stock model
+"""
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+from conftest import rel_err
+from sana_fixtures import sinusoids
+
+from onestep.conditioning import Cond
+from onestep.denoisers.attention import jvp_attention, set_attention
+from onestep.denoisers.base import Denoiser
+from onestep.denoisers.trigflow import as_trigflow, velocity
+from onestep.kernels import JVPFlashAttnProcessor
+from onestep.schedules import RectifiedFlow
+
+BATCH, TEXT_TOKENS, TEXT_DIM = 2, 5, 16
+#: latent (C, F, h, w): 3 frames of 8x8 latents, 2x2 patches -> 48 tokens over 3 x 4 x 4 rotary positions
+LATENT = (4, 3, 8, 8)
+#: Wan 2.1's flow shift (5.0 in the T2V pipelines' scheduler configs)
+SHIFT = 5.0
+#: the finite-difference step (see tests/test_transformer_jvp.py)
+H = 1e-7
+
+
+def wan_transformer(**options):
+    """Head dim 12 gives each rotary axis (frame, row, column) 4 channels: two frequencies each."""
+    from diffusers import WanTransformer3DModel
+
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=LATENT[0],
+                  out_channels=LATENT[0], text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2,
+                  cross_attn_norm=True, rope_max_seq_len=32)
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**{**config, **options}).eval().requires_grad_(False)
+
+
+class WanVelocity(Denoiser):
+    """The transformer as WanPipeline's loop calls it: flow prediction on (C, F, h, w) latents, timestep = 1000 t."""
+
+    conditional = True
+    prediction = "flow"
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer, self.schedule, self.data_shape = transformer, RectifiedFlow(shift=SHIFT), LATENT
+
+    def forward(self, x_t, t, cond=None):
+        t = self._time(t, x_t)
+        dtype = self.transformer.dtype
+        out = self.transformer(hidden_states=x_t.to(dtype), timestep=t * 1000,
+                               encoder_hidden_states=cond["prompt_embeds"].to(dtype), return_dict=False)[0]
+        return out.to(x_t.dtype)
+
+
+def float64_throughout(monkeypatch):
+    """Wan computes its norms, modulations and residual sums in float32 whatever its dtype (``.float()`` in
+    FP32LayerNorm and the blocks), and diffusers' sinusoidal timestep embedding too: keep float64 tensors float64 so
+    finite differences can be taken at float64 accuracy."""
+    import diffusers.models.embeddings
+
+    to_float32 = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda x, *a, **k: x if x.dtype == torch.float64 else to_float32(x, *a, **k))
+    monkeypatch.setattr(diffusers.models.embeddings, "get_timestep_embedding", sinusoids)
+
+
+def with_kernel(model):
+    """A copy with generator.attention=jvp_flash, checked to reach every attention module."""
+    flash = set_attention(copy.deepcopy(model), "jvp_flash")
+    transformer = getattr(flash, "transformer", flash)
+    processors = transformer.attn_processors
+    assert processors and all(isinstance(p, JVPFlashAttnProcessor) for p in processors.values())
+    return flash
+
+
+def build():
+    """(float32 denoiser, Cond, x_t, t, dx, dt) at two TrigFlow times (float64 tensors; cast down for float32)."""
+    denoiser = WanVelocity(wan_transformer())
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(BATCH, TEXT_TOKENS, TEXT_DIM, generator=g)
+    cond = Cond({"prompt_embeds": text}, {"prompt_embeds": text[:1]})
+    x = torch.randn(BATCH, *LATENT, generator=g, dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    t, dt = torch.tensor([0.4, 1.1], dtype=torch.float64), torch.tensor([0.8, -1.1], dtype=torch.float64)
+    return denoiser, cond, x, t, dx, dt
+
+
+def trig_velocity(denoiser, cond):
+    trig = as_trigflow(denoiser, sigma_data=0.5)
+    return lambda x, t: velocity(trig, x, t, cond)
+
+
+def tangent(denoiser, cond, x, t, dx, dt, math_sdpa=True):
+    dtype = denoiser.transformer.dtype
+    x, t, dx, dt = (a.to(dtype) for a in (x, t, dx, dt))
+    with torch.no_grad(), (jvp_attention() if math_sdpa else nullcontext()):
+        return torch.func.jvp(trig_velocity(denoiser, cond), (x, t), (dx, dt))[1]
+
+
+def i2v_inputs(g):
+    """WanAttnProcessor takes the last 512 context tokens as the text and the ones before as the image."""
+    return {"encoder_hidden_states": torch.randn(BATCH, 512, TEXT_DIM, generator=g),
+            "encoder_hidden_states_image": torch.randn(BATCH, 3, 8, generator=g)}
+
+
+FORMS = {
+    "t2v": (wan_transformer, lambda g: {"encoder_hidden_states": torch.randn(BATCH, TEXT_TOKENS, TEXT_DIM,
+                                                                                  generator=g)}),
+    "fused": (lambda: _fused(wan_transformer()), lambda g: {"encoder_hidden_states": torch.randn(
+        BATCH, TEXT_TOKENS, TEXT_DIM, generator=g)}),
+    "i2v": (lambda: wan_transformer(image_dim=8, added_kv_proj_dim=24), i2v_inputs),
+}
+
+
+def _fused(transformer):
+    transformer.fuse_qkv_projections()
+    attns = [m for m in transformer.modules() if type(m).__name__ == "WanAttention"]
+    assert attns and all(m.fused_projections for m in attns)
+    return transformer
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_forward_and_jvp_equal_stock(form):
+    """(a) and the transformer-level jvp in the latents: jvp_flash equals the stock processors (MATH SDPA)."""
+    make, inputs = FORMS[form]
+    stock = make()
+    g = torch.Generator().manual_seed(2)
+    kwargs = {**inputs(g), "timestep": torch.tensor([300.0, 700.0]), "return_dict": False}
+    x = torch.randn(BATCH, *LATENT, generator=g)
+    dx = torch.randn(x.shape, generator=g)
+    flash = with_kernel(stock)
+    with torch.no_grad():
+        out, ref = flash(x, **kwargs)[0], stock(x, **kwargs)[0]
+    assert rel_err(out, ref) < 1e-5
+    with torch.no_grad(), jvp_attention():
+        ref_t = torch.func.jvp(lambda z: stock(z, **kwargs)[0], (x,), (dx,))[1]
+    with torch.no_grad():
+        out_t = torch.func.jvp(lambda z: flash(z, **kwargs)[0], (x,), (dx,))[1]
+    assert rel_err(out_t, ref_t) < 1e-5
+
+
+def test_jvp_flash_equals_math_sdpa():
+    """(b) in float32; the kernel's jvp runs outside jvp_attention, so a missed attention module would raise."""
+    denoiser, cond, x, t, dx, dt = build()
+    stock = tangent(denoiser, cond, x, t, dx, dt)
+    flash = tangent(with_kernel(denoiser), cond, x, t, dx, dt, math_sdpa=False)
+    assert stock.dtype == torch.float32 and torch.isfinite(stock).all()
+    # float32 rounding of two summation orders; observed 2e-7
+    assert rel_err(flash, stock) < 1e-5
+
+
+@pytest.mark.parametrize("attention", ["default", "jvp_flash"])
+def test_jvp_equals_finite_differences(attention, monkeypatch):
+    """(c): the float64 jvp under ``attention`` equals the stock model's central difference; the float32 jvp is the
+    float64 one to float32 accuracy."""
+    denoiser, cond, x, t, dx, dt = build()
+    run = with_kernel if attention == "jvp_flash" else (lambda d: d)
+    jvp32 = tangent(run(denoiser), cond, x, t, dx, dt)
+
+    stock64 = copy.deepcopy(denoiser).double()
+    float64_throughout(monkeypatch)
+    jvp64 = tangent(run(stock64), cond, x, t, dx, dt)
+    v = trig_velocity(stock64, cond)
+    with torch.no_grad(), jvp_attention():
+        fd = (v(x + H * dx, t + H * dt) - v(x - H * dx, t - H * dt)) / (2 * H)
+    # observed 5e-10; without float64_throughout 9e-2
+    assert jvp64.dtype == torch.float64 and rel_err(jvp64, fd) < 1e-6
+    # float32 timesteps near 1000 and float32 norms; observed 3e-5
+    assert rel_err(jvp32.double(), jvp64) < 1e-4
