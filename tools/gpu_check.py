@@ -14,7 +14,8 @@ so far kept and the cut reported; the run goes on), the results files rewritten 
 3. SD1.5- and SDXL-size DMD2 training steps through `onestep train` (random weights, UNets built from the published
    configs): peak memory and s/step for LoRA vs full fine-tune, bf16 vs fp32 frozen base, gradient checkpointing,
    batch 1 vs 4, xformers vs SDPA and trainer.compile;
-4. one sCD step of a Flux-width transformer at 4096 + 512 tokens, generator.attention math vs jvp_flash, bf16;
+4. one sCD step of a Flux-width transformer at 4096 + 512 tokens and of a Wan-width one at 7800 video tokens (5 latent
+   frames, 3D rotary positions) + 512 text tokens, generator.attention math vs jvp_flash, bf16;
 5. the trainer's overhead on the GPU: `onestep train` vs a bare loop doing the same math, steps/s.
 
 Diffusers and hydra-core are imported inside the parts that need them: where one is missing (the lent GPU machine has
@@ -78,7 +79,7 @@ DRY_BUDGETS = {1: 60, 2: 40, 3: 120, 4: 40, 5: 60}
 TITLES = {1: "Kernel correctness (Triton fwd + JVP + bwd vs float64 MATH)",
           2: "Kernel speed (SDPA flash forward, the kernel's forward and fused forward + JVP, MATH + jvp)",
           3: "SD1.5 / SDXL-size DMD2 training steps",
-          4: "sCD step of a Flux-width transformer",
+          4: "sCD step of a Flux-width and a Wan-width transformer",
           5: "Trainer overhead (onestep train vs a bare loop)"}
 #: max |kernel - reference| / max |reference| allowed per dtype (over O, O', dQ, dK, dV): fp32 dots run in IEEE
 #: precision; bf16 / fp16 round P to the input dtype before P V (8 / 11 mantissa bits) and accumulate in fp32
@@ -470,7 +471,7 @@ def _train_row(overrides: list[str], device: str, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# part 4: sCD on a Flux-width transformer
+# part 4: sCD on a Flux-width and a Wan-width transformer
 # ---------------------------------------------------------------------------------------------------------------
 #: black-forest-labs/FLUX.1-dev transformer/config.json: every width; 1 double- + 1 single-stream block instead of
 #: 19 + 38 (the attention's share of memory and time is per block, so one of each shows the difference)
@@ -480,71 +481,112 @@ FLUX_WIDTHS = {"patch_size": 1, "in_channels": 64, "attention_head_dim": 128, "n
 TOY_FLUX = {"patch_size": 1, "in_channels": 16, "attention_head_dim": 16, "num_attention_heads": 2,
             "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
             "axes_dims_rope": (4, 6, 6)}
+#: Wan 2.1 T2V 1.3B (Wan-Video/Wan2.1 wan/configs/wan_t2v_1_3B.py: dim 1536 = 12 heads x 128, ffn 8960, freq 256,
+#: q/k norms, cross-attention norm, eps 1e-6; umT5 text width 4096): every width, 1 block instead of 30
+WAN_WIDTHS = {"patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+              "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "cross_attn_norm": True,
+              "qk_norm": "rms_norm_across_heads", "eps": 1e-6}
+#: head dim 12: each rotary axis (frame, row, column) gets 4 channels
+TOY_WAN = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+           "out_channels": 4, "text_dim": 32, "freq_dim": 16, "ffn_dim": 32, "cross_attn_norm": True}
+#: (C, F, h, w) latents of 17 frames at 480 x 832 (the VAE's 4x temporal and 8x spatial strides): 5 x 30 x 52 = 7800
+#: video tokens after 2x2 patches, attended with 3D rotary positions, + Wan's 512 text tokens in the cross-attention
+WAN_LATENTS, TOY_WAN_LATENTS = (16, 5, 60, 104), (4, 2, 4, 4)
 SIGMA_D = 0.5
 
 
-def part_flux(dry: bool, device: str):
-    """One warm-up and 3 timed steps per attention: ~10 s each on an H100 (MATH holds 24 x 4608^2 scores per layer,
-    ~1 GB bf16). Dry run: 2 heads x 16, 16 + 8 tokens."""
+def _flux_student(dry: bool, device: str, dtype):
+    """(case, network, TrigFlow student, prompt fields) of Flux: 4096 image tokens (64 x 64 latents) + 512 text."""
+    from diffusers import FluxTransformer2DModel
+
+    from onestep.denoisers.flow import FlowTransformerDenoiser
+    from onestep.schedules import RectifiedFlow
+
+    widths, (n_img, n_txt) = (TOY_FLUX, (16, 8)) if dry else (FLUX_WIDTHS, (4096, 512))
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on one CPU core
+        net = FluxTransformer2DModel(num_layers=1, num_single_layers=1, **widths).to(dtype)
+    side = 2 * math.isqrt(n_img)  # Flux packs 2x2 latent patches into one token
+    g = torch.Generator(device).manual_seed(1)
+    fields = {"prompt_embeds": torch.randn(1, n_txt, widths["joint_attention_dim"], generator=g, device=device),
+              "pooled_prompt_embeds": torch.randn(1, widths["pooled_projection_dim"], generator=g, device=device)}
+    return f"Flux, {n_img} + {n_txt} tokens", net, FlowTransformerDenoiser(net, RectifiedFlow(), "flux", side), fields
+
+
+def _wan_student(dry: bool, device: str, dtype):
+    """(case, network, TrigFlow student, prompt fields) of Wan: 5 x 30 x 52 video tokens + 512 text tokens."""
+    from diffusers import WanTransformer3DModel
+
+    from onestep.denoisers.wan import WanDenoiser
+    from onestep.schedules import RectifiedFlow
+
+    widths, latents, n_txt = (TOY_WAN, TOY_WAN_LATENTS, 8) if dry else (WAN_WIDTHS, WAN_LATENTS, 512)
+    with torch.device(device):
+        net = WanTransformer3DModel(num_layers=1, **widths).to(dtype)
+    p_t, p_h, p_w = widths["patch_size"]
+    frames, rows, cols = latents[1] // p_t, latents[2] // p_h, latents[3] // p_w
+    g = torch.Generator(device).manual_seed(1)
+    fields = {"prompt_embeds": torch.randn(1, n_txt, widths["text_dim"], generator=g, device=device)}
+    return (f"Wan, {frames} x {rows} x {cols} + {n_txt} tokens", net,
+            WanDenoiser(net, RectifiedFlow(), latents), fields)
+
+
+def part_scd(dry: bool, device: str):
+    """One warm-up and 3 timed steps per attention and model: ~10 s each for Flux on an H100 (MATH holds 24 x 4608^2
+    scores per layer, ~1 GB bf16), a few seconds each for Wan (12 x 7800^2 scores, ~1.5 GB bf16). Dry run: 2 heads,
+    16 + 8 (Flux) and 8 + 8 (Wan) tokens."""
     try:
-        from diffusers import FluxTransformer2DModel
+        import diffusers  # noqa: F401
 
         import hydra  # noqa: F401  (onestep.objectives registers its configs with hydra)
         from onestep.conditioning import Cond
         from onestep.denoisers.attention import set_attention
-        from onestep.denoisers.flow import FlowTransformerDenoiser
         from onestep.denoisers.trigflow import as_trigflow, velocity
         from onestep.objectives.scm import scm_tangent
-        from onestep.schedules import RectifiedFlow
     except ModuleNotFoundError as e:
         yield _missing(e)
         return
-    widths, (n_img, n_txt), reps = (TOY_FLUX, (16, 8), 1) if dry else (FLUX_WIDTHS, (4096, 512), 3)
+    reps = 1 if dry else 3
     dtype = torch.float32 if dry else torch.bfloat16
-    for attention in ("math", "jvp_flash"):
-        row = {"case": f"{n_img} + {n_txt} tokens, {str(dtype).removeprefix('torch.')}, "
-                       f"generator.attention={attention}"}
-        torch.manual_seed(0)
-        with torch.device(device):  # random init on the GPU: seconds instead of a minute on one CPU core
-            net = FluxTransformer2DModel(num_layers=1, num_single_layers=1, **widths).to(dtype)
-        side = 2 * math.isqrt(n_img)  # Flux packs 2x2 latent patches into one token
-        student = as_trigflow(set_attention(FlowTransformerDenoiser(net, RectifiedFlow(), "flux", side), attention),
-                              SIGMA_D)
-        g = torch.Generator(device).manual_seed(1)
-        shape = (1, *student.data_shape)
-        x0, z = (SIGMA_D * torch.randn(shape, generator=g, device=device) for _ in range(2))
-        t = torch.full((1,), 0.8, device=device)
-        x_t = torch.cos(t) * x0 + torch.sin(t) * z
-        fields = {"prompt_embeds": torch.randn(1, n_txt, widths["joint_attention_dim"], generator=g, device=device),
-                  "pooled_prompt_embeds": torch.randn(1, widths["pooled_projection_dim"], generator=g, device=device)}
-        cond = Cond(fields, fields)
+    for build in (_flux_student, _wan_student):
+        for attention in ("math", "jvp_flash"):
+            torch.manual_seed(0)
+            name, net, denoiser, fields = build(dry, device, dtype)
+            row = {"case": f"{name}, {str(dtype).removeprefix('torch.')}, generator.attention={attention}"}
+            student = as_trigflow(set_attention(denoiser, attention), SIGMA_D)
+            g = torch.Generator(device).manual_seed(2)
+            shape = (1, *student.data_shape)
+            x0, z = (SIGMA_D * torch.randn(shape, generator=g, device=device) for _ in range(2))
+            t = torch.full((1,), 0.8, device=device)
+            x_t = torch.cos(t) * x0 + torch.sin(t) * z
+            cond = Cond(fields, fields)
 
-        def step():
-            """sCD: the teacher's velocity (the student's own weights, as at the start of sCD), the sCM tangent by
-            torch.func.jvp, the student's velocity with grad and the backward of sCM eq. (9) without its weight."""
-            with torch.no_grad():
-                dxdt = velocity(student, x_t, t, cond)
-            v_minus, tangent = scm_tangent(student, x_t, t, dxdt, cond)[:2]
-            loss = ((velocity(student, x_t, t, cond) - v_minus) / SIGMA_D - tangent).pow(2).mean()
-            loss.backward()
-            net.zero_grad(set_to_none=True)
-            return loss.item()
+            def step():
+                """sCD: the teacher's velocity (the student's own weights, as at the start of sCD), the sCM tangent
+                by torch.func.jvp, the student's velocity with grad and the backward of sCM eq. (9) without its
+                weight."""
+                with torch.no_grad():
+                    dxdt = velocity(student, x_t, t, cond)
+                v_minus, tangent = scm_tangent(student, x_t, t, dxdt, cond)[:2]
+                loss = ((velocity(student, x_t, t, cond) - v_minus) / SIGMA_D - tangent).pow(2).mean()
+                loss.backward()
+                net.zero_grad(set_to_none=True)
+                return loss.item()
 
-        peak = Peak(device)
-        try:
-            step()  # warm-up (Triton autotuning)
+            peak = Peak(device)
+            try:
+                step()  # warm-up (Triton autotuning)
+                _free_memory()
+                peak.reset()
+                loss = step()
+                mem = peak.gib()
+                sec = _timed(step, device, reps)
+            except torch.OutOfMemoryError:
+                yield row | {"status": "OOM"}
+            else:
+                yield row | {"status": "ok", "s/step": sec, "peak GiB": mem, "loss": loss,
+                             "params (M)": sum(p.numel() for p in net.parameters()) / 1e6}
+            del net, denoiser, student
             _free_memory()
-            peak.reset()
-            loss = step()
-            mem = peak.gib()
-            sec = _timed(step, device, reps)
-        except torch.OutOfMemoryError:
-            yield row | {"status": "OOM"}
-        else:
-            yield row | {"status": "ok", "s/step": sec, "peak GiB": mem, "loss": loss,
-                         "params (M)": sum(p.numel() for p in net.parameters()) / 1e6}
-        del net, student
-        _free_memory()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,7 +623,7 @@ def part_overhead(dry: bool, device: str):
     shutil.rmtree(root, ignore_errors=True)
 
 
-PARTS = {1: part_correctness, 2: part_speed, 3: part_sd, 4: part_flux, 5: part_overhead}
+PARTS = {1: part_correctness, 2: part_speed, 3: part_sd, 4: part_scd, 5: part_overhead}
 
 
 # ---------------------------------------------------------------------------------------------------------------
