@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 import video_fixtures
-from conftest import rel_err
+from conftest import compose, rel_err
 from sana_fixtures import sinusoids
 
 from onestep.conditioning import Cond
@@ -162,3 +162,13 @@ def test_jvp_equals_finite_differences(attention, monkeypatch):
     assert jvp64.dtype == torch.float64 and rel_err(jvp64, fd) < 1e-6
     # float32 timesteps near 1000 and float32 norms; observed 1e-5 to 3e-5
     assert rel_err(jvp32.double(), jvp64) < 1e-4
+
+
+def test_wan_rcm_recipe():
+    """configs/experiment/wan_rcm.yaml: rCM on teacher=wan with the kernel, the official Wan 2.1 1.3B values."""
+    cfg = compose(["experiment=wan_rcm"])
+    assert cfg.teacher.kind == "wan" and cfg.generator.attention == "jvp_flash" and cfg.objective.name == "rcm"
+    want = {"sigma_data": 1.0, "p_mean": 0.7, "p_std": 1.6, "warmup_steps": 1000, "tangent_warmup": "rcm",
+            "adaptive_weighting": False, "dm_weight": 0.02, "ttur": 4}
+    assert {k: cfg.objective[k] for k in want} == want
+    assert (cfg.trainer.generator_optim.lr, cfg.trainer.critic_optim.lr, cfg.trainer.grad_clip) == (2e-6, 4e-7, 0)
