@@ -104,6 +104,7 @@ FORMS = {
         BATCH, TEXT_TOKENS, TEXT_DIM, generator=g)}),
     # the image embedder projects the image context to the hidden width (2 heads x 8), which the added K/V take
     "i2v": (lambda: wan_transformer(image_dim=8, added_kv_proj_dim=16), i2v_inputs),
+    "i2v_fused": (lambda: _fused(wan_transformer(image_dim=8, added_kv_proj_dim=16)), i2v_inputs),
 }
 
 
