@@ -101,7 +101,7 @@ def test_a_plain_checkout_runs_without_the_install(tmp_path):
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert probe.stdout.strip() == "None", probe.stdout + probe.stderr  # onestep is not importable there
     rows = tmp_path / "rows.jsonl"
-    # part 4: diffusers' Flux and Wan transformers, onestep's denoisers and objectives, the kernels through the processor
+    # part 4: diffusers' Flux and Wan transformers, onestep's denoisers and objectives, the kernels via the processor
     r = subprocess.run([sys.executable, "-S", str(SCRIPT), "--child", "4", "--rows-file", str(rows), "--dry-run"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
