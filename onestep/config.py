@@ -239,7 +239,8 @@ class SampleConfig:
     run_dir: Optional[str] = None
     num: int = 16
     seed: int = 0
-    #: file.png (a grid) or file.safetensors (tensor ``images``, (n, C, H, W) in [0, 1])
+    #: file.png (a grid) or file.safetensors (tensor ``images``, (n, C, H, W) in [0, 1]); video students: file.gif
+    #: or file.mp4 (an animated grid; MP4 needs imageio[ffmpeg]) or file.safetensors (tensor ``videos``, (n, C, F, H, W))
     out: Optional[str] = None
     #: text-to-image students: every image gets this prompt
     prompt: Optional[str] = None

@@ -232,3 +232,95 @@ def test_family_refuses_a_second_guidance(folders):
     tc.guidance_2 = 5.0
     parts = teachers.family("wan").load(OmegaConf.create({"teacher": tc}), "wan", torch.device("cpu"))
     assert parts.denoiser.data_shape == LATENT_SHAPE and parts.image_size == RESOLUTION
+
+
+# --- video plumbing: files, panels, the CLI ----------------------------------------------------------------------
+
+def test_video_grid_and_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from onestep.data import video
+    from onestep.export.sample import check_request, write_images
+
+    videos = torch.rand(3, 3, NUM_FRAMES, 8, 8)
+    frames = video.video_grid(videos * 2 - 1, nrow=2, padding=2)
+    assert frames.shape == (NUM_FRAMES, 2 + 2 * 10, 2 + 2 * 10, 3) and frames.dtype == torch.uint8
+    # frame f of video 1 sits in the grid's second tile of the first row
+    close(frames[2, 2:10, 12:20].permute(2, 0, 1).float(), (videos[1, :, 2] * 255).round(), 0)
+    gif = write_images(videos, tmp_path / "v.gif")
+    with Image.open(gif) as im:
+        assert im.n_frames == NUM_FRAMES and im.size == (22, 22)
+    write_images(videos, tmp_path / "v.safetensors")
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "v.safetensors"))["videos"], videos)
+    with pytest.raises(ConfigError, match="these are videos; write them as .gif, .mp4 or .safetensors"):
+        write_images(videos, tmp_path / "v.png")
+    with pytest.raises(ConfigError, match="these are images; write them as .png or .safetensors"):
+        write_images(videos[:, :, 0], tmp_path / "i.gif")
+    monkeypatch.setattr(video.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError) as e:
+        check_request(2, str(tmp_path / "v.mp4"), None)
+    assert one_line(e) == (f"out='{tmp_path / 'v.mp4'}': writing MP4 needs imageio with ffmpeg (pip install "
+                           "imageio[ffmpeg]); or pass out=<file>.gif or out=<file>.safetensors")
+
+
+def test_video_evaluator_panels(tmp_path, loaded):
+    from PIL import Image
+
+    from onestep.eval.video_eval import TextVideoEvaluator
+
+    ev = TextVideoEvaluator(loaded["wan21"].codec)
+    cond = loaded["wan21"].text.cond(PROMPTS)
+    assert ev.metrics(latents(), cond) == {} and "no video metric" in ev.what
+    ev.plot(tmp_path / "samples.png", {"teacher": (latents(seed=1), cond), "student": (latents(seed=2), cond)})
+    with Image.open(tmp_path / "samples.gif") as im:  # two panels x two videos, animated over the frames
+        assert im.n_frames == NUM_FRAMES and im.size == (2 + 2 * (RESOLUTION + 2), 2 + 2 * (RESOLUTION + 2))
+    assert (tmp_path / "samples.png").stat().st_size > 1000
+
+
+def _onestep(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "onestep.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+FAST = ["trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false", "eval.num_samples=2",
+        "eval.teacher_steps=[2]", "trainer.checkpoint_every=3", "trainer.sample_every=0", "trainer.cpu=true",
+        f"teacher.resolution={RESOLUTION}", f"teacher.num_frames={NUM_FRAMES}", f"teacher.max_sequence_length={T5_TOKENS}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,name", [("wan_dmd2", "wan21"), ("wan22_dmd2", "wan22")])
+def test_train_and_sample_through_the_cli(folders, tmp_path, experiment, name):
+    """3 DMD2 steps on the tiny Wan 2.1 / Wan 2.2 (two experts) folders: finite losses, a checkpoint, video panels;
+    then `onestep sample` writes a GIF grid and the videos as safetensors."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from sd_fixtures import write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    r = _onestep("train", f"experiment={experiment}", f"teacher.path={folders[name]}", f"data.path={prompts}",
+                 f"out_root={tmp_path}", *FAST, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = [p for p in (tmp_path / experiment).iterdir() if p.is_dir()]
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    losses = {k: v for s in stats for k, v in s.items() if k.endswith("loss")}
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    gen = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "generator.safetensors"))
+    assert gen and all("lora_" in k for k in gen)
+    assert any("transformer_2" in k for k in gen) == (name == "wan22")  # both experts get adapters
+    with Image.open(run / "samples.gif") as im:
+        assert im.n_frames == NUM_FRAMES
+    for out in ("v.gif", "v.safetensors"):
+        s = _onestep("sample", f"run_dir={run}", "num=3", "seed=0", "prompt=a red cat", f"out={tmp_path / out}",
+                     "cpu=true", cwd=tmp_path)
+        assert s.returncode == 0, s.stderr[-2000:]
+    videos = load_file(str(tmp_path / "v.safetensors"))["videos"]
+    assert videos.shape == (3, 3, NUM_FRAMES, RESOLUTION, RESOLUTION) and 0 <= videos.min() <= videos.max() <= 1
+    with Image.open(tmp_path / "v.gif") as im:
+        assert im.n_frames == NUM_FRAMES
