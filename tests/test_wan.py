@@ -324,3 +324,84 @@ def test_train_and_sample_through_the_cli(folders, tmp_path, experiment, name):
     assert videos.shape == (3, 3, NUM_FRAMES, RESOLUTION, RESOLUTION) and 0 <= videos.min() <= videos.max() <= 1
     with Image.open(tmp_path / "v.gif") as im:
         assert im.n_frames == NUM_FRAMES
+
+
+# --- export: a WanPipeline folder that plain diffusers runs equals `onestep sample` --------------------------------
+
+def _grid(k: int) -> list[float]:
+    """The t-list of the stock FlowMatchEulerDiscreteScheduler (the folders' shift) that WanPipeline runs for k
+    steps: what a k-step student must be trained on to export."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    s.set_timesteps(k)
+    return s.sigmas[:-1].tolist()
+
+
+@pytest.mark.slow
+def test_export_round_trip(folders, tmp_path):
+    """Wan 2.1 students of 1 step (merged and LoRA-only) and 2 re-noising steps, and a two-expert Wan 2.2 student
+    of 2 steps (one on each expert): WanPipeline folders, run where `import onestep` fails, equal `onestep sample`."""
+    from export_check import clean_process
+    from sd_fixtures import write_prompts
+    from test_export import export_and_sample, train_run
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    small = [f"data.path={prompts}", "trainer.steps=2", "trainer.batch_size=2", "trainer.progress=false",
+             "eval.num_samples=2", "eval.teacher_steps=[1]", "eval.plot=false", "trainer.checkpoint_every=2",
+             f"teacher.resolution={RESOLUTION}", f"teacher.num_frames={NUM_FRAMES}",
+             f"teacher.max_sequence_length={T5_TOKENS}", "eval.student_steps=[1]"]
+    grid = "generator.ts=[" + ",".join(map(repr, _grid(2))) + "]"
+    cases = {"wan21_1": ["experiment=wan_dmd2", f"teacher.path={folders['wan21']}", "generator.steps=1"],
+             "wan21_2": ["experiment=wan_dmd2", f"teacher.path={folders['wan21']}", grid],
+             "wan22_2": ["experiment=wan22_dmd2", f"teacher.path={folders['wan22']}", grid,
+                         "generator.lora.rank=null", "critic.lora.rank=null"]}
+    jobs, expected = [], []
+    for name, overrides in cases.items():
+        run = train_run([*overrides, *small], tmp_path / name)
+        for suffix, kw in [("", {})] + ([("_lora", {"lora_only": True})] if name == "wan21_1" else []):
+            out = tmp_path / f"export_{name}{suffix}"
+            expected.append(export_and_sample(run, out, n=2, seed=11, prompt=PROMPTS[0], **kw))
+            jobs.append({"folder": str(out), "n": 2, "seed": 11, "prompt": PROMPTS[0],
+                         "out": str(tmp_path / f"clean_{name}{suffix}.safetensors")})
+            info = json.loads((out / "onestep_export.json").read_text())
+            assert info["pipeline_class"] == "WanPipeline" and info["call"] == {
+                "num_inference_steps": int(name[-1]), "guidance_scale": 1.0, "height": RESOLUTION,
+                "width": RESOLUTION, "num_frames": NUM_FRAMES, "max_sequence_length": T5_TOKENS}
+            assert (out / "transformer_2").is_dir() == (name == "wan22_2")
+    for got, want, job in zip(clean_process(jobs, tmp_path), expected, jobs):
+        assert got.shape == want.shape == (2, 3, NUM_FRAMES, RESOLUTION, RESOLUTION), job["folder"]
+        assert (got - want).abs().max() <= 1e-4, (job["folder"], (got - want).abs().max())
+    # the two-expert student's experts are its own: the export's transformer_2 is not the teacher's
+    from diffusers import WanTransformer3DModel
+
+    exported = WanTransformer3DModel.from_pretrained(str(tmp_path / "export_wan22_2"), subfolder="transformer_2")
+    teacher = WanTransformer3DModel.from_pretrained(str(folders["wan22"]), subfolder="transformer_2")
+    assert any((a - b).abs().max() > 0 for a, b in zip(exported.parameters(), teacher.parameters()))
+
+
+@pytest.mark.slow
+def test_export_refusals(folders, tmp_path):
+    """A 2-step student on its default t-list (not the stock scheduler's grid) and LoRA-only two-expert students are
+    refused in one line naming the fix."""
+    from sd_fixtures import write_prompts
+    from test_export import train_run
+
+    from onestep.export.pipelines import export
+    from onestep.runs import load_run
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    small = [f"data.path={prompts}", "trainer.steps=1", "trainer.batch_size=2", "trainer.progress=false",
+             "eval.num_samples=2", "eval.teacher_steps=[1]", "eval.plot=false", "trainer.checkpoint_every=1",
+             f"teacher.resolution={RESOLUTION}", f"teacher.num_frames={NUM_FRAMES}",
+             f"teacher.max_sequence_length={T5_TOKENS}", "eval.student_steps=[1]", "generator.steps=2"]
+    run = load_run(train_run(["experiment=wan22_dmd2", f"teacher.path={folders['wan22']}", *small],
+                             tmp_path / "run"), torch.device("cpu"), frozen_dtype="fp32")
+    with pytest.raises(ConfigError) as e:
+        export(run, tmp_path / "out")
+    grid = ", ".join(map(repr, _grid(2)))
+    assert "WanPipeline calls scheduler.set_timesteps(2) and takes no sigmas" in one_line(e)
+    assert one_line(e).endswith(f"train it with generator.ts=[{grid}] to export it")
+    with pytest.raises(ConfigError) as e:
+        export(run, tmp_path / "out", lora_only=True)
+    assert "the student holds 2 networks (transformer, transformer_2)" in one_line(e)

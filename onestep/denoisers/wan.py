@@ -16,8 +16,9 @@ FlowMatchEulerDiscreteScheduler passes sigma N as it is; UniPCMultistepScheduler
 sigma stays exact), so a Wan pipeline on that scheduler feeds floor(sigma N) where onestep feeds sigma N.
 
 Shift. The scheduler's ``flow_shift`` (UniPC with use_flow_sigmas; Wan 2.1 480p: 3.0, 720p: 5.0) or ``shift`` (Euler)
-maps a uniform grid u to t = s u / (1 + (s - 1) u); it becomes ``RectifiedFlow(shift=s)``, which moves default_ts /
-t_from_unit only.
+maps a uniform grid u to t = s u / (1 + (s - 1) u); it becomes ``RectifiedFlow(shift=s, t_max=1)``, which moves
+default_ts / t_from_unit only. t_max is 1 (not RectifiedFlow's 1 - 1e-4) because WanPipeline starts at sigma = 1 and
+takes no sigmas: a student that starts anywhere else could not be exported to it.
 
 Two experts (Wan 2.2 A14B). WanPipeline runs ``transformer`` at the steps whose timestep is >= boundary_ratio N and
 ``transformer_2`` below; ``WanDenoiser`` routes each row the same way, comparing the timestep it feeds (t N) with
@@ -94,7 +95,9 @@ def wan_schedule(folder) -> tuple[RectifiedFlow, int]:
     shift = float(c.get(SHIFT_KEYS[name], 1.0))
     if shift <= 0:
         raise ConfigError(f"{where} has {SHIFT_KEYS[name]}={shift:.4g}; it must be > 0")
-    return RectifiedFlow(shift=shift), int(c.get("num_train_timesteps", 1000))
+    # t_max = 1: WanPipeline's schedulers start at sigma = 1 exactly (a flow prediction divides by nothing there), and
+    # its call takes no sigmas, so a student exported to it must start there too
+    return RectifiedFlow(shift=shift, t_max=1.0), int(c.get("num_train_timesteps", 1000))
 
 
 def read_model_index(folder: Path) -> dict:

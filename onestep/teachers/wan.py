@@ -4,7 +4,7 @@ denoisers/wan.py; Wan 2.2 A14B's two experts are one denoiser that routes each r
 from __future__ import annotations
 
 from onestep.denoisers.pipeline_folder import Layout
-from onestep.denoisers.wan import KIND, load_wan
+from onestep.denoisers.wan import KIND, NUM_FRAMES, load_wan
 from onestep.errors import ConfigError
 from onestep.teachers import register
 from onestep.teachers.base import Family, Parts
@@ -21,6 +21,9 @@ class Wan(Family):
     data_hint = "text prompts: use data=prompts (data.path=<prompts.txt>)"
     evaluation = "text_videos"
     network = "transformer"
+    export_scheduler = "flow_steps"
+    #: WanPipeline passes no generator to scheduler.step: a renoise student's draws come from torch's global RNG
+    reseed_global = True
 
     def load(self, cfg, kind, device) -> Parts:
         tc = cfg.teacher
@@ -38,7 +41,14 @@ class Wan(Family):
         return self.layouts[kind].pipelines[0]
 
     def call_extras(self, tc) -> dict:
-        return {}
+        # the video's length, and the prompt tokens the student was trained with (WanPipeline: 81 frames, 512 tokens)
+        extras = {"num_frames": int(tc.num_frames or NUM_FRAMES)}
+        return {**extras, "max_sequence_length": int(tc.max_sequence_length)} if tc.max_sequence_length else extras
+
+    def student_components(self, net) -> dict:
+        if getattr(net, "transformer_2", None) is None:
+            return {}
+        return {"transformer": net.transformer, "transformer_2": net.transformer_2}
 
 
 register(Wan())
