@@ -22,6 +22,9 @@ class Denoiser(nn.Module):
     prediction: str = "x0"
     #: per-sample data shape, e.g. (2,) for 2-D points or (1, 8, 8) for digits
     data_shape: tuple[int, ...] = ()
+    #: video data (a 4-D data_shape): the index of the frame axis in data_shape (Wan's (C, F, h, w): 1, CogVideoX's
+    #: (F, C, h, w): 0); None = not a video. Objectives that look at single frames (MCM) read it
+    frame_axis: int | None = None
     #: number of classes for class-conditional models (0 = unconditional); label ``num_classes`` = unconditional
     num_classes: int = 0
     #: the network takes the guidance scale as an input (guidance-distilled Flux): ``guided`` then feeds it the
