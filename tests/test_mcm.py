@@ -290,3 +290,11 @@ def test_three_trainer_steps_on_digits(tmp_path):
     assert all(math.isfinite(last[k]) for k in ("gen/loss", "gen/consistency", "gen/adv_g", "critic/adv_d"))
     saved = {p.stem for p in (tmp_path / "checkpoints" / "step_00000003").glob("*.safetensors")}
     assert {"generator", "disc", MOTION_HEAD} <= saved
+
+
+def test_a_missing_stills_folder_fails_before_the_run(tmp_path):
+    from onestep.validate import check_config
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=f"objective.stills '{tmp_path}/none' is not a folder; pass objective.stills="):
+        check_config(compose(["experiment=digits_mcm", f"objective.stills={tmp_path}/none"]))
