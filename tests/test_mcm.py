@@ -298,3 +298,21 @@ def test_a_missing_stills_folder_fails_before_the_run(tmp_path):
 
     with pytest.raises(ConfigError, match=f"objective.stills '{tmp_path}/none' is not a folder; pass objective.stills="):
         check_config(compose(["experiment=digits_mcm", f"objective.stills={tmp_path}/none"]))
+
+
+def test_prompt_only_data_needs_own_trajectories_and_stills():
+    """Prompts without videos (data=prompts): every trajectory is the student's own (mixed_portion=1) and D's real
+    frames are the stills; anything else says what to pass."""
+    torch.manual_seed(0)
+    net = TinyVideo()
+    prompts_only = Batch(noise=torch.randn(4, *SHAPE), cond=Labels(torch.randint(0, 3, (4,)), 3))
+    obj, modules = _mcm(net)
+    with pytest.raises(ConfigError, match="objective.mixed_portion=1 .* and objective.stills=<folder>"):
+        obj.generator_loss(_nets(net, TinyVideo(), modules), prompts_only, 0)
+    obj, modules = _mcm(net, mixed_portion=1.0)
+    with pytest.raises(ConfigError, match="this data gives none"):
+        obj.critic_loss(_nets(net, TinyVideo(), modules), prompts_only, 0)
+    obj.set_data({"stills": Stills((SHAPE[0], 1, *SHAPE[2:]), 1.0)})
+    nets = _nets(net, TinyVideo(), modules)
+    for out in (obj.critic_loss(nets, prompts_only, 0), obj.generator_loss(nets, prompts_only, 0)):
+        assert all(torch.isfinite(v).all() for v in out.values())

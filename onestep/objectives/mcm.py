@@ -27,6 +27,7 @@ webvid``, scripts/modelscopet2v_distillation.sh). With f = f_theta's frames and 
 Mixed trajectory distillation: with probability ``mixed_portion`` per step (the released 0.5, ``--cd_pred_x0_portion``,
 main.py:1340-1343, 1363-1389) the consistency pair is built on the student's own sample from noise (no gradient)
 instead of a data video, so the distilled trajectories cover the generated videos' domain as well as the data's.
+Data that hold no videos (data=prompts) run at its end point: mixed_portion=1, with ``stills`` as D's real frames.
 """
 
 from __future__ import annotations
@@ -197,6 +198,10 @@ class MCM(ConsistencyDistillation):
     def _trajectory(self, nets: Nets, batch: Batch) -> Batch:
         """Mixed trajectory distillation: the batch, or (with probability mixed_portion, one coin per step) the batch
         with the student's own sample from its noise as x0."""
+        if batch.real is None and (self.cfg.mixed_portion < 1 or self.gan.active and self.stills is None):
+            raise ConfigError("objective=mcm needs data videos (x0) for its consistency trajectories and its "
+                              "discriminator's real frames, and this data gives none: use data with videos, or pass "
+                              "objective.mixed_portion=1 (the student's own trajectories) and objective.stills=<folder>")
         if self.cfg.mixed_portion > 0 and float(torch.rand(())) < self.cfg.mixed_portion:
             with torch.no_grad():
                 return dataclasses.replace(batch, real=self.generate(nets, batch).detach())
@@ -223,9 +228,6 @@ class MCM(ConsistencyDistillation):
 
     def critic_loss(self, nets: Nets, batch: Batch, step: int):
         """L_D on the student's consistency outputs (detached) against real frames."""
-        if batch.real is None:
-            raise ConfigError("objective=mcm needs data videos (x0) but the data source gives none; use data with real "
-                              "samples")
         b = self._trajectory(nets, batch)
         with torch.no_grad():
             _, _, _, t_hi, x_hi, _, _ = self.pair(nets.generator.schedule, b.real, step)
