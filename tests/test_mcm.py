@@ -316,3 +316,27 @@ def test_prompt_only_data_needs_own_trajectories_and_stills():
     nets = _nets(net, TinyVideo(), modules)
     for out in (obj.critic_loss(nets, prompts_only, 0), obj.generator_loss(nets, prompts_only, 0)):
         assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.slow
+def test_stills_stream_through_the_trainer_on_a_tiny_sd15(tmp_path):
+    """The data seam end to end: objective.stills is encoded once by the teacher's VAE into the latent cache, its
+    captions into the text cache, and D reads it while prompts (data=prompts) drive the student's own trajectories."""
+    import json
+
+    from sd_fixtures import make_tiny_sd15, write_captioned_images, write_prompts
+    from onestep.train.trainer import train
+    from tests.conftest import compose
+
+    prompts = ["a red square", "a blue circle", "a green dog", "two cats", "a house at night"]
+    stills = write_captioned_images(tmp_path / "stills", ["a still " + p for p in prompts[:3]], size=(20, 24))
+    cfg = compose(["experiment=sd15_lcm_lora", "objective=mcm", "data=prompts", f"out_root={tmp_path}",
+                   f"data.path={write_prompts(tmp_path / 'prompts.txt', prompts)}",
+                   f"teacher.path={make_tiny_sd15(tmp_path / 'sd15')}", "objective.mixed_portion=1",
+                   f"objective.stills={stills}", "trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false",
+                   "eval.num_samples=4", "eval.teacher_steps=[2]", "trainer.checkpoint_every=3"])
+    train(cfg, tmp_path / "run")
+    last = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[-1])
+    assert all(math.isfinite(last[k]) for k in ("gen/loss", "gen/adv_g", "critic/adv_d", "critic/d_real"))
+    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 3
+    assert len(list((tmp_path / "cache" / "text").rglob("*.safetensors"))) == len(prompts) + 3
