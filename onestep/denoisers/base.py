@@ -69,7 +69,11 @@ class Denoiser(nn.Module):
         return self.predict("score", x_t, t, cond)
 
     def check_input(self, x: torch.Tensor, what: str = "x") -> None:
-        if self.data_shape and tuple(x.shape[1:]) != tuple(self.data_shape):
+        """x's per-sample shape is data_shape; a video network takes any number of frames (single frames: MCM)."""
+        got, want = list(x.shape[1:]), list(self.data_shape)
+        if self.frame_axis is not None and len(got) == len(want):
+            got[self.frame_axis] = want[self.frame_axis]
+        if want and got != want:
             raise ConfigError(f"{what} has per-sample shape {tuple(x.shape[1:])} but the {type(self).__name__} "
                               f"expects {tuple(self.data_shape)}; set data/teacher dimensions to agree")
 
