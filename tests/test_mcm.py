@@ -340,3 +340,15 @@ def test_stills_stream_through_the_trainer_on_a_tiny_sd15(tmp_path):
     assert all(math.isfinite(last[k]) for k in ("gen/loss", "gen/adv_g", "critic/adv_d", "critic/d_real"))
     assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 3
     assert len(list((tmp_path / "cache" / "text").rglob("*.safetensors"))) == len(prompts) + 3
+
+
+def test_a_video_network_takes_any_number_of_frames():
+    """D reads single frames through the teacher's own network: check_input lets the frame count differ, nothing
+    else."""
+    net = TinyVideo()
+    net.check_input(torch.zeros(1, 2, 1, 4, 4))
+    with pytest.raises(ConfigError, match=r"per-sample shape \(3, 1, 4, 4\) but the TinyVideo expects \(2, 3, 4, 4\)"):
+        net.check_input(torch.zeros(1, 3, 1, 4, 4))
+    net.frame_axis = None
+    with pytest.raises(ConfigError, match="per-sample shape"):
+        net.check_input(torch.zeros(1, 2, 1, 4, 4))
