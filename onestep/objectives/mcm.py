@@ -22,8 +22,9 @@ webvid``, scripts/modelscopet2v_distillation.sh). With f = f_theta's frames and 
   L = L_MCD + gan_weight L_G; the released scripts use wgan with disc_loss_weight 1 (scripts/modelscopet2v_*.sh).
   D is the shared head of adversarial.py (``discriminator=teacher``: frozen teacher features of the noised frame,
   gan_t_*; a trained MLP or conv head). The official D is ADD's projected discriminator on DINOv2 features of decoded
-  frames with CLIP text conditioning and a gradient penalty of weight 1e-5 (models/discriminator_handcraft.py,
-  main.py:1701-1740); onestep has neither network, so neither is carried.
+  frames with CLIP text conditioning (models/discriminator_handcraft.py), plus a WGAN-GP penalty (|grad| - 1)^2 of
+  weight 1e-5 on interpolates of its DINO features (main.py:1697-1745); onestep has neither network, so neither the
+  discriminator nor its penalty is carried.
 Mixed trajectory distillation: with probability ``mixed_portion`` per step (the released 0.5, ``--cd_pred_x0_portion``,
 main.py:1340-1343, 1363-1389) the consistency pair is built on the student's own sample from noise (no gradient)
 instead of a data video, so the distilled trajectories cover the generated videos' domain as well as the data's.
