@@ -25,6 +25,9 @@ webvid``, scripts/modelscopet2v_distillation.sh). With f = f_theta's frames and 
   frames with CLIP text conditioning (models/discriminator_handcraft.py), plus a WGAN-GP penalty (|grad| - 1)^2 of
   weight 1e-5 on interpolates of its DINO features (main.py:1697-1745); onestep has neither network, so neither the
   discriminator nor its penalty is carried.
+  D judges latent frames, the official one decoded pixels: a still encoded as a 1-frame video is exactly what a causal
+  video VAE makes of a first frame (Wan's latent frame 0), while Wan's later latent frames each hold 4 pixel frames;
+  decoding the student's frames instead would add a VAE decode with gradient to every generator step.
 Mixed trajectory distillation: with probability ``mixed_portion`` per step (the released 0.5, ``--cd_pred_x0_portion``,
 main.py:1340-1343, 1363-1389) the consistency pair is built on the student's own sample from noise (no gradient)
 instead of a data video, so the distilled trajectories cover the generated videos' domain as well as the data's.
