@@ -352,3 +352,22 @@ def test_a_video_network_takes_any_number_of_frames():
     net.frame_axis = None
     with pytest.raises(ConfigError, match="per-sample shape"):
         net.check_input(torch.zeros(1, 2, 1, 4, 4))
+
+
+def test_guidance_range_guides_each_video_in_the_teacher_step():
+    """guidance_range=[w, w] is the teacher guided at w (snoopi.RandomGuidance, drawn per video before the pair)."""
+    from onestep.denoisers.base import guided
+
+    torch.manual_seed(0)
+    teacher, student = TinyVideo(), TinyVideo()
+    obj, modules = _mcm(teacher, guidance_range=[3.0, 3.0], discriminator="none", gan_weight=0.0)
+    plain, _ = _mcm(teacher, discriminator="none", gan_weight=0.0)
+    batch = _batch()
+    torch.manual_seed(1)
+    a = obj.generator_loss(_nets(teacher, student, modules), batch, 0)
+    for scale, same in ((3.0, True), (1.5, False)):
+        torch.manual_seed(1)
+        torch.rand(4)  # the per-video scale draw
+        b = plain.generator_loss(_nets(guided(teacher, scale), student, modules), batch, 0)
+        assert torch.equal(a["loss"], b["loss"]) == same
+    assert float(a["pgsb_w"]) == 3.0

@@ -32,6 +32,10 @@ Mixed trajectory distillation: with probability ``mixed_portion`` per step (the 
 main.py:1340-1343, 1363-1389) the consistency pair is built on the student's own sample from noise (no gradient)
 instead of a data video, so the distilled trajectories cover the generated videos' domain as well as the data's.
 Data that hold no videos (data=prompts) run at its end point: mixed_portion=1, with ``stills`` as D's real frames.
+Guidance: the released recipe draws the teacher's CFG scale per video, w ~ U[5, 15] in LCM's convention
+x0 = c + w (c - u) (``--w_min 5 --w_max 15``, main.py:1324-1326, 1484-1487); ``guidance_range=[6, 16]`` is the same
+draw in this project's convention (1 = the conditional model; snoopi.RandomGuidance); unset, the teacher keeps
+teacher.guidance.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig, GANTerm
 from onestep.objectives.base import frozen, register_objective
 from onestep.objectives.cd import CDConfig, ConsistencyDistillation
+from onestep.objectives.snoopi import RandomGuidance, RandomGuidanceConfig
 
 MOTIONS = ("raw", "diff", "learn")
 DISC_LOSSES = ("hinge", "wgan")
@@ -60,7 +65,7 @@ MOTION_HEAD = "motion_head"  # the learned g's name in Nets.modules and in check
 
 
 @dataclass
-class MCMConfig(CDConfig, GANConfig):
+class MCMConfig(CDConfig, GANConfig, RandomGuidanceConfig):
     name: str = "mcm"
     #: the teacher's ODE step between adjacent levels: euler is LCM's DDIM step on rectified-flow teachers (Wan)
     solver: str = "euler"
@@ -164,6 +169,7 @@ class MCM(ConsistencyDistillation):
         if not 0 <= cfg.mixed_portion <= 1:
             raise ConfigError(f"objective.mixed_portion={cfg.mixed_portion} must be in [0, 1] (a probability)")
         self.gan = GANTerm(cfg, has_critic=False)
+        self.guidance = RandomGuidance(cfg)
         if cfg.stills and not self.gan.active:
             raise ConfigError(f"objective.stills='{cfg.stills}' feeds the frame discriminator, which is off: pass "
                               "objective.discriminator=teacher or leave objective.stills unset")
@@ -219,7 +225,10 @@ class MCM(ConsistencyDistillation):
         return self.frames.pick(batch.real, idx), _repeat(batch.cond, len(idx))
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
-        out, f = self.consistency_loss(nets, self._trajectory(nets, batch), step)
+        batch = self._trajectory(nets, batch)
+        teacher, w = self.guidance.draw(nets.teacher, batch.noise)  # the teacher's ODE step at a per-video scale
+        out, f = self.consistency_loss(dataclasses.replace(nets, teacher=teacher), batch, step)
+        out.update(self.guidance.logs(w))
         if not self.gan.active:
             return out
         idx = self.frames.draw(self.cfg.disc_frames)
