@@ -114,6 +114,7 @@ class WanDenoiser(Denoiser):
 
     conditional = True
     prediction = "flow"
+    frame_axis = 1  # (C, F, h, w)
 
     def __init__(self, transformer, schedule: RectifiedFlow, data_shape: tuple[int, int, int, int], *,
                  transformer_2=None, boundary_ratio: float | None = None, num_train_timesteps: int = 1000):
