@@ -102,6 +102,14 @@ def test_experts_switch_where_the_pipeline_switches(folders, loaded, sigma):
     assert (swapped(x, torch.tensor(sigma), cond) - ours).abs().amax((1, 2, 3, 4)).min() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["wan21", "wan22"])
+def test_the_start_is_the_pipelines_sigma_1(folders, loaded, name):
+    """At t_max the adapter is the pipeline's first step (sigma 1, timestep 1000): x0 = x - u exactly."""
+    pipe, d = pipeline(folders[name]), loaded[name].denoiser
+    x, cond = latents(), loaded[name].text.cond(PROMPTS)
+    close(d.x0(x, torch.full((2,), d.schedule.t_max), cond), x - reference(pipe, x, [1.0, 1.0]))
+
+
 # --- end to end: the pipeline's Euler steps (and its decoded video) equal onestep's sampler ----------------------
 
 @pytest.mark.parametrize("name", ["wan21_euler", "wan22_euler"])
@@ -333,13 +341,15 @@ def test_train_and_sample_through_the_cli(folders, tmp_path, experiment, name):
 # --- export: a WanPipeline folder that plain diffusers runs equals `onestep sample` --------------------------------
 
 def _grid(k: int) -> list[float]:
-    """The t-list of the stock FlowMatchEulerDiscreteScheduler (the folders' shift) that WanPipeline runs for k
-    steps: what a k-step student must be trained on to export."""
+    """The t-list a k-step student must be trained on to export: the stock FlowMatchEulerDiscreteScheduler's (the
+    folders' shift) that WanPipeline runs for k steps, its first sigma 1 standing for the student's t_max."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from onestep.schedules import RectifiedFlow
 
     s = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
     s.set_timesteps(k)
-    return s.sigmas[:-1].tolist()
+    return [RectifiedFlow().t_max, *s.sigmas[1:-1].tolist()]
 
 
 @pytest.mark.slow

@@ -125,7 +125,9 @@ def _flow_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str
 def _flow_steps_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, boundary: bool):
     """FlowMatchEulerDiscreteScheduler for pipelines whose call takes no sigmas (WanPipeline runs
     ``scheduler.set_timesteps(k)``): at the teacher's shift, its own k-step grid must be the student's t-list (the
-    steps as in _flow_scheduler); anything else is refused with the t-list that would export."""
+    steps as in _flow_scheduler); anything else is refused with the t-list that would export. The grid starts at
+    sigma 1 where the student starts at t_max = 1 - 1e-4, both from pure noise z: the first step's network sees
+    timestep 1000 instead of 999.9 and takes x0 = z - u instead of z - 0.9999 u, a difference of order 1e-4 |u|."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if boundary:
@@ -140,12 +142,14 @@ def _flow_steps_scheduler(run: Run, teacher_folder: Path, ts: list[float], metho
     k = len(ts)
     scheduler.set_timesteps(k)
     grid = scheduler.sigmas[:-1].tolist()
-    if any(abs(a - b) > 1e-6 for a, b in zip(grid, ts)):
+    # its first sigma is 1, where a student starts from pure noise at the schedule's t_max (Schedule.prior_std)
+    if any(abs(a - b) > 1e-6 for a, b in zip(grid[1:], ts[1:])):
         fam = teachers.family(run.cfg.teacher.kind)
+        fit = [run.setup.teacher.schedule.t_max, *grid[1:]]
         raise ConfigError(f"{fam.pipeline(run.cfg.teacher.kind)} calls scheduler.set_timesteps({k}) and takes no "
                           f"sigmas: the stock FlowMatchEulerDiscreteScheduler (shift {shift:g}) steps at t = "
                           f"[{', '.join(f'{t:.6g}' for t in grid)}], not at the student's t-list "
-                          f"[{', '.join(f'{t:.6g}' for t in ts)}]; train it with generator.ts=[{', '.join(map(repr, grid))}] "
+                          f"[{', '.join(f'{t:.6g}' for t in ts)}]; train it with generator.ts=[{', '.join(map(repr, fit))}] "
                           "to export it")
     return scheduler, {"num_inference_steps": k}
 
