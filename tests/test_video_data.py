@@ -105,6 +105,25 @@ def test_clips_are_read_exactly(clips, tmp_path):
     assert V.load_clip(tmp_path / "f.pt", RESOLUTION, NUM_FRAMES).shape == (3, NUM_FRAMES, RESOLUTION, RESOLUTION)
 
 
+def test_mp4_clips_read_through_imageio_where_installed(tmp_path):
+    """With imageio's ffmpeg plugin (an optional dependency) an MP4 written by onestep's own writer reads back as its
+    first frames, within H.264's loss; without it the clip is the one-line install error."""
+    from onestep.data.video import write_mp4
+
+    frames = palette_frames(NUM_FRAMES + 2, RESOLUTION, RESOLUTION + 16, seed=6)
+    path = tmp_path / "a.mp4"
+    if not V._has_ffmpeg():
+        path.write_bytes(b"\x00")
+        with pytest.raises(ConfigError, match="pip install imageio\\[ffmpeg\\]"):
+            V.load_clip(path, RESOLUTION, NUM_FRAMES)
+        return
+    write_mp4(path, frames)
+    got = V.load_clip(path, RESOLUTION, NUM_FRAMES)
+    want = as_video(frames[:NUM_FRAMES, :, 8:8 + RESOLUTION])  # the center crop of the wider frames
+    assert got.shape == want.shape and (got - want).abs().mean() < 0.1
+    assert (V.load_clip(path, RESOLUTION, 1) - want[:, :1]).abs().mean() < 0.1
+
+
 def test_latents_are_the_codec_encoding_and_the_cache_is_reused(wan, clips, tmp_path):
     _, parts = wan
     pairs = V.find_video_text_pairs(clips)
