@@ -208,6 +208,21 @@ def test_video_text_is_a_wan_data_kind_and_an_image_teacher_is_refused():
         check_data_kind(compose(["teacher=sd15", "data=video_text"]))
 
 
+def test_experiment_builds_video_text_and_reads_captions_before_any_model(wan, clips, tmp_path):
+    from onestep.experiment import build
+    from tests.conftest import compose
+
+    folder, parts = wan
+    args = ["teacher=wan", "data=video_text", f"data.path={clips}", f"teacher.resolution={RESOLUTION}",
+            f"teacher.num_frames={NUM_FRAMES}", f"teacher.max_sequence_length={T5_TOKENS}", f"data.cache={tmp_path}/c",
+            "trainer.cpu=true"]
+    setup = build(compose([*args, f"teacher.path={folder}"]), tmp_path, progress=False)
+    assert setup.data.latents.shape == (4, *LATENT_SHAPE) and setup.data.data_shape == LATENT_SHAPE
+    (clips / "d.txt").unlink()  # a missing caption stops the run before the (here absent) teacher is loaded
+    with pytest.raises(ConfigError, match="d.safetensors' has no caption"):
+        build(compose([*args, f"teacher.path={tmp_path}/no_such_model"]), tmp_path, progress=False)
+
+
 @pytest.mark.slow
 def test_wan_mcm_on_data_videos_cli(wan, clips, tmp_path):
     """MCM's mixed trajectories (mixed_portion 0.5) and its discriminator's real frames come from the data videos."""
