@@ -5,6 +5,7 @@ the tiny Wan pipeline's own codec (tests/video_fixtures.py) and cached, one-line
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -206,6 +207,13 @@ def test_video_text_is_a_wan_data_kind_and_an_image_teacher_is_refused():
     check_data_kind(compose(["teacher=wan", "data=video_text"]))
     with pytest.raises(ConfigError, match="trains on .* not data=video_text"):
         check_data_kind(compose(["teacher=sd15", "data=video_text"]))
+    image = SimpleNamespace(data_shape=(4, 8, 8), frame_axis=None)
+    with pytest.raises(ConfigError, match="data=video_text needs a text-to-video teacher"):
+        V.video_text_data([], image, object(), object(), "/tmp")
+    with pytest.raises(ConfigError, match="declares no frame_axis"):
+        V.teacher_frames(SimpleNamespace(data_shape=(4, 2, 8, 8), frame_axis=None), SimpleNamespace(temporal_downsample=4))
+    assert V.teacher_frames(SimpleNamespace(data_shape=(13, 16, 8, 8), frame_axis=0),
+                            SimpleNamespace(temporal_downsample=4)) == 49  # CogVideoX's (F, C, h, w): 49 frames
 
 
 def test_experiment_builds_video_text_and_reads_captions_before_any_model(wan, clips, tmp_path):

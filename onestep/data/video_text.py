@@ -149,6 +149,9 @@ def load_clip(path, size: int, frames: int) -> torch.Tensor:
 def teacher_frames(teacher, codec) -> int:
     """Pixel frames of the teacher's videos: 1 + (latent frames - 1) x the codec's temporal downsampling (the
     causal video VAEs' rule, Wan's and CogVideoX's)."""
+    if teacher.frame_axis is None:
+        raise ConfigError(f"data=video_text: the teacher's {type(teacher).__name__} declares no frame_axis (its "
+                          "family must set it), so its number of frames is unknown")
     return (teacher.data_shape[teacher.frame_axis] - 1) * codec.temporal_downsample + 1
 
 
