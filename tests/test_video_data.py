@@ -61,7 +61,8 @@ def clips(tmp_path):
     write_animated(root / "b.gif", palette_frames(NUM_FRAMES, seed=2), "a blue circle")
     write_animated(root / "c.webp", palette_frames(NUM_FRAMES, 48, 40, seed=3), "a webp clip")
     g = torch.Generator().manual_seed(4)
-    save_file({"video": torch.rand(3, NUM_FRAMES, RESOLUTION, RESOLUTION, generator=g) * 2 - 1}, str(root / "d.safetensors"))
+    video = torch.rand(3, NUM_FRAMES, RESOLUTION, RESOLUTION, generator=g) * 2 - 1
+    save_file({"video": video}, str(root / "d.safetensors"))
     (root / "d.txt").write_text("a preprocessed clip\n")
     return root
 
@@ -97,7 +98,8 @@ def test_clips_are_read_exactly(clips, tmp_path):
     assert webp.shape == (3, NUM_FRAMES, RESOLUTION, RESOLUTION) and torch.equal(webp[:, 0], first)
     from safetensors.torch import load_file
 
-    assert torch.equal(V.load_clip(clips / "d.safetensors", RESOLUTION, NUM_FRAMES), load_file(str(clips / "d.safetensors"))["video"])
+    want = load_file(str(clips / "d.safetensors"))["video"]
+    assert torch.equal(V.load_clip(clips / "d.safetensors", RESOLUTION, NUM_FRAMES), want)
     frames = palette_frames(NUM_FRAMES, seed=5)
     torch.save(frames.permute(3, 0, 1, 2).contiguous(), tmp_path / "e.pt")  # uint8 (C, F, H, W)
     assert torch.equal(V.load_clip(tmp_path / "e.pt", RESOLUTION, NUM_FRAMES), as_video(frames))
@@ -159,7 +161,8 @@ def test_bad_clips_fail_with_one_line_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         V.load_clip(short, RESOLUTION, NUM_FRAMES)
     _one_line(e, f"'{short}' has 3 frames", f"teacher.num_frames={NUM_FRAMES}")
-    for name, data in (("broken.gif", b"GIF89a not really"), ("broken.safetensors", b"\x00" * 12), ("broken.pt", b"xyz")):
+    broken = {"broken.gif": b"GIF89a not really", "broken.safetensors": b"\x00" * 12, "broken.pt": b"xyz"}
+    for name, data in broken.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ConfigError) as e:
             V.load_clip(tmp_path / name, RESOLUTION, NUM_FRAMES)
@@ -211,7 +214,8 @@ def test_video_text_is_a_wan_data_kind_and_an_image_teacher_is_refused():
     with pytest.raises(ConfigError, match="data=video_text needs a text-to-video teacher"):
         V.video_text_data([], image, object(), object(), "/tmp")
     with pytest.raises(ConfigError, match="declares no frame_axis"):
-        V.teacher_frames(SimpleNamespace(data_shape=(4, 2, 8, 8), frame_axis=None), SimpleNamespace(temporal_downsample=4))
+        V.teacher_frames(SimpleNamespace(data_shape=(4, 2, 8, 8), frame_axis=None),
+                         SimpleNamespace(temporal_downsample=4))
     assert V.teacher_frames(SimpleNamespace(data_shape=(13, 16, 8, 8), frame_axis=0),
                             SimpleNamespace(temporal_downsample=4)) == 49  # CogVideoX's (F, C, h, w): 49 frames
 
