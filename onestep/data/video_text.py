@@ -16,6 +16,7 @@ Batches are image_text's (``ImageTextData``): noise, the caption's Cond and ``re
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import pickle
 from pathlib import Path
 
@@ -95,16 +96,16 @@ def _tensor_frames(path: Path, size: int) -> torch.Tensor:
     return _square_tensor(x.expand(3, -1, -1, -1), size)
 
 
+def _first(images, size: int, frames: int) -> list[torch.Tensor]:
+    """The first ``frames`` PIL images of an iterator, squared; later frames are never decoded."""
+    return [square_rgb(im, size) for im in itertools.islice(images, frames)]
+
+
 def _pil_frames(path: Path, size: int, frames: int) -> list[torch.Tensor]:
     from PIL import Image, ImageSequence
 
-    out = []
     with Image.open(path) as im:
-        for frame in ImageSequence.Iterator(im):
-            out.append(square_rgb(frame, size))
-            if len(out) == frames:
-                break
-    return out
+        return _first(ImageSequence.Iterator(im), size, frames)
 
 
 def _mp4_frames(path: Path, size: int, frames: int) -> list[torch.Tensor]:
@@ -114,13 +115,8 @@ def _mp4_frames(path: Path, size: int, frames: int) -> list[torch.Tensor]:
     import imageio
     from PIL import Image
 
-    out = []
     with imageio.get_reader(str(path), "ffmpeg") as reader:
-        for frame in reader:
-            out.append(square_rgb(Image.fromarray(frame), size))
-            if len(out) == frames:
-                break
-    return out
+        return _first((Image.fromarray(f) for f in reader), size, frames)
 
 
 def load_clip(path, size: int, frames: int) -> torch.Tensor:
