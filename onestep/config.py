@@ -145,7 +145,7 @@ class DataConfig:
     #: prompts: a text file, one prompt per line; image_text: a folder of images, each with a same-name .txt caption;
     #: video_text: a folder of videos (.gif, .webp, .mp4, .safetensors, .pt), each with a same-name .txt caption
     path: Optional[str] = None
-    #: content-addressed caches of text embeddings and image latents (None = <out_root>/cache)
+    #: content-addressed caches of text embeddings and image / video latents (None = <out_root>/cache)
     cache: Optional[str] = None
     #: text-to-image: prompts the evaluation draws from (held-out prompts); None = data.path
     eval_path: Optional[str] = None
