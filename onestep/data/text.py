@@ -99,20 +99,26 @@ class PromptData:
         return Batch(noise=noise.to(device), cond=self.cond([self.prompts[i] for i in idx.tolist()]).to(device))
 
 
+def square_rgb(im, size: int) -> torch.Tensor:
+    """A PIL image as RGB, short side resized to ``size`` (bicubic) and center-cropped; (3, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1
+
+
 def _load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB, short side resized to ``size`` (bicubic) and center-cropped; (3, size, size) in [-1, 1]."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    return x.permute(2, 0, 1).float() / 127.5 - 1
+        return square_rgb(im, size)
 
 
 def find_image_text_pairs(folder, key: str = "data.path") -> list[tuple[Path, str]]:

@@ -19,8 +19,9 @@ class Wan(Family):
               "generator": ("attention",)}
     layouts = {KIND: Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), ("WanPipeline",),
                             "a Wan")}
-    data_kinds = ("prompts",)
-    data_hint = "text prompts: use data=prompts (data.path=<prompts.txt>)"
+    data_kinds = ("prompts", "video_text")
+    data_hint = ("text: use data=prompts (data.path=<prompts.txt>) or data=video_text (data.path=<folder of videos + "
+                 ".txt captions>, for objectives that read real data)")
     evaluation = "text_videos"
     network = "transformer"
     export_scheduler = "flow_steps"
