@@ -12,6 +12,11 @@ checked three ways:
 """
 
 import copy
+import json
+import math
+import os
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -213,3 +218,31 @@ def test_rcm_losses_through_wan_with_the_kernel(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values()) and losses["default"][2] > 0, losses
     # float32 rounding of two attention implementations; observed 5e-7
     assert losses["jvp_flash"] == pytest.approx(losses["default"], rel=1e-5), losses
+
+
+@pytest.mark.slow  # ~25 s: encodes the clips, then 3 generator and 12 critic updates
+def test_wan_rcm_cli(tmp_path):
+    """experiment=wan_rcm through `onestep train` on the tiny Wan folder and captioned GIF clips (data=video_text):
+    three steps of rCM with the JVP through jvp_flash, finite losses, a generator checkpoint."""
+    from test_video_data import palette_frames, write_animated
+
+    folder = video_fixtures.make_tiny_wan(tmp_path / "wan")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i, caption in enumerate(["a red square", "a blue circle", "two cats"]):
+        write_animated(clips / f"{i}.gif", palette_frames(video_fixtures.NUM_FRAMES, seed=i), caption)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = ["experiment=wan_rcm", f"teacher.path={folder}", f"data.path={clips}", f"out_root={tmp_path}",
+            f"teacher.resolution={video_fixtures.RESOLUTION}", f"teacher.num_frames={video_fixtures.NUM_FRAMES}",
+            f"teacher.max_sequence_length={video_fixtures.T5_TOKENS}", "trainer.frozen_dtype=fp32",
+            "trainer.mixed_precision=no", "trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false",
+            "eval.num_samples=2", "eval.teacher_steps=[2]", "trainer.checkpoint_every=3", "trainer.sample_every=0"]
+    r = subprocess.run([sys.executable, "-m", "onestep.cli", "train", *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = [p for p in (tmp_path / "wan_rcm").iterdir() if p.is_dir()]
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    losses = {k: v for s in stats for k, v in s.items() if k.endswith("loss") or k.endswith("scm") or
+              k.endswith("dm")}
+    assert {"gen/scm", "gen/dm"} <= set(losses) and all(math.isfinite(v) for v in losses.values()), losses
+    assert (run / "checkpoints" / "step_00000003" / "generator.safetensors").is_file()

@@ -3,8 +3,6 @@ denoisers/wan.py; Wan 2.2 A14B's two experts are one denoiser that routes each r
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
 from onestep.denoisers.pipeline_folder import Layout
 from onestep.denoisers.wan import KIND, NUM_FRAMES, load_wan
 from onestep.errors import ConfigError
@@ -36,11 +34,6 @@ class Wan(Family):
             raise ConfigError(f"teacher.guidance_2={tc.guidance_2} (WanPipeline's guidance_scale_2) differs from "
                               f"teacher.guidance={tc.guidance}; onestep guides both Wan 2.2 experts with "
                               "teacher.guidance: set teacher.guidance_2=null")
-        attention = OmegaConf.select(cfg, "generator.attention", default="default")
-        if attention != "default":
-            raise ConfigError(f"generator.attention={attention}: onestep.kernels' attention processors do not "
-                              "implement WanAttention (3-D RoPE, q/k RMS norm across heads); use "
-                              "generator.attention=default")
         p = load_wan(tc.path, device=device, resolution=tc.resolution, num_frames=tc.num_frames,
                      max_sequence_length=tc.max_sequence_length)
         return Parts(denoiser=p.denoiser, codec=p.codec, text=p.text, image_size=p.image_size)
