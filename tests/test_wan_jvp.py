@@ -182,9 +182,9 @@ def test_wan_rcm_recipe():
 
 def test_rcm_losses_through_wan_with_the_kernel(tmp_path):
     """One rCM generator and critic loss (experiment=wan_rcm's objective: the sCM tangent through the Wan generator,
-    the DMD term on its samples) on a tiny Wan pipeline folder behind load_wan, with real latents given directly (no
-    video data source feeds teacher=wan yet): finite, with finite generator gradients, and the same under
-    generator.attention=jvp_flash as under the stock attention."""
+    the DMD term on its samples) on a tiny Wan pipeline folder behind load_wan, with random latents as the real
+    videos: finite, with finite generator gradients, and the same under generator.attention=jvp_flash as under the
+    stock attention."""
     from onestep.core import Batch, Nets
     from onestep.denoisers.wan import load_wan
     from onestep.generator import Student
