@@ -1,0 +1,32 @@
+"""CogVideoX text-to-video (CogVideoXTransformer3DModel, v-prediction on a shifted zero-terminal-SNR DDIM table, T5,
+the causal 3-D VAE): the adapter of denoisers/cogvideox.py."""
+
+from __future__ import annotations
+
+from onestep.denoisers.cogvideox import KIND, load_cogvideox
+from onestep.denoisers.pipeline_folder import Layout
+from onestep.teachers import register
+from onestep.teachers.base import Family, Parts
+
+
+class CogVideoX(Family):
+    kinds = (KIND,)
+    presets = {"cogvideox": {"kind": KIND}}
+    fields = {"teacher": ("path", "negative_prompt", "max_sequence_length")}
+    layouts = {KIND: Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), ("CogVideoXPipeline",),
+                            "a CogVideoX")}
+    data_kinds = ("prompts",)
+    data_hint = "text prompts: use data=prompts (data.path=<prompts.txt>)"
+    evaluation = "text_images"
+    network = "transformer"
+
+    def load(self, cfg, kind, device) -> Parts:
+        tc = cfg.teacher
+        p = load_cogvideox(tc.path, device=device, max_sequence_length=tc.max_sequence_length)
+        return Parts(denoiser=p.denoiser, codec=p.codec, text=p.text, image_size=p.image_size)
+
+    def pipeline(self, kind: str) -> str:
+        return self.layouts[kind].pipelines[0]
+
+
+register(CogVideoX())

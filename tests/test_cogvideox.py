@@ -1,0 +1,239 @@
+"""The CogVideoX adapter against diffusers' own computation, on tiny random pipeline folders (tests/cog_fixtures.py).
+
+The strongest check runs CogVideoXPipeline itself (its DDIM scheduler, the folder's shifted zero-terminal-SNR table)
+and records every transformer call: each guided prediction it forms must equal ``Guided(denoiser, w)`` at the same
+latents and timestep, and the latents it returns must equal onestep's DDIM sampler from the same generator's noise,
+prompt encoding, rotary embeddings and classifier-free guidance included.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from cog_fixtures import FRAMES, LATENT_SHAPE, SCHEDULER, make_tiny_cogvideox, transformer
+from conftest import compose, one_line, write_scheduler
+from flow_fixtures import T5_DIM, T5_TOKENS
+
+from onestep import teachers
+from onestep.denoisers.base import Guided, guided
+from onestep.denoisers.cogvideox import CogVideoXTextEncoder, cogvideox_schedule, load_cogvideox
+from onestep.errors import ConfigError
+from onestep.sampling import sample
+from onestep.schedules import ZERO_SNR_LOGSNR
+
+PROMPTS = ["a red cat", "two blue dogs!"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cogvideox")
+    return {"rotary": make_tiny_cogvideox(root / "rotary"), "sincos": make_tiny_cogvideox(root / "sincos", False)}
+
+
+@pytest.fixture(scope="module")
+def parts(folders):
+    return {name: load_cogvideox(folder, max_sequence_length=T5_TOKENS) for name, folder in folders.items()}
+
+
+def pipeline(folder):
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe, seed, steps, w, negative, **kwargs):
+    """CogVideoXPipeline.__call__ from ``seed``'s draws, recording each transformer call's keyword inputs and output."""
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda m, args, kw, out: calls.append((kw, out[0])),
+                                                  with_kwargs=True)
+    try:
+        out = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=w,
+                   max_sequence_length=T5_TOKENS, generator=torch.Generator().manual_seed(seed), **kwargs).frames
+    finally:
+        hook.remove()
+    return out, calls
+
+
+@pytest.mark.parametrize("name,w,negative,steps", [("rotary", 1.0, None, 2), ("rotary", 6.0, None, 2),
+                                                   ("rotary", 6.0, "blurry", 1), ("sincos", 6.0, None, 2)])
+def test_pipeline_equals_guided_teacher_and_ddim_sampler(folders, parts, name, w, negative, steps):
+    pipe, p = pipeline(folders[name]), parts[name]
+    ref, calls = run_pipeline(pipe, 3, steps, w, negative, output_type="latent")
+    timesteps = pipe.scheduler.timesteps
+    assert len(calls) == steps and timesteps[0] == 999  # trailing spacing starts at the zero-SNR row
+    ts = timesteps.double() / 999
+    cond = p.text.cond(PROMPTS, negative)
+    model = Guided(p.denoiser, w)
+    for (kw, out), k in zip(calls, timesteps):
+        assert kw["timestep"].dtype == torch.int64 and torch.equal(kw["timestep"], k.expand(len(out)))
+        # the pipeline stacks [unconditional, conditional] under CFG, and forms u + w (c - u) in float32
+        x = kw["hidden_states"][-2:]
+        want = out.float()
+        if w > 1:
+            u, c = want.chunk(2)
+            want = u + w * (c - u)
+        torch.testing.assert_close(model(x, torch.full((2,), k / 999), cond), want, rtol=0, atol=1e-5)
+        rotary = p.denoiser.rotary(*LATENT_SHAPE[:1], *LATENT_SHAPE[2:], x.device)
+        if name == "rotary":
+            assert all(torch.equal(a, b) for a, b in zip(rotary, kw["image_rotary_emb"]))
+        else:
+            assert rotary is None and kw["image_rotary_emb"] is None
+    noise = torch.randn((2, *p.denoiser.data_shape), generator=torch.Generator().manual_seed(3))
+    assert p.denoiser.data_shape == LATENT_SHAPE
+    ours = sample(p.denoiser, noise, ts, cond, method="ddim", guidance=w)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_schedule_equals_scheduler_table(tmp_path):
+    from diffusers import CogVideoXDDIMScheduler
+
+    t = torch.arange(1000, dtype=torch.float64) / 999
+    for config in (SCHEDULER, {}, {**SCHEDULER, "rescale_betas_zero_snr": False, "snr_shift_scale": 1.5},
+                   {"beta_schedule": "scaled_linear", "snr_shift_scale": 1.0, "prediction_type": "epsilon"}):
+        folder = write_scheduler(tmp_path / str(len(list(tmp_path.iterdir()))),
+                                 _class_name="CogVideoXDDIMScheduler", **config)
+        schedule, prediction = cogvideox_schedule(folder)
+        want = CogVideoXDDIMScheduler(**config).alphas_cumprod.double()
+        torch.testing.assert_close(schedule.alpha(t) ** 2, want, rtol=1e-12, atol=1e-15 if want[-1] else 1e-17)
+        assert prediction == {"v_prediction": "v"}.get(config.get("prediction_type"), "eps")
+    zero = cogvideox_schedule(write_scheduler(tmp_path / "zero", _class_name="CogVideoXDDIMScheduler", **SCHEDULER))[0]
+    assert zero.table_logsnr[-1] == ZERO_SNR_LOGSNR and zero.sigma(torch.tensor(1.0)) == 1
+    # between the last two rows and at them, log-SNR and its t-derivative stay finite
+    t = torch.tensor([998 / 999, 998.5 / 999, 1.0], requires_grad=True)
+    assert zero.logsnr(t).isfinite().all() and torch.autograd.grad(zero.logsnr(t).sum(), t)[0].isfinite().all()
+    assert torch.autograd.grad(zero.alpha(t).sum(), t)[0].isfinite().all()
+
+
+def test_schedule_rejects(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        cogvideox_schedule(write_scheduler(tmp_path / "ddim", _class_name="DDIMScheduler"))
+    assert "names DDIMScheduler; teacher=cogvideox reads CogVideoXDDIMScheduler or CogVideoXDPMScheduler" in one_line(e)
+    with pytest.raises(ConfigError, match="beta_schedule 'squaredcos_cap_v2'"):
+        cogvideox_schedule(write_scheduler(tmp_path / "cos", _class_name="CogVideoXDPMScheduler",
+                                           beta_schedule="squaredcos_cap_v2"))
+    with pytest.raises(ConfigError, match="snr_shift_scale=0 must be > 0"):
+        cogvideox_schedule(write_scheduler(tmp_path / "zero", _class_name="CogVideoXDDIMScheduler", snr_shift_scale=0))
+
+
+def test_text_fields(folders, parts):
+    text = parts["rotary"].text
+    cond = text.cond(PROMPTS, "blurry")
+    assert set(cond.fields) == {"prompt_embeds"} and cond["prompt_embeds"].shape == (2, T5_TOKENS, T5_DIM)
+    pipe = pipeline(folders["rotary"])
+    embeds, neg = pipe.encode_prompt(PROMPTS, negative_prompt="blurry", max_sequence_length=T5_TOKENS, device="cpu")
+    # a T5 loaded by the pipeline and one loaded alone agree to float32 rounding (their attention kernels may differ)
+    torch.testing.assert_close(cond["prompt_embeds"], embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cond.null()["prompt_embeds"], neg, rtol=0, atol=1e-5)
+    _, empty = pipe.encode_prompt(PROMPTS, max_sequence_length=T5_TOKENS, device="cpu")
+    torch.testing.assert_close(text.null_fields()["prompt_embeds"], empty[:1], rtol=0, atol=1e-5)
+    # the default length is the pipeline's, and the length is part of the cache identity
+    long = CogVideoXTextEncoder(folders["rotary"])
+    assert long.encode(["x"])["prompt_embeds"].shape == (1, 226, T5_DIM) and long.name != text.name
+    with pytest.raises(ConfigError, match="teacher.max_sequence_length=0 must be a positive"):
+        CogVideoXTextEncoder(folders["rotary"], max_sequence_length=0)
+
+
+def test_codec_matches_pipeline_decode(folders, parts):
+    p = parts["rotary"]
+    codec = p.codec
+    assert (codec.downsample, codec.temporal_downsample, codec.scaling, codec.pad, p.image_size) == (4, 4, 0.7, 0, 32)
+    pipe = pipeline(folders["rotary"])
+    latents, _ = run_pipeline(pipe, 5, 1, 1.0, None, output_type="latent")
+    videos, _ = run_pipeline(pipe, 5, 1, 1.0, None, output_type="pt")  # (B, F, C, H, W) in [0, 1]
+    decoded = codec.decode(latents)
+    assert decoded.shape == (2, 3, FRAMES, 32, 32)
+    # the pipeline maps to [0, 1] before clamping, onestep clamps to [-1, 1] first: equal to float32 rounding
+    torch.testing.assert_close((decoded + 1) / 2, videos.transpose(1, 2), rtol=0, atol=1e-5)
+    z = codec.encode(decoded)
+    with torch.no_grad():
+        want = codec.vae.encode(decoded).latent_dist.mean * 0.7
+    assert z.shape == (2, *LATENT_SHAPE) and torch.equal(z, want.transpose(1, 2))
+
+
+def test_patch_size_t_pads_like_the_pipeline(tmp_path, folders):
+    """CogVideoX 1.5 patches 2 latent frames at a time: 3 latent frames are drawn as 4, the first dropped at decoding."""
+    folder = shutil.copytree(folders["rotary"], tmp_path / "v15")
+    shutil.rmtree(folder / "transformer")
+    torch.manual_seed(0)
+    transformer(patch_size_t=2, patch_bias=False).save_pretrained(str(folder / "transformer"))
+    p = load_cogvideox(folder, max_sequence_length=T5_TOKENS)
+    assert p.denoiser.data_shape == (4, 4, 8, 8) and p.codec.pad == 1
+    pipe = pipeline(folder)
+    latents, calls = run_pipeline(pipe, 2, 1, 6.0, None, output_type="latent")
+    videos, _ = run_pipeline(pipe, 2, 1, 6.0, None, output_type="pt")
+    noise = torch.randn((2, *p.denoiser.data_shape), generator=torch.Generator().manual_seed(2))
+    ours = sample(p.denoiser, noise, [1.0], p.text.cond(PROMPTS), method="ddim", guidance=6.0)
+    torch.testing.assert_close(ours, latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close((p.codec.decode(latents) + 1) / 2, videos.transpose(1, 2), rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="needs 1 padding latent frame"):
+        p.codec.encode(torch.zeros(1, 3, FRAMES, 32, 32))
+    assert load_cogvideox(folder, num_frames=13, max_sequence_length=T5_TOKENS).codec.pad == 0
+
+
+def test_features_and_dtype(parts):
+    p = parts["rotary"]
+    d = p.denoiser
+    x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
+    f = d.features(x, 0.5, p.text.cond(PROMPTS))
+    assert f.shape == (2, d.feature_dim) == (2, 32) and torch.isfinite(f).all()
+    assert not torch.allclose(f, d.features(x, 0.5, p.text.cond(["green", "grass"])))
+    out = d(x.double(), 0.5, p.text.cond(PROMPTS))
+    assert out.dtype == torch.float64 and torch.allclose(out.float(), d(x, 0.5, p.text.cond(PROMPTS)))
+
+
+def test_sizes(folders):
+    p = load_cogvideox(folders["rotary"], num_frames=5, resolution=64, max_sequence_length=T5_TOKENS)
+    assert p.denoiser.data_shape == (2, 4, 16, 16) and p.image_size == 64
+    for kwargs, words in (({"num_frames": 8}, "teacher.num_frames=8 must be 1 + a multiple of 4"),
+                          ({"resolution": 30}, "teacher.resolution=30 must be a positive multiple of the VAE's "
+                                                "downsampling 4"),
+                          ({"resolution": 36}, "latents (3, 4, 9, 9) do not split into the transformer's patches")):
+        with pytest.raises(ConfigError) as e:
+            load_cogvideox(folders["rotary"], **kwargs)
+        assert words in one_line(e)
+
+
+def test_bad_folders(tmp_path, folders):
+    with pytest.raises(ConfigError) as e:
+        load_cogvideox(None)
+    assert "teacher.path is not set" in one_line(e) and "model_index.json, transformer/, vae/" in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        load_cogvideox(tmp_path / "nope")
+    assert "does not exist" in one_line(e) and "text_encoder/, tokenizer/, scheduler/" in one_line(e)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match="is not a diffusers pipeline folder .no model_index.json."):
+        load_cogvideox(tmp_path / "plain")
+    # a Sana folder has every sub-folder CogVideoX needs: its model_index.json names it
+    other = shutil.copytree(folders["rotary"], tmp_path / "sana")
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "SanaPipeline"}))
+    with pytest.raises(ConfigError) as e:
+        load_cogvideox(other)
+    assert "holds a SanaPipeline (model_index.json), not a cogvideox pipeline; use teacher=sana" in one_line(e)
+    broken = shutil.copytree(folders["rotary"], tmp_path / "broken")
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError) as e:
+        load_cogvideox(broken)
+    assert one_line(e).startswith(f"teacher.path '{broken}': cannot load vae (")
+    assert one_line(e).endswith("expected a diffusers cogvideox pipeline folder")
+    wrong = shutil.copytree(folders["rotary"], tmp_path / "wrong")
+    write_scheduler(wrong, _class_name="FlowMatchEulerDiscreteScheduler")
+    with pytest.raises(ConfigError, match="names FlowMatchEulerDiscreteScheduler; teacher=cogvideox reads"):
+        load_cogvideox(wrong)
+
+
+def test_needs_prompts(parts):
+    p = parts["rotary"]
+    with pytest.raises(ConfigError, match="needs prompt conditioning"):
+        guided(p.denoiser, 6.0).x0(torch.zeros(2, *LATENT_SHAPE), 1.0, None)
+
+
+def test_family_loads_the_folder(folders):
+    cfg = compose(["teacher=cogvideox", f"teacher.path={folders['rotary']}", f"teacher.max_sequence_length={T5_TOKENS}"])
+    fam = teachers.family("cogvideox")
+    p = fam.load(cfg, "cogvideox", torch.device("cpu"))
+    assert p.denoiser.data_shape == LATENT_SHAPE and p.text.max_sequence_length == T5_TOKENS
+    assert fam.pipeline("cogvideox") == "CogVideoXPipeline" and p.denoiser.prediction == "v"
