@@ -177,8 +177,16 @@ def test_features_and_dtype(parts):
     p = parts["rotary"]
     d = p.denoiser
     x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
-    f = d.features(x, 0.5, p.text.cond(PROMPTS))
+    seen = []
+    hook = d.transformer.transformer_blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        f = d.features(x, 0.5, p.text.cond(PROMPTS))
+    finally:
+        hook.remove()
     assert f.shape == (2, d.feature_dim) == (2, 32) and torch.isfinite(f).all()
+    # the last block returns (video tokens, text tokens): the features are the video's 3 frames x 4 x 4 patches
+    video = [out for out in seen[0] if out.shape[1] == 3 * 4 * 4]
+    assert len(video) == 1 and torch.equal(f, video[0].mean(1))
     assert not torch.allclose(f, d.features(x, 0.5, p.text.cond(["green", "grass"])))
     out = d(x.double(), 0.5, p.text.cond(PROMPTS))
     assert out.dtype == torch.float64 and torch.allclose(out.float(), d(x, 0.5, p.text.cond(PROMPTS)))
