@@ -244,4 +244,8 @@ def test_family_loads_the_folder(folders):
     fam = teachers.family("cogvideox")
     p = fam.load(cfg, "cogvideox", torch.device("cpu"))
     assert p.denoiser.data_shape == LATENT_SHAPE and p.text.max_sequence_length == T5_TOKENS
+    cfg = compose(["teacher=cogvideox", f"teacher.path={folders['rotary']}", "teacher.num_frames=5",
+                   "teacher.resolution=64"])
+    p = fam.load(cfg, "cogvideox", torch.device("cpu"))
+    assert p.denoiser.data_shape == (2, 4, 16, 16) and p.text.max_sequence_length == 226
     assert fam.pipeline("cogvideox") == "CogVideoXPipeline" and p.denoiser.prediction == "v"

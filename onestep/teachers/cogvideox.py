@@ -12,17 +12,18 @@ from onestep.teachers.base import Family, Parts
 class CogVideoX(Family):
     kinds = (KIND,)
     presets = {"cogvideox": {"kind": KIND}}
-    fields = {"teacher": ("path", "negative_prompt", "max_sequence_length")}
+    fields = {"teacher": ("path", "negative_prompt", "resolution", "max_sequence_length", "num_frames")}
     layouts = {KIND: Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), ("CogVideoXPipeline",),
                             "a CogVideoX")}
     data_kinds = ("prompts",)
     data_hint = "text prompts: use data=prompts (data.path=<prompts.txt>)"
-    evaluation = "text_images"
+    evaluation = "text_videos"
     network = "transformer"
 
     def load(self, cfg, kind, device) -> Parts:
         tc = cfg.teacher
-        p = load_cogvideox(tc.path, device=device, max_sequence_length=tc.max_sequence_length)
+        p = load_cogvideox(tc.path, device=device, num_frames=tc.num_frames, resolution=tc.resolution,
+                           max_sequence_length=tc.max_sequence_length)
         return Parts(denoiser=p.denoiser, codec=p.codec, text=p.text, image_size=p.image_size)
 
     def pipeline(self, kind: str) -> str:
