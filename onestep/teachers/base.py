@@ -73,6 +73,9 @@ class Family:
     #: the stock scheduler that reproduces a student's sampling: "table" (LCM / DDIM on a discrete table),
     #: "flow" (FlowMatchEulerDiscreteScheduler), "class" (the export's own class-conditional pipeline.py)
     export_scheduler: str | None = None
+    #: the stock scheduler class that runs a ddim student on the family's discrete table (export_scheduler "table"),
+    #: made from the teacher folder's scheduler config
+    ddim_scheduler: str = "DDIMScheduler"
     #: the pipeline does not pass its ``generator`` to ``scheduler.step``: a stochastic scheduler's re-noising
     #: draws come from torch's global RNG (callers reseed it; `onestep sample` draws them from a second generator)
     reseed_global: bool = False

@@ -19,6 +19,8 @@ class CogVideoX(Family):
     data_hint = "text prompts: use data=prompts (data.path=<prompts.txt>)"
     evaluation = "text_videos"
     network = "transformer"
+    export_scheduler = "table"
+    ddim_scheduler = "CogVideoXDDIMScheduler"
 
     def load(self, cfg, kind, device) -> Parts:
         tc = cfg.teacher
@@ -28,6 +30,13 @@ class CogVideoX(Family):
 
     def pipeline(self, kind: str) -> str:
         return self.layouts[kind].pipelines[0]
+
+    def call_extras(self, tc) -> dict:
+        # None is the pipeline's own default, which is what the teacher was loaded with (denoisers/cogvideox.py)
+        extras = {"num_frames": tc.num_frames, "height": tc.resolution, "width": tc.resolution}
+        if tc.max_sequence_length:
+            extras["max_sequence_length"] = int(tc.max_sequence_length)
+        return extras
 
 
 register(CogVideoX())
