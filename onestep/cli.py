@@ -205,7 +205,7 @@ def _sample(args: list[str]) -> None:
         S.write_images(images, out)
     except ConfigError as e:
         _fail(str(e))
-    print(f"{len(images)} images {tuple(images.shape[1:])} -> {out}")
+    print(f"{len(images)} {'videos' if images.ndim == 5 else 'images'} {tuple(images.shape[1:])} -> {out}")
 
 
 def _export(args: list[str]) -> None:

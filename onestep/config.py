@@ -142,9 +142,10 @@ class CriticConfig:
 @dataclass
 class DataConfig:
     kind: str = "gmm"
-    #: prompts: a text file, one prompt per line; image_text: a folder of images, each with a same-name .txt caption
+    #: prompts: a text file, one prompt per line; image_text: a folder of images, each with a same-name .txt caption;
+    #: video_text: a folder of videos (.gif, .webp, .mp4, .safetensors, .pt), each with a same-name .txt caption
     path: Optional[str] = None
-    #: content-addressed caches of text embeddings and image latents (None = <out_root>/cache)
+    #: content-addressed caches of text embeddings and image / video latents (None = <out_root>/cache)
     cache: Optional[str] = None
     #: text-to-image: prompts the evaluation draws from (held-out prompts); None = data.path
     eval_path: Optional[str] = None
@@ -239,7 +240,8 @@ class SampleConfig:
     run_dir: Optional[str] = None
     num: int = 16
     seed: int = 0
-    #: file.png (a grid) or file.safetensors (tensor ``images``, (n, C, H, W) in [0, 1])
+    #: file.png (a grid) or file.safetensors (tensor ``images``, (n, C, H, W) in [0, 1]); video students: file.gif
+    #: or file.mp4 (an animated grid; MP4 needs imageio[ffmpeg]) or file.safetensors (tensor ``videos``, (n, C, F, H, W))
     out: Optional[str] = None
     #: text-to-image students: every image gets this prompt
     prompt: Optional[str] = None
@@ -325,6 +327,8 @@ store("data", "gmm", DataConfig)
 store("data", "digits", DataConfig(kind="digits"))
 store("data", "prompts", DataConfig(kind="prompts"))
 store("data", "image_text", DataConfig(kind="image_text"))
+#: captioned videos for video teachers (onestep/data/video_text.py)
+store("data", "video_text", DataConfig(kind="video_text"))
 #: the digits train split with training-template captions, VAE-encoded by the teacher (shipped digits_t2i teacher)
 store("data", "digits_text", DataConfig(kind="digits_text"))
 store("trainer", "default", TrainerConfig)

@@ -19,11 +19,16 @@ from onestep.errors import ConfigError
 from onestep.pretrain import fit_dsm
 
 #: the data kinds of text-to-image runs (data.eval_path: held-out prompts for evaluation)
-TEXT_DATA = ("prompts", "image_text", "digits_text")
+TEXT_DATA = ("prompts", "image_text", "digits_text", "video_text")
 
 
 def device_of(cfg) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")
+
+
+def cache_root(cfg) -> Path:
+    """Where text embeddings and image latents are cached (data.cache, default <out_root>/cache)."""
+    return Path(cfg.data.cache or Path(cfg.out_root) / "cache")
 
 
 def load_teacher(cfg, run_dir: Path, progress: bool = True) -> Setup:
@@ -38,7 +43,7 @@ def load_teacher(cfg, run_dir: Path, progress: bool = True) -> Setup:
     teacher = parts.denoiser if parts.denoiser is not None else copy.deepcopy(init)
     conditioner = None
     if parts.text is not None:
-        cache = EmbeddingCache(parts.text, Path(cfg.data.cache or Path(cfg.out_root) / "cache"), progress)
+        cache = EmbeddingCache(parts.text, cache_root(cfg), progress)
         conditioner = TextConditioner(parts.text, cache, tc.negative_prompt, parts.image_size)
     return Setup(teacher=teacher, student_init=init, data=None, num_classes=parts.num_classes, codec=parts.codec,
                  conditioner=conditioner, distribution=parts.distribution)
@@ -64,13 +69,16 @@ def _fit_or_read(net: Denoiser, clean, cfg, run_dir: Path, progress: bool) -> No
 
 
 def _read_data_files(dc):
-    """The data's own files (prompts, captioned images), read before any model loads."""
+    """The data's own files (prompts, captioned images or videos), read before any model loads."""
     from onestep.data.text import find_image_text_pairs, read_prompts
+    from onestep.data.video_text import find_video_text_pairs
 
     if dc.kind == "prompts":
         return read_prompts(dc.path)
     if dc.kind == "image_text":
         return find_image_text_pairs(dc.path)
+    if dc.kind == "video_text":
+        return find_video_text_pairs(dc.path)
     return None
 
 
@@ -92,14 +100,18 @@ def add_data(cfg, setup: Setup, files=None, progress: bool = True) -> Setup:
         setup.data = PromptData(files, setup.conditioner, shape)
     elif dc.kind == "image_text":
         setup.data = ImageTextData.from_folder(files, setup.conditioner, setup.codec, setup.conditioner.size,
-                                               Path(dc.cache or Path(cfg.out_root) / "cache"), shape, progress)
+                                               cache_root(cfg), shape, progress)
+    elif dc.kind == "video_text":
+        from onestep.data.video_text import video_text_data
+
+        setup.data = video_text_data(files, setup.teacher, setup.codec, setup.conditioner, cache_root(cfg), progress)
     elif dc.kind == "digits_text":
         from onestep.data.digits_text import captioned_latents
 
         setup.data = ImageTextData(*captioned_latents(setup.codec, setup.conditioner.size), setup.conditioner, shape)
     else:  # a family that lists a data kind no source here builds
-        raise ConfigError(f"data.kind '{dc.kind}' has no data source; use data=gmm, digits, prompts, image_text or "
-                          "digits_text (the family of teacher.kind names the ones it trains on)")
+        raise ConfigError(f"data.kind '{dc.kind}' has no data source; use data=gmm, digits, prompts, image_text, "
+                          "digits_text or video_text (the family of teacher.kind names the ones it trains on)")
     if dc.kind in TEXT_DATA and dc.eval_path:
         setup.eval_data = PromptData(read_prompts(dc.eval_path, "data.eval_path"), setup.conditioner, shape)
     probe = setup.data.batch(2, torch.device("cpu"))

@@ -27,8 +27,9 @@ COMMANDS = {
 }
 
 #: data.<field> -> the data kinds that read it
-DATA_FIELDS = {"path": ("prompts", "image_text"), "cache": ("prompts", "image_text", "digits_text"),
-               "eval_path": ("prompts", "image_text", "digits_text")}
+DATA_FIELDS = {"path": ("prompts", "image_text", "video_text"),
+               "cache": ("prompts", "image_text", "digits_text", "video_text"),
+               "eval_path": ("prompts", "image_text", "digits_text", "video_text")}
 #: sections `train --help` shows, in order (bench has its own command)
 SECTIONS = ("teacher", "generator", "critic", "objective", "data", "trainer", "eval")
 

@@ -44,7 +44,9 @@ for job in json.loads(sys.argv[1]):
         call["batch_size"] = job["n"]
     if info.get("reseed_global"):
         torch.manual_seed(job["seed"])
-    images = pipe(**call, generator=torch.Generator("cpu").manual_seed(job["seed"]), output_type="pt").images
+    out = pipe(**call, generator=torch.Generator("cpu").manual_seed(job["seed"]), output_type="pt")
+    # video pipelines: frames (n, F, C, H, W) -> (n, C, F, H, W), as onestep sample returns them
+    images = out.frames.transpose(1, 2) if hasattr(out, "frames") else out.images
     save_file({"images": images.float().contiguous()}, job["out"])
 '''
 

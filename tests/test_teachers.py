@@ -164,4 +164,5 @@ def test_every_family_names_what_the_layers_above_have():
         assert fam.export_scheduler in (None, "class", *SCHEDULERS), kind
         if fam.export_scheduler in SCHEDULERS:
             assert hasattr(diffusers, fam.pipeline(kind)) and fam.network in ("unet", "transformer"), kind
-        assert fam.data_kinds and set(fam.data_kinds) <= {"gmm", "digits", "prompts", "image_text", "digits_text"}
+        assert fam.data_kinds and set(fam.data_kinds) <= {"gmm", "digits", "prompts", "image_text", "digits_text",
+                                                         "video_text"}

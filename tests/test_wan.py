@@ -102,6 +102,14 @@ def test_experts_switch_where_the_pipeline_switches(folders, loaded, sigma):
     assert (swapped(x, torch.tensor(sigma), cond) - ours).abs().amax((1, 2, 3, 4)).min() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["wan21", "wan22"])
+def test_the_start_is_the_pipelines_sigma_1(folders, loaded, name):
+    """At t_max the adapter is the pipeline's first step (sigma 1, timestep 1000): x0 = x - u exactly."""
+    pipe, d = pipeline(folders[name]), loaded[name].denoiser
+    x, cond = latents(), loaded[name].text.cond(PROMPTS)
+    close(d.x0(x, torch.full((2,), d.schedule.t_max), cond), x - reference(pipe, x, [1.0, 1.0]))
+
+
 # --- end to end: the pipeline's Euler steps (and its decoded video) equal onestep's sampler ----------------------
 
 @pytest.mark.parametrize("name", ["wan21_euler", "wan22_euler"])
@@ -217,7 +225,7 @@ def test_folder_errors(tmp_path, folders):
     assert one_line(e).startswith(f"teacher.path '{broken}': cannot load transformer (")
 
 
-def test_family_refuses_a_second_guidance(folders):
+def test_family_refuses_a_second_guidance_and_kernel_attention(folders):
     from omegaconf import OmegaConf
 
     from onestep import teachers
@@ -230,5 +238,188 @@ def test_family_refuses_a_second_guidance(folders):
         teachers.family("wan").load(OmegaConf.create({"teacher": tc}), "wan", torch.device("cpu"))
     assert "teacher.guidance_2=3.0" in one_line(e) and "set teacher.guidance_2=null" in one_line(e)
     tc.guidance_2 = 5.0
+    with pytest.raises(ConfigError) as e:  # the kernels' processors would drop Wan's RoPE and q/k norms
+        teachers.family("wan").load(OmegaConf.create({"teacher": tc, "generator": {"attention": "jvp_flash"}}), "wan",
+                                    torch.device("cpu"))
+    assert "generator.attention=jvp_flash" in one_line(e) and "use generator.attention=default" in one_line(e)
     parts = teachers.family("wan").load(OmegaConf.create({"teacher": tc}), "wan", torch.device("cpu"))
     assert parts.denoiser.data_shape == LATENT_SHAPE and parts.image_size == RESOLUTION
+
+
+# --- video plumbing: files, panels, the CLI ----------------------------------------------------------------------
+
+def test_video_grid_and_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from onestep.data import video
+    from onestep.export.sample import check_request, write_images
+
+    videos = torch.rand(3, 3, NUM_FRAMES, 8, 8)
+    frames = video.video_grid(videos * 2 - 1, nrow=2, padding=2)
+    assert frames.shape == (NUM_FRAMES, 2 + 2 * 10, 2 + 2 * 10, 3) and frames.dtype == torch.uint8
+    # frame f of video 1 sits in the grid's second tile of the first row
+    close(frames[2, 2:10, 12:20].permute(2, 0, 1).float(), (videos[1, :, 2] * 255).round(), 0)
+    gif = write_images(videos, tmp_path / "v.gif")
+    with Image.open(gif) as im:
+        assert im.n_frames == NUM_FRAMES and im.size == (22, 22)
+    write_images(videos, tmp_path / "v.safetensors")
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "v.safetensors"))["videos"], videos)
+    with pytest.raises(ConfigError, match="these are videos; write them as .gif, .mp4 or .safetensors"):
+        write_images(videos, tmp_path / "v.png")
+    with pytest.raises(ConfigError, match="these are images; write them as .png or .safetensors"):
+        write_images(videos[:, :, 0], tmp_path / "i.gif")
+    monkeypatch.setattr(video.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError) as e:
+        check_request(2, str(tmp_path / "v.mp4"), None)
+    assert one_line(e) == (f"out='{tmp_path / 'v.mp4'}': writing MP4 needs imageio with ffmpeg (pip install "
+                           "imageio[ffmpeg]); or pass out=<file>.gif or out=<file>.safetensors")
+
+
+def test_video_evaluator_panels(tmp_path, loaded):
+    from PIL import Image
+
+    from onestep.eval.video_eval import TextVideoEvaluator
+
+    ev = TextVideoEvaluator(loaded["wan21"].codec)
+    cond = loaded["wan21"].text.cond(PROMPTS)
+    assert ev.metrics(latents(), cond) == {} and "no video metric" in ev.what
+    ev.plot(tmp_path / "samples.png", {"teacher": (latents(seed=1), cond), "student": (latents(seed=2), cond)})
+    with Image.open(tmp_path / "samples.gif") as im:  # two panels x two videos, animated over the frames
+        assert im.n_frames == NUM_FRAMES and im.size == (2 + 2 * (RESOLUTION + 2), 2 + 2 * (RESOLUTION + 2))
+    assert (tmp_path / "samples.png").stat().st_size > 1000
+
+
+def _onestep(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "onestep.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+FAST = ["trainer.steps=3", "trainer.batch_size=2", "trainer.progress=false", "eval.num_samples=2",
+        "eval.teacher_steps=[2]", "trainer.checkpoint_every=3", "trainer.sample_every=0", "trainer.cpu=true",
+        f"teacher.resolution={RESOLUTION}", f"teacher.num_frames={NUM_FRAMES}", f"teacher.max_sequence_length={T5_TOKENS}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,name", [("wan_dmd2", "wan21"), ("wan22_dmd2", "wan22")])
+def test_train_and_sample_through_the_cli(folders, tmp_path, experiment, name):
+    """3 DMD2 steps on the tiny Wan 2.1 / Wan 2.2 (two experts) folders: finite losses, a checkpoint, video panels;
+    then `onestep sample` writes a GIF grid and the videos as safetensors."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from sd_fixtures import write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    r = _onestep("train", f"experiment={experiment}", f"teacher.path={folders[name]}", f"data.path={prompts}",
+                 f"out_root={tmp_path}", *FAST, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = [p for p in (tmp_path / experiment).iterdir() if p.is_dir()]
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    losses = {k: v for s in stats for k, v in s.items() if k.endswith("loss")}
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    gen = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "generator.safetensors"))
+    assert gen and all("lora_" in k for k in gen)
+    assert any("transformer_2" in k for k in gen) == (name == "wan22")  # both experts get adapters
+    with Image.open(run / "samples.gif") as im:
+        assert im.n_frames == NUM_FRAMES
+    for out in ("v.gif", "v.safetensors"):
+        s = _onestep("sample", f"run_dir={run}", "num=3", "seed=0", "prompt=a red cat", f"out={tmp_path / out}",
+                     "cpu=true", cwd=tmp_path)
+        assert s.returncode == 0, s.stderr[-2000:]
+    videos = load_file(str(tmp_path / "v.safetensors"))["videos"]
+    assert videos.shape == (3, 3, NUM_FRAMES, RESOLUTION, RESOLUTION) and 0 <= videos.min() <= videos.max() <= 1
+    with Image.open(tmp_path / "v.gif") as im:
+        assert im.n_frames == NUM_FRAMES
+
+
+# --- export: a WanPipeline folder that plain diffusers runs equals `onestep sample` --------------------------------
+
+def _grid(k: int) -> list[float]:
+    """The t-list a k-step student must be trained on to export: the stock FlowMatchEulerDiscreteScheduler's (the
+    folders' shift) that WanPipeline runs for k steps, its first sigma 1 standing for the student's t_max."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from onestep.schedules import RectifiedFlow
+
+    s = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    s.set_timesteps(k)
+    return [RectifiedFlow().t_max, *s.sigmas[1:-1].tolist()]
+
+
+@pytest.mark.slow
+def test_export_round_trip(folders, tmp_path):
+    """Wan 2.1 students of 1 step (merged and LoRA-only) and 2 re-noising steps, and a two-expert Wan 2.2 student
+    of 2 steps (one on each expert): WanPipeline folders, run where `import onestep` fails, equal `onestep sample`."""
+    from export_check import clean_process
+    from sd_fixtures import write_prompts
+    from test_export import export_and_sample, train_run
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    small = [f"data.path={prompts}", "trainer.steps=2", "trainer.batch_size=2", "trainer.progress=false",
+             "eval.num_samples=2", "eval.teacher_steps=[1]", "eval.plot=false", "trainer.checkpoint_every=2",
+             f"teacher.resolution={RESOLUTION}", f"teacher.num_frames={NUM_FRAMES}",
+             f"teacher.max_sequence_length={T5_TOKENS}", "eval.student_steps=[1]"]
+    grid = "generator.ts=[" + ",".join(map(repr, _grid(2))) + "]"
+    cases = {"wan21_1": ["experiment=wan_dmd2", f"teacher.path={folders['wan21']}", "generator.steps=1"],
+             "wan21_2": ["experiment=wan_dmd2", f"teacher.path={folders['wan21']}", grid],
+             "wan22_2": ["experiment=wan22_dmd2", f"teacher.path={folders['wan22']}", grid,
+                         "generator.lora.rank=null", "critic.lora.rank=null"]}
+    jobs, expected = [], []
+    for name, overrides in cases.items():
+        run = train_run([*overrides, *small], tmp_path / name)
+        for suffix, kw in [("", {})] + ([("_lora", {"lora_only": True})] if name == "wan21_1" else []):
+            out = tmp_path / f"export_{name}{suffix}"
+            expected.append(export_and_sample(run, out, n=2, seed=11, prompt=PROMPTS[0], **kw))
+            jobs.append({"folder": str(out), "n": 2, "seed": 11, "prompt": PROMPTS[0],
+                         "out": str(tmp_path / f"clean_{name}{suffix}.safetensors")})
+            info = json.loads((out / "onestep_export.json").read_text())
+            assert info["pipeline_class"] == "WanPipeline" and info["call"] == {
+                "num_inference_steps": int(name[-1]), "guidance_scale": 1.0, "height": RESOLUTION,
+                "width": RESOLUTION, "num_frames": NUM_FRAMES, "max_sequence_length": T5_TOKENS}
+            assert (out / "transformer_2").is_dir() == (name == "wan22_2")
+            if name == "wan21_2" and not kw:  # `onestep sample run_dir=<export>`: the pipeline's frames, as videos
+                from onestep.export.sample import sample_export
+
+                assert (sample_export(out, 2, 11, prompt=PROMPTS[0]) - expected[-1]).abs().max() <= 1e-4
+    for got, want, job in zip(clean_process(jobs, tmp_path), expected, jobs):
+        assert got.shape == want.shape == (2, 3, NUM_FRAMES, RESOLUTION, RESOLUTION), job["folder"]
+        assert (got - want).abs().max() <= 1e-4, (job["folder"], (got - want).abs().max())
+    # the two-expert student's experts are its own: the export's transformer_2 is not the teacher's
+    from diffusers import WanTransformer3DModel
+
+    exported = WanTransformer3DModel.from_pretrained(str(tmp_path / "export_wan22_2"), subfolder="transformer_2")
+    teacher = WanTransformer3DModel.from_pretrained(str(folders["wan22"]), subfolder="transformer_2")
+    assert any((a - b).abs().max() > 0 for a, b in zip(exported.parameters(), teacher.parameters()))
+
+
+@pytest.mark.slow
+def test_export_refusals(folders, tmp_path):
+    """A 2-step student on its default t-list (not the stock scheduler's grid) and LoRA-only two-expert students are
+    refused in one line naming the fix."""
+    from sd_fixtures import write_prompts
+    from test_export import train_run
+
+    from onestep.export.pipelines import export
+    from onestep.runs import load_run
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    small = [f"data.path={prompts}", "trainer.steps=1", "trainer.batch_size=2", "trainer.progress=false",
+             "eval.num_samples=2", "eval.teacher_steps=[1]", "eval.plot=false", "trainer.checkpoint_every=1",
+             f"teacher.resolution={RESOLUTION}", f"teacher.num_frames={NUM_FRAMES}",
+             f"teacher.max_sequence_length={T5_TOKENS}", "eval.student_steps=[1]", "generator.steps=2"]
+    run = load_run(train_run(["experiment=wan22_dmd2", f"teacher.path={folders['wan22']}", *small],
+                             tmp_path / "run"), torch.device("cpu"), frozen_dtype="fp32")
+    with pytest.raises(ConfigError) as e:
+        export(run, tmp_path / "out")
+    grid = ", ".join(map(repr, _grid(2)))
+    assert "WanPipeline calls scheduler.set_timesteps(2) and takes no sigmas" in one_line(e)
+    assert one_line(e).endswith(f"train it with generator.ts=[{grid}] to export it")
+    with pytest.raises(ConfigError) as e:
+        export(run, tmp_path / "out", lora_only=True)
+    assert "the student holds 2 networks (transformer, transformer_2)" in one_line(e)

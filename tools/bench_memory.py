@@ -3,7 +3,9 @@ built from its config, 860M parameters), for the memory options.
 
     python tools/bench_memory.py                      # all rows; writes results/sd_memory_<device>.{json,md}
     python tools/bench_memory.py --resolution 256     # image side in pixels (latents = side / 8)
-    python tools/bench_memory.py render               # rewrite results/sd_memory_*.md from their JSON, running nothing
+    python tools/bench_memory.py render               # rewrite results/*memory*.md from their JSON, running nothing
+    python tools/bench_memory.py wan                  # Wan 2.1 / 2.2 video teachers: meta-device parameter counts
+                                                      # only (nothing runs); writes results/wan_memory.{json,md}
 
 Each row is a separate `onestep train experiment=sd15_dmd2 ...` in a fresh process (so peaks do not mix),
 3 steps, timed and measured from the end of step 1 to the end of step 3 (steady state: the transient of
@@ -105,6 +107,68 @@ def estimates() -> list[dict]:
     return out
 
 
+#: the published Wan transformer configs (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-T2V-14B-Diffusers,
+#: Wan-AI/Wan2.2-T2V-A14B-Diffusers transformer/config.json and, for A14B, transformer_2/config.json; the Wan report's
+#: Table 1: hidden 1536 / 5120, layers 30 / 40, heads 12 / 40, FFN 8960 / 13824) as (experts, the keys that differ
+#: from WanTransformer3DModel's defaults, whose other values (16 latent channels, UMT5 text_dim 4096, freq_dim 256,
+#: patches (1, 2, 2), RMS q/k norm) are those configs'). Wan 2.2 A14B: two experts of the 14B shape.
+WAN = {"Wan 2.1 T2V 1.3B": (1, dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)),
+       "Wan 2.1 T2V 14B": (1, dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)),
+       "Wan 2.2 T2V A14B": (2, dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40))}
+#: the FSDP world size of the per-GPU column
+FSDP_GPUS = 8
+
+
+def wan_estimates(rank: int = 64) -> list[dict]:
+    """Weights + gradients + Adam moments of a Wan DMD2 run (wan_dmd2 / wan22_dmd2: bf16 teacher, trained copies in
+    fp32, no EMA), from meta-device models: the full and LoRA-``rank`` (attention projections) forms, whole and per
+    GPU under FSDP over FSDP_GPUS (every parameter, gradient and moment sharded, onestep/fsdp.py)."""
+    from diffusers import WanTransformer3DModel
+
+    out = []
+    for name, (experts, config) in WAN.items():
+        with torch.device("meta"):
+            model = WanTransformer3DModel(**config)
+        n = sum(p.numel() for p in model.parameters()) * experts
+        lora = experts * sum(rank * (m.in_features + m.out_features) for k, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and k.endswith(ATTN))
+        full = n * 2 + 2 * n * 4 * 4  # bf16 teacher; fp32 generator and critic with grads and Adam m, v
+        low = n * 2 + 2 * lora * 4 * 4  # one bf16 base; two fp32 adapters with grads and Adam m, v
+        out.append({"model": name, "experts": experts, "hidden": config["num_attention_heads"] * 128,
+                    "layers": config["num_layers"], "params": n, "lora_params": lora,
+                    "full_bytes": full, "lora_bytes": low})
+    return out
+
+
+def render_wan(d: dict) -> str:
+    """results/wan_memory.md from its JSON."""
+    lines = ["# Wan video teachers: DMD2 memory from parameter counts", "",
+             "Command: `python tools/bench_memory.py wan`", "",
+             "Meta-device WanTransformer3DModel built from the published configs (nothing downloaded, nothing run): "
+             "weights + gradients + Adam moments of a DMD2 run as configs/experiment/wan_dmd2.yaml and "
+             "wan22_dmd2.yaml set it up (bf16 frozen teacher, generator and critic trained in fp32, AdamW, no EMA). "
+             f"LoRA-{d['rank']}: adapters on the attention projections (to_q, to_k, to_v, to_out.0) of one shared bf16 "
+             f"base. FSDP: every parameter, gradient and moment sharded over {d['gpus']} GPUs (onestep/fsdp.py); "
+             "activations (which gradient checkpointing shrinks), the one block FSDP gathers at a time and the "
+             "text encoder / VAE come on top.", "",
+             f"| model | experts x (hidden, layers) | params | full: total | full: per GPU, FSDP x{d['gpus']} | "
+             f"LoRA-{d['rank']}: total | LoRA-{d['rank']}: per GPU, FSDP x{d['gpus']} |", "|---|---|---|---|---|---|---|"]
+    for e in d["estimates"]:
+        gib = [e["full_bytes"] / 2**30, e["lora_bytes"] / 2**30]
+        lines.append(f"| {e['model']} | {e['experts']} x ({e['hidden']}, {e['layers']}) | {e['params'] / 1e9:.2f} B | "
+                     f"{gib[0]:.1f} GiB | {gib[0] / d['gpus']:.1f} GiB | {gib[1]:.1f} GiB "
+                     f"({e['lora_params'] / 1e6:.1f} M adapter params each) | {gib[1] / d['gpus']:.1f} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+def write_wan() -> None:
+    data = {"rank": 64, "gpus": FSDP_GPUS, "estimates": wan_estimates()}
+    (ROOT / "results" / "wan_memory.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = render_wan(data)
+    (ROOT / "results" / "wan_memory.md").write_text(text)
+    print(text)
+
+
 def one(args) -> None:
     """Child process: run the configured training and print {"peak_gib", "s_per_step"} as the last line."""
     from hydra import compose, initialize_config_module
@@ -144,6 +208,8 @@ def main() -> None:
         for name, text in rendered(ROOT / "results").items():
             (ROOT / "results" / name).write_text(text, encoding="utf-8")
         return
+    if sys.argv[1:] == ["wan"]:
+        return write_wan()
     ap = argparse.ArgumentParser()
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 on GPU, 128 on CPU)")
     ap.add_argument("--work", default="runs/bench_memory")
@@ -230,8 +296,12 @@ def render(d: dict) -> str:
 
 
 def rendered(folder: Path) -> dict[str, str]:
-    """The markdown this tool writes, rendered from the sd_memory_*.json in ``folder`` alone."""
-    return {f.with_suffix(".md").name: render(json.loads(f.read_text())) for f in sorted(folder.glob("sd_memory_*.json"))}
+    """The markdown this tool writes, rendered from the sd_memory_*.json and wan_memory.json in ``folder`` alone."""
+    out = {f.with_suffix(".md").name: render(json.loads(f.read_text())) for f in sorted(folder.glob("sd_memory_*.json"))}
+    wan = folder / "wan_memory.json"
+    if wan.is_file():
+        out[wan.with_suffix(".md").name] = render_wan(json.loads(wan.read_text()))
+    return out
 
 
 if __name__ == "__main__":

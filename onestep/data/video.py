@@ -41,11 +41,16 @@ def write_gif(path, frames: torch.Tensor, fps: int = FPS) -> Path:
     return Path(path)
 
 
-def write_mp4(path, frames: torch.Tensor, fps: int = FPS) -> Path:
-    """(F, H, W, 3) uint8 -> an H.264 MP4 through imageio's ffmpeg plugin (an optional dependency)."""
+def require_mp4(path) -> None:
+    """MP4 is written through imageio's ffmpeg plugin, an optional dependency: a one-line error without it."""
     if importlib.util.find_spec("imageio") is None or importlib.util.find_spec("imageio_ffmpeg") is None:
         raise ConfigError(f"out='{path}': writing MP4 needs imageio with ffmpeg (pip install imageio[ffmpeg]); or "
                           "pass out=<file>.gif or out=<file>.safetensors")
+
+
+def write_mp4(path, frames: torch.Tensor, fps: int = FPS) -> Path:
+    """(F, H, W, 3) uint8 -> an H.264 MP4 through imageio's ffmpeg plugin."""
+    require_mp4(path)
     import imageio
 
     # ffmpeg's H.264 wants even sides: pad the grid by one white row / column where needed

@@ -19,6 +19,13 @@ Shift. The scheduler's ``flow_shift`` (UniPC with use_flow_sigmas; Wan 2.1 480p:
 maps a uniform grid u to t = s u / (1 + (s - 1) u); it becomes ``RectifiedFlow(shift=s)``, which moves default_ts /
 t_from_unit only.
 
+Start. WanPipeline's call takes no sigmas, and every stock scheduler it runs starts at sigma 1 (SNR 0), where
+onestep's schedules end at t_max = 1 - 1e-4 (objectives need a finite SNR there). As ``RectifiedFlow.prior_std``
+already takes x = z at t_max, the adapter takes t >= t_max as the pipeline's start: the transformer gets timestep N
+(not 0.9999 N: the sinusoidal time embedding would move) and the velocity is divided by t, so the x0 = x_t - t u that
+onestep forms there is the pipeline's x_t - u. A student's first step then equals the exported pipeline's
+(export/pipelines.py, "flow_steps"); everywhere below t_max the adapter is the plain t N map.
+
 Two experts (Wan 2.2 A14B). WanPipeline runs ``transformer`` at the steps whose timestep is >= boundary_ratio N and
 ``transformer_2`` below; ``WanDenoiser`` routes each row the same way, comparing the timestep it feeds (t N) with
 boundary_ratio N, so every row meets the expert the pipeline's loop would give it. Both experts take the one CFG scale
@@ -111,6 +118,7 @@ class WanDenoiser(Denoiser):
 
     conditional = True
     prediction = "flow"
+    frame_axis = 1  # (C, F, h, w)
 
     def __init__(self, transformer, schedule: RectifiedFlow, data_shape: tuple[int, int, int, int], *,
                  transformer_2=None, boundary_ratio: float | None = None, num_train_timesteps: int = 1000):
@@ -132,7 +140,11 @@ class WanDenoiser(Denoiser):
         self.feature_dim = c.num_attention_heads * c.attention_head_dim
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
-        return t * self.num_train_timesteps
+        """The transformer's timestep: t N, and N (the pipeline's sigma 1) from the schedule's t_max up."""
+        return torch.where(self.at_start(t), torch.ones_like(t), t) * self.num_train_timesteps
+
+    def at_start(self, t: torch.Tensor) -> torch.Tensor:
+        return t >= self.schedule.t_max
 
     def _routed(self, run, x_t, t, cond) -> torch.Tensor:
         """``run(transformer, x_t, timestep, text)`` on each row's expert, put back in row order."""
@@ -162,7 +174,11 @@ class WanDenoiser(Denoiser):
         return out.to(x_t.dtype)
 
     def forward(self, x_t, t, cond=None):
-        return self._routed(self._predict, x_t, t, cond)
+        u = self._routed(self._predict, x_t, t, cond)
+        t = self._time(t, x_t)
+        # at the start the velocity is the pipeline's at sigma 1, scaled so that x0 = x_t - t u is its x_t - u
+        start = self.at_start(t).view(-1, *(1,) * (u.ndim - 1))
+        return torch.where(start, u / t.view_as(start).to(u), u)
 
     def features(self, x_t, t, cond=None) -> torch.Tensor:
         """Video tokens after the last block, averaged (batch, feature_dim). Captured by a forward hook, so the

@@ -19,7 +19,9 @@ that cannot import onestep, tests/test_export.py):
       table), "trailing" spacing, set_alpha_to_one (k must divide num_train_timesteps);
   renoise students on a table LCMScheduler cannot compute from its config keys (CogVideoX's snr_shift_scale): the
       same LCMScheduler on the table's own betas (trained_betas);
-  class-conditional students on a continuous VP schedule: the folder's own pipeline.py (class_pipeline.py).
+  class-conditional students on a continuous VP schedule: the folder's own pipeline.py (class_pipeline.py);
+  flow students (SD3, Flux, Sana): FlowMatchEulerDiscreteScheduler on the student's sigmas; where the pipeline's
+      call takes no sigmas (WanPipeline), the same scheduler's own k-step grid, which must be the student's t-list.
 Every student starts from x = z (unit Gaussian) at t_max, as diffusers does (Schedule.prior_std).
 """
 
@@ -130,9 +132,41 @@ def _flow_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str
     return scheduler, {"sigmas": [float(t) for t in ts], "num_inference_steps": len(ts)}
 
 
+def _flow_steps_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, boundary: bool):
+    """FlowMatchEulerDiscreteScheduler for pipelines whose call takes no sigmas (WanPipeline runs
+    ``scheduler.set_timesteps(k)``): at the teacher's shift, its own k-step grid must be the student's t-list (the
+    steps as in _flow_scheduler); anything else is refused with the t-list that would export. The grid starts at
+    sigma 1 where the student starts at t_max = 1 - 1e-4, both from pure noise z: the first step's network sees
+    timestep 1000 instead of 999.9 and takes x0 = z - u instead of z - 0.9999 u, a difference of order 1e-4 |u|."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if boundary:
+        raise ConfigError("generator.consistency_boundary students on a flow teacher have no stock scheduler; "
+                          "export students trained without it")
+    shift = run.setup.teacher.schedule.shift
+    config = dict(FlowMatchEulerDiscreteScheduler.load_config(str(teacher_folder), subfolder="scheduler"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=int(config.get("num_train_timesteps", 1000)), shift=shift,
+        stochastic_sampling=method == "renoise")
+    k = len(ts)
+    scheduler.set_timesteps(k)
+    grid = scheduler.sigmas[:-1].tolist()
+    # its first sigma is 1, where a student starts from pure noise at the schedule's t_max (Schedule.prior_std)
+    if any(abs(a - b) > 1e-6 for a, b in zip(grid[1:], ts[1:])):
+        fam = teachers.family(run.cfg.teacher.kind)
+        fit = [run.setup.teacher.schedule.t_max, *grid[1:]]
+        raise ConfigError(f"{fam.pipeline(run.cfg.teacher.kind)} calls scheduler.set_timesteps({k}) and takes no "
+                          f"sigmas: the stock FlowMatchEulerDiscreteScheduler (shift {shift:g}) steps at t = "
+                          f"[{', '.join(f'{t:.6g}' for t in grid)}], not at the student's t-list "
+                          f"[{', '.join(f'{t:.6g}' for t in ts)}]; train it with generator.ts=[{', '.join(map(repr, fit))}] "
+                          "to export it")
+    return scheduler, {"num_inference_steps": k}
+
+
 def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
-    """SD1.x/2.x, SDXL, SD3, Flux, Sana students: the teacher's pipeline class with the student's network and a
-    stock scheduler that reproduces its sampling."""
+    """SD1.x/2.x, SDXL, SD3, Flux, Sana, Wan students: the teacher's pipeline class with the student's network(s)
+    and a stock scheduler that reproduces its sampling."""
     import diffusers
 
     tc = run.cfg.teacher
@@ -140,6 +174,11 @@ def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
     component, pipeline = fam.network, fam.pipeline(tc.kind)
     cls = getattr(diffusers, pipeline)
     model, adapter = student_model(run.generator)
+    # the pipeline components the student fills: one network, or the family's several (Wan 2.2's two experts)
+    components = fam.student_components(getattr(run.generator, "net", run.generator)) or {component: model}
+    if lora_only and len(components) > 1:
+        raise ConfigError(f"lora_only=true: the student holds {len(components)} networks ({', '.join(components)}) "
+                          "and diffusers' load_lora_weights loads one; export the merged student (lora_only=false)")
     boundary = isinstance(getattr(run.generator, "net", None), ConsistencyBoundary)
     ts, method = student_steps(run)
     teacher_folder = Path(tc.path)
@@ -153,7 +192,7 @@ def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
         pipe = cls.from_pretrained(teacher_folder, scheduler=scheduler, torch_dtype=torch.float32, **extra)
     else:
         pipe = cls.from_pretrained(teacher_folder, scheduler=scheduler, torch_dtype=torch.float32,
-                                   **{component: plain_model(model, adapter)}, **extra)
+                                   **{name: plain_model(m, adapter) for name, m in components.items()}, **extra)
     pipe.save_pretrained(out, safe_serialization=True)
     if lora_only:
         cls.save_lora_weights(out, **{f"{component}_lora_layers": weights,
@@ -170,7 +209,7 @@ def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
 
 
 #: Family.export_scheduler -> (run, teacher folder, t-list, method, boundary) -> (scheduler, call arguments)
-SCHEDULERS = {"table": _sd_scheduler, "flow": _flow_scheduler}
+SCHEDULERS = {"table": _sd_scheduler, "flow": _flow_scheduler, "flow_steps": _flow_steps_scheduler}
 
 
 def _class_pipeline_module():

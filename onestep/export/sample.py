@@ -1,10 +1,11 @@
-"""`onestep sample`: images from a trained student (a run folder) or from an export folder.
+"""`onestep sample`: images (or videos) from a trained student (a run folder) or from an export folder.
 
 Noise is drawn as diffusers' pipelines draw it: one ``torch.Generator("cpu").manual_seed(seed)``, first the
 initial latents (n, C, H, W), then one draw per re-noising step; so `onestep sample` on a run and the exported
 pipeline called with the same seed give the same images. Class-conditional students get labels ``class_label``
 or ``i % num_classes``; text students ``[prompt] * n``. The result is (n, C, H, W) in [0, 1], written as a PNG
-grid or as a safetensors file with one tensor ``images``.
+grid or as a safetensors file with one tensor ``images``; a video teacher's (4-D latents: onestep.data.video) is
+(n, C, F, H, W) in [0, 1], written as an animated GIF or MP4 grid or as a safetensors file with one tensor ``videos``.
 
 ``negative_prompt`` (SD1.x/2.x and SDXL UNet students, run or export folders) runs the student with NASA
 (onestep.denoisers.nasa: SNOOPI's Negative-Away Steer Attention, Z = Z+ - nasa_scale Z- in every cross-attention
@@ -22,13 +23,14 @@ import torch
 from safetensors.torch import save_file
 
 from onestep.conditioning import Labels
+from onestep.data.video import VIDEO_SUFFIXES, require_mp4, write_video
 from onestep.denoisers.nasa import DEFAULT_SCALE, check_scale, nasa_attention
 from onestep.errors import ConfigError
 from onestep import teachers
 from onestep.export.pipelines import EXPORT_FILE
 from onestep.runs import Run
 
-SUFFIXES = (".png", ".safetensors")
+SUFFIXES = (".png", ".safetensors", *VIDEO_SUFFIXES)
 
 
 def check_request(num: int, out, steps: int | None) -> Path:
@@ -38,7 +40,10 @@ def check_request(num: int, out, steps: int | None) -> Path:
         raise ConfigError(f"steps={steps} must be >= 1 (or unset for the student's own step count)")
     if not out or Path(out).suffix.lower() not in SUFFIXES:
         raise ConfigError(f"out={out!r} must end in .png (a grid) or .safetensors (tensor 'images', (n, C, H, W) "
-                          "in [0, 1])")
+                          "in [0, 1]); video students: .gif or .mp4 (an animated grid) or .safetensors (tensor "
+                          "'videos', (n, C, F, H, W))")
+    if Path(out).suffix.lower() == ".mp4":  # before any model loads
+        require_mp4(out)
     return Path(out).expanduser()
 
 
@@ -102,9 +107,9 @@ def sample_run(run: Run, num: int, seed: int, prompt: str | None = None, class_l
                steps: int | None = None, negative_prompt: str | None = None,
                nasa_scale: float | None = None) -> torch.Tensor:
     shape = tuple(run.setup.teacher.data_shape)
-    if len(shape) != 3:
+    if len(shape) not in (3, 4):
         raise ConfigError(f"run '{run.path}' generates {shape}-shaped points, not images; onestep sample makes "
-                          "images (evaluate point teachers with onestep bench)")
+                          "images and videos (evaluate point teachers with onestep bench)")
     cond = conditioning(run, num, prompt, class_label)
     steer = run_nasa(run, negative_prompt, nasa_scale)
     device = next(run.generator.parameters()).device
@@ -170,14 +175,23 @@ def sample_export(folder, num: int, seed: int, prompt: str | None = None, class_
         torch.manual_seed(int(seed))
     with steer:
         out = pipe(**call, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pt")
+    if hasattr(out, "frames"):  # video pipelines: (n, F, C, H, W) -> onestep's (n, C, F, H, W)
+        return out.frames.float().cpu().transpose(1, 2)
     return out.images.float().cpu()
 
 
 def write_images(images: torch.Tensor, out: Path) -> Path:
+    """Images (n, C, H, W) or videos (n, C, F, H, W) in [0, 1] as ``out``'s suffix says."""
+    video, suffix = images.ndim == 5, out.suffix.lower()
+    if suffix != ".safetensors" and video != (suffix in VIDEO_SUFFIXES):
+        raise ConfigError(f"out='{out}': these are {'videos' if video else 'images'}; write them as "
+                          f"{'.gif, .mp4' if video else '.png'} or .safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    if out.suffix.lower() == ".safetensors":
-        save_file({"images": images.contiguous()}, str(tmp))
+    if suffix == ".safetensors":
+        save_file({"videos" if video else "images": images.contiguous()}, str(tmp))
+    elif video:
+        write_video(tmp, images * 2 - 1, nrow=max(1, min(len(images), int(len(images) ** 0.5 + 0.999))))
     else:
         from torchvision.utils import save_image
 

@@ -71,7 +71,8 @@ class Family:
     #: the pipeline component that holds the denoising network
     network: str = "unet"
     #: the stock scheduler that reproduces a student's sampling: "table" (LCM / DDIM on a discrete table),
-    #: "flow" (FlowMatchEulerDiscreteScheduler), "class" (the export's own class-conditional pipeline.py)
+    #: "flow" (FlowMatchEulerDiscreteScheduler on the student's sigmas), "flow_steps" (the same scheduler's own k-step
+    #: grid, for pipelines whose call takes no sigmas), "class" (the export's own class-conditional pipeline.py)
     export_scheduler: str | None = None
     #: the stock scheduler class that runs a ddim student on the family's discrete table (export_scheduler "table"),
     #: made from the teacher folder's scheduler config
@@ -100,6 +101,11 @@ class Family:
 
     def call_extras(self, tc) -> dict:
         """Extra keyword arguments of the exported pipeline's call (what the pipeline would otherwise change)."""
+        return {}
+
+    def student_components(self, net) -> dict:
+        """The pipeline components a student network fills, when it holds several diffusers models (component name
+        -> model); {} = the one model it holds, as the component ``network``."""
         return {}
 
 

@@ -3,8 +3,10 @@ denoisers/wan.py; Wan 2.2 A14B's two experts are one denoiser that routes each r
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from onestep.denoisers.pipeline_folder import Layout
-from onestep.denoisers.wan import KIND, load_wan
+from onestep.denoisers.wan import KIND, NUM_FRAMES, load_wan
 from onestep.errors import ConfigError
 from onestep.teachers import register
 from onestep.teachers.base import Family, Parts
@@ -17,10 +19,14 @@ class Wan(Family):
               "generator": ("attention",)}
     layouts = {KIND: Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), ("WanPipeline",),
                             "a Wan")}
-    data_kinds = ("prompts",)
-    data_hint = "text prompts: use data=prompts (data.path=<prompts.txt>)"
+    data_kinds = ("prompts", "video_text")
+    data_hint = ("text: use data=prompts (data.path=<prompts.txt>) or data=video_text (data.path=<folder of videos + "
+                 ".txt captions>, for objectives that read real data)")
     evaluation = "text_videos"
     network = "transformer"
+    export_scheduler = "flow_steps"
+    #: WanPipeline passes no generator to scheduler.step: a renoise student's draws come from torch's global RNG
+    reseed_global = True
 
     def load(self, cfg, kind, device) -> Parts:
         tc = cfg.teacher
@@ -30,6 +36,11 @@ class Wan(Family):
             raise ConfigError(f"teacher.guidance_2={tc.guidance_2} (WanPipeline's guidance_scale_2) differs from "
                               f"teacher.guidance={tc.guidance}; onestep guides both Wan 2.2 experts with "
                               "teacher.guidance: set teacher.guidance_2=null")
+        attention = OmegaConf.select(cfg, "generator.attention", default="default")
+        if attention != "default":
+            raise ConfigError(f"generator.attention={attention}: onestep.kernels' attention processors do not "
+                              "implement WanAttention (3-D RoPE, q/k RMS norm across heads); use "
+                              "generator.attention=default")
         p = load_wan(tc.path, device=device, resolution=tc.resolution, num_frames=tc.num_frames,
                      max_sequence_length=tc.max_sequence_length)
         return Parts(denoiser=p.denoiser, codec=p.codec, text=p.text, image_size=p.image_size)
@@ -38,7 +49,14 @@ class Wan(Family):
         return self.layouts[kind].pipelines[0]
 
     def call_extras(self, tc) -> dict:
-        return {}
+        # the video's length, and the prompt tokens the student was trained with (WanPipeline: 81 frames, 512 tokens)
+        extras = {"num_frames": int(tc.num_frames or NUM_FRAMES)}
+        return {**extras, "max_sequence_length": int(tc.max_sequence_length)} if tc.max_sequence_length else extras
+
+    def student_components(self, net) -> dict:
+        if getattr(net, "transformer_2", None) is None:
+            return {}
+        return {"transformer": net.transformer, "transformer_2": net.transformer_2}
 
 
 register(Wan())
