@@ -278,3 +278,46 @@ def test_cogvideox_dmd2_cli(folders, tmp_path):
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     assert load_file(str(ckpt / "generator.safetensors"))
     assert (run / "samples.png").stat().st_size > 500 and (run / "samples.gif").read_bytes()[:6] == b"GIF89a"
+
+
+@pytest.mark.slow
+def test_export_round_trip(folders, tmp_path):
+    """A 4-step ddim student (CogVideoXDDIMScheduler) and a 2-step re-noising LoRA student (LCMScheduler on the shifted
+    table's betas; merged and LoRA-only): CogVideoXPipeline folders, run where `import onestep` fails, equal to
+    `onestep sample`; a ddim step count the scheduler cannot run is refused."""
+    from export_check import clean_process
+    from test_export import export_and_sample, train_run
+
+    from onestep.export.pipelines import export
+    from onestep.runs import load_run
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    small = [f"data.path={prompts}", "trainer.steps=2", "trainer.batch_size=2", "trainer.progress=false",
+             "eval.num_samples=2", "eval.teacher_steps=[1]", "eval.plot=false", "trainer.checkpoint_every=2",
+             "trainer.frozen_dtype=fp32", "trainer.gradient_checkpointing=false", f"teacher.num_frames={FRAMES}",
+             f"teacher.max_sequence_length={T5_TOKENS}", "experiment=cogvideox_dmd2", f"teacher.path={folders['rotary']}"]
+    cases = {"ddim4": ["eval.student_steps=[4]"],
+             "renoise2": ["generator.method=renoise", "generator.steps=2", "eval.student_steps=[2]",
+                          "generator.lora.rank=4"]}
+    jobs, expected = [], []
+    for name, overrides in cases.items():
+        run = train_run([*small, *overrides], tmp_path / name)
+        for suffix, kw in [("", {})] + ([("_lora", {"lora_only": True})] if name == "renoise2" else []):
+            out = tmp_path / f"export_{name}{suffix}"
+            expected.append(export_and_sample(run, out, n=2, seed=11, prompt=PROMPTS[0], **kw))
+            jobs.append({"folder": str(out), "n": 2, "seed": 11, "prompt": PROMPTS[0],
+                         "out": str(tmp_path / f"clean_{name}{suffix}.safetensors")})
+            info = json.loads((out / "onestep_export.json").read_text())
+            assert info["pipeline_class"] == "CogVideoXPipeline" and info["call"] == {
+                "num_inference_steps": int(name[-1]), "guidance_scale": 1.0, "height": None, "width": None,
+                "num_frames": FRAMES, "max_sequence_length": T5_TOKENS}
+            scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+            assert scheduler["_class_name"] == {"ddim4": "CogVideoXDDIMScheduler", "renoise2": "LCMScheduler"}[name]
+    for got, want, job in zip(clean_process(jobs, tmp_path), expected, jobs):
+        assert got.shape == want.shape == (2, 3, FRAMES, 32, 32), job["folder"]
+        assert (got - want).abs().max() <= 1e-4, (job["folder"], (got - want).abs().max())
+    run = load_run(train_run([*small, "generator.steps=3", "trainer.steps=1", "trainer.checkpoint_every=1",
+                              "eval.student_steps=[3]"], tmp_path / "ddim3"), torch.device("cpu"), frozen_dtype="fp32")
+    with pytest.raises(ConfigError) as e:
+        export(run, tmp_path / "export_ddim3")
+    assert "a 3-step ddim student's timesteps [999, 666, 333] are not CogVideoXDDIMScheduler's trailing" in one_line(e)

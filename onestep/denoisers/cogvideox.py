@@ -66,6 +66,7 @@ class CogVideoXDenoiser(Denoiser):
     """A ``diffusers.CogVideoXTransformer3DModel`` as a Denoiser on (F, C, h, w) latents (see the module docstring)."""
 
     conditional = True
+    frame_axis = 0  # (F, C, h, w)
 
     def __init__(self, transformer, schedule: VPDiscrete, prediction: str, data_shape: tuple[int, int, int, int]):
         super().__init__()

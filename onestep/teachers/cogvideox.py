@@ -15,8 +15,9 @@ class CogVideoX(Family):
     fields = {"teacher": ("path", "negative_prompt", "resolution", "max_sequence_length", "num_frames")}
     layouts = {KIND: Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), ("CogVideoXPipeline",),
                             "a CogVideoX")}
-    data_kinds = ("prompts",)
-    data_hint = "text prompts: use data=prompts (data.path=<prompts.txt>)"
+    data_kinds = ("prompts", "video_text")
+    data_hint = ("text: use data=prompts (data.path=<prompts.txt>) or data=video_text (data.path=<folder of videos + "
+                 ".txt captions>, for objectives that read real data)")
     evaluation = "text_videos"
     network = "transformer"
     export_scheduler = "table"
