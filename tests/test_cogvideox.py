@@ -278,6 +278,15 @@ def test_cogvideox_dmd2_cli(folders, tmp_path):
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     assert load_file(str(ckpt / "generator.safetensors"))
     assert (run / "samples.png").stat().st_size > 500 and (run / "samples.gif").read_bytes()[:6] == b"GIF89a"
+    # `onestep sample` on the run: an animated grid of the student's videos
+    r = subprocess.run([sys.executable, "-m", "onestep.cli", "sample", f"run_dir={run}", "num=2", "seed=0",
+                        f"prompt={PROMPTS[0]}", f"out={tmp_path / 'v.gif'}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(tmp_path / "v.gif") as im:
+        assert im.n_frames == FRAMES
 
 
 @pytest.mark.slow
