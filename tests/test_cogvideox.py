@@ -253,6 +253,22 @@ def test_family_loads_the_folder(folders):
                    "teacher.resolution=64"])
     p = fam.load(cfg, "cogvideox", torch.device("cpu"))
     assert p.denoiser.data_shape == (2, 4, 16, 16) and p.text.max_sequence_length == 226
+
+
+def test_video_text_needs_square_frames(tmp_path, folders):
+    """CogVideoX's default size is not square (480x720); data=video_text crops clips square, so it needs
+    teacher.resolution."""
+    wide = shutil.copytree(folders["rotary"], tmp_path / "wide")
+    config = json.loads((wide / "transformer" / "config.json").read_text())
+    (wide / "transformer" / "config.json").write_text(json.dumps({**config, "sample_width": 12}))
+    fam = teachers.family("cogvideox")
+    base = ["teacher=cogvideox", f"teacher.path={wide}", f"teacher.max_sequence_length={T5_TOKENS}"]
+    assert fam.load(compose(base), "cogvideox", torch.device("cpu")).denoiser.data_shape == (3, 4, 8, 12)
+    with pytest.raises(ConfigError) as e:
+        fam.load(compose([*base, "data=video_text"]), "cogvideox", torch.device("cpu"))
+    assert "data=video_text makes square frames" in one_line(e) and "generates 32x48 videos" in one_line(e)
+    p = fam.load(compose([*base, "data=video_text", "teacher.resolution=32"]), "cogvideox", torch.device("cpu"))
+    assert p.denoiser.data_shape == (3, 4, 8, 8)
     assert fam.pipeline("cogvideox") == "CogVideoXPipeline" and p.denoiser.prediction == "v"
 
 

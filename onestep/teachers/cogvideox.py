@@ -3,8 +3,11 @@ the causal 3-D VAE): the adapter of denoisers/cogvideox.py."""
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from onestep.denoisers.cogvideox import KIND, load_cogvideox
 from onestep.denoisers.pipeline_folder import Layout
+from onestep.errors import ConfigError
 from onestep.teachers import register
 from onestep.teachers.base import Family, Parts
 
@@ -27,6 +30,12 @@ class CogVideoX(Family):
         tc = cfg.teacher
         p = load_cogvideox(tc.path, device=device, num_frames=tc.num_frames, resolution=tc.resolution,
                            max_sequence_length=tc.max_sequence_length)
+        height, width = p.denoiser.data_shape[2:]
+        if OmegaConf.select(cfg, "data.kind") == "video_text" and height != width:
+            # data=video_text crops clips to square frames of side image_size
+            raise ConfigError(f"data=video_text makes square frames, but teacher.path '{tc.path}' generates "
+                              f"{height * p.codec.downsample}x{width * p.codec.downsample} videos (its pipeline's "
+                              "default size); set teacher.resolution=<square side in pixels>")
         return Parts(denoiser=p.denoiser, codec=p.codec, text=p.text, image_size=p.image_size)
 
     def pipeline(self, kind: str) -> str:
