@@ -90,8 +90,9 @@ def _sd_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, 
     prediction = PREDICTION_TYPES[run.setup.teacher.prediction]
     common = {"prediction_type": prediction, "clip_sample": False, "thresholding": False}
     if method == "renoise":
-        if sched.snr_shift_scale != 1.0:
-            # LCMScheduler has no SNR shift: it gets the shifted (and possibly zero-terminal-SNR) table as its betas
+        if sched.snr_shift_scale != 1.0 or sched.zero_terminal_snr:
+            # LCMScheduler has no SNR shift (and rescales betas, not CogVideoX's shifted alphas_cumprod): it gets the
+            # table itself as its betas
             abar = sched.alphas_cumprod
             betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
             teacher_config.update(trained_betas=betas.tolist(), rescale_betas_zero_snr=False)
