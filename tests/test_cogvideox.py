@@ -195,6 +195,8 @@ def test_features_and_dtype(parts):
     assert not torch.allclose(f, d.features(x, 0.5, p.text.cond(["green", "grass"])))
     out = d(x.double(), 0.5, p.text.cond(PROMPTS))
     assert out.dtype == torch.float64 and torch.allclose(out.float(), d(x, 0.5, p.text.cond(PROMPTS)))
+    # single frames (MCM's image discriminator reads them): frame_axis 0, rotary embeddings for one frame
+    assert d.frame_axis == 0 and d(x[:, :1], 0.5, p.text.cond(PROMPTS)).shape == (2, 1, *LATENT_SHAPE[1:])
 
 
 def test_sizes(folders):
