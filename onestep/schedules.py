@@ -156,27 +156,51 @@ class VPCosine(Schedule):
         return (1 + self.s) * 2 / math.pi * torch.arccos(torch.sqrt(ab * self._f0)) - self.s
 
 
+#: log-SNR that stands for a zero-terminal-SNR table's last entry (alpha = 0): a log-SNR table cannot hold -inf (its
+#: interpolation would give nan), and alpha(1)^2 = sigmoid(-40) ~ 4e-18 is far below float32's resolution of any x_t
+#: term next to sigma = 1, while SNR conversions (sigma / alpha ~ 5e8) stay finite
+ZERO_SNR_LOGSNR = -40.0
+
+
 class VPDiscrete(Schedule):
     """Discrete DDPM table of N steps (``linear`` or SD's ``scaled_linear`` betas).
 
     Continuous time t in [0, 1] maps to the table index i = t (N - 1); log-SNR is interpolated linearly
     between entries, so the schedule agrees with the table exactly at the N integer timesteps.
+
+    CogVideoX's table (diffusers' CogVideoXDDIMScheduler) divides the SNR by ``snr_shift_scale`` s,
+    abar' = abar / (s + (1 - s) abar), and may then rescale it to zero terminal SNR (``zero_terminal_snr``;
+    Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1, applied to sqrt(abar)
+    as that scheduler does); the last entry's log-SNR is then ``ZERO_SNR_LOGSNR``.
     """
 
     name = "vp_discrete"
 
     def __init__(self, beta_schedule: str = "scaled_linear", num_steps: int = 1000,
-                 beta_start: float = 0.00085, beta_end: float = 0.012):
+                 beta_start: float = 0.00085, beta_end: float = 0.012, snr_shift_scale: float = 1.0,
+                 zero_terminal_snr: bool = False):
         if beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
         elif beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         else:
             raise ConfigError(f"beta_schedule '{beta_schedule}' is unknown; use 'linear' or 'scaled_linear'")
+        if snr_shift_scale <= 0:
+            raise ConfigError(f"snr_shift_scale={snr_shift_scale:.4g} must be > 0")
         self.beta_schedule, self.num_steps = beta_schedule, num_steps
         self.beta_start, self.beta_end = beta_start, beta_end
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
-        self.table_logsnr = torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
+        self.snr_shift_scale, self.zero_terminal_snr = float(snr_shift_scale), bool(zero_terminal_snr)
+        abar = torch.cumprod(1 - betas, 0)
+        if snr_shift_scale != 1.0:
+            abar = abar / (snr_shift_scale + (1 - snr_shift_scale) * abar)
+        if zero_terminal_snr:
+            root = abar.sqrt()
+            first, last = root[0].clone(), root[-1].clone()
+            abar = ((root - last) * (first / (first - last))) ** 2
+        self.alphas_cumprod = abar
+        self.table_logsnr = torch.log(abar) - torch.log1p(-abar)
+        if zero_terminal_snr:
+            self.table_logsnr[-1] = ZERO_SNR_LOGSNR
         self.t_min, self.t_max = 0.0, 1.0
 
     def index(self, t):

@@ -58,23 +58,33 @@ def check_pipeline_folder(path, kind: str) -> Path:
     return check_folder(path, kind)
 
 
-def scheduler_schedule(folder) -> tuple[VPDiscrete, str]:
-    """The training noise table and the UNet's native prediction, from scheduler/scheduler_config.json."""
+#: the table keys' values when a scheduler_config.json leaves them out, as from_config would fill them: diffusers'
+#: DDPM / DDIM defaults, and CogVideoX's schedulers' (whose table also divides the SNR by ``snr_shift_scale``)
+TABLE_DEFAULTS = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+_COGVIDEOX_TABLE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "snr_shift_scale": 3.0}
+CLASS_TABLE_DEFAULTS = {"CogVideoXDDIMScheduler": _COGVIDEOX_TABLE, "CogVideoXDPMScheduler": _COGVIDEOX_TABLE}
+
+
+def scheduler_schedule(folder, zero_snr: bool = False) -> tuple[VPDiscrete, str]:
+    """The training noise table and the network's native prediction, from scheduler/scheduler_config.json.
+    ``zero_snr``: the caller's pipeline runs zero-terminal-SNR tables (CogVideoX's); SD's adapters refuse them."""
     c, where = read_scheduler_config(folder)
-    # absent keys take diffusers' scheduler defaults, as from_config would
-    beta_schedule = c.get("beta_schedule", "linear")
+    # absent keys take diffusers' scheduler defaults, as from_config would; snr_shift_scale is CogVideoX's alone
+    shifted = c.get("_class_name") in CLASS_TABLE_DEFAULTS
+    c = {**CLASS_TABLE_DEFAULTS.get(c.get("_class_name"), TABLE_DEFAULTS), **c}
+    beta_schedule = c["beta_schedule"]
     if beta_schedule not in ("linear", "scaled_linear") or c.get("trained_betas") is not None:
         raise ConfigError(f"{where} has beta_schedule '{beta_schedule}'"
                           f"{' with trained_betas' if c.get('trained_betas') is not None else ''}; onestep reads "
                           "only 'linear' and 'scaled_linear' tables")
-    if c.get("rescale_betas_zero_snr"):
-        # zero terminal SNR makes alpha(1) = 0, which VPDiscrete's log-SNR table cannot hold
+    if c.get("rescale_betas_zero_snr") and not zero_snr:
         raise ConfigError(f"{where} sets rescale_betas_zero_snr, which onestep does not support")
     prediction_type = c.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTIONS:
         raise ConfigError(f"{where} has prediction_type '{prediction_type}'; expected one of {sorted(PREDICTIONS)}")
-    schedule = VPDiscrete(beta_schedule, int(c.get("num_train_timesteps", 1000)),
-                          float(c.get("beta_start", 0.0001)), float(c.get("beta_end", 0.02)))
+    schedule = VPDiscrete(beta_schedule, int(c.get("num_train_timesteps", 1000)), float(c["beta_start"]),
+                          float(c["beta_end"]), snr_shift_scale=float(c["snr_shift_scale"]) if shifted else 1.0,
+                          zero_terminal_snr=bool(c.get("rescale_betas_zero_snr", False)))
     return schedule, PREDICTIONS[prediction_type]
 
 

@@ -15,7 +15,10 @@ that cannot import onestep, tests/test_export.py):
       prediction type, its boundary c_skip / c_out (timestep_scaling 10) = the student's (consistency students
       use exactly LCM's boundary on SD tables; for the others c_skip < 1e-7 at t >= 249), re-noising
       x = sqrt(abar_s) x0 + sqrt(1 - abar_s) z with z drawn from the caller's generator;
-  ddim students: DDIMScheduler, "trailing" spacing, set_alpha_to_one (k must divide num_train_timesteps);
+  ddim students: DDIMScheduler (the family's ``ddim_scheduler``: CogVideoXDDIMScheduler for CogVideoX's SNR-shifted
+      table), "trailing" spacing, set_alpha_to_one (k must divide num_train_timesteps);
+  renoise students on a table LCMScheduler cannot compute from its config keys (CogVideoX's snr_shift_scale): the
+      same LCMScheduler on the table's own betas (trained_betas);
   class-conditional students on a continuous VP schedule: the folder's own pipeline.py (class_pipeline.py);
   flow students (SD3, Flux, Sana): FlowMatchEulerDiscreteScheduler on the student's sigmas; where the pipeline's
       call takes no sigmas (WanPipeline), the same scheduler's own k-step grid, which must be the student's t-list.
@@ -71,7 +74,8 @@ def student_steps(run: Run) -> tuple[list[float], str]:
 def _sd_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, boundary: bool):
     """A stock scheduler (from the teacher's scheduler config: betas, table size) that runs the student's
     sampling, and the call's step arguments."""
-    from diffusers import DDIMScheduler, LCMScheduler
+    import diffusers
+    from diffusers import LCMScheduler
 
     teacher_config = dict(LCMScheduler.load_config(str(teacher_folder), subfolder="scheduler"))
 
@@ -86,6 +90,12 @@ def _sd_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, 
     prediction = PREDICTION_TYPES[run.setup.teacher.prediction]
     common = {"prediction_type": prediction, "clip_sample": False, "thresholding": False}
     if method == "renoise":
+        if sched.snr_shift_scale != 1.0 or sched.zero_terminal_snr:
+            # LCMScheduler has no SNR shift (and rescales betas, not CogVideoX's shifted alphas_cumprod): it gets the
+            # table itself as its betas
+            abar = sched.alphas_cumprod
+            betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+            teacher_config.update(trained_betas=betas.tolist(), rescale_betas_zero_snr=False)
         scheduler = LCMScheduler.from_config(teacher_config, original_inference_steps=n,
                                              timestep_scaling=LCM_TIMESTEP_SCALING, **common)
         scheduler.set_timesteps(k)
@@ -96,11 +106,12 @@ def _sd_scheduler(run: Run, teacher_folder: Path, ts: list[float], method: str, 
     if boundary:
         raise ConfigError("a consistency-boundary student samples with generator.method=renoise (LCMScheduler); "
                           "ddim students export without generator.consistency_boundary")
-    scheduler = DDIMScheduler.from_config(teacher_config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                          steps_offset=0, **common)
+    name = teachers.family(run.cfg.teacher.kind).ddim_scheduler
+    scheduler = getattr(diffusers, name).from_config(teacher_config, timestep_spacing="trailing",
+                                                     set_alpha_to_one=True, steps_offset=0, **common)
     scheduler.set_timesteps(k)
     if n % k or scheduler.timesteps.tolist() != idx:
-        raise ConfigError(f"a {k}-step ddim student's timesteps {idx} are not DDIMScheduler's trailing "
+        raise ConfigError(f"a {k}-step ddim student's timesteps {idx} are not {name}'s trailing "
                           f"{scheduler.timesteps.tolist()}; use a step count that divides {n}")
     return scheduler, {"num_inference_steps": k}
 

@@ -74,6 +74,9 @@ class Family:
     #: "flow" (FlowMatchEulerDiscreteScheduler on the student's sigmas), "flow_steps" (the same scheduler's own k-step
     #: grid, for pipelines whose call takes no sigmas), "class" (the export's own class-conditional pipeline.py)
     export_scheduler: str | None = None
+    #: the stock scheduler class that runs a ddim student on the family's discrete table (export_scheduler "table"),
+    #: made from the teacher folder's scheduler config
+    ddim_scheduler: str = "DDIMScheduler"
     #: the pipeline does not pass its ``generator`` to ``scheduler.step``: a stochastic scheduler's re-noising
     #: draws come from torch's global RNG (callers reseed it; `onestep sample` draws them from a second generator)
     reseed_global: bool = False
