@@ -69,10 +69,12 @@ class TeacherConfig:
     negative_prompt: Optional[str] = None
     #: text-to-image teachers: image side in pixels (None = the unet's sample_size times the VAE's downsampling)
     resolution: Optional[int] = None
-    #: sd3 / flux / wan: T5 tokens per prompt (None = the pipeline's call default: SD3 256, Flux 512, Wan 512)
+    #: sd3 / flux / wan / cogvideox: T5 tokens per prompt (None = the pipeline's call default: SD3 256, Flux 512,
+    #: Wan 512, CogVideoX 226)
     max_sequence_length: Optional[int] = None
-    #: video teachers (wan): pixel frames per video (None = the pipeline's default: Wan 81); the side of its square
-    #: frames is teacher.resolution (None = Wan 480)
+    #: video teachers (wan, cogvideox): pixel frames per video (None = the pipeline's default: Wan 81, CogVideoX 49);
+    #: the side of its square frames is teacher.resolution (None = the pipeline's default size: Wan 480 x 480,
+    #: CogVideoX 480 x 720)
     num_frames: Optional[int] = None
     #: wan (2.2 A14B): WanPipeline's guidance_scale_2, the low-noise expert's CFG scale; only null or teacher.guidance
     #: (onestep guides both experts with teacher.guidance)

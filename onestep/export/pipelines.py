@@ -204,6 +204,8 @@ def export_text_to_image(run: Run, out: Path, lora_only: bool) -> dict:
     guidance = float(getattr(net, "guidance", 1.0)) if getattr(net, "embedded_guidance", False) else 1.0
     call.update({"guidance_scale": guidance, "height": size, "width": size, **fam.call_extras(tc)})
     info = {"pipeline_class": pipeline, "call": call, "lora": lora, "prompted": True}
+    if len(run.setup.teacher.data_shape) == 4:  # video pipelines return .frames, not .images
+        info["video"] = True
     if fam.reseed_global and method == "renoise":  # (any step count: callers may ask for more steps)
         info["reseed_global"] = True
     return info
@@ -299,7 +301,8 @@ def usage_code(info: dict, folder: str = "<export folder>") -> str:
         lines.append("torch.manual_seed(0)  # the pipeline draws its re-noising steps from torch's global RNG")
     args = ", ".join(f"{k}={v!r}" for k, v in info["call"].items())
     first = "prompt=['a handwritten seven'] * 4" if info.get("prompted") else "batch_size=4"
-    lines.append(f"images = pipe({first}, {args}, generator=torch.Generator('cpu').manual_seed(0)).images")
+    output = "frames" if info.get("video") else "images"
+    lines.append(f"{output} = pipe({first}, {args}, generator=torch.Generator('cpu').manual_seed(0)).{output}")
     return "\n".join(lines)
 
 
