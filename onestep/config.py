@@ -76,8 +76,8 @@ class TeacherConfig:
     #: the side of its square frames is teacher.resolution (None = the pipeline's default size: Wan 480 x 480,
     #: CogVideoX 480 x 720)
     num_frames: Optional[int] = None
-    #: wan (2.2 A14B): WanPipeline's guidance_scale_2, the low-noise expert's CFG scale; only null or teacher.guidance
-    #: (onestep guides both experts with teacher.guidance)
+    #: wan (2.2 A14B): WanPipeline's guidance_scale_2, the low-noise expert's CFG scale when the teacher is guided at
+    #: teacher.guidance (None = teacher.guidance)
     guidance_2: Optional[float] = None
     #: the DSM-trained MLP: learned teacher, and the init of generator and critic for GMM experiments
     net_hidden: int = 256

@@ -225,21 +225,22 @@ def test_folder_errors(tmp_path, folders):
     assert one_line(e).startswith(f"teacher.path '{broken}': cannot load transformer (")
 
 
-def test_family_refuses_a_second_guidance(folders):
+def test_family_refuses_a_second_guidance_on_one_expert(folders):
     from omegaconf import OmegaConf
 
     from onestep import teachers
     from onestep.config import TeacherConfig
 
-    tc = OmegaConf.structured(TeacherConfig(kind="wan", path=str(folders["wan22"]), guidance=5.0, guidance_2=3.0,
+    tc = OmegaConf.structured(TeacherConfig(kind="wan", path=str(folders["wan21"]), guidance=5.0, guidance_2=3.0,
                                             resolution=RESOLUTION, num_frames=NUM_FRAMES,
                                             max_sequence_length=T5_TOKENS))
     with pytest.raises(ConfigError) as e:
         teachers.family("wan").load(OmegaConf.create({"teacher": tc}), "wan", torch.device("cpu"))
     assert "teacher.guidance_2=3.0" in one_line(e) and "set teacher.guidance_2=null" in one_line(e)
-    tc.guidance_2 = 5.0
+    tc.path = str(folders["wan22"])
     parts = teachers.family("wan").load(OmegaConf.create({"teacher": tc}), "wan", torch.device("cpu"))
     assert parts.denoiser.data_shape == LATENT_SHAPE and parts.image_size == RESOLUTION
+    assert parts.denoiser.guidance_scales == (5.0, 3.0)
 
 
 # --- video plumbing: files, panels, the CLI ----------------------------------------------------------------------

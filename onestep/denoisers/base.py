@@ -46,6 +46,12 @@ class Denoiser(nn.Module):
         """The classifier-free guidance scale this denoiser applies: 1 (none); the CFG wrapper's ``scale``."""
         return 1.0
 
+    def guidance_at(self, scale: "float | torch.Tensor", t: torch.Tensor) -> "float | torch.Tensor":
+        """The CFG scale ``Guided`` applies at the batch's times t (B,) when asked for ``scale``: ``scale`` itself.
+        A network whose pipeline guides some times at another scale (Wan 2.2 A14B's low-noise expert) answers per
+        row (B,)."""
+        return scale
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x_t, t, cond)")
 
@@ -143,13 +149,14 @@ class Guided(Denoiser):
     def forward(self, x_t, t, cond=None):
         if self.base.embedded_guidance:
             return self.base(x_t, t, with_guidance(cond, self.scale))
-        per_sample = isinstance(self.scale, torch.Tensor)
-        if cond is None or (not per_sample and self.scale == 1.0):
+        scale = self.base.guidance_at(self.scale, t)
+        per_sample = isinstance(scale, torch.Tensor)
+        if cond is None or (not per_sample and scale == 1.0):
             return self.base(x_t, t, cond)
         cond = as_cond(cond, self.num_classes)
         both = self.base(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, cond.null()]))
         c, u = both.chunk(2)
-        scale = bcast(self.scale, c).to(c) if per_sample else self.scale
+        scale = bcast(scale, c).to(c) if per_sample else scale
         return u + scale * (c - u)
 
 

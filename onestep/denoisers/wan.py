@@ -28,8 +28,11 @@ onestep forms there is the pipeline's x_t - u. A student's first step then equal
 
 Two experts (Wan 2.2 A14B). WanPipeline runs ``transformer`` at the steps whose timestep is >= boundary_ratio N and
 ``transformer_2`` below; ``WanDenoiser`` routes each row the same way, comparing the timestep it feeds (t N) with
-boundary_ratio N, so every row meets the expert the pipeline's loop would give it. Both experts take the one CFG scale
-of ``Guided`` (the pipeline's guidance_scale_2 defaults to guidance_scale). Folders with ``expand_timesteps`` (Wan 2.2
+boundary_ratio N, so every row meets the expert the pipeline's loop would give it. CFG: the pipeline guides the
+high-noise expert at guidance_scale and the low-noise one at guidance_scale_2 (default: guidance_scale); with
+``guidance_scales`` = (guidance_scale, guidance_scale_2) set, ``guidance_at`` gives ``Guided`` at guidance_scale the
+second scale on the low-noise rows. Any other scale (an objective's own, random per-sample ones) guides both experts
+as given. Folders with ``expand_timesteps`` (Wan 2.2
 TI2V-5B: a timestep per token, the first frame kept clean for image conditioning) are refused.
 
 Latents. Videos of ``num_frames`` pixel frames (WanPipeline's default 81) at height = width = ``resolution`` (square:
@@ -121,10 +124,15 @@ class WanDenoiser(Denoiser):
     frame_axis = 1  # (C, F, h, w)
 
     def __init__(self, transformer, schedule: RectifiedFlow, data_shape: tuple[int, int, int, int], *,
-                 transformer_2=None, boundary_ratio: float | None = None, num_train_timesteps: int = 1000):
+                 transformer_2=None, boundary_ratio: float | None = None, num_train_timesteps: int = 1000,
+                 guidance_scales: tuple[float, float] | None = None):
         super().__init__()
         if (transformer_2 is None) != (boundary_ratio is None):
             raise ConfigError("a two-expert Wan denoiser needs both transformer_2 and boundary_ratio")
+        if guidance_scales is not None and transformer_2 is None:
+            raise ConfigError("a second guidance scale needs a two-expert Wan denoiser")
+        #: WanPipeline's (guidance_scale, guidance_scale_2), or None: one scale for both experts
+        self.guidance_scales = None if guidance_scales is None else tuple(float(g) for g in guidance_scales)
         c = transformer.config
         _, frames, h, w = data_shape
         p_t, p_h, p_w = c.patch_size
@@ -142,6 +150,14 @@ class WanDenoiser(Denoiser):
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep: t N, and N (the pipeline's sigma 1) from the schedule's t_max up."""
         return torch.where(self.at_start(t), torch.ones_like(t), t) * self.num_train_timesteps
+
+    def guidance_at(self, scale, t):
+        """At WanPipeline's guidance_scale: that scale on the high-noise expert's rows, guidance_scale_2 on the
+        low-noise expert's (the pipeline's switch, as ``_routed``); any other scale as given."""
+        if self.guidance_scales is None or isinstance(scale, torch.Tensor) or float(scale) != self.guidance_scales[0]:
+            return scale
+        high = self.timestep(t) >= self.boundary
+        return torch.where(high, self.guidance_scales[0], self.guidance_scales[1]).to(torch.float32)
 
     def at_start(self, t: torch.Tensor) -> torch.Tensor:
         return t >= self.schedule.t_max
@@ -281,10 +297,12 @@ def _latent_shape(transformer, codec: WanCodec, resolution: int | None, num_fram
 
 
 def load_wan(folder, *, dtype=torch.float32, device="cpu", resolution: int | None = None,
-             num_frames: int | None = None, max_sequence_length: int | None = None) -> SDParts:
+             num_frames: int | None = None, max_sequence_length: int | None = None,
+             guidance_scales: tuple[float, float] | None = None) -> SDParts:
     """A Wan pipeline folder's frozen transformer(s) (as one Denoiser), UMT5 text encoder and video VAE.
     ``resolution``: the square side in pixels (default 480); ``num_frames``: pixel frames (default 81);
-    ``max_sequence_length``: UMT5 tokens per prompt (default 512)."""
+    ``max_sequence_length``: UMT5 tokens per prompt (default 512); ``guidance_scales``: WanPipeline's
+    (guidance_scale, guidance_scale_2) of a two-expert folder (None: one CFG scale for both experts)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     folder = check_wan_folder(folder)
@@ -296,6 +314,10 @@ def load_wan(folder, *, dtype=torch.float32, device="cpu", resolution: int | Non
     if ratio is not None and not (folder / "transformer_2").is_dir():
         raise ConfigError(f"teacher.path '{folder}': model_index.json sets boundary_ratio={ratio} but there is no "
                           "transformer_2/ (the low-noise expert); expected a Wan 2.2 A14B pipeline folder")
+    if guidance_scales is not None and ratio is None:
+        raise ConfigError(f"teacher.guidance_2={guidance_scales[1]} (WanPipeline's guidance_scale_2) guides the Wan 2.2 "
+                          f"A14B low-noise expert, but teacher.path '{folder}' has one transformer (no boundary_ratio); "
+                          "set teacher.guidance_2=null")
     schedule, steps = wan_schedule(folder)
     transformer = frozen(load_component(folder, "transformer", KIND, WanTransformer3DModel, dtype=dtype), device)
     # without boundary_ratio WanPipeline runs transformer alone, whatever else the folder holds
@@ -308,6 +330,7 @@ def load_wan(folder, *, dtype=torch.float32, device="cpu", resolution: int | Non
                           f"makes {codec.latent_channels}-channel latents; expected a diffusers wan pipeline folder")
     shape = _latent_shape(transformer, codec, resolution, num_frames)
     denoiser = WanDenoiser(transformer, schedule, shape, transformer_2=transformer_2,
-                           boundary_ratio=None if ratio is None else float(ratio), num_train_timesteps=steps)
+                           boundary_ratio=None if ratio is None else float(ratio), num_train_timesteps=steps,
+                           guidance_scales=guidance_scales)
     text = WanTextEncoder(folder, device, dtype, max_sequence_length)
     return SDParts(denoiser, text, codec, image_size=shape[-1] * codec.downsample)

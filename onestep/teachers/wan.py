@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from onestep.denoisers.pipeline_folder import Layout
 from onestep.denoisers.wan import KIND, NUM_FRAMES, load_wan
-from onestep.errors import ConfigError
 from onestep.teachers import register
 from onestep.teachers.base import Family, Parts
 
@@ -28,14 +27,10 @@ class Wan(Family):
 
     def load(self, cfg, kind, device) -> Parts:
         tc = cfg.teacher
-        if tc.guidance_2 is not None and tc.guidance_2 != tc.guidance:
-            # Guided applies one scale at every t; a second scale for the low-noise expert would need a t-dependent
-            # scale there, which no objective's guided teacher carries
-            raise ConfigError(f"teacher.guidance_2={tc.guidance_2} (WanPipeline's guidance_scale_2) differs from "
-                              f"teacher.guidance={tc.guidance}; onestep guides both Wan 2.2 experts with "
-                              "teacher.guidance: set teacher.guidance_2=null")
+        # the low-noise expert's scale reaches Guided(teacher, teacher.guidance) through WanDenoiser.guidance_at
+        scales = None if tc.guidance_2 is None else (tc.guidance, tc.guidance_2)
         p = load_wan(tc.path, device=device, resolution=tc.resolution, num_frames=tc.num_frames,
-                     max_sequence_length=tc.max_sequence_length)
+                     max_sequence_length=tc.max_sequence_length, guidance_scales=scales)
         return Parts(denoiser=p.denoiser, codec=p.codec, text=p.text, image_size=p.image_size)
 
     def pipeline(self, kind: str) -> str:
