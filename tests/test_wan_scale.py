@@ -86,3 +86,75 @@ def test_pipeline_loop_with_two_scales_equals_sample(folder):
     x = sample(parts.denoiser, z, ts, parts.text.cond(PROMPTS, "blurry"), method="euler", guidance=HIGH)
     video = (parts.codec.decode(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
     close(video, out)
+
+
+# --- video roles at scale: LoRA + gradient checkpointing + a bf16 frozen base; FSDP2 --------------------------------
+
+def _onestep(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "onestep.cli", "train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _args(folder, prompts, *extra):
+    return ["experiment=wan22_dmd2", f"teacher.path={folder}", f"data.path={prompts}", "trainer.batch_size=2",
+            "trainer.progress=false", "trainer.log_every=1", "eval.num_samples=2", "eval.teacher_steps=[2]",
+            "trainer.sample_every=0", f"teacher.resolution={RESOLUTION}", f"teacher.num_frames={NUM_FRAMES}",
+            f"teacher.max_sequence_length={T5_TOKENS}", "objective.ttur=1", *extra]
+
+
+def _stats(run):
+    return [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_lora_checkpointing_bf16_trains_and_resumes(folder, tmp_path):
+    """3 DMD2 steps on the two-expert folder (teacher.guidance_2 = 3 from the experiment) with LoRA-4 generator
+    and critic, gradient checkpointing and a bf16 frozen base: finite losses, a checkpoint; the run resumes from
+    it for one more step."""
+    from sd_fixtures import write_prompts
+
+    from onestep import checkpoint
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    run = tmp_path / "run"
+    args = _args(folder, prompts, "generator.lora.rank=4", "critic.lora.rank=4",
+                 "trainer.gradient_checkpointing=true", "trainer.frozen_dtype=bf16",
+                 "trainer.cpu=true", "trainer.checkpoint_every=3", f"run_dir={run}")
+    r = _onestep(*args, "trainer.steps=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_00000003"]
+    r = _onestep(*args, "trainer.steps=4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = _stats(run)
+    assert [s["step"] for s in stats] == [1, 2, 3, 4]
+    losses = [v for s in stats for k, v in s.items() if k.endswith("loss")]
+    assert losses and all(torch.isfinite(torch.tensor(losses))), stats
+    assert checkpoint.list_checkpoints(run)[-1].name == "step_00000004"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("distributed")  # as tests/test_distributed.py: one multi-process launch at a time
+def test_fsdp_two_processes_equal_one(folder, tmp_path):
+    """The two-expert Wan teacher (WanTransformer3DModel blocks, 5-D latents) sharded with FSDP2 over 2 gloo
+    processes with full-copy generator and critic (FSDP refuses LoRA views): 2 DMD2 steps with global batch 2 give
+    the losses and weights of one process (test_distributed's tolerance). Each rank's one row meets one expert,
+    so the ranks run different experts: the sharded blocks of the other must still be gathered on every rank.
+    (2 steps: from the third on, Adam's normalised update of near-zero gradients turns float32 reduction-order
+    differences into whole lr-sized steps on some weights, and the tiny model's losses follow them to ~1e-4.)"""
+    from sd_fixtures import write_prompts
+    from test_distributed import TEACHER_SHARDED, _same_training, launch
+
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    args = _args(folder, prompts, "generator.lora.rank=null", "critic.lora.rank=null", "trainer.steps=2",
+                 "trainer.checkpoint_every=2", "trainer.frozen_dtype=fp32")
+    r = launch("torchrun", args + ["trainer.fsdp=true", f"run_dir={tmp_path}/two"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert TEACHER_SHARDED in r.stdout, r.stdout[-3000:]
+    r = _onestep(*args, f"run_dir={tmp_path}/one", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_training(tmp_path / "one", tmp_path / "two", 2)

@@ -172,16 +172,24 @@ class WanDenoiser(Denoiser):
         timestep = self.timestep(t)
         if self.transformer_2 is None:
             return run(self.transformer, x_t, timestep, text)
+        from torch.distributed.fsdp import FSDPModule
+
         high = timestep >= self.boundary
-        out = None
+        out, unused = None, 0.0
         for net, rows in ((self.transformer, high), (self.transformer_2, ~high)):
             rows = rows.nonzero().flatten()
             if rows.numel() == 0:
+                if not isinstance(net.blocks[0], FSDPModule):
+                    continue
+                # FSDP-sharded (trainer.fsdp): each block's forward and backward are collectives that every rank
+                # must join, in the same order, rows or not (the two experts' blocks have the same shapes, so a rank
+                # running the other expert would silently exchange the wrong weights); one row, counted zero times
+                unused = unused + 0.0 * run(net, x_t[:1], timestep[:1], text[:1]).sum()
                 continue
             y = run(net, x_t[rows], timestep[rows], text[rows])
             out = y.new_zeros((x_t.shape[0], *y.shape[1:])) if out is None else out
             out = out.index_copy(0, rows, y)
-        return out
+        return out + unused
 
     @staticmethod
     def _predict(net, x_t, timestep, text) -> torch.Tensor:
