@@ -116,6 +116,7 @@ def test_lora_checkpointing_bf16_trains_and_resumes(folder, tmp_path):
     """3 DMD2 steps on the two-expert folder (teacher.guidance_2 = 3 from the experiment) with LoRA-4 generator
     and critic, gradient checkpointing and a bf16 frozen base: finite losses, a checkpoint; the run resumes from
     it for one more step."""
+    from safetensors.torch import load_file
     from sd_fixtures import write_prompts
 
     from onestep import checkpoint
@@ -127,7 +128,10 @@ def test_lora_checkpointing_bf16_trains_and_resumes(folder, tmp_path):
                  "trainer.cpu=true", "trainer.checkpoint_every=3", f"run_dir={run}")
     r = _onestep(*args, "trainer.steps=3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "networks: teacher bfloat16, shared base" in r.stdout and "critic: LoRA adapter" in r.stdout, r.stdout
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_00000003"]
+    gen = load_file(str(checkpoint.list_checkpoints(run)[-1] / "generator.safetensors"))
+    assert gen and all("lora_" in k for k in gen) and any("transformer_2" in k for k in gen)  # both experts
     r = _onestep(*args, "trainer.steps=4", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     stats = _stats(run)
