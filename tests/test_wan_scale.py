@@ -61,7 +61,8 @@ def test_the_low_noise_expert_takes_the_second_scale(folder):
     close(one_scale[0], ours[0])
     assert (one_scale[1] - ours[1]).abs().max() > 1e-3
     # an objective's own scale (here 2, and per-row scales) guides both experts as given
-    close(guided(parts.denoiser, 2.0)(x, torch.tensor(sigma), cond), guided(plain.denoiser, 2.0)(x, torch.tensor(sigma), cond))
+    t = torch.tensor(sigma)
+    close(guided(parts.denoiser, 2.0)(x, t, cond), guided(plain.denoiser, 2.0)(x, t, cond))
     per_row = torch.tensor([HIGH, HIGH])
     close(guided(parts.denoiser, per_row)(x, torch.tensor(sigma), cond), one_scale)
 

@@ -323,9 +323,9 @@ def load_wan(folder, *, dtype=torch.float32, device="cpu", resolution: int | Non
         raise ConfigError(f"teacher.path '{folder}': model_index.json sets boundary_ratio={ratio} but there is no "
                           "transformer_2/ (the low-noise expert); expected a Wan 2.2 A14B pipeline folder")
     if guidance_scales is not None and ratio is None:
-        raise ConfigError(f"teacher.guidance_2={guidance_scales[1]} (WanPipeline's guidance_scale_2) guides the Wan 2.2 "
-                          f"A14B low-noise expert, but teacher.path '{folder}' has one transformer (no boundary_ratio); "
-                          "set teacher.guidance_2=null")
+        raise ConfigError(f"teacher.guidance_2={guidance_scales[1]} (WanPipeline's guidance_scale_2) guides the Wan "
+                          f"2.2 A14B low-noise expert, but teacher.path '{folder}' has one transformer (no "
+                          "boundary_ratio); set teacher.guidance_2=null")
     schedule, steps = wan_schedule(folder)
     transformer = frozen(load_component(folder, "transformer", KIND, WanTransformer3DModel, dtype=dtype), device)
     # without boundary_ratio WanPipeline runs transformer alone, whatever else the folder holds
