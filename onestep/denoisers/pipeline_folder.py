@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -119,6 +120,36 @@ def sha1_files(folder: Path, subs, salt: str = "") -> str:
                 while chunk := fh.read(1 << 20):
                     h.update(chunk)
     return h.hexdigest()
+
+
+class VAECodec:
+    """What the VAE codecs share (sd.LatentCodec, wan.WanCodec, cogvideox.VideoCodec): the frozen ``vae``'s device and
+    dtype, and ``name``, the identity that latent caches are filed under. A subclass sets ``vae``, ``prefix`` and
+    ``normalisation`` (the constants that turn the VAE's output into diffusion data, part of the identity)."""
+
+    vae: torch.nn.Module
+    prefix: str = "vae"
+
+    @property
+    def normalisation(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must say which constants normalise its latents")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @cached_property
+    def name(self) -> str:
+        """sha1 of the normalisation and every weight's bytes."""
+        h = hashlib.sha1(self.normalisation.encode())
+        for key, w in self.vae.state_dict().items():
+            h.update(key.encode() + b"\0")
+            h.update(w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return f"{self.prefix}-{h.hexdigest()[:16]}"
 
 
 class PromptEncoder:

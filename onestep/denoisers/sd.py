@@ -27,10 +27,8 @@ with scaling_factor / shift_factor from ``vae/config.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -39,7 +37,7 @@ from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.diffusers import MidBlockFeatures
 from onestep.denoisers.pipeline_folder import check_pipeline_folder as check_folder
-from onestep.denoisers.pipeline_folder import (PromptEncoder, frozen, load_component, read_scheduler_config,
+from onestep.denoisers.pipeline_folder import (PromptEncoder, VAECodec, frozen, load_component, read_scheduler_config,
                                                require_prompts, sha1_files)
 from onestep.errors import ConfigError
 from onestep.schedules import VPDiscrete
@@ -196,7 +194,7 @@ class TextEncoder(PromptEncoder):
         return Cond(fields, null=null, texts=prompts, null_text=negative_prompt or "")
 
 
-class LatentCodec:
+class LatentCodec(VAECodec):
     """Images in [-1, 1] <-> diffusion data z = (E(x) - shift) * scaling, via a frozen ``diffusers.AutoencoderKL``
     (E = its posterior mean) or ``diffusers.AutoencoderDC`` (Sana's deterministic deep-compression autoencoder)."""
 
@@ -218,21 +216,8 @@ class LatentCodec:
         self.downsample = 2 ** (len(stages) - 1)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    @cached_property
-    def name(self) -> str:
-        """Identity for latent caches: sha1 of the scaling, the shift and every weight's bytes."""
-        h = hashlib.sha1(f"scaling={self.scaling} shift={self.shift}".encode())
-        for key, w in self.vae.state_dict().items():
-            h.update(key.encode() + b"\0")
-            h.update(w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return f"vae-{h.hexdigest()[:16]}"
+    def normalisation(self) -> str:
+        return f"scaling={self.scaling} shift={self.shift}"
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         # the posterior mean, not a sample: a deterministic encoding keeps cached latents and reference

@@ -54,16 +54,14 @@ heads x head_dim), as flow.py does for SD3 / Flux: what discriminator heads read
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from onestep.denoisers.base import Denoiser
-from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
+from onestep.denoisers.pipeline_folder import (PromptEncoder, VAECodec, check_pipeline_folder, frozen, load_component,
                                                read_scheduler_config, require_prompts, sha1_files)
 from onestep.denoisers.sd import SDParts
 from onestep.errors import ConfigError
@@ -219,7 +217,7 @@ class WanDenoiser(Denoiser):
         return self._routed(run, x_t, t, cond)
 
 
-class WanCodec:
+class WanCodec(VAECodec):
     """Videos (B, 3, F, H, W) in [-1, 1] <-> latents (B, C, F', h, w) normalised as WanPipeline does, via a frozen
     ``diffusers.AutoencoderKLWan`` (encode: its posterior mean)."""
 
@@ -233,22 +231,11 @@ class WanCodec:
         #: WanPipeline's ``latents_std``: the reciprocal of the config's
         self.inv_std = 1.0 / torch.tensor(c.latents_std, dtype=torch.float32).view(shape)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+    prefix = "wanvae"
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    @cached_property
-    def name(self) -> str:
-        """Identity for latent caches: sha1 of the normalisation and every weight's bytes."""
-        h = hashlib.sha1(f"mean={self.mean.flatten().tolist()} inv_std={self.inv_std.flatten().tolist()}".encode())
-        for key, w in self.vae.state_dict().items():
-            h.update(key.encode() + b"\0")
-            h.update(w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return f"wanvae-{h.hexdigest()[:16]}"
+    def normalisation(self) -> str:
+        return f"mean={self.mean.flatten().tolist()} inv_std={self.inv_std.flatten().tolist()}"
 
     def encode(self, videos: torch.Tensor) -> torch.Tensor:
         # the posterior mean, not a sample (as LatentCodec): cached latents stay reproducible

@@ -18,6 +18,14 @@ from onestep.eval.fid import feature_metrics, features_of_images, inception_spac
 DECODE_BATCH = 16
 
 
+@torch.no_grad()
+def decoded(codec, latents: torch.Tensor, batch: int = DECODE_BATCH) -> torch.Tensor:
+    """Latents -> images (or videos) in [-1, 1] on the CPU, ``batch`` at a time through the codec's device."""
+    out = [codec.decode(latents[i:i + batch].to(codec.device, codec.dtype)).float().cpu()
+           for i in range(0, latents.shape[0], batch)]
+    return torch.cat(out)
+
+
 class TextImageEvaluator:
     def __init__(self, codec, eval_cfg, out_root, device="cpu"):
         self.codec = codec
@@ -38,13 +46,8 @@ class TextImageEvaluator:
             "no metric: set eval.clip.checkpoint (CLIP score) and/or eval.reference + eval.inception_path (FID); "
             "judge this run by samples.png and stats.jsonl")
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] on the CPU, in chunks."""
-        dev = self.codec.device
-        out = [self.codec.decode(latents[i:i + DECODE_BATCH].to(dev, self.codec.dtype)).float().cpu()
-               for i in range(0, latents.shape[0], DECODE_BATCH)]
-        return torch.cat(out)
+        return decoded(self.codec, latents)
 
     def metrics(self, x: torch.Tensor, cond) -> dict:
         if self.scorer is None and self.space is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from onestep.data.video import video_grid, write_gif
+from onestep.eval.t2i_eval import decoded
 
 DECODE_BATCH = 4
 #: videos per panel row and frames per video in the PNG strip
@@ -24,13 +25,9 @@ class TextVideoEvaluator:
     def __init__(self, codec):
         self.codec = codec
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> videos (n, C, F, H, W) in [-1, 1] on the CPU, in chunks."""
-        dev = self.codec.device
-        out = [self.codec.decode(latents[i:i + DECODE_BATCH].to(dev, self.codec.dtype)).float().cpu()
-               for i in range(0, latents.shape[0], DECODE_BATCH)]
-        return torch.cat(out)
+        """Latents -> videos (n, C, F, H, W) in [-1, 1] on the CPU."""
+        return decoded(self.codec, latents, DECODE_BATCH)
 
     def metrics(self, x: torch.Tensor, cond) -> dict:
         return {}
