@@ -69,8 +69,14 @@ class TeacherConfig:
     negative_prompt: Optional[str] = None
     #: text-to-image teachers: image side in pixels (None = the unet's sample_size times the VAE's downsampling)
     resolution: Optional[int] = None
-    #: sd3 / flux: T5 tokens per prompt (None = the pipeline's call default: SD3 256, Flux 512)
+    #: sd3 / flux / wan: T5 tokens per prompt (None = the pipeline's call default: SD3 256, Flux 512, Wan 512)
     max_sequence_length: Optional[int] = None
+    #: video teachers (wan): pixel frames per video (None = the pipeline's default: Wan 81); the side of its square
+    #: frames is teacher.resolution (None = Wan 480)
+    num_frames: Optional[int] = None
+    #: wan (2.2 A14B): WanPipeline's guidance_scale_2, the low-noise expert's CFG scale; only null or teacher.guidance
+    #: (onestep guides both experts with teacher.guidance)
+    guidance_2: Optional[float] = None
     #: the DSM-trained MLP: learned teacher, and the init of generator and critic for GMM experiments
     net_hidden: int = 256
     net_depth: int = 3

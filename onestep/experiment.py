@@ -26,6 +26,11 @@ def device_of(cfg) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")
 
 
+def cache_root(cfg) -> Path:
+    """Where text embeddings and image latents are cached (data.cache, default <out_root>/cache)."""
+    return Path(cfg.data.cache or Path(cfg.out_root) / "cache")
+
+
 def load_teacher(cfg, run_dir: Path, progress: bool = True) -> Setup:
     """The teacher family's parts, without data (no data file is read, no embedding cache filled)."""
     from onestep.data.text import EmbeddingCache, TextConditioner
@@ -38,7 +43,7 @@ def load_teacher(cfg, run_dir: Path, progress: bool = True) -> Setup:
     teacher = parts.denoiser if parts.denoiser is not None else copy.deepcopy(init)
     conditioner = None
     if parts.text is not None:
-        cache = EmbeddingCache(parts.text, Path(cfg.data.cache or Path(cfg.out_root) / "cache"), progress)
+        cache = EmbeddingCache(parts.text, cache_root(cfg), progress)
         conditioner = TextConditioner(parts.text, cache, tc.negative_prompt, parts.image_size)
     return Setup(teacher=teacher, student_init=init, data=None, num_classes=parts.num_classes, codec=parts.codec,
                  conditioner=conditioner, distribution=parts.distribution)
@@ -92,7 +97,7 @@ def add_data(cfg, setup: Setup, files=None, progress: bool = True) -> Setup:
         setup.data = PromptData(files, setup.conditioner, shape)
     elif dc.kind == "image_text":
         setup.data = ImageTextData.from_folder(files, setup.conditioner, setup.codec, setup.conditioner.size,
-                                               Path(dc.cache or Path(cfg.out_root) / "cache"), shape, progress)
+                                               cache_root(cfg), shape, progress)
     elif dc.kind == "digits_text":
         from onestep.data.digits_text import captioned_latents
 

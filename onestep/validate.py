@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from onestep.checkpoint import generator_weights_file
 from onestep import teachers
+from onestep.data.text import find_image_text_pairs
 from onestep.denoisers.attention import check_attention
 from onestep.errors import ConfigError
 from onestep.experiment import check_data_kind
@@ -132,6 +133,8 @@ def check_config(cfg) -> None:
     objective = make_objective(cfg.objective, generate=None)  # the objective's own hyperparameter checks
     for name, path in objective.run_weights().items():  # weights of other runs: the files exist
         generator_weights_file(path, f"objective.{name}")
+    for name, folder in objective.data_streams().items():  # an objective's second data stream: captioned stills
+        find_image_text_pairs(folder, f"objective.{name}")
     check_generator_keys(type(objective), cfg.generator)  # generator keys another objective's shape reads
 
 

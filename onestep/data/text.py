@@ -115,21 +115,22 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     return x.permute(2, 0, 1).float() / 127.5 - 1
 
 
-def find_image_text_pairs(folder) -> list[tuple[Path, str]]:
-    """(image, caption) for every image in ``folder`` with a caption file of the same stem (``a.png`` + ``a.txt``)."""
-    fix = "pass data.path=<folder of images, each with a caption file of the same name (.txt)>"
+def find_image_text_pairs(folder, key: str = "data.path") -> list[tuple[Path, str]]:
+    """(image, caption) for every image in ``folder`` with a caption file of the same stem (``a.png`` + ``a.txt``);
+    ``key`` names the config key in errors."""
+    fix = f"pass {key}=<folder of images, each with a caption file of the same name (.txt)>"
     if not folder:
-        raise ConfigError(f"data.path is not set; {fix}")
+        raise ConfigError(f"{key} is not set; {fix}")
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"data.path '{folder}' is not a folder; {fix}")
+        raise ConfigError(f"{key} '{folder}' is not a folder; {fix}")
     pairs = []
     for img in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         cap = img.with_suffix(".txt")
         if cap.is_file() and cap.read_text(encoding="utf-8").strip():
             pairs.append((img, cap.read_text(encoding="utf-8").strip()))
     if not pairs:
-        raise ConfigError(f"data.path '{folder}' has no image with a non-empty caption file; {fix}")
+        raise ConfigError(f"{key} '{folder}' has no image with a non-empty caption file; {fix}")
     return pairs
 
 

@@ -22,6 +22,9 @@ class Denoiser(nn.Module):
     prediction: str = "x0"
     #: per-sample data shape, e.g. (2,) for 2-D points or (1, 8, 8) for digits
     data_shape: tuple[int, ...] = ()
+    #: video data (a 4-D data_shape): the index of the frame axis in data_shape (Wan's (C, F, h, w): 1, CogVideoX's
+    #: (F, C, h, w): 0); None = not a video. Objectives that look at single frames (MCM) read it
+    frame_axis: int | None = None
     #: number of classes for class-conditional models (0 = unconditional); label ``num_classes`` = unconditional
     num_classes: int = 0
     #: the network takes the guidance scale as an input (guidance-distilled Flux): ``guided`` then feeds it the
@@ -66,7 +69,11 @@ class Denoiser(nn.Module):
         return self.predict("score", x_t, t, cond)
 
     def check_input(self, x: torch.Tensor, what: str = "x") -> None:
-        if self.data_shape and tuple(x.shape[1:]) != tuple(self.data_shape):
+        """x's per-sample shape is data_shape; a video network takes any number of frames (single frames: MCM)."""
+        got, want = list(x.shape[1:]), list(self.data_shape)
+        if self.frame_axis is not None and len(got) == len(want):
+            got[self.frame_axis] = want[self.frame_axis]
+        if want and got != want:
             raise ConfigError(f"{what} has per-sample shape {tuple(x.shape[1:])} but the {type(self).__name__} "
                               f"expects {tuple(self.data_shape)}; set data/teacher dimensions to agree")
 

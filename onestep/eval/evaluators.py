@@ -50,8 +50,15 @@ def _text_images(cfg, setup):
     return TextImageEvaluator(setup.codec, cfg.eval, cfg.out_root, device)
 
 
+def _text_videos(cfg, setup):
+    from onestep.eval.video_eval import TextVideoEvaluator
+
+    return TextVideoEvaluator(setup.codec)
+
+
 #: Family.evaluation -> its evaluator's builder (cfg, setup) -> Evaluator
-PROTOCOLS = {"mixture": _mixture, "digit_images": _digit_images, "text_images": _text_images}
+PROTOCOLS = {"mixture": _mixture, "digit_images": _digit_images, "text_images": _text_images,
+             "text_videos": _text_videos}
 
 
 def make_evaluator(cfg, setup: Setup) -> Evaluator:

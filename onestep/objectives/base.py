@@ -126,6 +126,16 @@ class Objective:
         ``prepare``."""
         return {}
 
+    def data_streams(self) -> dict[str, str]:
+        """Data this objective draws besides the run's data: its config field -> the folder of captioned still images
+        the field gives (MCM's frame discriminator). The layer that runs the objective builds a source per stream with
+        the teacher's codec and text encoder (onestep.data.stills) and hands them to ``set_data``."""
+        return {}
+
+    def set_data(self, sources: dict) -> None:
+        """The sources ``data_streams()`` named, by the same names: objects with ``batch(n, device) -> Batch`` that the
+        losses draw from (inside the trainer's per-step RNG, like the run's own data)."""
+
     def prepare(self, nets: Nets, weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         """Build what the objective derives once, before the first step (DMD's regression pairs). Under several
         processes the trainer runs it on the main process first and on the others after, so that a file written

@@ -45,7 +45,8 @@ class CDConfig(ObjectiveConfig):
     p_std: float = 2.0
     #: lambda(sig_n): uniform (CM) | inv_dsigma (iCT's 1 / (sig_{n+1} - sig_n))
     weighting: str = "uniform"
-    #: l2 (CM) | pseudo_huber (iCT; c = 0.00054 sqrt(d) unless huber_c > 0)
+    #: l2 (CM) | pseudo_huber (iCT; c = 0.00054 sqrt(d) unless huber_c > 0) | huber_mean (LCM's, per element;
+    #: c = huber_c, 0.001 unless set)
     distance: str = "l2"
     huber_c: float = 0.0
     #: target network: 0 = stop-gradient student (iCT); mu in (0, 1) = EMA target (CM eq. 8)
@@ -106,13 +107,17 @@ class ConsistencyDistillation(Objective):
         sig_lo, sig_hi, t_lo, t_hi, x_hi, eps, n_scales = self.pair(student.schedule, x0, step)
         with torch.no_grad():
             x_lo = self._step(nets, x0, eps, x_hi, t_hi, t_lo, batch.cond)
-            y = target.x0(x_lo, t_lo, batch.cond)
+            y = self.represent(nets, target.x0(x_lo, t_lo, batch.cond))
         f = student.x0(x_hi, t_hi, batch.cond)
         wdtype = torch.promote_types(x0.dtype, torch.float32)
-        d = C.distance(f.to(wdtype), y.to(wdtype), c.distance, c.huber_c or None)
+        d = C.distance(self.represent(nets, f).to(wdtype), y.to(wdtype), c.distance, c.huber_c or None)
         lam = C.pair_weight(sig_lo, sig_hi, c.weighting).to(d)
         loss = (lam * d).mean()
         return {"loss": loss, "consistency": d.mean().detach(), "scales": torch.tensor(float(n_scales))}, f
+
+    def represent(self, nets: Nets, x0: torch.Tensor) -> torch.Tensor:
+        """What d compares of f_theta and its target: x0 itself (MCM compares a motion representation of it)."""
+        return x0
 
     def _step(self, nets, x0, eps, x, t, s, cond):
         """x at time s < t: the teacher's probability-flow ODE step (CD), or the same eps at s (CT)."""

@@ -15,7 +15,9 @@ import torch
 from onestep.errors import ConfigError
 from onestep.schedules import Schedule
 
-DISTANCES = ("l2", "pseudo_huber")
+DISTANCES = ("l2", "pseudo_huber", "huber_mean")
+#: c of the per-element pseudo-Huber LCM and MCM use (yhZhai/mcm args.py:367-370, ``--huber_c`` default 0.001)
+LCM_HUBER_C = 0.001
 TIME_SAMPLING = ("uniform", "lognormal")
 WEIGHTINGS = ("uniform", "inv_dsigma")
 
@@ -78,11 +80,16 @@ def huber_c(data_shape) -> float:
 
 
 def distance(x: torch.Tensor, y: torch.Tensor, how: str, c: float | None = None) -> torch.Tensor:
-    """Per-sample d(x, y): squared L2 (CM, mean over elements) or pseudo-Huber sqrt(||x - y||^2 + c^2) - c (iCT eq. 8)."""
+    """Per-sample d(x, y): squared L2 (CM, mean over elements), pseudo-Huber sqrt(||x - y||^2 + c^2) - c (iCT eq. 8),
+    or huber_mean: the mean over elements of sqrt((x - y)^2 + c^2) - c (LCM's and MCM's loss_type=huber, per element:
+    yhZhai/mcm main.py:1537-1544)."""
     sq = (x - y).flatten(1).pow(2)
     if how == "l2":
         return sq.mean(1)
     if how == "pseudo_huber":
         c = huber_c(x.shape[1:]) if c is None else c
         return torch.sqrt(sq.sum(1) + c * c) - c
+    if how == "huber_mean":
+        c = LCM_HUBER_C if c is None else c
+        return (torch.sqrt(sq + c * c) - c).mean(1)
     raise ConfigError(f"objective.distance '{how}' is unknown; choose one of {DISTANCES}")

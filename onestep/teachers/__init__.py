@@ -63,4 +63,4 @@ def with_field(section: str, name: str) -> tuple[str, ...]:
 
 
 # the built-in families (each file registers itself)
-from onestep.teachers import gmm, digits, sd, sd3, flux, sana  # noqa: E402,F401
+from onestep.teachers import gmm, digits, sd, sd3, flux, sana, wan  # noqa: E402,F401

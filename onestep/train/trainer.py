@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from onestep import checkpoint, experiment, fsdp, progress
 from onestep.core import Nets
+from onestep.data.stills import still_sources
 from onestep.denoisers.base import Denoiser, guided
 from onestep.eval.evaluators import evaluated
 from onestep.eval.report import compare, eval_inputs, write_report
@@ -83,6 +84,9 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
     objective = make_objective(cfg.objective, student.train_sample)
     torch.manual_seed(cfg.seed + 1)  # extra modules start the same whether the teacher was trained or cached
     heads = objective.build_modules(built)
+    if objective.data_streams():  # a second data stream (captioned stills), encoded once: rank 0 first
+        with acc.main_process_first(), progress.phase(f"{cfg.objective.name} data", show):
+            objective.set_data(still_sources(objective.data_streams(), built, experiment.cache_root(cfg), show))
     objective.set_run(heads, images_per_step=tc.batch_size)
     networks = Networks(cfg, built, critic="critic" in objective.networks, heads=heads,
                         targets=objective.targets(), device=acc.device,
