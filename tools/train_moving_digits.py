@@ -59,7 +59,7 @@ DIT = {"patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 
        "out_channels": 4, "text_dim": 32, "freq_dim": 64, "ffn_dim": 128, "num_layers": 4, "rope_max_seq_len": 64}
 TEXT = {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_heads": 2, "relative_attention_num_buckets": 8,
         "relative_attention_max_distance": MAX_TOKENS, "feed_forward_proj": "gated-gelu"}
-VAE_TRAIN = {"steps": 400, "batch": 16, "lr": 2e-3, "warmup": 30, "kl_weight": 1e-5, "seed": 0}
+VAE_TRAIN = {"steps": 1200, "batch": 16, "lr": 2e-3, "warmup": 30, "kl_weight": 1e-5, "seed": 0}
 DIT_TRAIN = {"steps": 1500, "batch": 64, "videos": 10000, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0, "ema_decay": 0.999,
              "caption_dropout": 0.1, "junk_prob": 0.5, "junk_max": 3, "grad_clip": 1.0, "seed": 0}
 GUIDANCE = 3.0
@@ -288,6 +288,7 @@ def quality(folder: Path, guidance: float = GUIDANCE, samples: int = QUALITY_SAM
     (uniform digits, directions and templates), through diffusers' WanPipeline; writes samples.gif."""
     from diffusers import WanPipeline
 
+    from onestep.data.video import write_video
     from onestep.eval.moving_digits_eval import MovingDigitsMetrics
 
     pipe = WanPipeline.from_pretrained(str(folder))
@@ -320,7 +321,7 @@ def quality(folder: Path, guidance: float = GUIDANCE, samples: int = QUALITY_SAM
         key = f"{steps}_step" + ("" if split == "heldout" else "_train_prompts")
         out[key] = _rounded(metrics(videos, prompts))
         if split == "heldout" and steps == QUALITY_STEPS[-1]:
-            write_gif(folder / "samples.gif", videos[:GIF_PROMPTS])
+            write_video(folder / "samples.gif", videos[:GIF_PROMPTS])
     return out
 
 
@@ -333,23 +334,6 @@ def latent_shape(pipe) -> tuple[int, ...]:
 def _rounded(m: dict) -> dict:
     keep = ("fd", "prompt_acc", "digit_acc", "direction_acc", "frame_digit_acc", "temporal_consistency")
     return {k: round(m[k], 4) for k in keep}
-
-
-def write_gif(path: Path, videos: torch.Tensor, scale: int = 4) -> None:
-    """An animated GIF: the videos (N, C, F, H, W) side by side in rows of 8, ink dark on white."""
-    from PIL import Image
-
-    x = videos.float().mean(1).clamp(-1, 1)  # (N, F, H, W)
-    n, f, h, w = x.shape
-    cols = min(n, 8)
-    rows = -(-n // cols)
-    grid = torch.ones(f, rows * (h + 1), cols * (w + 1))
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[:, r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = (1 - x[i]) / 2
-    frames = [Image.fromarray((g * 255).round().byte().numpy()).resize((g.shape[1] * scale, g.shape[0] * scale),
-                                                                      Image.NEAREST) for g in grid]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)
 
 
 def print_table(q: dict) -> None:

@@ -33,8 +33,6 @@ FEATURE_BATCH = 4096
 MIN_INK = 1e-3
 #: a centroid path shorter than this (px, along its main axis) has no direction: a still digit is not "moving"
 MIN_TRAVEL = TRAVEL / 2
-#: videos per row and frames shown in the plot
-PLOT_VIDEOS = 8
 
 
 def centroids(videos: torch.Tensor) -> torch.Tensor:
@@ -119,7 +117,9 @@ class MovingDigitsEvaluator:
     DECODE_BATCH = 256
 
     def __init__(self, codec):
-        self.codec, self.inner = codec, MovingDigitsMetrics()
+        from onestep.eval.video_eval import TextVideoEvaluator
+
+        self.codec, self.inner, self.panels = codec, MovingDigitsMetrics(), TextVideoEvaluator(codec)
 
     @torch.no_grad()
     def videos(self, latents: torch.Tensor) -> torch.Tensor:
@@ -130,33 +130,5 @@ class MovingDigitsEvaluator:
         return self.inner(self.videos(x), list(cond.texts))
 
     def plot(self, path: Path, panels):
-        """One block per panel: PLOT_VIDEOS videos as rows of frames; the same sample indices in every panel."""
-        strips = {title: frame_strip(self.videos(x[:PLOT_VIDEOS])) for title, (x, _) in panels.items()}
-        save_strips(Path(path), strips)
-
-
-def frame_strip(videos: torch.Tensor) -> torch.Tensor:
-    """(N * H, F * W) grey image of videos (N, C, F, H, W): one row of frames per video."""
-    x = videos.float().mean(1).clamp(-1, 1)  # (N, F, H, W)
-    n, f, h, w = x.shape
-    return x.permute(0, 2, 1, 3).reshape(n * h, f * w)
-
-
-def save_strips(path: Path, strips: dict[str, torch.Tensor]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = next(iter(strips.values()))
-    height, width = first.shape
-    fig, axes = plt.subplots(len(strips), 1, figsize=(width / 16 * 0.8 + 1.6, (height / 16 * 0.8 + 0.3) * len(strips)),
-                             squeeze=False)
-    for ax, (title, img) in zip(axes[:, 0], strips.items()):
-        ax.imshow(img.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        """The video panels of every text-to-video run: a PNG strip of frames and an animated GIF next to it."""
+        self.panels.plot(path, panels)
