@@ -2,6 +2,7 @@
 
     python tools/train_moving_digits.py [--out FOLDER] [--vae-steps N] [--dit-steps N] [--threads 2]
     python tools/train_moving_digits.py --eval-only      # re-measure the quality of an existing folder
+    python tools/train_moving_digits.py --vae-from F     # keep F's VAE, train text encoder + transformer again
 
 Every part is the Wan 2.1 part in miniature, so the folder loads with ``diffusers.WanPipeline.from_pretrained``
 (call it with height=16, width=16, num_frames=9, max_sequence_length=MAX_TOKENS):
@@ -60,7 +61,7 @@ DIT = {"patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 
 TEXT = {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_heads": 2, "relative_attention_num_buckets": 8,
         "relative_attention_max_distance": MAX_TOKENS, "feed_forward_proj": "gated-gelu"}
 VAE_TRAIN = {"steps": 1200, "batch": 16, "lr": 2e-3, "warmup": 30, "kl_weight": 1e-5, "seed": 0}
-DIT_TRAIN = {"steps": 1500, "batch": 64, "videos": 10000, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0, "ema_decay": 0.999,
+DIT_TRAIN = {"steps": 3000, "batch": 64, "videos": 10000, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0, "ema_decay": 0.999,
              "caption_dropout": 0.1, "junk_prob": 0.5, "junk_max": 3, "grad_clip": 1.0, "seed": 0}
 GUIDANCE = 3.0
 QUALITY_STEPS = (1, 4, 32)
@@ -246,7 +247,7 @@ def _ema_update(emas, nets, decay: float) -> None:
             pe.lerp_(p, 1 - decay)
 
 
-def train(out: Path, vae_steps: int, dit_steps: int, threads: int) -> dict:
+def train(out: Path, vae_steps: int, dit_steps: int, threads: int, vae_from: Path | None = None) -> dict:
     from diffusers import WanPipeline
 
     from onestep.data.digits import load_digits_tensors
@@ -254,7 +255,15 @@ def train(out: Path, vae_steps: int, dit_steps: int, threads: int) -> dict:
     digits, labels = load_digits_tensors("train", 8)
     vae_cfg, dit_cfg = VAE_TRAIN | {"steps": vae_steps}, DIT_TRAIN | {"steps": dit_steps}
     t0 = time.perf_counter()
-    vae, vae_info = train_vae(digits, vae_cfg)
+    if vae_from is None:
+        vae, vae_info = train_vae(digits, vae_cfg)
+    else:  # retrain the transformer on a VAE this tool trained before (its training record travels with it)
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(str(vae_from / "vae")).eval().requires_grad_(False)
+        old = json.loads((vae_from / META_FILE).read_text())
+        vae_cfg = old["vae_training"] | {"from": str(vae_from), "seconds": old["train_seconds"]["vae"]}
+        vae_info = {"recon_mse": vae_cfg["recon_mse"]}
     t1 = time.perf_counter()
     print(f"vae: reconstruction MSE {vae_info['recon_mse']} ({t1 - t0:.0f} s)", flush=True)
     if out.exists():
@@ -354,6 +363,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=GUIDANCE)
     p.add_argument("--quality-samples", type=int, default=QUALITY_SAMPLES, help="videos per quality row")
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--vae-from", help="a folder this tool wrote: reuse its VAE, train only text encoder + transformer")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -361,7 +371,7 @@ def main() -> None:
         if not (out / META_FILE).is_file():
             raise SystemExit(f"--eval-only: '{out}' has no {META_FILE}; train it first (drop --eval-only)")
     else:
-        train(out, a.vae_steps, a.dit_steps, a.threads)
+        train(out, a.vae_steps, a.dit_steps, a.threads, Path(a.vae_from) if a.vae_from else None)
     meta = json.loads((out / META_FILE).read_text())
     t0 = time.perf_counter()
     meta["quality"] = quality(out, a.guidance, a.quality_samples)
