@@ -223,7 +223,8 @@ class EvalConfig:
     #: rest ("Distilling Diversity and Control", Gandikota & Bau 2025); one row per k, for students of >= 2 steps
     hybrid_teacher_steps: list[int] = field(default_factory=list)
     plot: bool = True
-    #: feature space of FD/FID, KID and precision/recall for image experiments: inception (clean-fid) | digits
+    #: feature space of FD/FID, KID and precision/recall for image experiments: inception (clean-fid) | digits;
+    #: moving_digits for the shipped text-to-video teacher (onestep.eval.moving_digits_eval)
     features: str = "inception"
     #: clean-fid's Inception weights inception-2015-12-05.pt (the file or its folder); never downloaded
     inception_path: Optional[str] = None
@@ -340,3 +341,7 @@ store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], feat
 store("eval", "t2i", EvalConfig(num_samples=64, teacher_steps=[25]))
 #: the shipped text-to-image digits teacher: digits feature space, prompt accuracy, teacher at 1 and 25 DDIM steps
 store("eval", "digits_t2i", EvalConfig(num_samples=2000, teacher_steps=[1, 25], features="digits"))
+#: the shipped text-to-video moving-digits teacher: per-frame FD in the digits feature space, prompt accuracy (digit
+#: and direction), temporal consistency; teacher at 1 and 32 Euler steps
+store("eval", "moving_digits", EvalConfig(num_samples=1000, teacher_steps=[1, 32], teacher_method="euler",
+                                          features="moving_digits"))

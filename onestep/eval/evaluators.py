@@ -51,6 +51,10 @@ def _text_images(cfg, setup):
 
 
 def _text_videos(cfg, setup):
+    if cfg.eval.features == "moving_digits":  # the shipped text-to-video moving-digits teacher
+        from onestep.eval.moving_digits_eval import MovingDigitsEvaluator
+
+        return MovingDigitsEvaluator(setup.codec)
     from onestep.eval.video_eval import TextVideoEvaluator
 
     return TextVideoEvaluator(setup.codec)
