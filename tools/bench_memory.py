@@ -121,8 +121,9 @@ FSDP_GPUS = 8
 
 def wan_estimates(rank: int = 64) -> list[dict]:
     """Weights + gradients + Adam moments of a Wan DMD2 run (wan_dmd2 / wan22_dmd2: bf16 teacher, trained copies in
-    fp32, no EMA), from meta-device models: the full and LoRA-``rank`` (attention projections) forms, whole and per
-    GPU under FSDP over FSDP_GPUS (every parameter, gradient and moment sharded, onestep/fsdp.py)."""
+    fp32, no EMA), from meta-device models: the full form, whole and per GPU under FSDP over FSDP_GPUS (every
+    parameter, gradient and moment sharded, onestep/fsdp.py), and the LoRA-``rank`` form (attention projections),
+    which trains data-parallel."""
     from diffusers import WanTransformer3DModel
 
     out = []
@@ -134,7 +135,7 @@ def wan_estimates(rank: int = 64) -> list[dict]:
                              if isinstance(m, torch.nn.Linear) and k.endswith(ATTN))
         full = n * 2 + 2 * n * 4 * 4  # bf16 teacher; fp32 generator and critic with grads and Adam m, v
         low = n * 2 + 2 * lora * 4 * 4  # one bf16 base; two fp32 adapters with grads and Adam m, v
-        out.append({"model": name, "experts": experts, "hidden": config["num_attention_heads"] * 128,
+        out.append({"model": name, "experts": experts, "hidden": config["num_attention_heads"] * config["attention_head_dim"],
                     "layers": config["num_layers"], "params": n, "lora_params": lora,
                     "full_bytes": full, "lora_bytes": low})
     return out
@@ -150,14 +151,15 @@ def render_wan(d: dict) -> str:
              f"LoRA-{d['rank']}: adapters on the attention projections (to_q, to_k, to_v, to_out.0) of one shared bf16 "
              f"base. FSDP: every parameter, gradient and moment sharded over {d['gpus']} GPUs (onestep/fsdp.py); "
              "activations (which gradient checkpointing shrinks), the one block FSDP gathers at a time and the "
-             "text encoder / VAE come on top.", "",
+             "text encoder / VAE come on top. LoRA runs are data-parallel (trainer.fsdp refuses LoRA adapters: their "
+             "trained state is small), so every GPU holds the whole LoRA figure.", "",
              f"| model | experts x (hidden, layers) | params | full: total | full: per GPU, FSDP x{d['gpus']} | "
-             f"LoRA-{d['rank']}: total | LoRA-{d['rank']}: per GPU, FSDP x{d['gpus']} |", "|---|---|---|---|---|---|---|"]
+             f"LoRA-{d['rank']}: per GPU (data parallel) |", "|---|---|---|---|---|---|"]
     for e in d["estimates"]:
         gib = [e["full_bytes"] / 2**30, e["lora_bytes"] / 2**30]
         lines.append(f"| {e['model']} | {e['experts']} x ({e['hidden']}, {e['layers']}) | {e['params'] / 1e9:.2f} B | "
                      f"{gib[0]:.1f} GiB | {gib[0] / d['gpus']:.1f} GiB | {gib[1]:.1f} GiB "
-                     f"({e['lora_params'] / 1e6:.1f} M adapter params each) | {gib[1] / d['gpus']:.1f} GiB |")
+                     f"({e['lora_params'] / 1e6:.1f} M adapter params each) |")
     return "\n".join(lines) + "\n"
 
 
