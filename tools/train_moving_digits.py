@@ -61,7 +61,7 @@ DIT = {"patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 
 TEXT = {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_heads": 2, "relative_attention_num_buckets": 8,
         "relative_attention_max_distance": MAX_TOKENS, "feed_forward_proj": "gated-gelu"}
 VAE_TRAIN = {"steps": 1200, "batch": 16, "lr": 2e-3, "warmup": 30, "kl_weight": 1e-5, "seed": 0}
-DIT_TRAIN = {"steps": 3000, "batch": 64, "videos": 10000, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0, "ema_decay": 0.999,
+DIT_TRAIN = {"steps": 8000, "batch": 64, "videos": 10000, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0, "ema_decay": 0.999,
              "caption_dropout": 0.1, "junk_prob": 0.5, "junk_max": 3, "grad_clip": 1.0, "seed": 0}
 GUIDANCE = 3.0
 QUALITY_STEPS = (1, 4, 32)
