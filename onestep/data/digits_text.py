@@ -55,14 +55,15 @@ def digit_of(prompt: str) -> int:
     return found.pop()
 
 
-def write_prompt_files(folder) -> list[Path]:
-    """prompts_train.txt and prompts_heldout.txt in ``folder``, one prompt per line."""
+def write_prompt_files(folder, files: dict[str, str] | None = None, prompts_of=None) -> list[Path]:
+    """prompts_train.txt and prompts_heldout.txt in ``folder``, one prompt per line: each split's file name in
+    ``files`` (default PROMPT_FILES) and its prompts from ``prompts_of(split)`` (default ``prompts``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for split, name in PROMPT_FILES.items():
+    for split, name in (files or PROMPT_FILES).items():
         path = folder / name
-        path.write_text("".join(p + "\n" for p in prompts(split)), encoding="utf-8")
+        path.write_text("".join(p + "\n" for p in (prompts_of or prompts)(split)), encoding="utf-8")
         paths.append(path)
     return paths
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from onestep.data import digits_text
 from onestep.data.digits_text import DIGIT_WORDS, digit_of
 from onestep.errors import ConfigError
 
@@ -68,14 +69,7 @@ def direction_of(prompt: str) -> int:
 
 def write_prompt_files(folder) -> list[Path]:
     """prompts_train.txt and prompts_heldout.txt in ``folder``, one prompt per line."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, name in PROMPT_FILES.items():
-        path = folder / name
-        path.write_text("".join(p + "\n" for p in prompts(split)), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return digits_text.write_prompt_files(folder, PROMPT_FILES, prompts)
 
 
 def render(digits: torch.Tensor, directions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
