@@ -26,6 +26,18 @@ def decoded(codec, latents: torch.Tensor, batch: int = DECODE_BATCH) -> torch.Te
     return torch.cat(out)
 
 
+def save_panels(fig, panels, n: int, path) -> None:
+    """Write a figure of panels (one per row): the first ``n`` prompts under it, to ``path``; closes it."""
+    import matplotlib.pyplot as plt
+
+    texts = getattr(next(iter(panels.values()))[1], "texts", None)
+    if texts:
+        fig.text(0.01, 0.01, " | ".join(f"{i + 1}: {t[:40]}" for i, t in enumerate(texts[:n])), fontsize=6)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 class TextImageEvaluator:
     def __init__(self, codec, eval_cfg, out_root, device="cpu"):
         self.codec = codec
@@ -76,9 +88,4 @@ class TextImageEvaluator:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=9)
-        texts = getattr(next(iter(panels.values()))[1], "texts", None)
-        if texts:
-            fig.text(0.01, 0.01, " | ".join(f"{i + 1}: {t[:40]}" for i, t in enumerate(texts[:n])), fontsize=6)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_panels(fig, panels, n, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from onestep.data.video import video_grid, write_gif
-from onestep.eval.t2i_eval import decoded
+from onestep.eval.t2i_eval import decoded, save_panels
 
 DECODE_BATCH = 4
 #: videos per panel row and frames per video in the PNG strip
@@ -54,10 +54,5 @@ class TextVideoEvaluator:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=9)
-        texts = getattr(next(iter(panels.values()))[1], "texts", None)
-        if texts:
-            fig.text(0.01, 0.01, " | ".join(f"{i + 1}: {t[:40]}" for i, t in enumerate(texts[:n])), fontsize=6)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_panels(fig, panels, n, path)
         write_gif(Path(path).with_suffix(".gif"), video_grid(torch.cat([v[:n] for v in videos.values()]), nrow=n))
