@@ -215,6 +215,8 @@ class ClipConfig:
 
 @dataclass
 class EvalConfig:
+    #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the teacher family's own
+    protocol: Optional[str] = None
     num_samples: int = 10000
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     teacher_method: str = "ddim"

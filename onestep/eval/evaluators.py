@@ -1,5 +1,5 @@
 """The evaluator of a run, built by eval from the experiment's setup: ``make_evaluator(cfg, setup)``. The
-teacher family names its protocol (``Family.evaluation``); the protocol's builder reads what the setup holds
+teacher family names its default protocol (``Family.evaluation``), ``eval.protocol`` picks another; the protocol's builder reads what the setup holds
 (the exact mixture, the codec) and the eval section. experiment knows nothing of evaluators.
 """
 
@@ -60,13 +60,15 @@ def _text_videos(cfg, setup):
     return TextVideoEvaluator(setup.codec)
 
 
-#: Family.evaluation -> its evaluator's builder (cfg, setup) -> Evaluator
+#: protocol name (Family.evaluation or eval.protocol) -> its evaluator's builder (cfg, setup) -> Evaluator
 PROTOCOLS = {"mixture": _mixture, "digit_images": _digit_images, "text_images": _text_images,
              "text_videos": _text_videos}
 
 
 def make_evaluator(cfg, setup: Setup) -> Evaluator:
-    protocol = teachers.family(cfg.teacher.kind).evaluation
+    protocol = getattr(cfg.eval, "protocol", None) or teachers.family(cfg.teacher.kind).evaluation
+    if getattr(cfg.eval, "protocol", None) and protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol='{protocol}' is not a protocol; pick one of {sorted(PROTOCOLS)}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"teacher.kind '{cfg.teacher.kind}' asks for evaluation '{protocol}', which eval does not "
                           f"have; its family must name one of {sorted(PROTOCOLS)}")
