@@ -211,12 +211,22 @@ class ClipConfig:
     checkpoint: Optional[str] = None
     #: text file with one prompt per line
     prompts: Optional[str] = None
+    #: text put before every caption for the coco2014 protocols' CLIP score: "A photo depicts " (GigaGAN's
+    #: evaluation/evaluation.py compute_clip_score, DMD2's main/coco_eval/coco_evaluator.py, after Hessel et al. 2021)
+    prefix: str = ""
 
 
 @dataclass
 class EvalConfig:
-    #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the teacher family's own
+    #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the teacher family's own. coco2014 /
+    #: coco2014_512: zero-shot COCO FID at 256 / 512 px and CLIP score (onestep/eval/coco.py, docs/evaluation.md)
     protocol: Optional[str] = None
+    #: coco2014 protocols: text file of captions, one a line; sample i gets caption i (the public 30k / 10k lists,
+    #: e.g. DMD2's main/coco_eval/captions_coco14_test.txt)
+    captions: Optional[str] = None
+    #: coco2014 protocols: also FID on 299-px center crops of the full-resolution images, real and generated
+    #: (DMD2's SDXL "patch FID": main/coco_eval/coco_evaluator.py compute_fid(patch_fid=True))
+    patch_fid: bool = False
     num_samples: int = 10000
     teacher_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     teacher_method: str = "ddim"
@@ -341,6 +351,13 @@ store("eval", "gmm", EvalConfig)
 store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], features="digits"))
 #: text-to-image: a small fixed prompt set, teacher at 25 DDIM steps (CLIP score / FID only when configured)
 store("eval", "t2i", EvalConfig(num_samples=64, teacher_steps=[25]))
+#: zero-shot COCO 2014 (GigaGAN's evaluation/evaluation.py, as DMD2 and SiD-LSG report it): 30k captions, FID at 256 px,
+#: CLIP score of open_clip ViT-g-14 (laion2b_s12b_b42k) with the prefix "A photo depicts "; teacher at 25 steps
+store("eval", "coco2014", EvalConfig(protocol="coco2014", num_samples=30000, teacher_steps=[25],
+                                     clip=ClipConfig(model="ViT-g-14", prefix="A photo depicts ")))
+#: the same at 512 px (crop and LANCZOS resize to 512 instead of 256)
+store("eval", "coco2014_512", EvalConfig(protocol="coco2014_512", num_samples=30000, teacher_steps=[25],
+                                         clip=ClipConfig(model="ViT-g-14", prefix="A photo depicts ")))
 #: the shipped text-to-image digits teacher: digits feature space, prompt accuracy, teacher at 1 and 25 DDIM steps
 store("eval", "digits_t2i", EvalConfig(num_samples=2000, teacher_steps=[1, 25], features="digits"))
 #: the shipped text-to-video moving-digits teacher: per-frame FD in the digits feature space, prompt accuracy (digit

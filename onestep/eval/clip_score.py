@@ -7,7 +7,14 @@ Images arrive in [-1, 1], (N, 3, H, W) and go through CLIP's own preprocessing i
 (anti-aliased) resize of the short side to the model's input size, center crop, the model's mean/std.
 ``eval.clip.model`` is an open_clip architecture name or a model-config ``.json`` (registered with
 ``open_clip.add_model_config``); ``eval.clip.checkpoint`` the weights file; ``eval.clip.prompts`` a text
-file with one prompt per line.
+file with one prompt per line; ``eval.clip.prefix`` text put before every prompt.
+
+The coco2014 protocols report the published number instead (``ClipScorer.cosines``): the raw cosine, neither
+scaled nor clamped, of the caption prefixed with "A photo depicts ", the image going through CLIP's own PIL
+preprocessing (GigaGAN's evaluation/evaluation.py compute_clip_score, used by SiD-LSG's evaluate_SiD_t2i_coco256.sh;
+DMD2's main/coco_eval/coco_evaluator.py compute_clip_score: 0.32 for DMD2 on SD1.5, 0.304 for SiD-LSG).
+GigaGAN splices the prefix's three tokens after the start token and re-terminates at 77 tokens; open_clip's
+tokenizer on ``prefix + caption`` gives the same tokens (tests/test_eval_protocols.py checks it).
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ def load_prompts(path: str | Path | None) -> list[str]:
 
 
 class ClipScorer:
-    def __init__(self, model: str, checkpoint: str | Path | None, device: str | torch.device = "cpu"):
+    def __init__(self, model: str, checkpoint: str | Path | None, device: str | torch.device = "cpu",
+                 prefix: str = ""):
         import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
 
         if not checkpoint:
             raise ConfigError(f"CLIP score needs local open_clip weights for '{model}': pass "
@@ -70,6 +79,9 @@ class ClipScorer:
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mean = torch.tensor(pp["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(pp["std"], device=self.device).view(1, 3, 1, 1)
+        #: CLIP's own evaluation transform on PIL images (resize, center crop, mean / std), as the published code uses
+        self.pil_preprocess = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+        self.model_name, self.checkpoint, self.prefix = model, str(checkpoint), prefix
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float().to(self.device).clamp(-1, 1) + 1) / 2
@@ -89,8 +101,24 @@ class ClipScorer:
         if images.shape[0] != len(prompts):
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         img = F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
-        txt = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)
-        return SCALE * (img * txt).sum(-1).clamp_min(0).cpu()
+        return SCALE * (img * self._text(prompts)).sum(-1).clamp_min(0).cpu()
+
+    @torch.no_grad()
+    def cosines(self, images: list, prompts: list[str]) -> torch.Tensor:
+        """Per-sample raw cos(image, prefix + prompt) of PIL images through CLIP's own PIL preprocessing (the
+        published coco2014 number)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        x = torch.stack([self.pil_preprocess(im) for im in images]).to(self.device)
+        img = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        return (img * self._text(prompts)).sum(-1).cpu()
+
+    def _text(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer([self.prefix + p for p in prompts]).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def provenance(self) -> dict[str, str]:
+        return {"clip_model": self.model_name, "clip_checkpoint": self.checkpoint, "clip_prefix": self.prefix}
 
 
 def clip_score(sample_fn: Callable[[int, list[str]], torch.Tensor], prompts: list[str], scorer: ClipScorer,
@@ -104,4 +132,4 @@ def clip_score(sample_fn: Callable[[int, list[str]], torch.Tensor], prompts: lis
 
 
 def make_scorer(eval_cfg, device: str | torch.device = "cpu") -> ClipScorer:
-    return ClipScorer(eval_cfg.clip.model, eval_cfg.clip.checkpoint, device)
+    return ClipScorer(eval_cfg.clip.model, eval_cfg.clip.checkpoint, device, prefix=eval_cfg.clip.prefix)

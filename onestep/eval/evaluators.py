@@ -60,9 +60,19 @@ def _text_videos(cfg, setup):
     return TextVideoEvaluator(setup.codec)
 
 
-#: protocol name (Family.evaluation or eval.protocol) -> its evaluator's builder (cfg, setup) -> Evaluator
+def _coco(protocol: str):
+    """Zero-shot COCO 2014 (onestep/eval/coco.py); the builder also points setup.eval_data at eval.captions."""
+    def build(cfg, setup):
+        from onestep.eval.coco import coco_evaluator
+
+        return coco_evaluator(protocol, cfg, setup)
+    return build
+
+
+#: protocol name (Family.evaluation or eval.protocol) -> its evaluator's builder (cfg, setup) -> Evaluator. A
+#: builder may set ``setup.eval_data`` (the protocol's own prompts), so build the evaluator before drawing inputs
 PROTOCOLS = {"mixture": _mixture, "digit_images": _digit_images, "text_images": _text_images,
-             "text_videos": _text_videos}
+             "text_videos": _text_videos, "coco2014": _coco("coco2014"), "coco2014_512": _coco("coco2014_512")}
 
 
 def make_evaluator(cfg, setup: Setup) -> Evaluator:
@@ -83,4 +93,5 @@ class Evaluated(Setup):
 
 
 def evaluated(cfg, setup: Setup) -> Evaluated:
-    return Evaluated(**vars(setup), evaluator=make_evaluator(cfg, setup))
+    evaluator = make_evaluator(cfg, setup)  # first: a protocol's builder may set setup.eval_data
+    return Evaluated(**vars(setup), evaluator=evaluator)

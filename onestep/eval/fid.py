@@ -55,11 +55,10 @@ class FeatureSpace:
                           for i in range(0, images.shape[0], self.batch_size)])
 
 
-def inception_space(path: str | os.PathLike | None, device: str | torch.device = "cpu",
-                    batch_size: int = 64) -> FeatureSpace:
-    """clean-fid's Inception features, loaded from a local file (``path`` = the file or its folder)."""
+def load_inception(path: str | os.PathLike | None, device: str | torch.device = "cpu"):
+    """clean-fid's ``InceptionV3W`` (299x299 inputs in [0, 255] -> 2048-D pool features) from a local file (``path`` =
+    the file or its folder), and a name that identifies the weights (file name + content hash)."""
     from cleanfid.inception_torchscript import InceptionV3W
-    from cleanfid.resize import build_resizer
 
     where = "pass eval.inception_path=<file>"
     if not path:
@@ -72,9 +71,18 @@ def inception_space(path: str | os.PathLike | None, device: str | torch.device =
     if file.name != INCEPTION_FILE:
         raise ConfigError(f"eval.inception_path '{path}': clean-fid loads the file by its name; rename it to "
                           f"{INCEPTION_FILE} and {where}")
-    device = torch.device(device)
     # download=False: clean-fid only joins the folder and the file name and torch.jit.loads it (no network)
     model = InceptionV3W(str(file.parent), download=False, resize_inside=False).to(device).eval()
+    return model, f"clean-fid:{INCEPTION_FILE}:{_file_digest(file)[:16]}"
+
+
+def inception_space(path: str | os.PathLike | None, device: str | torch.device = "cpu",
+                    batch_size: int = 64) -> FeatureSpace:
+    """clean-fid's Inception features, loaded from a local file (``path`` = the file or its folder)."""
+    from cleanfid.resize import build_resizer
+
+    device = torch.device(device)
+    model, name = load_inception(path, device)
     resize = build_resizer("clean")
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +92,7 @@ def inception_space(path: str | os.PathLike | None, device: str | torch.device =
         batch = np.stack([resize(im) for im in u8.permute(0, 2, 3, 1).numpy()])  # (N, 299, 299, 3) float32
         return model(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device))
 
-    return FeatureSpace(fn, name=f"clean-fid:{INCEPTION_FILE}:{_file_digest(file)[:16]}", batch_size=batch_size)
+    return FeatureSpace(fn, name=name, batch_size=batch_size)
 
 
 def digits_space(device: str | torch.device = "cpu", batch_size: int = 500) -> FeatureSpace:

@@ -1,0 +1,250 @@
+"""The published evaluation protocols (onestep/eval/coco.py, clip_score.ClipScorer.cosines): GigaGAN's crop and
+resize and DMD2's patch crop pixel for pixel, FID on two folders equal to clean-fid's own compute_fid with the same
+extractor, the CLIP score against a hand computation with a tiny random open_clip model, the protocol end to end on
+the shipped text-to-image digits teacher, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose, one_line
+from onestep.errors import ConfigError
+from onestep.eval import coco
+
+
+def _gigagan_resize_and_center_crop(image_np: np.ndarray, resize_size: int) -> np.ndarray:
+    """Transcription of GigaGAN's evaluation/evaluation.py compute_fid.resize_and_center_crop (CenterCropLongEdge of
+    evaluation/data_util.py = torchvision center_crop to min(size), then PIL LANCZOS)."""
+    import torchvision.transforms as transforms
+
+    image_pil = Image.fromarray(image_np)
+    image_pil = transforms.functional.center_crop(image_pil, min(image_pil.size))
+    image_pil = image_pil.resize((resize_size, resize_size), Image.LANCZOS)
+    return np.array(image_pil)
+
+
+def _dmd2_patch(image_np: np.ndarray) -> np.ndarray:
+    """Transcription of DMD2's main/coco_eval/coco_evaluator.py compute_fid(patch_fid=True) transform."""
+    import torchvision.transforms as transforms
+
+    image_pil = Image.fromarray(image_np)
+    if image_pil.size[0] >= 299 and image_pil.size[1] >= 299:
+        image_pil = transforms.functional.center_crop(image_pil, 299)
+    return np.array(image_pil)
+
+
+def _random_image(h: int, w: int, seed: int) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    smooth = np.linspace(0, 255, w)[None, :, None] * np.linspace(0.2, 1, h)[:, None, None]
+    return np.clip(smooth + g.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+# odd and even excess on either side (torchvision rounds half the excess half-to-even), portrait and landscape
+SIZES = [(480, 640), (500, 333), (98, 101), (301, 299), (300, 303), (512, 512), (427, 640), (17, 256)]
+
+
+def test_crop_resize_and_patch_equal_gigagan_and_dmd2_pixel_for_pixel():
+    for i, (h, w) in enumerate(SIZES):
+        im = _random_image(h, w, i)
+        for size in (256, 512):
+            assert np.array_equal(coco.crop_resize(im, size), _gigagan_resize_and_center_crop(im, size)), (h, w, size)
+        assert np.array_equal(coco.patch_crop(im), _dmd2_patch(im)), (h, w)
+    assert coco.patch_crop(_random_image(320, 400, 0)).shape == (299, 299, 3)
+
+
+def test_quantize_truncates_as_dmd2():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 1, 6)
+    want = ((x + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)  # main/test_folder_sd.py
+    got = coco.quantize(x)
+    assert got.shape == (1, 1, 6, 3) and np.array_equal(got[0, 0, :, 0], want.flatten().numpy())
+    assert got[0, 0, 2, 0] == 127  # truncation: 127.5 -> 127 (a PNG writer would round to 128)
+
+
+class _TinyFeatures(torch.nn.Module):
+    """A small fixed feature map on 299x299 [0, 255] inputs (what clean-fid hands its extractor): pooled colours
+    through a fixed random projection, 8-D so that the covariance of a few dozen images is full rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 4 * 4, 8)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0), std=0.05)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(torch.nn.functional.adaptive_avg_pool2d(x / 255, 4).flatten(1)))
+
+
+def _folder(path, n: int, seed: int, shift: int = 0):
+    path.mkdir()
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        im = np.clip(_random_image(h // 4 + 8, w // 4 + 8, seed * 1000 + i).astype(int) + shift, 0, 255)
+        Image.fromarray(im.astype(np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
+def test_fid_of_two_folders_equals_clean_fid_compute_fid(tmp_path):
+    from cleanfid import fid as cleanfid
+
+    real, fake = _folder(tmp_path / "real", 40, 1), _folder(tmp_path / "fake", 40, 2, shift=30)
+    model = _TinyFeatures().eval()
+    transform = lambda a: coco.crop_resize(a, 64)  # noqa: E731  (small, to keep the test fast; 256 in the protocol)
+    want = cleanfid.compute_fid(str(real), str(fake), mode="clean", custom_feat_extractor=model, num_workers=0,
+                                batch_size=16, device=torch.device("cpu"), verbose=False,
+                                custom_image_tranform=transform)
+    features = coco.CleanFeatures(model, "tiny-test-features", batch_size=16)
+    ref = coco.reference_stats(real, features, transform, "crop-64", tmp_path / "cache", progress=False)
+    generated = [np.array(Image.open(f).convert("RGB")) for f in coco.image_files(fake)]
+    got = coco._fid([features.of_arrays(generated, transform)], ref)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9) and want > 1e-3
+    # the folder's statistics are cached under the transform's name, and reused without reading the images
+    cached = list((tmp_path / "cache").glob("coco_*.npz"))
+    assert len(cached) == 1 and str(np.load(cached[0])["protocol"]) == "crop-64"
+    again = coco.reference_stats(real, coco.CleanFeatures(None, "tiny-test-features"), transform, "crop-64",
+                                 tmp_path / "cache", progress=False)
+    torch.testing.assert_close(again.sigma, ref.sigma)
+    # statistics made for another transform are refused
+    with pytest.raises(ConfigError) as e:
+        coco.reference_stats(cached[0], features, coco.patch_crop, "center-crop-299")
+    assert "'crop-64' images" in one_line(e)
+
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def _tiny_clip(tmp_path):
+    import open_clip
+
+    cfg_file = tmp_path / "onestep-proto-clip.json"
+    cfg_file.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(cfg_file)
+    torch.manual_seed(0)
+    model = open_clip.create_model("onestep-proto-clip", pretrained=None).eval()
+    ckpt = tmp_path / "tiny_clip.pt"
+    torch.save(model.state_dict(), ckpt)
+    return cfg_file, ckpt, model
+
+
+def test_published_clip_score_equals_a_hand_computation(tmp_path):
+    import open_clip
+    import torchvision.transforms as T
+
+    from onestep.eval.clip_score import ClipScorer
+
+    cfg_file, ckpt, model = _tiny_clip(tmp_path)
+    scorer = ClipScorer(str(cfg_file), ckpt, prefix="A photo depicts ")
+    captions = ["a cat on a red sofa", "two people riding bikes down a street"]
+    images = [Image.fromarray(coco.crop_resize(_random_image(h, w, i), 256)) for i, (h, w) in enumerate(SIZES[:2])]
+    got = scorer.cosines(images, captions)
+    # by hand: CLIP's eval transform (bicubic resize of the short side, center crop, mean / std), raw cosine
+    pp = open_clip.get_model_preprocess_cfg(model)
+    to_clip = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                         T.Normalize(pp["mean"], pp["std"])])
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([to_clip(im) for im in images]))
+        tokens = open_clip.get_tokenizer("onestep-proto-clip")(["A photo depicts " + c for c in captions])
+        txt = model.encode_text(tokens)
+    want = torch.nn.functional.cosine_similarity(img, txt, dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got.abs().max() < 1  # the raw cosine: neither x100 nor clamped
+    assert scorer.provenance() == {"clip_model": str(cfg_file), "clip_checkpoint": str(ckpt),
+                                   "clip_prefix": "A photo depicts "}
+
+
+def test_prefix_tokens_equal_gigagans_token_splice():
+    """GigaGAN / DMD2 insert tokenize("A photo depicts ")[1:4] after the start token and force the end token at
+    position 77; open_clip's tokenizer on the concatenated text gives the same tokens, short or truncated."""
+    import open_clip
+
+    tok = open_clip.get_tokenizer("ViT-g-14")
+    for caption in ("A man riding a horse on a beach.", " ".join(["word"] * 90)):
+        tokens = tok([caption])
+        prefix = tok(["A photo depicts "])[:, 1:4]
+        spliced = torch.cat([tokens[:, :1], prefix, tokens[:, 1:]], dim=1)[:, :77]
+        last = spliced[:, 76:77]
+        last[last > 0] = 49407
+        spliced = torch.cat([spliced[:, :76], last], dim=1)
+        assert torch.equal(tok(["A photo depicts " + caption]), spliced), caption
+
+
+class _StandInInception(torch.nn.Module):
+    """Saved under clean-fid's Inception file name (the real weights are not available offline): 2048-D features."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 2048))
+
+    def forward(self, x, return_features: bool = False):
+        return self.layers(x)
+
+
+def _coco_cfg(tmp_path, *extra):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(f"a handwritten {w}" for w in ("one", "two", "three", "four", "five", "six")) + "\n")
+    cfg_file, ckpt, _ = _tiny_clip(tmp_path)
+    torch.jit.script(_StandInInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
+    real = tmp_path / "val2014"
+    if not real.exists():
+        _folder(real, 6, 3)
+    return compose(["experiment=digits_t2i_dmd2", "eval.protocol=coco2014", f"eval.captions={captions}",
+                    f"eval.reference={real}", f"eval.inception_path={tmp_path}", f"eval.clip.model={cfg_file}",
+                    f"eval.clip.checkpoint={ckpt}", "eval.clip.prefix='A photo depicts '", f"out_root={tmp_path}",
+                    "eval.num_samples=4", *extra])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_coco2014_end_to_end_on_the_digits_teacher(tmp_path):
+    """eval.protocol=coco2014 through the registry on the shipped text-to-image digits teacher: caption i for sample
+    i, FID / patch FID / CLIP score of decoded samples, every row naming what made it."""
+    from onestep import experiment
+    from onestep.eval.evaluators import evaluated
+    from onestep.eval.report import eval_inputs
+
+    cfg = _coco_cfg(tmp_path, "eval.patch_fid=true")
+    setup = evaluated(cfg, experiment.build(cfg, tmp_path / "run", progress=False))
+    assert isinstance(setup.eval_data, coco.CaptionData)
+    noise, cond = eval_inputs(setup, 4, seed=0)
+    assert cond.texts == ["a handwritten one", "a handwritten two", "a handwritten three", "a handwritten four"]
+    with torch.no_grad():
+        x = setup.teacher(noise, torch.full((4,), 0.5), cond)  # any latents: the metrics' wiring is under test
+    m = setup.evaluator.metrics(x, cond)
+    assert setup.evaluator.headline == "fd" and np.isfinite([m["fd"], m["patch_fd"], m["clip_score"]]).all()
+    assert -1 < m["clip_score"] < 1
+    assert m["n"] == 4 and m["resolution"] == "16x16" and m["fid_resolution"] == 256
+    assert m["protocol"] == "coco2014" and m["clip_prefix"] == "A photo depicts " and m["captions"].endswith(".txt")
+    assert m["inception"].startswith("clean-fid:inception-2015-12-05.pt:") and m["reference"].endswith("val2014")
+    assert len(list((tmp_path / "fid_stats").glob("coco_*.npz"))) == 2  # the 256-px and the patch statistics
+    with pytest.raises(ConfigError) as e:
+        eval_inputs(setup, 7, seed=0)
+    assert "holds 6 captions" in one_line(e)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    from onestep import experiment
+    from onestep.eval.evaluators import make_evaluator
+
+    cfg = _coco_cfg(tmp_path)
+    setup = experiment.build(cfg, tmp_path / "run", progress=False)
+    cases = [("eval.captions=/nonexistent/captions.txt", "eval.captions '/nonexistent/captions.txt'"),
+             (f"eval.reference={tmp_path / 'empty'}", "holds 0 images"),
+             ("eval.reference=/nonexistent/val2014", "eval.reference '/nonexistent/val2014' does not exist"),
+             ("eval.protocol=coco2015", "eval.protocol='coco2015' is not a protocol")]
+    (tmp_path / "empty").mkdir()
+    for override, message in cases:
+        with pytest.raises(ConfigError) as e:
+            make_evaluator(_coco_cfg(tmp_path, override), setup)
+        assert message in one_line(e), override
+
+
+def test_eval_group_sets_the_published_protocol():
+    ev = compose(["experiment=sd15_dmd2", "eval=coco2014"]).eval
+    assert (ev.protocol, ev.num_samples, ev.clip.model, ev.clip.prefix) == ("coco2014", 30000, "ViT-g-14",
+                                                                            "A photo depicts ")
+    assert compose(["experiment=sdxl_dmd2_4step", "eval=coco2014", "eval.patch_fid=true",
+                    "eval.num_samples=10000"]).eval.patch_fid
