@@ -219,7 +219,8 @@ class ClipConfig:
 @dataclass
 class EvalConfig:
     #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the teacher family's own. coco2014 /
-    #: coco2014_512: zero-shot COCO FID at 256 / 512 px and CLIP score (onestep/eval/coco.py, docs/evaluation.md)
+    #: coco2014_512: zero-shot COCO FID at 256 / 512 px and CLIP score (onestep/eval/coco.py, docs/evaluation.md);
+    #: edm_fid: pixel-space FID against EDM-format mu / sigma statistics in eval.reference (onestep/eval/edm_fid.py)
     protocol: Optional[str] = None
     #: coco2014 protocols: text file of captions, one a line; sample i gets caption i (the public 30k / 10k lists,
     #: e.g. DMD2's main/coco_eval/captions_coco14_test.txt)
@@ -358,6 +359,8 @@ store("eval", "coco2014", EvalConfig(protocol="coco2014", num_samples=30000, tea
 #: the same at 512 px (crop and LANCZOS resize to 512 instead of 256)
 store("eval", "coco2014_512", EvalConfig(protocol="coco2014_512", num_samples=30000, teacher_steps=[25],
                                          clip=ClipConfig(model="ViT-g-14", prefix="A photo depicts ")))
+#: class-conditional FID-50k against EDM-format reference statistics (NVlabs/edm fid.py; eval.reference=<.npz>)
+store("eval", "edm_fid50k", EvalConfig(protocol="edm_fid", num_samples=50000, teacher_steps=[1, 18]))
 #: the shipped text-to-image digits teacher: digits feature space, prompt accuracy, teacher at 1 and 25 DDIM steps
 store("eval", "digits_t2i", EvalConfig(num_samples=2000, teacher_steps=[1, 25], features="digits"))
 #: the shipped text-to-video moving-digits teacher: per-frame FD in the digits feature space, prompt accuracy (digit

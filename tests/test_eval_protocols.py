@@ -248,3 +248,93 @@ def test_eval_group_sets_the_published_protocol():
                                                                             "A photo depicts ")
     assert compose(["experiment=sdxl_dmd2_4step", "eval=coco2014", "eval.patch_fid=true",
                     "eval.num_samples=10000"]).eval.patch_fid
+
+
+# ---- EDM-format class-conditional FID --------------------------------------------------------------------
+
+def test_edm_stats_round_trip_and_accumulate_as_edm(tmp_path):
+    from onestep.eval import edm_fid
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    stats = edm_fid.EdmStats(6)
+    for chunk in feats.split(64):
+        stats.add(chunk)
+    got = stats.result()
+    torch.testing.assert_close(got.mu, feats.mean(0))
+    torch.testing.assert_close(got.sigma, torch.from_numpy(np.cov(feats.numpy(), rowvar=False)))
+    # what EDM's `fid.py ref` writes (np.savez(dest, mu=mu, sigma=sigma)) loads back; what we write, EDM reads
+    edm_file = tmp_path / "edm-ref.npz"
+    np.savez(edm_file, mu=got.mu.numpy(), sigma=got.sigma.numpy())
+    back = edm_fid.load_edm_stats(edm_file)
+    assert torch.equal(back.mu, got.mu) and torch.equal(back.sigma, got.sigma) and back.feats is None
+    edm_fid.save_edm_stats(tmp_path / "ours.npz", back)
+    ref = dict(np.load(tmp_path / "ours.npz"))
+    assert sorted(ref) == ["mu", "sigma"] and ref["sigma"].dtype == np.float64
+    assert np.array_equal(ref["mu"], got.mu.numpy()) and np.array_equal(ref["sigma"], got.sigma.numpy())
+
+
+def test_bad_edm_statistics_are_one_line(tmp_path):
+    from onestep.eval.edm_fid import load_edm_stats
+
+    np.savez(tmp_path / "nomu.npz", sigma=np.eye(3))
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(3), sigma=np.eye(4))
+    np.savez(tmp_path / "nan.npz", mu=np.array([np.nan, 0.0]), sigma=np.eye(2))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    cases = [("nomu.npz", "lacks mu (it holds ['sigma'])"), ("shape.npz", "mu has shape (3,) and sigma (4, 4)"),
+             ("nan.npz", "non-finite"), ("junk.npz", "not a readable .npz"), ("missing.npz", "is not a file")]
+    for name, message in cases:
+        with pytest.raises(ConfigError) as e:
+            load_edm_stats(tmp_path / name)
+        assert message in one_line(e) and "eval.reference" in one_line(e), name
+
+
+class _StandInDetector(torch.nn.Module):
+    """Stands in for EDM's Inception (which resizes inside): any resolution in, features out with return_features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 2 * 2, 5)
+
+    def forward(self, x, return_features: bool = False):
+        assert return_features
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x / 255, 2).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_edm_fid_on_the_digits_teacher_equals_a_hand_computation(tmp_path):
+    from onestep import experiment
+    from onestep.eval.edm_fid import save_edm_stats
+    from onestep.eval.evaluators import make_evaluator
+    from onestep.eval.fid import RefStats
+    from onestep.eval.frechet import frechet_distance
+
+    net = _StandInDetector()
+    torch.jit.script(net).save(str(tmp_path / "inception-2015-12-05.pt"))
+    ref = RefStats(torch.rand(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64) * 0.1)
+    save_edm_stats(tmp_path / "ref.npz", ref)
+    cfg = compose(["experiment=digits_dmd2", "eval=edm_fid50k", f"eval.reference={tmp_path / 'ref.npz'}",
+                   f"eval.inception_path={tmp_path}", f"out_root={tmp_path}"])
+    setup = experiment.build(cfg, tmp_path / "run", progress=False)
+    evaluator = make_evaluator(cfg, setup)
+    x = torch.rand(100, 1, 16, 16) * 2.2 - 1.1
+    m = evaluator.metrics(x)
+    # by hand: EDM's generate.py quantization, grey -> RGB, the detector at native resolution, np.cov
+    u8 = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        f = net(u8.float(), return_features=True).double().numpy()
+    want = frechet_distance(torch.from_numpy(f.mean(0)), torch.from_numpy(np.cov(f, rowvar=False)), ref.mu, ref.sigma)
+    assert m["fd"] == pytest.approx(want, rel=1e-9)
+    assert (m["protocol"], m["n"], m["resolution"]) == ("edm_fid", 100, "16x16")
+    assert m["reference"].endswith("ref.npz") and m["inception"].startswith("inception-2015-12-05.pt:")
+    assert compose(["eval=edm_fid50k"]).eval.num_samples == 50000
+    with pytest.raises(ConfigError) as e:
+        make_evaluator(compose(["experiment=digits_t2i_dmd2", "eval.protocol=edm_fid"]), _coco_setup(tmp_path))
+    assert "pixel-space" in one_line(e)
+
+
+def _coco_setup(tmp_path):
+    from onestep import experiment
+
+    cfg = compose(["experiment=digits_t2i_dmd2", f"out_root={tmp_path}"])
+    return experiment.build(cfg, tmp_path / "t2i", progress=False)

@@ -69,10 +69,18 @@ def _coco(protocol: str):
     return build
 
 
+def _edm_fid(cfg, setup):
+    """Class-conditional FID against EDM-format statistics (onestep/eval/edm_fid.py)."""
+    from onestep.eval.edm_fid import edm_evaluator
+
+    return edm_evaluator(cfg, setup)
+
+
 #: protocol name (Family.evaluation or eval.protocol) -> its evaluator's builder (cfg, setup) -> Evaluator. A
 #: builder may set ``setup.eval_data`` (the protocol's own prompts), so build the evaluator before drawing inputs
 PROTOCOLS = {"mixture": _mixture, "digit_images": _digit_images, "text_images": _text_images,
-             "text_videos": _text_videos, "coco2014": _coco("coco2014"), "coco2014_512": _coco("coco2014_512")}
+             "text_videos": _text_videos, "coco2014": _coco("coco2014"), "coco2014_512": _coco("coco2014_512"),
+             "edm_fid": _edm_fid}
 
 
 def make_evaluator(cfg, setup: Setup) -> Evaluator:

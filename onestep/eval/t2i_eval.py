@@ -5,6 +5,8 @@ Metrics, each only when its inputs are configured (``what`` says which, and the 
     fd / kid / precision / recall   against ``eval.reference`` (an image folder or .npz) in Inception space
                                     (eval.inception_path, clean-fid)
 With neither, a run is judged by its PNG grid and losses; the evaluator says so instead of inventing a number.
+A row with metrics also names what made them: sample count, image resolution, CLIP model / checkpoint / prefix,
+Inception weights and reference.
 """
 
 from __future__ import annotations
@@ -42,17 +44,19 @@ class TextImageEvaluator:
     def __init__(self, codec, eval_cfg, out_root, device="cpu"):
         self.codec = codec
         self.scorer = self.space = self.reference = None
-        parts = []
+        parts, self.provenance = [], {}
         if eval_cfg.clip.checkpoint:
             from onestep.eval.clip_score import make_scorer
 
             self.scorer = make_scorer(eval_cfg, device)
             parts.append(f"CLIP score ({eval_cfg.clip.model}, {eval_cfg.clip.checkpoint})")
+            self.provenance |= self.scorer.provenance()
         if eval_cfg.reference:
             self.space = inception_space(eval_cfg.inception_path, device)
             cache = eval_cfg.stats_cache or Path(out_root) / "fid_stats"
             self.reference = reference_stats(eval_cfg.reference, self.space, cache, progress=False)
             parts.append(f"FID against {eval_cfg.reference}")
+            self.provenance |= {"inception": self.space.name, "reference": str(eval_cfg.reference)}
         self.headline = "clip_score" if self.scorer else ("fd" if self.space else "none")
         self.what = " and ".join(parts) if parts else (
             "no metric: set eval.clip.checkpoint (CLIP score) and/or eval.reference + eval.inception_path (FID); "
@@ -70,7 +74,7 @@ class TextImageEvaluator:
             out["clip_score"] = float(self.scorer.scores(images, list(cond.texts)).mean())
         if self.space is not None:
             out.update(feature_metrics(features_of_images(images, self.space), self.reference))
-        return out
+        return {**out, "n": images.shape[0], "resolution": f"{images.shape[-2]}x{images.shape[-1]}", **self.provenance}
 
     def plot(self, path: Path, panels) -> None:
         """One row per panel (same noise and prompts in every row), the prompts under the first row."""
