@@ -181,6 +181,8 @@ class CocoEvaluator(TextImageEvaluator):
     CLIP score (raw cosine), streamed over decode batches; plots as the text-to-image evaluator does."""
 
     headline = "fd"
+    #: samples per generation call (report.chunked): a batch of full-size SD / SDXL latents, not the default 2048
+    sample_chunk = BATCH
 
     def __init__(self, protocol: str, codec, features: CleanFeatures, reference: RefStats, reference_name: str,
                  patch_reference: RefStats | None = None, scorer=None, captions: str = "", progress: bool = True):

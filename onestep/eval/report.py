@@ -56,7 +56,7 @@ def compare(setup, student, generator, teacher, eval_cfg, *, seed: int = 12345, 
         else:
             ts = teacher.schedule.default_ts(steps)
             fn = lambda z, c: sample(teacher, z.to(device), ts, _dev(c, device), method=method, generator=rng)  # noqa: E731
-        x = chunked(fn, noise, cond)
+        x = chunked(fn, noise, cond, chunk=getattr(setup.evaluator, "sample_chunk", CHUNK), progress=progress)
         m = setup.evaluator.metrics(x, cond)
         if model == "hybrid":
             row = {"model": f"teacher {steps} + student", "sampler": f"{method} + {student.method}",
