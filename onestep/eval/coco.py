@@ -13,7 +13,7 @@ use:
   features) from the local weights ``eval.inception_path``; the Fréchet distance in float64 (frechet.py);
 - ``eval.patch_fid``: also FID on 299-px center crops of the full-resolution images, real and generated, no resize
   (DMD2's SDXL protocol: coco_evaluator.py compute_fid(patch_fid=True), main/sdxl/test_folder_sdxl.py);
-- CLIP score (with ``eval.clip.checkpoint``): the raw cosine of the cropped and resized image and
+- CLIP score (with ``eval.clip.checkpoint``): the raw cosine of the image, cropped and resized to 256 px, and
   ``eval.clip.prefix`` + caption, open_clip ViT-g-14 (clip_score.ClipScorer.cosines).
 
 Every metrics row names what produced it: protocol, sample count, resolutions, reference, Inception weights, CLIP
@@ -42,6 +42,9 @@ from onestep.progress import bar as progress_bar
 RESOLUTIONS = {"coco2014": 256, "coco2014_512": 512}
 #: the Inception network's input size: DMD2's patch FID crops this much of the full-resolution image
 PATCH = 299
+#: the CLIP score's images are cropped and resized to 256 px in both protocols (DMD2's compute_clip_score keeps its
+#: resize_size=256 default when main/sdxl/test_folder_sdxl.py evaluates FID at --eval_res 512)
+CLIP_SIZE = 256
 #: images per decode + feature batch
 BATCH = 16
 #: files per call of clean-fid's get_files_features (one progress-bar step)
@@ -218,7 +221,7 @@ class CocoEvaluator(TextImageEvaluator):
             if self.patch_reference is not None:
                 patches.append(self.features.of_arrays(u8, patch_crop))
             if self.scorer is not None:
-                images = [Image.fromarray(crop_resize(a, self.size)) for a in u8]
+                images = [Image.fromarray(crop_resize(a, CLIP_SIZE)) for a in u8]
                 cosines.append(self.scorer.cosines(images, texts[i:i + BATCH]))
         out = {"fd": _fid(feats, self.reference)}
         if self.patch_reference is not None:
