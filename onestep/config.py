@@ -282,6 +282,24 @@ class ExportConfig:
 
 
 @dataclass
+class EvalRunConfig:
+    """`onestep eval key=value ... [eval.<key>=value ...]`: a run's checkpoints evaluated under one protocol from a
+    process of its own (onestep/eval/watch.py); eval.<key>=value arguments change the run's eval section."""
+
+    #: a `onestep train` run folder (it may still be training); rows go to <run_dir>/eval/<protocol>.jsonl
+    run_dir: Optional[str] = None
+    #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the run's eval.protocol, else its teacher
+    #: family's own
+    protocol: Optional[str] = None
+    #: keep polling for new checkpoints until the run's last one (step trainer.steps) has been evaluated
+    watch: bool = False
+    #: seconds between two looks at the run's checkpoints in watch mode
+    poll_s: float = 60.0
+    progress: bool = True
+    cpu: bool = False
+
+
+@dataclass
 class RunsConfig:
     """`onestep runs key=value ...`: the run folders under a folder, one line each."""
 
