@@ -214,6 +214,23 @@ class ClipConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """Preference and diversity scores of text-to-image samples (onestep/rewards/), each reported when configured."""
+
+    #: ImageReward's released weights ImageReward.pt (BLIP ViT-L + BERT + MLP head); None = not reported
+    imagereward: Optional[str] = None
+    #: local folder of bert-base-uncased's tokenizer (vocab.txt): ImageReward's prompts go through it
+    imagereward_tokenizer: Optional[str] = None
+    #: HPSv2's released weights (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt); None = not reported
+    hpsv2: Optional[str] = None
+    #: open_clip architecture of the HPSv2 weights (an open_clip name or a model-config .json)
+    hpsv2_model: str = "ViT-H-14"
+    #: diversity per prompt (mean pairwise cosine distance of the samples that share a prompt): in the CLIP image
+    #: embedding of eval.clip, or in the digits feature space with eval.features=digits
+    diversity: bool = False
+
+
+@dataclass
 class EvalConfig:
     #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the teacher family's own
     protocol: Optional[str] = None
@@ -235,6 +252,7 @@ class EvalConfig:
     #: folder of cached reference statistics, keyed by feature extractor + content hash (None = <out_root>/fid_stats)
     stats_cache: Optional[str] = None
     clip: ClipConfig = field(default_factory=lambda: ClipConfig())
+    rewards: RewardsConfig = field(default_factory=lambda: RewardsConfig())
 
 
 @dataclass

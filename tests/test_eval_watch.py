@@ -158,3 +158,43 @@ def test_bad_input_is_one_line(tmp_path):
                               env=env, timeout=120)
         assert done.returncode == 2 and done.stderr.strip().splitlines()[0].startswith(start), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+# ---- the protocols in the bench and the digits diversity ---------------------------------------------------------
+
+def test_bench_takes_eval_protocol_into_its_points(tmp_path):
+    """eval.protocol picks the bench's evaluator and is part of each point's cache key; an unknown one is one line."""
+    from onestep.eval.bench import bench
+
+    base = TINY + ["bench.num_samples=200", "bench.teacher_steps=[1]", "bench.teacher_methods=[ddim]",
+                   "bench.progress=false"]
+    assert bench(compose(base), tmp_path / "b")["computed"] == 1
+    named = bench(compose(base + ["eval.protocol=mixture"]), tmp_path / "b")
+    assert named["computed"] == 1 and named["headline"] == "sliced_w2"
+    assert bench(compose(base + ["eval.protocol=mixture"]), tmp_path / "b")["cached"] == 1
+    with pytest.raises(ConfigError, match="eval.protocol='no_such' is not a protocol") as e:
+        bench(compose(base + ["eval.protocol=no_such"]), tmp_path / "b")
+    assert "\n" not in str(e.value)
+
+
+def test_digits_text_diversity_is_zero_for_repeated_samples(tmp_path):
+    """eval.rewards.diversity with the digits text-to-image teacher: per-prompt diversity in the digits feature space
+    (0 when every sample of a prompt is the same latent), beside the usual digits metrics."""
+    import torch
+
+    from onestep.conditioning import Cond
+    from onestep.eval.evaluators import make_evaluator
+    from onestep.experiment import load_teacher
+
+    cfg = compose(["experiment=digits_t2i_dmd2", "eval.rewards.diversity=true"])
+    setup = load_teacher(cfg, tmp_path, progress=False)
+    evaluator = make_evaluator(cfg, setup)
+    shape = setup.teacher.data_shape
+    g = torch.Generator().manual_seed(0)
+    texts = ["the digit 3", "a handwritten 7"] * 8
+    cond = Cond({"ids": torch.zeros(16, 1)}, {"ids": torch.zeros(1, 1)}, texts=texts)  # the evaluator reads texts
+    same = torch.randn(2, *shape, generator=g).repeat(8, 1, 1, 1)  # rows 0, 2, 4... equal; 1, 3, 5... equal
+    m = evaluator.metrics(same, cond)
+    assert m["diversity_prompts"] == 2 and m["diversity"] == pytest.approx(0, abs=1e-6) and "fd" in m
+    varied = evaluator.metrics(torch.randn(16, *shape, generator=g), cond)
+    assert varied["diversity"] > 0.01

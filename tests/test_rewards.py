@@ -271,3 +271,33 @@ def test_clip_image_diversity_zero_for_identical_samples_positive_otherwise(tmp_
     assert diversity(varied, ["p"] * 4)["diversity"] > 1e-4
     with pytest.raises(ConfigError, match="eval.clip.checkpoint"):
         ClipImageFeatures(str(cfg), None)
+
+
+# ---- in evaluation: eval.rewards ---------------------------------------------------------------------------------
+
+def test_eval_rewards_report_hpsv2_and_clip_diversity_and_need_their_weights(tmp_path):
+    from conftest import compose
+    from onestep.eval.preference import PreferenceScores
+    from onestep.rewards.diversity import ClipImageFeatures, diversity
+    from onestep.rewards.hpsv2 import HPSv2
+
+    model, cfg = _tiny_clip(tmp_path, "onestep-tiny-pref-clip")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "hps.pt")
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    ev = compose(["experiment=digits_t2i_dmd2", f"eval.rewards.hpsv2={tmp_path / 'hps.pt'}",
+                  f"eval.rewards.hpsv2_model={cfg}", "eval.rewards.diversity=true", f"eval.clip.model={cfg}",
+                  f"eval.clip.checkpoint={tmp_path / 'clip.pt'}"]).eval
+    scores = PreferenceScores(ev)
+    assert [p.split(" ")[0] for p in scores.parts] == ["HPSv2", "diversity"]
+    images = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1  # > one scorer batch
+    prompts = ["a cat", "a dog"] * 10
+    got = scores.metrics(images, prompts)
+    assert got["hpsv2"] == pytest.approx(float(HPSv2(tmp_path / "hps.pt", str(cfg))(images, prompts).mean()), rel=1e-5)
+    want = diversity(ClipImageFeatures(str(cfg), tmp_path / "clip.pt")(images), prompts)
+    assert got["diversity_prompts"] == 2 and got["diversity"] == pytest.approx(want["diversity"], rel=1e-5)
+    assert not PreferenceScores(compose(["experiment=digits_t2i_dmd2"]).eval)  # nothing configured: no scores
+
+    with pytest.raises(ConfigError, match="eval.rewards.diversity=true .* eval.clip.checkpoint"):
+        PreferenceScores(compose(["experiment=digits_t2i_dmd2", "eval.rewards.diversity=true"]).eval)
+    with pytest.raises(ConfigError, match="eval.rewards.imagereward '.*' does not exist"):
+        PreferenceScores(compose(["experiment=digits_t2i_dmd2", f"eval.rewards.imagereward={tmp_path / 'no.pt'}"]).eval)
