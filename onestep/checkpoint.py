@@ -61,10 +61,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name))
 
 
-def load_latest(run_dir: Path, modules: dict[str, nn.Module]) -> dict | None:
-    """Load the newest readable checkpoint into ``modules``; return its state, with the checkpoint folder under
-    "checkpoint" (None if there is none)."""
+def load_latest(run_dir: Path, modules: dict[str, nn.Module], upto: int | None = None) -> dict | None:
+    """Load the newest readable checkpoint (of step <= ``upto``, if given) into ``modules``; return its state, with
+    the checkpoint folder under "checkpoint" (None if there is none)."""
     for ckpt in reversed(list_checkpoints(run_dir)):
+        if upto is not None and step_of(ckpt) > upto:
+            continue
         try:
             weights = {name: load_file(str(ckpt / f"{name}.safetensors")) for name in modules}
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -75,6 +77,11 @@ def load_latest(run_dir: Path, modules: dict[str, nn.Module]) -> dict | None:
             m.load_state_dict(weights[name])
         return {**state, "checkpoint": str(ckpt)}
     return None
+
+
+def step_of(ckpt: Path) -> int:
+    """The training step a checkpoint folder (step_XXXXXXXX) holds."""
+    return int(_STEP.match(ckpt.name).group(1))
 
 
 def looks_readable(ckpt: Path) -> bool:

@@ -9,6 +9,8 @@
                    [negative_prompt="..." nasa_scale=0.1]   # NASA: a negative prompt for 1-step text students
     onestep export run_dir=<run folder> out=<folder> [overwrite=true] [lora_only=true] [allow_unfinished=true]
     onestep runs [out_root=runs]                   # the run folders: experiment, step, headline metric, status
+    onestep eval run_dir=<run folder> [protocol=...] [watch=true poll_s=60] [eval.<key>=value ...]
+                                                   # a run's checkpoints under one protocol -> <run>/eval/<protocol>.jsonl
 
 Errors in user input (ConfigError) print one line and exit with status 2.
 """
@@ -29,7 +31,7 @@ from onestep.errors import ConfigError
 from onestep.help import default_experiment, did_you_mean, leaf_keys, overview, unread_keys, unread_message
 
 CONFIG_PATH = "pkg://onestep.configs"
-COMMANDS = ("train", "bench", "sample", "export", "runs")
+COMMANDS = ("train", "bench", "sample", "export", "runs", "eval")
 USAGE = f"usage: onestep {{{'|'.join(COMMANDS)}}} [key=value ...]   (see README.md)"
 
 
@@ -245,6 +247,22 @@ def _runs(args: list[str]) -> None:
     print(table(runs) if runs else f"no run folders under {o.out_root or onestep.config.Config.out_root}")
 
 
+def _eval(args: list[str]) -> None:
+    from onestep.config import EvalRunConfig
+    from onestep.eval.watch import evaluate_run
+
+    section = [a for a in args if a.startswith("eval.")]  # the run's eval section, changed
+    o = _options(EvalRunConfig, [a for a in args if not a.startswith("eval.")], "eval")
+    try:
+        if not o.run_dir:
+            raise ConfigError("run_dir is not set; pass run_dir=<run folder of onestep train>")
+        out = evaluate_run(o.run_dir, o.protocol, section, watch=o.watch, poll_s=o.poll_s, device=_device(o.cpu),
+                           progress=o.progress)
+    except ConfigError as e:
+        _fail(str(e))
+    print(f"rows: {out}")
+
+
 def _bench_overrides(args: list[str]) -> list[str]:
     """Hydra's run folder is the bench folder (bench.out, else <out_root>/bench/<experiment>: the experiment of the
     runs in bench.runs, else the composed one), with no .hydra/."""
@@ -341,7 +359,7 @@ def _help(command: str, args: list[str]) -> None:
     from onestep.help import schema_help, train_help
     from onestep.objectives import OBJECTIVES
 
-    if command in ("sample", "export", "runs"):
+    if command in ("sample", "export", "runs", "eval"):
         print(schema_help(command))
         return
     args = [a for a in args if not a.startswith("-")]
@@ -396,8 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in rest or "-h" in rest:
         _help(command, rest)
         return
-    if command in ("sample", "export", "runs"):
-        {"sample": _sample, "export": _export, "runs": _runs}[command](rest)
+    if command in ("sample", "export", "runs", "eval"):
+        {"sample": _sample, "export": _export, "runs": _runs, "eval": _eval}[command](rest)
         return
     _precheck(rest, command)
     if command == "bench" and not any(a.startswith("-") for a in rest):

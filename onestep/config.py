@@ -217,6 +217,23 @@ class ClipConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """Preference and diversity scores of text-to-image samples (onestep/rewards/), each reported when configured."""
+
+    #: ImageReward's released weights ImageReward.pt (BLIP ViT-L + BERT + MLP head); None = not reported
+    imagereward: Optional[str] = None
+    #: local folder of bert-base-uncased's tokenizer (vocab.txt): ImageReward's prompts go through it
+    imagereward_tokenizer: Optional[str] = None
+    #: HPSv2's released weights (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt); None = not reported
+    hpsv2: Optional[str] = None
+    #: open_clip architecture of the HPSv2 weights (an open_clip name or a model-config .json)
+    hpsv2_model: str = "ViT-H-14"
+    #: diversity per prompt (mean pairwise cosine distance of the samples that share a prompt): in the CLIP image
+    #: embedding of eval.clip, or in the digits feature space with eval.features=digits
+    diversity: bool = False
+
+
+@dataclass
 class EvalConfig:
     #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the teacher family's own. coco2014 /
     #: coco2014_512: zero-shot COCO FID at 256 / 512 px and CLIP score (onestep/eval/coco.py, docs/evaluation.md);
@@ -246,6 +263,7 @@ class EvalConfig:
     #: folder of cached reference statistics, keyed by feature extractor + content hash (None = <out_root>/fid_stats)
     stats_cache: Optional[str] = None
     clip: ClipConfig = field(default_factory=lambda: ClipConfig())
+    rewards: RewardsConfig = field(default_factory=lambda: RewardsConfig())
 
 
 @dataclass
@@ -290,6 +308,24 @@ class ExportConfig:
     ema: bool = True
     #: SD-family: also write one original-layout .safetensors (StableDiffusionPipeline.from_single_file)
     single_file: bool = True
+
+
+@dataclass
+class EvalRunConfig:
+    """`onestep eval key=value ... [eval.<key>=value ...]`: a run's checkpoints evaluated under one protocol from a
+    process of its own (onestep/eval/watch.py); eval.<key>=value arguments change the run's eval section."""
+
+    #: a `onestep train` run folder (it may still be training); rows go to <run_dir>/eval/<protocol>.jsonl
+    run_dir: Optional[str] = None
+    #: the evaluation protocol (onestep.eval.evaluators.PROTOCOLS); None = the run's eval.protocol, else its teacher
+    #: family's own
+    protocol: Optional[str] = None
+    #: keep polling for new checkpoints until the run's last one (step trainer.steps) has been evaluated
+    watch: bool = False
+    #: seconds between two looks at the run's checkpoints in watch mode
+    poll_s: float = 60.0
+    progress: bool = True
+    cpu: bool = False
 
 
 @dataclass

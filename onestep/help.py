@@ -24,6 +24,7 @@ COMMANDS = {
     "sample": "images from a run folder or an export folder: onestep sample run_dir=... out=grid.png",
     "export": "a run's student -> a diffusers pipeline folder: onestep export run_dir=... out=...",
     "runs": "the run folders under out_root: experiment, step, headline metric, status",
+    "eval": "a run's checkpoints under one protocol, now or as they appear: onestep eval run_dir=... [watch=true]",
 }
 
 #: data.<field> -> the data kinds that read it
@@ -185,12 +186,17 @@ def overview() -> str:
     return "\n".join(lines)
 
 
-def schema_help(command: str) -> str:
-    """`onestep sample|export|bench|runs --help`: the command's keys with defaults and doc comments."""
+def command_schema(command: str) -> type | None:
+    """The key=value schema of a command other than train (None: it has none)."""
     from onestep import config
 
-    cls = {"sample": config.SampleConfig, "export": config.ExportConfig, "bench": config.BenchConfig,
-           "runs": getattr(config, "RunsConfig", None)}[command]
+    return {"sample": config.SampleConfig, "export": config.ExportConfig, "bench": config.BenchConfig,
+            "runs": getattr(config, "RunsConfig", None), "eval": config.EvalRunConfig}.get(command)
+
+
+def schema_help(command: str) -> str:
+    """`onestep sample|export|bench|runs|eval --help`: the command's keys with defaults and doc comments."""
+    cls = command_schema(command)
     lines = [f"onestep {command}: {COMMANDS[command]}", ""]
     if cls is None:
         return "\n".join(lines)
@@ -200,6 +206,8 @@ def schema_help(command: str) -> str:
         lines.append(_line(f"  {prefix}{f.name}", field_default(f), docs.get(f.name, "")))
     if command == "bench":
         lines += ["", "plus any `onestep train` key (experiment=..., eval.num_samples=...) for the protocol"]
+    if command == "eval":
+        lines += ["", "plus eval.<key>=value (eval.num_samples=..., eval.reference=...): the run's eval section, changed"]
     return "\n".join(lines)
 
 

@@ -531,13 +531,15 @@ class _Gathered:
         self.obj.load_state_dict(sd)
 
 
-def load_generator(cfg, setup, run_dir: str | Path, role: str = EMA, device=None, shape=None) -> tuple[Denoiser, int]:
-    """The trained generator (EMA by default) of a run folder's newest readable checkpoint, built through the
-    same roles as training: (denoiser, step). A missing / unfitting checkpoint is a ConfigError."""
+def load_generator(cfg, setup, run_dir: str | Path, role: str = EMA, device=None, shape=None,
+                   upto: int | None = None) -> tuple[Denoiser, int]:
+    """The trained generator (EMA by default) of a run folder's newest readable checkpoint (of step <= ``upto``, if
+    given), built through the same roles as training: (denoiser, step). A missing / unfitting checkpoint is a
+    ConfigError."""
     nets = Networks(cfg, setup, critic=False, device=device, shape=shape,
                     targets={})
     try:
-        state = checkpoint.load_latest(run_dir, {role: nets.roles[role]})
+        state = checkpoint.load_latest(run_dir, {role: nets.roles[role]}, upto)
     except RuntimeError as e:  # weights that do not fit the architecture the config builds
         raise ConfigError(f"'{run_dir}': {role} does not fit the run's config ({str(e).splitlines()[0]})") from None
     if state is None:

@@ -7,7 +7,7 @@ the embedding cache, and no evaluator is built here (eval.evaluators builds one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +41,15 @@ class Run:
     def student(self) -> Student:
         gc = self.cfg.generator
         return Student.from_config(self.setup.teacher.schedule, gc)
+
+    def at_checkpoint(self, step: int, device: torch.device, role: str = EMA) -> "Run":
+        """The same run with the generator of its newest readable checkpoint of step <= ``step`` (the teacher is not
+        loaded again: what an evaluator following a run's checkpoints needs)."""
+        generator, got = load_generator(self.cfg, self.setup, self.path, role=role, device=device,
+                                        shape=partial(shape_student, self.cfg.generator,
+                                                      objective=objective_class(self.cfg.objective.name)),
+                                        upto=step)
+        return replace(self, generator=generator, step=got)
 
     def data(self) -> Setup:
         """The setup with the run's data (built on the first call: reads data.path, fills the caches)."""

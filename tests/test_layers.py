@@ -18,10 +18,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: DESIGN.md's layer order, bottom up; plugins and progress are stdlib-level helpers of the layers above, pretrain
-#: is the teachers' DSM pretraining (over core), validate and help read the config and every layer below it
+#: is the teachers' DSM pretraining (over core), validate and help read the config and every layer below it; rewards
+#: (image scorers on torch / open_clip / transformers) sit low so that eval and objectives can both use them
 TIERS: list[set[str]] = [
     {"config", "errors", "plugins", "progress"},
-    {"schedules", "param", "conditioning"},
+    {"schedules", "param", "conditioning", "rewards"},
     {"denoisers", "kernels"},
     {"teachers"},
     {"core"},
@@ -37,6 +38,8 @@ TIERS: list[set[str]] = [
 TIER = {unit: i for i, units in enumerate(TIERS) for unit in units}
 #: the modules a kernel may import besides its own package and the standard library
 KERNEL_DEPENDENCIES = {"torch", "triton", "diffusers"}
+#: the modules a reward scorer may import besides its own package, config/errors/progress and the standard library
+REWARD_DEPENDENCIES = {"torch", "open_clip", "transformers"}
 #: what the trainer may import from objectives/: the package interface and the registry, no specific objective
 OBJECTIVE_INTERFACE = {"onestep.objectives", "onestep.objectives.base"}
 
@@ -128,6 +131,20 @@ def test_kernels_import_only_torch_triton_diffusers_and_the_standard_library():
             if not own and top not in KERNEL_DEPENDENCIES and top not in sys.stdlib_module_names | {"__future__"}:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not bad, "kernels/ is leaf code:\n" + "\n".join(bad)
+
+
+def test_rewards_import_only_torch_open_clip_transformers_and_the_lowest_tier():
+    own = {f"onestep.{u}" for u in ("rewards", *TIERS[0])}
+    bad = []
+    for path in (ROOT / "onestep" / "rewards").rglob("*.py"):
+        for line, target in imports(path):
+            top = target.split(".")[0]
+            if top == "onestep":
+                if not any(target == m or target.startswith(m + ".") for m in own):
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+            elif top not in REWARD_DEPENDENCIES and top not in sys.stdlib_module_names | {"__future__"}:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not bad, "rewards/ scores images with torch, open_clip and transformers only:\n" + "\n".join(bad)
 
 
 ABOVE = {name for name, tier in TIER.items() if tier > TIER["denoisers"]}

@@ -20,7 +20,7 @@ from readme_block import MARKER, blocks, pages  # noqa: E402
 BLOCKS = {"results/digits_dmd2.md", "results/gmm_dmd2.md", "results/bench_gmm_dmd2.md", "results/bench_digits_dmd2.md",
           "results/objectives_gmm_summary.md", "results/recipes_gmm.md", "results/consistency_experiments.md",
           "results/soak.md", "results/digits_t2i.md", "results/sd_memory_cpu.md", "results/trainer_overhead.md",
-          "results/jvp_attention_cpu.md", "results/jvp_transformer_cpu.md"}
+          "results/jvp_attention_cpu.md", "results/jvp_transformer_cpu.md", "results/bench_digits_t2i.md"}
 #: generated from the config dataclasses and checked by its own tool (tests/test_docs.py): defaults, not measurements
 GENERATED_PAGES = {"docs/reference/config.md"}
 

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from onestep import config
-from onestep.help import COMMANDS, field_default, field_docs
+from onestep.help import COMMANDS, command_schema, field_default, field_docs
 from onestep.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def render() -> str:
 
     lines += ["## Other commands", ""]
     for command in COMMANDS:
-        cls = getattr(config, f"{command.capitalize()}Config", None)
+        cls = command_schema(command)
         if command in ("train", "bench") or cls is None:
             continue
         lines += [f"### `onestep {command}`", "", field_docs(cls).get("", "") or COMMANDS[command], ""]

@@ -45,7 +45,7 @@ from onestep.sampling import METHODS, nfe, sample
 #: bench keys of a run's config.yaml that are part of its protocol (runs, out and progress belong to the invocation)
 RUN_BENCH_KEYS = ("teacher_methods", "teacher_steps", "student_steps", "num_samples", "seed")
 #: eval keys that choose the evaluator (hashed into each point's cache key)
-EVALUATOR_KEYS = ("features", "inception_path", "reference", "clip")
+EVALUATOR_KEYS = ("protocol", "features", "inception_path", "reference", "clip", "rewards")
 RUNS_FIX = "pass bench.runs=[<run folder of onestep train>, ...]"
 
 

@@ -73,7 +73,8 @@ class DigitsTextEvaluator:
     """The digits metrics for the shipped text-to-image digits teacher (``eval.features=digits`` with a
     text-to-image teacher): latents are decoded by the pipeline's VAE, 16x16 images average-pooled to the
     feature net's 8x8, and ``label_acc`` is the *prompt accuracy*: the classifier's digit vs the digit the
-    sample's prompt names (onestep.data.digits_text.digit_of)."""
+    sample's prompt names (onestep.data.digits_text.digit_of). With ``diversity``, also the diversity per prompt
+    (onestep/rewards/diversity.py) in the same feature space, over the samples that share a prompt."""
 
     headline = "fd"
     what = ("FD / KID / precision / recall in the shipped digits feature space (decoded latents, pooled to 8x8) "
@@ -81,10 +82,10 @@ class DigitsTextEvaluator:
             "digit vs the prompt's digit)")
     DECODE_BATCH = 256
 
-    def __init__(self, codec):
+    def __init__(self, codec, diversity: bool = False):
         from onestep.data.digits import load_digits_tensors
 
-        self.codec = codec
+        self.codec, self.diversity = codec, diversity
         # the reference goes through the same 16x16 -> 8x8 pooling as the samples (tools/train_digits_t2i.py
         # trains on the upsampled digits), so that a perfect round trip scores FD ~0
         ref = torch.nn.functional.avg_pool2d(load_digits_tensors("all", 16)[0], 2)
@@ -106,7 +107,13 @@ class DigitsTextEvaluator:
         return Labels(torch.tensor([digit_of(t) for t in cond.texts]), self.inner.num_classes)
 
     def metrics(self, x, cond):
-        return self.inner.metrics(self.images(x), self._labels(cond))
+        images = self.images(x)
+        out = self.inner.metrics(images, self._labels(cond))
+        if self.diversity:
+            from onestep.rewards.diversity import diversity
+
+            out.update(diversity(self.inner._features(images)[0], list(cond.texts)))
+        return out
 
     def plot(self, path: Path, panels):
         self.inner.plot(path, {k: (self.images(x), self._labels(c)) for k, (x, c) in panels.items()})

@@ -43,7 +43,7 @@ def _text_images(cfg, setup):
     if cfg.eval.features == "digits":  # the shipped text-to-image digits teacher
         from onestep.eval.digits_eval import DigitsTextEvaluator
 
-        return DigitsTextEvaluator(setup.codec)
+        return DigitsTextEvaluator(setup.codec, diversity=cfg.eval.rewards.diversity)
     from onestep.eval.t2i_eval import TextImageEvaluator
 
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu")

@@ -2,6 +2,7 @@
 
 Metrics, each only when its inputs are configured (``what`` says which, and the run's results.md repeats it):
     clip_score  CLIP score of the decoded images against their own prompts (eval.clip.checkpoint, open_clip)
+    imagereward / hpsv2 / diversity   preference and diversity scores (eval.rewards; onestep/eval/preference.py)
     fd / kid / precision / recall   against ``eval.reference`` (an image folder or .npz) in Inception space
                                     (eval.inception_path, clean-fid)
 With neither, a run is judged by its PNG grid and losses; the evaluator says so instead of inventing a number.
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from onestep.eval.fid import feature_metrics, features_of_images, inception_space, reference_stats, to_uint8
+from onestep.eval.preference import PreferenceScores
 
 DECODE_BATCH = 16
 
@@ -51,6 +53,8 @@ class TextImageEvaluator:
             self.scorer = make_scorer(eval_cfg, device)
             parts.append(f"CLIP score ({eval_cfg.clip.model}, {eval_cfg.clip.checkpoint})")
             self.provenance |= self.scorer.provenance()
+        self.preference = PreferenceScores(eval_cfg, device)
+        parts += self.preference.parts
         if eval_cfg.reference:
             self.space = inception_space(eval_cfg.inception_path, device)
             cache = eval_cfg.stats_cache or Path(out_root) / "fid_stats"
@@ -66,12 +70,14 @@ class TextImageEvaluator:
         return decoded(self.codec, latents)
 
     def metrics(self, x: torch.Tensor, cond) -> dict:
-        if self.scorer is None and self.space is None:
+        if self.scorer is None and self.space is None and not self.preference:
             return {}
         images = self.decode(x)
         out = {}
         if self.scorer is not None:
             out["clip_score"] = float(self.scorer.scores(images, list(cond.texts)).mean())
+        if self.preference:
+            out.update(self.preference.metrics(images, list(cond.texts)))
         if self.space is not None:
             out.update(feature_metrics(features_of_images(images, self.space), self.reference))
         return {**out, "n": images.shape[0], "resolution": f"{images.shape[-2]}x{images.shape[-1]}", **self.provenance}

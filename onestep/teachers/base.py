@@ -114,7 +114,8 @@ class TextToImage(Family):
     decoded-image evaluation."""
 
     fields = {"teacher": ("path", "negative_prompt", "resolution"),
-              "eval": ("features", "inception_path", "reference", "stats_cache", "clip"), "generator": ("attention",)}
+              "eval": ("features", "inception_path", "reference", "stats_cache", "clip", "rewards"),
+              "generator": ("attention",)}
     data_kinds = ("prompts", "image_text", "digits_text")
     data_hint = ("text: use data=prompts (data.path=<prompts.txt>), data=image_text (data.path=<folder of images + "
                  ".txt captions>) or data=digits_text (captioned digits, for the shipped digits_t2i teacher)")
