@@ -338,3 +338,56 @@ def _coco_setup(tmp_path):
 
     cfg = compose(["experiment=digits_t2i_dmd2", f"out_root={tmp_path}"])
     return experiment.build(cfg, tmp_path / "t2i", progress=False)
+
+
+def _cli(*args: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "onestep.cli", *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_onestep_eval_and_bench_run_each_protocol_end_to_end(tmp_path):
+    """Each published protocol end to end: `onestep eval run_dir=... protocol=...` (the CLI, in a process of its
+    own) on a trained run's checkpoint writes a row in eval/<protocol>.jsonl naming what made it, and the bench with
+    eval.protocol on the same run writes the student and a teacher point; tiny stand-ins for Inception and CLIP."""
+    from onestep.eval.bench import bench
+    from onestep.train.trainer import train
+
+    _coco_cfg(tmp_path)  # writes the captions, the COCO stand-in folder, the Inception and CLIP stand-ins
+    cfg_file, ckpt, _ = _tiny_clip(tmp_path)
+    coco_keys = [f"eval.captions={tmp_path / 'captions.txt'}", f"eval.reference={tmp_path / 'val2014'}",
+                 f"eval.inception_path={tmp_path}"]
+    coco_keys += [f"eval.clip.model={cfg_file}", f"eval.clip.checkpoint={ckpt}", "eval.num_samples=4"]
+    tiny = ["trainer.steps=2", "trainer.checkpoint_every=2", "eval.num_samples=8", "eval.teacher_steps=[1]",
+            "eval.plot=false", f"out_root={tmp_path}"]
+    t2i = tmp_path / "t2i"
+    train(compose(["experiment=digits_t2i_dmd2", *tiny]), t2i)
+    edm_ref = tmp_path / "ref.npz"
+    from onestep.eval.edm_fid import save_edm_stats
+    from onestep.eval.fid import RefStats
+
+    (tmp_path / "edm").mkdir()
+    torch.jit.script(_StandInDetector()).save(str(tmp_path / "edm" / "inception-2015-12-05.pt"))
+    save_edm_stats(edm_ref, RefStats(torch.rand(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64) * 0.1))
+    pixel = tmp_path / "pixel"
+    train(compose(["experiment=digits_dmd2", "objective.regression_weight=0", *tiny]), pixel)
+    edm_keys = [f"eval.reference={edm_ref}", f"eval.inception_path={tmp_path / 'edm'}", "eval.num_samples=8"]
+    for run, protocol, keys in ((t2i, "coco2014", coco_keys), (t2i, "coco2014_512", coco_keys + ["eval.patch_fid=true"]),
+                                (pixel, "edm_fid", edm_keys)):
+        _cli("eval", f"run_dir={run}", f"protocol={protocol}", "progress=false", *keys)
+        rows = [json.loads(line) for line in (run / "eval" / f"{protocol}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [2] and rows[0]["protocol"] == protocol, rows
+        assert np.isfinite(rows[0]["fd"]) and rows[0]["provenance"]["eval"]["protocol"] == protocol
+        out = tmp_path / "bench" / protocol
+        experiment = "digits_t2i_dmd2" if run == t2i else "digits_dmd2"
+        bench(compose([f"experiment={experiment}", f"bench.runs=[{run}]", f"eval.protocol={protocol}",
+                       "bench.teacher_methods=[ddim]", "bench.teacher_steps=[1]", "bench.student_steps=[1]",
+                       "bench.num_samples=4", "bench.progress=false", *keys]), out)
+        table = (out / "bench.md").read_text()
+        assert table.count("\n| ") >= 2 and (out / "bench.csv").is_file() and (out / "bench.png").is_file(), table
