@@ -19,7 +19,7 @@ from onestep.errors import ConfigError
 from onestep.pretrain import fit_dsm
 
 #: the data kinds of text-to-image runs (data.eval_path: held-out prompts for evaluation)
-TEXT_DATA = ("prompts", "image_text", "digits_text", "video_text")
+TEXT_DATA = ("prompts", "image_text", "digits_text", "video_text", "moving_digits_text")
 
 
 def device_of(cfg) -> torch.device:
@@ -109,9 +109,14 @@ def add_data(cfg, setup: Setup, files=None, progress: bool = True) -> Setup:
         from onestep.data.digits_text import captioned_latents
 
         setup.data = ImageTextData(*captioned_latents(setup.codec, setup.conditioner.size), setup.conditioner, shape)
+    elif dc.kind == "moving_digits_text":
+        from onestep.data.moving_digits import captioned_latents
+
+        setup.data = ImageTextData(*captioned_latents(setup.codec), setup.conditioner, shape)
     else:  # a family that lists a data kind no source here builds
         raise ConfigError(f"data.kind '{dc.kind}' has no data source; use data=gmm, digits, prompts, image_text, "
-                          "digits_text or video_text (the family of teacher.kind names the ones it trains on)")
+                          "digits_text, video_text or moving_digits_text (the family of teacher.kind names the ones "
+                          "it trains on)")
     if dc.kind in TEXT_DATA and dc.eval_path:
         setup.eval_data = PromptData(read_prompts(dc.eval_path, "data.eval_path"), setup.conditioner, shape)
     probe = setup.data.batch(2, torch.device("cpu"))

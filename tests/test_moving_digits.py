@@ -167,3 +167,43 @@ def test_cli_distills_the_shipped_teacher_and_reports_the_video_metrics(tmp_path
     for key in (("teacher", 4), ("student", 1)):
         assert {"fd", "prompt_acc", "direction_acc", "temporal_consistency"} <= set(rows[key]), rows[key]
     assert list((tmp_path / "run").rglob("*.gif")), "no animated panels written"
+
+
+def test_data_moving_digits_text_gives_encoded_videos_with_their_captions(tmp_path, monkeypatch):
+    """data=moving_digits_text: the train split's videos through the teacher's VAE, each with the captions of its
+    own digit and direction; batches draw real latents beside the captions; an unknown kind names this one."""
+    from conftest import compose
+    from onestep.data import moving_digits as md
+    from onestep.experiment import add_data, load_teacher
+
+    monkeypatch.setattr(md, "TEXT_VIDEOS", 64)  # the shipped 4,096 take ~1 min to encode; the wiring is under test
+    cfg = compose(["experiment=moving_digits_dmd2", "data=moving_digits_text", f"out_root={tmp_path}"])
+    setup = add_data(cfg, load_teacher(cfg, tmp_path, progress=False), progress=False)
+    data = setup.data
+    assert data.latents.shape == (64, 4, 5, 8, 8) and len(data.captions) == 64
+    videos, labels, directions = moving_digits("train", 64, md.TEXT_SEED)
+    assert torch.allclose(data.latents[:4], setup.codec.encode(videos[:4]).float(), atol=1e-5)
+    for caps, d, r in zip(data.captions, labels.tolist(), directions.tolist()):
+        assert {(digit_of(c), direction_of(c)) for c in caps} == {(d, r)}, caps
+    torch.manual_seed(0)
+    b = data.batch(8, torch.device("cpu"))
+    assert b.real.shape == (8, 4, 5, 8, 8) and b.cond is not None
+    with pytest.raises(ConfigError, match="moving_digits_text"):
+        add_data(compose(["experiment=moving_digits_dmd2", "data.kind=no_such", f"out_root={tmp_path}"]),
+                 load_teacher(cfg, tmp_path, progress=False), progress=False)
+
+
+def test_train_tool_set_changes_sizes_and_refuses_unknown_keys():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    tool = importlib.import_module("train_moving_digits")
+    before = dict(tool.DIT), dict(tool.DIT_TRAIN)
+    try:
+        tool.apply_settings(["dit.num_layers=3", "dit_train.lr=0.0005"])
+        assert tool.DIT["num_layers"] == 3 and tool.DIT_TRAIN["lr"] == 0.0005
+        with pytest.raises(SystemExit, match="--set 'dit.no_such=1': expected SECTION.KEY=VALUE"):
+            tool.apply_settings(["dit.no_such=1"])
+    finally:
+        tool.DIT.update(before[0]), tool.DIT_TRAIN.update(before[1])

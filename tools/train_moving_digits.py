@@ -3,6 +3,7 @@
     python tools/train_moving_digits.py [--out FOLDER] [--vae-steps N] [--dit-steps N] [--threads 2]
     python tools/train_moving_digits.py --eval-only      # re-measure the quality of an existing folder
     python tools/train_moving_digits.py --vae-from F     # keep F's VAE, train text encoder + transformer again
+    python tools/train_moving_digits.py --set dit.num_layers=6 dit_train.lr=5e-4   # try other sizes / settings
 
 Every part is the Wan 2.1 part in miniature, so the folder loads with ``diffusers.WanPipeline.from_pretrained``
 (call it with height=16, width=16, num_frames=9, max_sequence_length=MAX_TOKENS):
@@ -71,6 +72,25 @@ SAMPLE_BATCH = 300
 #: the videos whose latents give latents_mean / latents_std
 STATS_VIDEOS = 2000
 GIF_PROMPTS = 16
+
+
+#: what --set SECTION.KEY=VALUE changes
+SECTIONS = {"vae": VAE, "dit": DIT, "text": TEXT, "vae_train": VAE_TRAIN, "dit_train": DIT_TRAIN}
+
+
+def apply_settings(settings: list[str]) -> None:
+    """--set SECTION.KEY=VALUE (VALUE read as JSON, else a string) into the module's tables, before anything is
+    built, so onestep.json records what was trained."""
+    for item in settings:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in SECTIONS or name not in SECTIONS[section]:
+            known = ", ".join(f"{s}.{k}" for s, table in SECTIONS.items() for k in table)
+            raise SystemExit(f"--set '{item}': expected SECTION.KEY=VALUE with one of {known}")
+        try:
+            SECTIONS[section][name] = json.loads(value)
+        except json.JSONDecodeError:
+            SECTIONS[section][name] = value
 
 
 def lr_lambda(warmup: int, steps: int):
@@ -364,7 +384,10 @@ def main() -> None:
     p.add_argument("--quality-samples", type=int, default=QUALITY_SAMPLES, help="videos per quality row")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--vae-from", help="a folder this tool wrote: reuse its VAE, train only text encoder + transformer")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help=f"change a size or training setting ({', '.join(SECTIONS)})")
     a = p.parse_args()
+    apply_settings(a.set)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     if a.eval_only:

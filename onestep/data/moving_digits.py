@@ -111,3 +111,18 @@ def captions_of(labels: torch.Tensor, directions: torch.Tensor, split: str = "tr
     """Every caption of ``split``'s templates for each (digit, direction)."""
     return [[caption(d, DIRECTIONS[r], t) for t in SPLITS[split]] for d, r in zip(labels.tolist(),
                                                                                    directions.tolist())]
+
+
+#: data=moving_digits_text: how many training videos (of the train split's digits) the source holds, and their seed
+TEXT_VIDEOS, TEXT_SEED = 4096, 0
+
+
+@torch.no_grad()
+def captioned_latents(codec, batch: int = 256) -> tuple[torch.Tensor, list[list[str]]]:
+    """``data=moving_digits_text``: TEXT_VIDEOS videos of the train split's digits encoded by ``codec`` (the teacher's
+    video VAE), each with every training-template caption of its digit and direction (the real videos that
+    objectives reading data train on, as data=digits_text gives the captioned-digits teacher its images)."""
+    videos, labels, directions = moving_digits("train", TEXT_VIDEOS, TEXT_SEED)
+    latents = torch.cat([codec.encode(videos[i:i + batch].to(codec.device, codec.dtype)).float().cpu()
+                         for i in range(0, len(videos), batch)])
+    return latents, captions_of(labels, directions)

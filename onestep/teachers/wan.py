@@ -16,9 +16,10 @@ class Wan(Family):
               "generator": ("attention",)}
     layouts = {KIND: Layout(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"), ("WanPipeline",),
                             "a Wan")}
-    data_kinds = ("prompts", "video_text")
+    data_kinds = ("prompts", "video_text", "moving_digits_text")
     data_hint = ("text: use data=prompts (data.path=<prompts.txt>) or data=video_text (data.path=<folder of videos + "
-                 ".txt captions>, for objectives that read real data)")
+                 ".txt captions>, for objectives that read real data; data=moving_digits_text for the shipped "
+                 "moving-digits teacher)")
     evaluation = "text_videos"
     network = "transformer"
     export_scheduler = "flow_steps"
