@@ -145,7 +145,8 @@ class CriticConfig:
 class DataConfig:
     kind: str = "gmm"
     #: prompts: a text file, one prompt per line; image_text: a folder of images, each with a same-name .txt caption;
-    #: video_text: a folder of videos (.gif, .webp, .mp4, .safetensors, .pt), each with a same-name .txt caption
+    #: video_text: a folder of videos (.gif, .webp, .mp4, .safetensors, .pt), each with a same-name .txt caption;
+    #: webdataset: tar shards, brace-expanded ('shards/{00000..01023}.tar'; several patterns joined by '::')
     path: Optional[str] = None
     #: content-addressed caches of text embeddings and image / video latents (None = <out_root>/cache)
     cache: Optional[str] = None
@@ -379,6 +380,8 @@ store("data", "gmm", DataConfig)
 store("data", "digits", DataConfig(kind="digits"))
 store("data", "prompts", DataConfig(kind="prompts"))
 store("data", "image_text", DataConfig(kind="image_text"))
+#: captioned images streamed from WebDataset tar shards, resumable (onestep/data/shards.py)
+store("data", "webdataset", DataConfig(kind="webdataset"))
 #: captioned videos for video teachers (onestep/data/video_text.py)
 store("data", "video_text", DataConfig(kind="video_text"))
 #: the shipped moving-digits videos with their captions, encoded by the teacher's VAE (onestep/data/moving_digits.py)

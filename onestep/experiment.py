@@ -19,7 +19,7 @@ from onestep.errors import ConfigError
 from onestep.pretrain import fit_dsm
 
 #: the data kinds of text-to-image runs (data.eval_path: held-out prompts for evaluation)
-TEXT_DATA = ("prompts", "image_text", "digits_text", "video_text", "moving_digits_text")
+TEXT_DATA = ("prompts", "image_text", "digits_text", "video_text", "moving_digits_text", "webdataset")
 
 
 def device_of(cfg) -> torch.device:
@@ -77,6 +77,10 @@ def _read_data_files(dc):
         return read_prompts(dc.path)
     if dc.kind == "image_text":
         return find_image_text_pairs(dc.path)
+    if dc.kind == "webdataset":
+        from onestep.data.shards import expand
+
+        return expand(dc.path)
     if dc.kind == "video_text":
         return find_video_text_pairs(dc.path)
     return None
@@ -113,13 +117,23 @@ def add_data(cfg, setup: Setup, files=None, progress: bool = True) -> Setup:
         from onestep.data.moving_digits import captioned_latents
 
         setup.data = ImageTextData(*captioned_latents(setup.codec), setup.conditioner, shape)
+    elif dc.kind == "webdataset":
+        from onestep.data.shards import ShardStream, WebData
+
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        setup.data = WebData(ShardStream(files, cfg.seed, rank, world), setup.conditioner, setup.codec,
+                             setup.conditioner.size, shape)
     else:  # a family that lists a data kind no source here builds
         raise ConfigError(f"data.kind '{dc.kind}' has no data source; use data=gmm, digits, prompts, image_text, "
-                          "digits_text, video_text or moving_digits_text (the family of teacher.kind names the ones "
-                          "it trains on)")
+                          "digits_text, video_text, moving_digits_text or webdataset (the family of teacher.kind "
+                          "names the ones it trains on)")
     if dc.kind in TEXT_DATA and dc.eval_path:
         setup.eval_data = PromptData(read_prompts(dc.eval_path, "data.eval_path"), setup.conditioner, shape)
+    position = setup.data.state_dict() if hasattr(setup.data, "state_dict") else None
     probe = setup.data.batch(2, torch.device("cpu"))
+    if position is not None:  # a streamed source: the probe must not move the position training starts from
+        setup.data.load_state_dict(position)
     if tuple(probe.noise.shape[1:]) != shape:
         raise ConfigError(f"data '{dc.kind}' gives samples of shape {tuple(probe.noise.shape[1:])} but the "
                           f"teacher expects {shape}; pick matching data= and teacher=")

@@ -116,9 +116,10 @@ class TextToImage(Family):
     fields = {"teacher": ("path", "negative_prompt", "resolution"),
               "eval": ("features", "inception_path", "reference", "stats_cache", "clip", "rewards"),
               "generator": ("attention",)}
-    data_kinds = ("prompts", "image_text", "digits_text")
+    data_kinds = ("prompts", "image_text", "webdataset", "digits_text")
     data_hint = ("text: use data=prompts (data.path=<prompts.txt>), data=image_text (data.path=<folder of images + "
-                 ".txt captions>) or data=digits_text (captioned digits, for the shipped digits_t2i teacher)")
+                 ".txt captions>), data=webdataset (data.path='shards/{00000..00099}.tar') or data=digits_text "
+                 "(captioned digits, for the shipped digits_t2i teacher)")
     evaluation = "text_images"
     network = "transformer"
     export_scheduler = "flow"

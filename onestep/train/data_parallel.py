@@ -106,7 +106,10 @@ class DataParallel:
         self._acc = acc
 
     def batch(self, data, batch_size: int, device) -> Batch:
-        """This rank's rows of the global batch (every rank draws the whole batch from the same RNG state)."""
+        """This rank's rows of the global batch (every rank draws the whole batch from the same RNG state; a source
+        that splits itself over the processes, ``per_rank``, as streamed shards do, gives this rank's rows itself)."""
+        if getattr(data, "per_rank", False):
+            return data.batch(self.n, device)
         b = data.batch(batch_size, device)
         if self.world == 1:
             return b

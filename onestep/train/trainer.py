@@ -110,6 +110,8 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
         fsdp.load_optimizer(opt_g, state["opt_generator"])  # (sliced into shards under FSDP)
         if opt_c is not None:
             fsdp.load_optimizer(opt_c, state["opt_critic"])
+        if state.get("data") is not None:  # a streamed source's position (data=webdataset), this process's own
+            built.data.load_state_dict(state["data"][acc.process_index])
         if acc.is_main_process:
             print(f"resuming from step {t.start} (checkpoint {state['checkpoint']})", flush=True)
     return t
@@ -172,12 +174,16 @@ def _role_update(t: Training, role: str, step: int, clock: PhaseClock, guard: St
             out = loss(t.nets, batch, step)
         _update(t.acc, t.networks, role, out, opt, t.cfg.trainer.grad_clip, guard)
     prefix = "gen" if role == "generator" else role
-    return {f"{prefix}/{k}": v.detach() for k, v in out.items()}
+    logs = {f"{prefix}/{k}": v.detach() for k, v in out.items()}
+    if hasattr(t.setup.data, "stats"):  # a streamed source's counters (data/skipped: samples that did not decode)
+        logs |= {k: torch.tensor(v, device=t.acc.device) for k, v in t.setup.data.stats().items()}
+    return logs
 
 
 def _save(t: Training, done: int, bad_steps: int, clock: PhaseClock) -> None:
     with clock("checkpoint"):  # every rank takes part (sharded states gather); the main process writes
         states, train_state = t.networks.checkpointed(), _state(done, t.opt_g, t.opt_c, bad_steps)
+        train_state["data"] = _data_positions(t)
         if t.acc.is_main_process:
             checkpoint.save(t.run_dir, done, states, train_state, keep=t.cfg.trainer.keep_checkpoints)
         t.acc.wait_for_everyone()
@@ -269,6 +275,19 @@ def _state(step, opt_g, opt_c, bad_steps) -> dict:
     if opt_c is not None:
         s["opt_critic"] = fsdp.gather(opt_c.state_dict())
     return s
+
+
+def _data_positions(t: Training) -> list[dict] | None:
+    """Every process's position in a resumable stream (data=webdataset), in rank order; None for in-memory data
+    (their batches are a function of (seed, step) alone)."""
+    if not hasattr(t.setup.data, "state_dict"):
+        return None
+    mine = t.setup.data.state_dict()
+    if t.acc.num_processes == 1:
+        return [mine]
+    every: list[dict | None] = [None] * t.acc.num_processes
+    torch.distributed.all_gather_object(every, mine)
+    return every
 
 
 def _plot_samples(setup, student, net, path):

@@ -1,0 +1,203 @@
+"""data=webdataset (onestep/data/shards.py): brace-expanded shard patterns, an epoch that delivers every sample once
+split over processes, corrupt samples and shards skipped and counted, precomputed latents used in place of the VAE,
+and a training run that resumes after a crash with exactly the samples its checkpoint had not yet trained on."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import Interrupt, compose, one_line
+from onestep.data.shards import ShardStream, expand
+from onestep.errors import ConfigError
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _png(image: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    u8 = ((image[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(u8, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder: Path, shards: int, per_shard: int, extra=None) -> list[str]:
+    """Digits (16 px PNG) + "a handwritten <digit>" captions, keys s<shard>_<i>; ``extra(tar, shard)`` adds members."""
+    from onestep.data.digits import load_digits_tensors
+
+    images, labels = load_digits_tensors("train", 16)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for s in range(shards):
+        with tarfile.open(folder / f"shard-{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                j = s * per_shard + i
+                key = f"s{s}_{i:03d}"
+                _add(tar, f"{key}.png", _png(images[j]))
+                _add(tar, f"{key}.txt", f"a handwritten {DIGIT_WORDS[int(labels[j])]}".encode())
+                keys.append(key)
+            if extra:
+                extra(tar, s)
+    return keys
+
+
+def _take(stream: ShardStream, n: int) -> list[str]:
+    return [next(stream)[0] for _ in range(n)]
+
+
+def test_patterns_expand_and_missing_shards_are_one_line(tmp_path):
+    write_shards(tmp_path, 3, 2)
+    both = expand(f"{tmp_path}/shard-{{00000..00001}}.tar::{tmp_path}/shard-00002.tar")
+    assert [Path(p).name for p in both] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    with pytest.raises(ConfigError) as e:
+        expand(f"{tmp_path}/shard-{{00000..00004}}.tar")
+    assert "2 of 5 shards do not exist (first: '" in one_line(e) and "shard-00003.tar" in one_line(e)
+    with pytest.raises(ConfigError, match="data.path is not set"):
+        expand(None)
+
+
+def test_an_epoch_delivers_every_sample_once_split_over_processes(tmp_path):
+    keys = write_shards(tmp_path, 4, 5)
+    paths = expand(f"{tmp_path}/shard-{{00000..00003}}.tar")
+    one = ShardStream(paths, seed=7)
+    epoch0, epoch1 = _take(one, 20), _take(one, 20)
+    assert sorted(epoch0) == sorted(keys) == sorted(epoch1) and epoch0 != epoch1  # reshuffled per epoch
+    assert _take(ShardStream(paths, seed=7), 20) == epoch0 and _take(ShardStream(paths, seed=8), 20) != epoch0
+    ranks = [ShardStream(paths, seed=7, rank=r, world=2) for r in range(2)]
+    halves = [_take(r, 10) for r in ranks]
+    assert sorted(halves[0] + halves[1]) == sorted(keys)  # disjoint shards, together the whole epoch
+    with pytest.raises(ConfigError, match="4 shards cannot be split over 5 processes"):
+        ShardStream(paths, seed=0, world=5)
+
+
+def test_position_round_trips_and_refuses_another_layout(tmp_path):
+    write_shards(tmp_path, 3, 4)
+    paths = expand(f"{tmp_path}/shard-{{00000..00002}}.tar")
+    a = ShardStream(paths, seed=1)
+    _take(a, 7)
+    b = ShardStream(paths, seed=1)
+    b.load_state_dict(a.state_dict())
+    assert _take(b, 11) == _take(a, 11)  # across the epoch boundary too
+    with pytest.raises(ConfigError) as e:
+        ShardStream(paths, seed=1, rank=0, world=2).load_state_dict(a.state_dict())
+    assert "for 3 shards over 1 processes, this run has 3 over 2" in one_line(e)
+
+
+def _corrupt(tar, shard):
+    if shard == 0:
+        _add(tar, "bad_image.png", b"not a png")
+        _add(tar, "bad_image.txt", b"a handwritten one")
+        _add(tar, "no_caption.png", _png(torch.zeros(1, 16, 16)))
+
+
+@pytest.fixture(scope="module")
+def t2i(tmp_path_factory):
+    """The shipped text-to-image digits teacher's conditioner and codec (teacher=sd15 code)."""
+    from onestep.experiment import load_teacher
+
+    root = tmp_path_factory.mktemp("t2i")
+    cfg = compose(["experiment=digits_t2i_lcm_lora", f"out_root={root}"])
+    return load_teacher(cfg, root, progress=False)
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path, t2i):
+    from onestep.data.shards import WebData
+
+    keys = write_shards(tmp_path, 2, 3, extra=_corrupt)
+    (tmp_path / "shard-00002.tar").write_bytes(b"\x00" * 100 + b"garbage")  # not a tar at all
+    paths = expand(f"{tmp_path}/shard-{{00000..00002}}.tar")
+    data = WebData(ShardStream(paths, seed=0), t2i.conditioner, t2i.codec, 16, t2i.teacher.data_shape)
+    data.delivered = []
+    b = data.batch(6, torch.device("cpu"))
+    assert sorted(data.delivered) == sorted(keys) and b.real.shape == (6, *t2i.teacher.data_shape)
+    assert data.stats() == {"data/skipped": 3.0}  # the broken PNG, the sample without caption, the broken shard
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.tar").write_bytes(b"garbage")
+    empty = WebData(ShardStream([str(tmp_path / "empty" / "x.tar")], seed=0), t2i.conditioner, t2i.codec, 16,
+                    t2i.teacher.data_shape)
+    with pytest.raises(ConfigError) as e:
+        empty.batch(1, torch.device("cpu"))
+    assert "hold no readable sample" in one_line(e)
+
+
+def test_precomputed_latents_replace_the_vae_and_images_equal_it(tmp_path, t2i):
+    from safetensors.torch import save
+
+    from onestep.data.digits import load_digits_tensors
+    from onestep.data.shards import WebData
+
+    images, _ = load_digits_tensors("train", 16)
+    eight_bit = ((images[:4] + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1  # what the PNG members hold
+    with torch.no_grad():
+        want = t2i.codec.encode(eight_bit).float()
+    write_shards(tmp_path / "img", 1, 4)
+    with tarfile.open(tmp_path / "lat.tar", "w") as tar:
+        for i in range(4):
+            _add(tar, f"s0_{i:03d}.latent.safetensors", save({"latent": torch.full(want.shape[1:], float(i))}))
+            _add(tar, f"s0_{i:03d}.txt", b"a handwritten one")
+    for path, expected in ((tmp_path / "img" / "shard-00000.tar", want),
+                           (tmp_path / "lat.tar", torch.arange(4.0).view(4, 1, 1, 1).expand_as(want))):
+        data = WebData(ShardStream([str(path)], seed=0), t2i.conditioner, t2i.codec, 16, t2i.teacher.data_shape)
+        data.delivered = []
+        b = data.batch(4, torch.device("cpu"))
+        order = [int(k.split("_")[1]) for k in data.delivered]
+        assert torch.allclose(b.real, expected[order], atol=1e-5), path
+
+
+@pytest.mark.slow
+def test_training_resumes_after_a_crash_with_the_samples_not_yet_trained_on(tmp_path, monkeypatch):
+    """digits_t2i_lcm_lora on 3 shards of 8: a run that crashes after its step-2 checkpoint (no save on the way
+    out, as under kill -9) and is rerun reads, from step 2 on, exactly the samples an uninterrupted run reads; the
+    samples of the first epoch are each trained on once. Every process's position is in the checkpoint."""
+    from onestep.data.shards import WebData
+    from onestep.train.trainer import train
+
+    keys = write_shards(tmp_path / "shards", 3, 8)
+    delivered: list[list[str]] = []
+    batch = WebData.batch
+
+    def recording(self, n, device):
+        if self.delivered is None:
+            self.delivered = []
+            delivered.append(self.delivered)
+        return batch(self, n, device)
+
+    monkeypatch.setattr(WebData, "batch", recording)
+    cfg = ["experiment=digits_t2i_lcm_lora", "data=webdataset",
+           f"data.path='{tmp_path}/shards/shard-{{00000..00002}}.tar'",  # quoted: braces are Hydra syntax
+           "trainer.steps=4",
+           "trainer.batch_size=4", "trainer.checkpoint_every=2", "trainer.progress=false", "eval.num_samples=8",
+           "eval.teacher_steps=[1]", "eval.student_steps=[1]", "eval.plot=false", f"out_root={tmp_path}"]
+    train(compose(cfg), tmp_path / "whole")
+    whole = delivered[-1][2:]  # the build's shape probe draws 2 and puts them back
+
+    def crash(step, logs):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(compose(cfg), tmp_path / "crashed", callbacks=(crash,))
+    first = delivered[-1][2:]
+    train(compose(cfg), tmp_path / "crashed")
+    rerun = delivered[-1][2:]
+    per_step = 4  # one batch per step: consistency distillation has no critic
+    assert first[: 3 * per_step] == whole[: 3 * per_step]
+    assert first[: 2 * per_step] + rerun == whole  # the rerun starts at the checkpoint's position
+    assert len(whole) == 16 and not [k for k, c in Counter(whole).items() if c > 1]  # within one 24-sample epoch
+    assert set(whole) <= set(keys)
+    state = torch.load(sorted((tmp_path / "whole" / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)
+    position = state["data"][0]  # (epoch, shard, sample): 16 of the epoch's 24 samples read, 8 per shard
+    assert position["epoch"] == 0 and 8 * position["shard"] + position["sample"] == 16, position
