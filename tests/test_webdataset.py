@@ -201,3 +201,35 @@ def test_training_resumes_after_a_crash_with_the_samples_not_yet_trained_on(tmp_
     state = torch.load(sorted((tmp_path / "whole" / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)
     position = state["data"][0]  # (epoch, shard, sample): 16 of the epoch's 24 samples read, 8 per shard
     assert position["epoch"] == 0 and 8 * position["shard"] + position["sample"] == 16, position
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("distributed")
+def test_two_processes_split_the_shards_and_each_resumes_its_own_position(tmp_path):
+    """torchrun, 2 gloo processes, 4 shards of 6: each process reads its own 2 shards (12 samples an epoch), the
+    checkpoint holds both positions (2 rows per step each), and a rerun with more steps continues from them to the
+    end of the epoch; the run's stats count no skipped sample."""
+    import json
+
+    from test_distributed import launch
+
+    write_shards(tmp_path / "shards", 4, 6)
+    args = ["experiment=digits_t2i_lcm_lora", "data=webdataset",
+            f"data.path='{tmp_path}/shards/shard-{{00000..00003}}.tar'", "trainer.batch_size=4",
+            "trainer.checkpoint_every=2", "trainer.log_every=1", "trainer.progress=false", "eval.num_samples=8",
+            "eval.teacher_steps=[1]", "eval.student_steps=[1]", "eval.plot=false", f"out_root={tmp_path}",
+            f"run_dir={tmp_path / 'run'}"]
+
+    def positions(step: int) -> list[tuple[int, int]]:
+        state = torch.load(tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "state.pt", weights_only=True)
+        return [(p["epoch"], 6 * p["shard"] + p["sample"]) for p in state["data"]]
+
+    done = launch("torchrun", [*args, "trainer.steps=4"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert positions(4) == [(0, 8), (0, 8)]  # 4 steps x 2 rows on each process
+    done = launch("torchrun", [*args, "trainer.steps=6"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step 4" in done.stdout + done.stderr
+    assert positions(6) == [(0, 12), (0, 12)]  # the rest of each process's epoch, nothing read twice
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["data/skipped"] for s in stats if "data/skipped" in s] == [0.0] * 6
