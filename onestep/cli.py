@@ -11,12 +11,15 @@
     onestep runs [out_root=runs]                   # the run folders: experiment, step, headline metric, status
     onestep eval run_dir=<run folder> [protocol=...] [watch=true poll_s=60] [eval.<key>=value ...]
                                                    # a run's checkpoints under one protocol -> <run>/eval/<protocol>.jsonl
+    onestep cache out=<folder> [shard_size=1000] experiment=... data=image_text|webdataset|prompts data.path=...
+                                                   # VAE latents + text embeddings once (torchrun: every process)
 
 Errors in user input (ConfigError) print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from onestep.errors import ConfigError
 from onestep.help import default_experiment, did_you_mean, leaf_keys, overview, unread_keys, unread_message
 
 CONFIG_PATH = "pkg://onestep.configs"
-COMMANDS = ("train", "bench", "sample", "export", "runs", "eval")
+COMMANDS = ("train", "bench", "sample", "export", "runs", "eval", "cache")
 USAGE = f"usage: onestep {{{'|'.join(COMMANDS)}}} [key=value ...]   (see README.md)"
 
 
@@ -263,6 +266,25 @@ def _eval(args: list[str]) -> None:
     print(f"rows: {out}")
 
 
+def _cache(args: list[str]) -> None:
+    from onestep.config import CacheConfig
+    from onestep.train.cache import cache
+
+    own = set(CacheConfig.__dataclass_fields__)
+    o = _options(CacheConfig, [a for a in args if a.split("=", 1)[0] in own], "cache")
+    overrides = [a for a in args if a.split("=", 1)[0] not in own]
+    try:
+        cfg = _compose(overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra's override grammar and unknown keys
+        _fail(_explain(e, overrides))
+    try:
+        info = cache(cfg, o.out, o.shard_size, o.progress)
+    except ConfigError as e:
+        _fail(str(e))
+    print(json.dumps(info, indent=2))
+    _leave_process_group()
+
+
 def _bench_overrides(args: list[str]) -> list[str]:
     """Hydra's run folder is the bench folder (bench.out, else <out_root>/bench/<experiment>: the experiment of the
     runs in bench.runs, else the composed one), with no .hydra/."""
@@ -359,7 +381,7 @@ def _help(command: str, args: list[str]) -> None:
     from onestep.help import schema_help, train_help
     from onestep.objectives import OBJECTIVES
 
-    if command in ("sample", "export", "runs", "eval"):
+    if command in ("sample", "export", "runs", "eval", "cache"):
         print(schema_help(command))
         return
     args = [a for a in args if not a.startswith("-")]
@@ -414,8 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in rest or "-h" in rest:
         _help(command, rest)
         return
-    if command in ("sample", "export", "runs", "eval"):
-        {"sample": _sample, "export": _export, "runs": _runs, "eval": _eval}[command](rest)
+    if command in ("sample", "export", "runs", "eval", "cache"):
+        {"sample": _sample, "export": _export, "runs": _runs, "eval": _eval, "cache": _cache}[command](rest)
         return
     _precheck(rest, command)
     if command == "bench" and not any(a.startswith("-") for a in rest):

@@ -330,6 +330,19 @@ class EvalRunConfig:
 
 
 @dataclass
+class CacheConfig:
+    """`onestep cache key=value ... [experiment=... teacher.* data.* ...]`: the teacher's VAE latents and text
+    embeddings of a dataset, computed once over every process of a launch (onestep/train/cache.py)."""
+
+    #: the folder for the cached tar shards (read them with data=webdataset data.path=<the printed pattern>);
+    #: not needed for data=prompts, whose embeddings go to the run's text-embedding cache (data.cache)
+    out: Optional[str] = None
+    #: samples per output shard
+    shard_size: int = 1000
+    progress: bool = True
+
+
+@dataclass
 class RunsConfig:
     """`onestep runs key=value ...`: the run folders under a folder, one line each."""
 

@@ -68,7 +68,7 @@ def _fit_or_read(net: Denoiser, clean, cfg, run_dir: Path, progress: bool) -> No
     print(f"teacher net: {tc.net_steps} DSM steps -> {cached}", flush=True)
 
 
-def _read_data_files(dc):
+def read_data_files(dc):
     """The data's own files (prompts, captioned images or videos), read before any model loads."""
     from onestep.data.text import find_image_text_pairs, read_prompts
     from onestep.data.video_text import find_video_text_pairs
@@ -87,11 +87,11 @@ def _read_data_files(dc):
 
 
 def add_data(cfg, setup: Setup, files=None, progress: bool = True) -> Setup:
-    """``setup`` with its training (and evaluation) data; ``files``: what ``_read_data_files`` read, if it ran."""
+    """``setup`` with its training (and evaluation) data; ``files``: what ``read_data_files`` read, if it ran."""
     from onestep.data.text import ImageTextData, PromptData, read_prompts
 
     dc, shape = cfg.data, tuple(setup.teacher.data_shape)
-    files = _read_data_files(dc) if files is None else files
+    files = read_data_files(dc) if files is None else files
     if dc.kind == "gmm":
         from onestep.data.gmm import GMMData
 
@@ -149,7 +149,7 @@ def check_data_kind(cfg) -> None:
 def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
     check_data_kind(cfg)
     check_attention(cfg.generator.attention)  # before any teacher pretraining
-    files = _read_data_files(cfg.data)
+    files = read_data_files(cfg.data)
     return add_data(cfg, load_teacher(cfg, run_dir, progress), files, progress)
 
 

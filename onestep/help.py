@@ -25,12 +25,13 @@ COMMANDS = {
     "export": "a run's student -> a diffusers pipeline folder: onestep export run_dir=... out=...",
     "runs": "the run folders under out_root: experiment, step, headline metric, status",
     "eval": "a run's checkpoints under one protocol, now or as they appear: onestep eval run_dir=... [watch=true]",
+    "cache": "VAE latents and text embeddings of a dataset, once, over every process: onestep cache out=... data=...",
 }
 
 #: data.<field> -> the data kinds that read it
-DATA_FIELDS = {"path": ("prompts", "image_text", "video_text"),
-               "cache": ("prompts", "image_text", "digits_text", "video_text"),
-               "eval_path": ("prompts", "image_text", "digits_text", "video_text")}
+DATA_FIELDS = {"path": ("prompts", "image_text", "video_text", "webdataset"),
+               "cache": ("prompts", "image_text", "digits_text", "video_text", "webdataset", "moving_digits_text"),
+               "eval_path": ("prompts", "image_text", "digits_text", "video_text", "webdataset", "moving_digits_text")}
 #: sections `train --help` shows, in order (bench has its own command)
 SECTIONS = ("teacher", "generator", "critic", "objective", "data", "trainer", "eval")
 
@@ -191,7 +192,8 @@ def command_schema(command: str) -> type | None:
     from onestep import config
 
     return {"sample": config.SampleConfig, "export": config.ExportConfig, "bench": config.BenchConfig,
-            "runs": getattr(config, "RunsConfig", None), "eval": config.EvalRunConfig}.get(command)
+            "runs": getattr(config, "RunsConfig", None), "eval": config.EvalRunConfig,
+            "cache": config.CacheConfig}.get(command)
 
 
 def schema_help(command: str) -> str:
@@ -208,6 +210,9 @@ def schema_help(command: str) -> str:
         lines += ["", "plus any `onestep train` key (experiment=..., eval.num_samples=...) for the protocol"]
     if command == "eval":
         lines += ["", "plus eval.<key>=value (eval.num_samples=..., eval.reference=...): the run's eval section, changed"]
+    if command == "cache":
+        lines += ["", "plus the `onestep train` keys naming the teacher and data (experiment=..., teacher.path=..., "
+                  "data=..., data.path=...)"]
     return "\n".join(lines)
 
 

@@ -233,3 +233,137 @@ def test_two_processes_split_the_shards_and_each_resumes_its_own_position(tmp_pa
     assert positions(6) == [(0, 12), (0, 12)]  # the rest of each process's epoch, nothing read twice
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert [s["data/skipped"] for s in stats if "data/skipped" in s] == [0.0] * 6
+
+
+# ---- onestep cache --------------------------------------------------------------------------------------------
+
+def _digit_folder(folder: Path, n: int) -> list[tuple[str, str]]:
+    """n digits as a.png + a.txt, plus one broken image with a caption and one image without (both skipped)."""
+    from onestep.data.digits import load_digits_tensors
+
+    images, labels = load_digits_tensors("train", 16)
+    folder.mkdir(parents=True)
+    out = []
+    for i in range(n):
+        (folder / f"d{i:02d}.png").write_bytes(_png(images[i]))
+        caption = f"a handwritten {DIGIT_WORDS[int(labels[i])]}"
+        (folder / f"d{i:02d}.txt").write_text(caption)
+        out.append((f"d{i:02d}", caption))
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a handwritten one")
+    return out
+
+
+def _cache_cfg(tmp_path, *extra):
+    return compose(["experiment=digits_t2i_lcm_lora", f"out_root={tmp_path}", *extra])
+
+
+def test_cache_writes_latent_and_embedding_shards_that_training_reads_without_encoders(tmp_path, t2i, monkeypatch):
+    from safetensors.torch import load
+
+    from onestep.data.shards import WebData
+    from onestep.train.cache import cache
+
+    samples = _digit_folder(tmp_path / "imgs", 9)
+    cfg = _cache_cfg(tmp_path, "data=image_text", f"data.path={tmp_path / 'imgs'}")
+    info = cache(cfg, tmp_path / "cached", shard_size=4, progress=False)
+    assert (info["shards"], info["inputs"], info["written_now"], info["skipped_now"]) == (3, 10, 9, 1)
+    assert info["pattern"] == f"{tmp_path / 'cached'}/{{00000..00002}}.tar"
+    assert (tmp_path / "cached" / "cache.json").is_file()
+    # the members equal the teacher's own encodings of the same PNG and caption
+    with tarfile.open(tmp_path / "cached" / "00000.tar") as tar:
+        names = tar.getnames()
+        key = names[0].split(".")[0]
+        latent = load(tar.extractfile(f"{key}.latent.safetensors").read())["latent"]
+        emb = load(tar.extractfile(f"{key}.emb.safetensors").read())
+        caption = tar.extractfile(f"{key}.txt").read().decode()
+    assert len(names) == 9 and dict(samples)[key] == caption  # broken.png sorts first: 3 good of 4, 3 members each
+    from onestep.data.text import _load_image
+
+    with torch.no_grad():
+        want = t2i.codec.encode(_load_image(tmp_path / "imgs" / f"{key}.png", 16).mean(0, keepdim=True)[None])[0]
+        fields = t2i.conditioner.text.encode([caption])
+    assert torch.allclose(latent, want, atol=1e-6)
+    assert set(emb) == set(fields) and all(torch.equal(emb[k], fields[k][0]) for k in fields)
+    # a rerun finds every shard done
+    again = cache(cfg, tmp_path / "cached", shard_size=4, progress=False)
+    assert again["written_now"] == 0 and again["shards"] == 3
+
+    # training reads them with neither encoder (both made to fail), and the Cond equals the conditioner's own
+    paths = expand(info["pattern"])
+    data = WebData(ShardStream(paths, seed=0), t2i.conditioner, t2i.codec, 16, t2i.teacher.data_shape)
+    data.delivered = []
+
+    def no_encoder(*a, **k):
+        raise AssertionError("an encoder ran")
+
+    t2i.conditioner.text.null_fields(t2i.conditioner.negative_prompt)  # the negative prompt: encoded once a run
+
+    with monkeypatch.context() as m:
+        m.setattr(t2i.codec, "encode", no_encoder)
+        m.setattr(t2i.conditioner.text, "encode", no_encoder)
+        b = data.batch(9, torch.device("cpu"))
+    assert sorted(data.delivered) == sorted(k for k, _ in samples)
+    texts = [dict(samples)[k] for k in data.delivered]
+    assert not any(t2i.conditioner.cache.path(t).is_file() for t in texts)  # the shards' fields, not the cache's
+    t2i.conditioner.cache.ensure(texts)
+    want = t2i.conditioner(texts)  # what the run would compute from the captions
+    assert set(b.cond.fields) == set(want.fields) and all(torch.equal(b.cond.fields[k], want.fields[k])
+                                                          for k in want.fields)
+
+
+def test_cached_shards_of_another_teacher_are_refused_and_bad_input_is_one_line(tmp_path, t2i, monkeypatch):
+    from onestep.data.shards import WebData
+    from onestep.train.cache import cache
+
+    _digit_folder(tmp_path / "imgs", 2)
+    cfg = _cache_cfg(tmp_path, "data=image_text", f"data.path={tmp_path / 'imgs'}")
+    info = cache(cfg, tmp_path / "cached", progress=False)
+    data = WebData(ShardStream(expand(info["pattern"]), seed=0), t2i.conditioner, t2i.codec, 16,
+                   t2i.teacher.data_shape)
+    monkeypatch.setitem(t2i.codec.__dict__, "name", "another-vae")
+    with pytest.raises(ConfigError) as e:
+        data.batch(1, torch.device("cpu"))
+    assert "cached with codec" in one_line(e) and "rerun onestep cache with this teacher" in one_line(e)
+    for args, match in (([], "out is not set"), (["shard_size=0"], "shard_size=0 must be at least 1")):
+        o = {"out": None if not args else tmp_path / "x", "shard_size": 0 if args else 1000}
+        with pytest.raises(ConfigError, match=match):
+            cache(cfg, o["out"], o["shard_size"], progress=False)
+    with pytest.raises(ConfigError, match="onestep cache reads data=image_text, data=webdataset or data=prompts"):
+        cache(_cache_cfg(tmp_path), tmp_path / "y", progress=False)  # data=digits_text: in memory already
+
+
+def test_cache_of_a_prompt_file_fills_the_embedding_cache(tmp_path):
+    from onestep.train.cache import cache
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a handwritten one\na handwritten two\n")
+    info = cache(_cache_cfg(tmp_path, "data=prompts", f"data.path={prompts}"), None, progress=False)
+    assert info["prompts"] == 2 and info["encoded_here"] == 2
+    assert len(list(Path(info["cache"]).glob("*.safetensors"))) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("distributed")
+def test_cache_over_two_processes_writes_every_shard_once(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import _free_port
+
+    _digit_folder(tmp_path / "imgs", 10)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+           "-m", "onestep.cli", "cache", f"out={tmp_path / 'cached'}", "shard_size=3", "progress=false",
+           "experiment=digits_t2i_lcm_lora", "data=image_text", f"data.path={tmp_path / 'imgs'}",
+           f"out_root={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((tmp_path / "cached" / "cache.json").read_text())
+    assert (info["shards"], info["written_now"], info["skipped_now"]) == (4, 10, 1), info
+    keys = []
+    for path in expand(info["pattern"]):
+        with tarfile.open(path) as tar:
+            keys += [n.split(".")[0] for n in tar.getnames() if n.endswith(".txt")]
+    assert sorted(keys) == [f"d{i:02d}" for i in range(10)]

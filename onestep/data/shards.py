@@ -1,6 +1,8 @@
 """``data=webdataset``: captioned images streamed from tar shards, in the WebDataset layout (members that share a
-key before the first dot form one sample: ``000123.jpg`` + ``000123.txt``, optionally ``000123.latent.safetensors``
-holding a precomputed VAE latent under the name ``latent``).
+key before the first dot form one sample: ``000123.jpg`` + ``000123.txt``; ``onestep cache`` writes
+``000123.latent.safetensors`` (the VAE latent, ``latent``) and ``000123.emb.safetensors`` (the caption's text-encoder
+fields) instead of the image, so that training runs neither encoder; their metadata names the codec / encoder, and
+a run with another teacher is refused in one line).
 
 ``data.path`` takes one or more brace-expanded patterns (``shards/{00000..01023}.tar``, several separated by
 ``::`` as webdataset writes them). The order of an epoch is a function of ``seed`` and the epoch alone: the shard
@@ -18,16 +20,20 @@ whole epoch yields nothing, which is a one-line error.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import torch
+
+from safetensors.torch import load_file
 
 from onestep.core import Batch
 from onestep.errors import ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 LATENT_EXT = "latent.safetensors"
+EMB_EXT = "emb.safetensors"  # the text encoder's fields of the caption (onestep cache writes them)
 
 
 def expand(spec, key: str = "data.path") -> list[str]:
@@ -135,7 +141,8 @@ class WebData:
         self.channels = int(getattr(codec.vae.config, "in_channels", 3))  # 1: a greyscale VAE (the digits teacher)
         self.delivered: list[str] | None = None  # keys handed out, when a caller asks for the record (tests, audits)
 
-    def _decode(self, files: dict[str, bytes]) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    def _decode(self, files: dict[str, bytes]) -> tuple[torch.Tensor | None, torch.Tensor | None, str, dict | None]:
+        """(image or None, latent or None, caption, text-encoder fields or None) of one sample."""
         from PIL import Image
 
         from onestep.data.text import square_rgb
@@ -143,20 +150,32 @@ class WebData:
         caption = files.get("txt", b"").decode("utf-8", errors="strict").strip()
         if not caption:
             raise ValueError("no caption")
+        fields = self._cached(files, EMB_EXT, "text_encoder", self.cond.text.name) if EMB_EXT in files else None
         if LATENT_EXT in files:
-            from safetensors.torch import load
-
-            z = load(files[LATENT_EXT])["latent"].float()
+            z = self._cached(files, LATENT_EXT, "codec", self.codec.name)["latent"].float()
             if tuple(z.shape) != self.data_shape:
                 raise ValueError(f"latent of shape {tuple(z.shape)}")
-            return None, z, caption
+            return None, z, caption, fields
         ext = next((e for e in IMAGE_EXTS if e in files), None)
         if ext is None:
             raise ValueError("no image")
         with Image.open(io.BytesIO(files[ext])) as im:
             im.load()
             x = square_rgb(im, self.size)
-        return (x.mean(0, keepdim=True) if self.channels == 1 else x), None, caption
+        return (x.mean(0, keepdim=True) if self.channels == 1 else x), None, caption, fields
+
+    @staticmethod
+    def _cached(files: dict[str, bytes], ext: str, what: str, expected: str) -> dict[str, torch.Tensor]:
+        """A member onestep cache wrote, refused in one line when another codec / encoder made it."""
+        from safetensors.torch import load
+
+        data = files[ext]
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # the safetensors layout
+        made_by = header.get("__metadata__", {}).get(what)
+        if made_by is not None and made_by != expected:
+            raise ConfigError(f"data.path: a .{ext} member was cached with {what} {made_by[:12]}..., this run's "
+                              f"teacher has {expected[:12]}...; rerun onestep cache with this teacher")
+        return load(files[ext])
 
     def samples(self, n: int) -> list[tuple[str, torch.Tensor | None, torch.Tensor | None, str]]:
         out = []
@@ -164,13 +183,15 @@ class WebData:
             key, files = next(self.stream)
             try:
                 out.append((key, *self._decode(files)))
+            except ConfigError:  # shards made for another teacher: not a corrupt sample
+                raise
             except (ValueError, OSError, UnicodeDecodeError, KeyError):  # PIL raises OSError subclasses
                 self.stream.skipped += 1
         return out
 
     @torch.no_grad()
     def batch(self, n: int, device) -> Batch:
-        rows = self.samples(n)
+        rows = self.samples(n)  # (key, image, latent, caption, fields)
         if self.delivered is not None:
             self.delivered += [r[0] for r in rows]
         latents: list[torch.Tensor | None] = [r[2] for r in rows]
@@ -180,9 +201,12 @@ class WebData:
             for i, z in zip(todo, self.codec.encode(images).float().cpu()):
                 latents[i] = z
         texts = [r[3] for r in rows]
-        self.cond.cache.ensure(sorted(set(texts)))
+        self.cond.cache.ensure([t for t, r in zip(texts, rows) if r[4] is None])  # captions without cached fields
+        per_row = [r[4] if r[4] is not None else load_file(str(self.cond.cache.path(r[3]))) for r in rows]
+        fields = {k: torch.stack([row[k] for row in per_row]) for k in per_row[0]}
+        cond = self.cond.text.assemble(texts, fields, self.cond.negative_prompt, self.size, self.size)
         noise = torch.randn(n, *self.data_shape)
-        return Batch(noise=noise.to(device), cond=self.cond(texts).to(device), real=torch.stack(latents).to(device))
+        return Batch(noise=noise.to(device), cond=cond.to(device), real=torch.stack(latents).to(device))
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
