@@ -5,10 +5,11 @@
     seed this step's RNG -> critic updates (objective.critic_updates times) -> one generator update
     -> EMA / targets -> bad-step count (guard.py) -> stats line (step_log.py) -> checkpoint -> periodic eval/samples
 An update whose loss or gradients are non-finite on any rank has its gradients zeroed (guard.py).
-A step counts optimizer updates: with trainer.grad_accum = K each update (critic and generator alike) backpropagates
-K micro-batches of trainer.batch_size, each loss scaled by 1 / K, and steps once on the sum: the update of one batch
-of K batch_size rows (data_parallel.py places every micro-batch's rows and draws), gradients reduced once, after the
-last micro-batch. Checkpoints fall between updates, so resume is unchanged.
+Gradient accumulation (trainer.grad_accum = K): each update, critic and generator alike, backpropagates K
+micro-batches of trainer.batch_size, each loss scaled by 1 / K, and steps once on the sum: the update of one batch of
+K batch_size rows (data_parallel.py places every micro-batch's rows and draws), its gradients reduced once, after the
+last micro-batch. Steps, TTUR, warm-ups, EMA, logs and checkpoints count updates, never micro-batches; checkpoints
+fall between updates, so resume is unchanged.
 Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
 is picked up; every step reseeds from (seed, step), so an interrupted and resumed run is
 bit-identical to an uninterrupted one. Under N processes (torchrun / accelerate launch) each takes its rows of
