@@ -140,6 +140,42 @@ def test_every_objective_accumulates_exactly_or_refuses(tmp_path, experiment, gr
             torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=f"{f.stem}.{k}")
 
 
+def test_micro_batch_draws_put_together_are_the_big_batch_draws():
+    """DataParallel's placement, exactly: 2 ranks x 3 micro-batches of n rows, each micro-batch drawing under
+    ``draws(k)`` from the step's seed; put back in place (slot k W + r), the rows equal one process drawing for
+    6 n rows at once, the draws that are not per row come out as the one process's, and after the last micro-batch the
+    RNG stands where the one process's does."""
+    from types import SimpleNamespace
+
+    from onestep.train.data_parallel import DataParallel
+
+    n, world, accum = 3, 2, 3
+
+    def draws(rows: int) -> list[torch.Tensor]:
+        x = torch.zeros(rows, 2)
+        return [torch.randn(rows, 4), torch.rand(rows, dtype=torch.float64), torch.randint(0, 7, (rows,)),
+                torch.randn_like(x), torch.rand(2 * rows, 3), torch.randint(0, 5, ()), torch.rand(5)]
+
+    torch.manual_seed(0)
+    whole, after = draws(n * world * accum), torch.rand(4)
+    slots = {}
+    for rank in range(world):
+        dp = DataParallel(SimpleNamespace(num_processes=world, process_index=rank, device=torch.device("cpu")),
+                          n * world, accum)
+        torch.manual_seed(0)
+        for k in range(accum):
+            with dp.draws(k):
+                slots[k * world + rank] = draws(n)
+        assert torch.equal(torch.rand(4), after), rank
+    for i, w in enumerate(whole):
+        if w.ndim == 0 or w.shape[0] % n:
+            assert all(torch.equal(p[i], w) for p in slots.values()), i
+            continue
+        blocks = w.shape[0] // (n * world * accum)
+        glued = torch.stack([slots[s][i].view(blocks, n, *w.shape[1:]) for s in sorted(slots)], 1).reshape(w.shape)
+        assert torch.equal(glued, w), i
+
+
 def test_accumulated_run_resumes_bit_identically(tmp_path):
     """Killed after step 7 (checkpoint at 4) and rerun, a grad_accum=2 run ends bit-identical to one never stopped:
     checkpoints are written between updates, and an update's micro-batches depend only on (seed, step)."""
