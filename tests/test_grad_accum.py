@@ -37,10 +37,12 @@ STEPS = 6
 COMMON = ["teacher.net_steps=40", "teacher.net_hidden=32", f"trainer.steps={STEPS}", "trainer.checkpoint_every=3",
           "trainer.log_every=1", "trainer.progress=false", "trainer.log_with=none", "eval.num_samples=64",
           "eval.teacher_steps=[2]", "eval.plot=false"]
-#: the equivalence's objectives (tests/test_distributed.py's CASES: critic + GAN-free DMD2 with regression pairs, SiD,
-#: sCD with its JVP and log-variance head)
+#: the equivalence's objectives (tests/test_distributed.py's CASES: DMD2 with a critic and regression pairs, SiD, sCD
+#: with its JVP and log-variance head), and DMD2 with its GAN head on the critic's features (real and fake rows)
 CASES = {
     "dmd2": ["experiment=gmm_dmd2", "objective.regression_pairs=64", "objective.regression_steps=4"],
+    "dmd2_gan": ["experiment=gmm_dmd2", "objective.regression_weight=0", "objective.discriminator=critic",
+                 "objective.gan_weight=0.1"],
     "sid": ["experiment=gmm_sid"],
     "scd": ["experiment=gmm_scd"],
 }
