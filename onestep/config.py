@@ -163,8 +163,14 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
+    #: training steps, each objective.ttur critic updates and one generator update (warm-ups, EMA, logging and
+    #: checkpoints count steps, whatever trainer.grad_accum)
     steps: int = 1000
+    #: samples of one micro-batch, every process together (the global batch when trainer.grad_accum=1)
     batch_size: int = 512
+    #: gradient accumulation: micro-batches per optimizer update, critic and generator alike; the update is the one of
+    #: a batch of batch_size * grad_accum samples (under several processes gradients are reduced once per update)
+    grad_accum: int = 1
     generator_optim: OptimConfig = field(default_factory=OptimConfig)
     critic_optim: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float = 10.0

@@ -85,6 +85,16 @@ def whole(net: nn.Module):
             m.set_reshard_after_forward(True, recurse=False)
 
 
+def sync_gradients(net: nn.Module, sync: bool) -> None:
+    """FSDP2's gradient reduce-scatter after ``net``'s backward on (``sync``) or off: off, every unit keeps its
+    unsharded gradients and adds the next backward's to them, reduced once when a backward runs with it on (the
+    first micro-batches of an accumulated update). A no-op for a plain module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(net, FSDPModule):
+        net.set_requires_gradient_sync(sync)  # (recurses into the block units)
+
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without torch.distributed: nothing is ever sharded

@@ -481,6 +481,13 @@ class Networks:
                     p.grad.copy_(g)
             offset += p.numel()
 
+    def sync_gradients(self, role: str, sync: bool) -> None:
+        """Whether the next backward of ``role`` reduce-scatters its FSDP shards' gradients (``sync``) or keeps them
+        local to add the next micro-batch's (gradient accumulation); replicated gradients wait for
+        ``reduce_gradients`` either way. A no-op unless sharded."""
+        if self.sharded and role in self.roles:
+            fsdp.sync_gradients(self.roles[role].module, sync)
+
     def checkpointed(self) -> dict:
         """name -> object with state_dict / load_state_dict: every role but the teacher, and the heads. Sharded
         roles are gathered here, so every rank must call it (the main process then writes)."""

@@ -46,6 +46,7 @@ T5_TOKENS = Range(lambda v: 1 <= v <= 512, "integer in 1..512")
 RANGES: dict[str, tuple[Range, str]] = {
     "trainer.steps": (COUNT, "total training steps"),
     "trainer.batch_size": (COUNT, "samples per update"),
+    "trainer.grad_accum": (COUNT, "micro-batches per optimizer update; 1 = no gradient accumulation"),
     "trainer.generator_optim.lr": (POSITIVE, "the generator's AdamW learning rate"),
     "trainer.generator_optim.weight_decay": (NON_NEGATIVE, "the generator's AdamW weight decay"),
     "trainer.critic_optim.lr": (POSITIVE, "the critic's AdamW learning rate"),
@@ -131,6 +132,11 @@ def check_config(cfg) -> None:
     check_attention(cfg.generator.attention)
     check_networks(cfg)
     objective = make_objective(cfg.objective, generate=None)  # the objective's own hyperparameter checks
+    refusal = objective.accumulation_refusal() if cfg.trainer.grad_accum > 1 else None
+    if refusal:
+        raise ConfigError(f"trainer.grad_accum={cfg.trainer.grad_accum} with objective={cfg.objective.name}: {refusal}, "
+                          "so micro-batches would not add up to one batch; pass trainer.grad_accum=1 (a larger "
+                          "trainer.batch_size)")
     for name, path in objective.run_weights().items():  # weights of other runs: the files exist
         generator_weights_file(path, f"objective.{name}")
     for name, folder in objective.data_streams().items():  # an objective's second data stream: captioned stills

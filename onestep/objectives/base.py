@@ -91,6 +91,13 @@ class Objective:
         networks), said as "generator.<key>=<value>: <what the generator does>"; None = it exports."""
         return None
 
+    def accumulation_refusal(self) -> str | None:
+        """Why K micro-batches of this objective's losses would not give the loss of their K·B rows together
+        (trainer.grad_accum), said as "objective.<key>=<value> <what ties the rows of a batch>": a statistic of the
+        whole batch (a normalisation over it), a share of its rows treated differently. None = every loss is a mean of
+        per-row terms whose draws the trainer can place (onestep/train/data_parallel.py), so the micro-batches add up."""
+        return None
+
     @property
     def critic_updates(self) -> int:
         return self.cfg.ttur if "critic" in self.networks or self.trains_critic_modules else 0

@@ -191,6 +191,10 @@ class FDistill(CriticObjective):
                               "0 <= ratio_lower < ratio_upper (FastGen: 0.1, 20)")
         check_t_range(cfg)
 
+    def accumulation_refusal(self):
+        return (f"objective.normalization={self.cfg.normalization} divides the density-ratio weights by their means "
+                "over the batch")
+
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         x = self.generate(nets, batch)
         c = self.cfg

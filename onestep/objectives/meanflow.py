@@ -144,7 +144,9 @@ class MeanFlow(Objective):
     def sample_tr(self, schedule, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, r), t >= r: logit-normal pair through the schedule, then the r = t and r = 0 buckets."""
         c = self.cfg
-        u = torch.sigmoid(c.p_mean + c.p_std * torch.randn(2, n, dtype=torch.float64))
+        # (2 n) rows viewed as two draws of n: the numbers of randn(2, n), in the two-block layout that data-parallel
+        # ranks and accumulated micro-batches slice their rows from (onestep/train/data_parallel.py)
+        u = torch.sigmoid(c.p_mean + c.p_std * torch.randn(2 * n, dtype=torch.float64).view(2, n))
         a, b = schedule.t_from_unit(u[0]), schedule.t_from_unit(u[1])
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         bucket = torch.rand(n, dtype=torch.float64)

@@ -88,6 +88,12 @@ class TCM(ConsistencyDistillation):
                               f"stage1_steps={cfg.stage1_steps}): pass objective.stage1=<run folder of a consistency "
                               f"run> or objective.stage1_steps=N (N > 0 steps of CD first)")
 
+    def accumulation_refusal(self):
+        if self.cfg.boundary_prob > 0:
+            return (f"objective.boundary_prob={self.cfg.boundary_prob} puts the first floor(B p) rows of each batch "
+                    "on the boundary pair")
+        return None
+
     def run_weights(self):
         return {"stage1": self.cfg.stage1} if self.cfg.stage1 else {}
 

@@ -15,11 +15,19 @@ Rank r of W holds rows [r n, (r+1) n) of the global batch, n = B / W:
 Not covered, so those runs are valid data-parallel runs but not the 1-process numbers: random ops whose
 randomness depends on per-row inputs (``torch.bernoulli`` of a probability tensor, ``nn.Dropout`` in a
 network, multinomial over per-row weights).
+
+Gradient accumulation (trainer.grad_accum = K) is the same placement one level up: an update's K micro-batches of B
+rows are the K B rows of one big batch, and micro-batch k on rank r holds the rows of slot k W + r of K W slots of n
+rows. Every rank draws the K B rows of data at once; every micro-batch makes the update's draws at the K B size from
+the RNG state the first one began with (``draws`` puts the state back after each micro-batch but the last) and keeps
+its slot's rows; the last leaves the RNG where the big batch's update would. So K micro-batches of B, each loss
+scaled by 1 / K, give the gradients, and the update, of one batch of K B rows (up to float summation order).
+Objectives whose loss is not a mean of per-row terms refuse K > 1 (``Objective.accumulation_refusal``).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -95,31 +103,38 @@ class SameDraws(TorchFunctionMode):
 
 
 class DataParallel:
-    """This process's share of each global batch (see the module docstring); one process: the identity."""
+    """This process's share of each global batch and of each micro-batch (see the module docstring); one process
+    without accumulation: the identity."""
 
-    def __init__(self, acc, batch_size: int):
+    def __init__(self, acc, batch_size: int, accum: int = 1):
         self.world, self.rank = acc.num_processes, acc.process_index
         if batch_size % self.world:
             raise ConfigError(f"trainer.batch_size={batch_size} is the global batch and must divide evenly over "
                               f"the {self.world} processes; pass a multiple of {self.world}")
         self.n = batch_size // self.world
+        self.accum = accum
         self._acc = acc
 
-    def batch(self, data, batch_size: int, device) -> Batch:
-        """This rank's rows of the global batch (every rank draws the whole batch from the same RNG state; a source
-        that splits itself over the processes, ``per_rank``, as streamed shards do, gives this rank's rows itself)."""
+    def batches(self, data, device) -> list[Batch]:
+        """This rank's rows of each of the update's ``accum`` micro-batches (every rank draws all of their rows from
+        the same RNG state; a source that splits itself over the processes, ``per_rank``, as streamed shards do,
+        gives this rank's rows of each micro-batch itself)."""
         if getattr(data, "per_rank", False):
-            return data.batch(self.n, device)
-        b = data.batch(batch_size, device)
-        if self.world == 1:
-            return b
-        rows = slice(self.rank * self.n, (self.rank + 1) * self.n)
-        return Batch(noise=b.noise[rows], cond=None if b.cond is None else b.cond[rows],
-                     real=None if b.real is None else b.real[rows])
+            return [data.batch(self.n, device) for _ in range(self.accum)]
+        b = data.batch(self.accum * self.world * self.n, device)
+        if self.accum * self.world == 1:
+            return [b]
+        return [_rows(b, slice(s * self.n, (s + 1) * self.n))
+                for s in (k * self.world + self.rank for k in range(self.accum))]
 
-    def draws(self):
-        """The context the losses run in."""
-        return SameDraws(self.n, self.world, self.rank) if self.world > 1 else nullcontext()
+    @contextmanager
+    def draws(self, k: int = 0):
+        """The context the losses of micro-batch ``k`` run in."""
+        slots = self.world * self.accum
+        place = SameDraws(self.n, slots, k * self.world + self.rank) if slots > 1 else nullcontext()
+        replay = _kept_rng(self._acc.device) if k < self.accum - 1 else nullcontext()
+        with replay, place:
+            yield
 
     def mean(self, logs: dict[str, float]) -> dict[str, float]:
         """Logged scalars averaged over ranks (a mean over the global batch); every rank must call it."""
@@ -128,3 +143,16 @@ class DataParallel:
         values = self._acc.reduce(torch.tensor(list(logs.values()), dtype=torch.float64, device=self._acc.device),
                                   reduction="mean")
         return dict(zip(logs, values.tolist()))
+
+
+def _rows(b: Batch, rows: slice) -> Batch:
+    return Batch(noise=b.noise[rows], cond=None if b.cond is None else b.cond[rows],
+                 real=None if b.real is None else b.real[rows])
+
+
+def _kept_rng(device):
+    """Inside, torch's global RNG (the CPU's and ``device``'s) draws as usual; on leaving it is back where it was."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)

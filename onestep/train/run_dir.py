@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from onestep import checkpoint
+from onestep.config import Config
 from onestep.errors import ConfigError
 
 #: keys that may differ when resuming (extending a run, toggling progress output or tracking, sharding or not)
@@ -89,7 +90,8 @@ def _differences(old, new, prefix: str = "") -> list[str]:
         if full in RESUMABLE_CHANGES:
             continue
         a, b = old.get(key), new.get(key)
-        if key not in old and _empty(b):  # a key the schemas gained after the run was made, left at its default
+        # a key the schemas gained after the run was made, left at its default (what the run did without it)
+        if key not in old and (_empty(b) or _schema_default(full) == b):
             continue
         if OmegaConf.is_dict(a) and OmegaConf.is_dict(b):
             out += _differences(a, b, full + ".")
@@ -97,6 +99,12 @@ def _differences(old, new, prefix: str = "") -> list[str]:
                 (OmegaConf.to_container(b) if OmegaConf.is_config(b) else b):
             out.append(f"{full}: {a} -> {b}")
     return out
+
+
+def _schema_default(key: str):
+    """The default onestep.config's schema gives ``key`` (dotted; None where the schema does not fix one: the
+    objective's and the teacher's groups)."""
+    return OmegaConf.select(OmegaConf.structured(Config), key, default=None)
 
 
 def _empty(value) -> bool:

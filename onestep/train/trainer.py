@@ -5,6 +5,11 @@
     seed this step's RNG -> critic updates (objective.critic_updates times) -> one generator update
     -> EMA / targets -> bad-step count (guard.py) -> stats line (step_log.py) -> checkpoint -> periodic eval/samples
 An update whose loss or gradients are non-finite on any rank has its gradients zeroed (guard.py).
+Gradient accumulation (trainer.grad_accum = K): each update, critic and generator alike, backpropagates K
+micro-batches of trainer.batch_size, each loss scaled by 1 / K, and steps once on the sum: the update of one batch of
+K batch_size rows (data_parallel.py places every micro-batch's rows and draws), its gradients reduced once, after the
+last micro-batch. Steps, TTUR, warm-ups, EMA, logs and checkpoints count updates, never micro-batches; checkpoints
+fall between updates, so resume is unchanged.
 Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
 is picked up; every step reseeds from (seed, step), so an interrupted and resumed run is
 bit-identical to an uninterrupted one. Under N processes (torchrun / accelerate launch) each takes its rows of
@@ -74,7 +79,7 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
                       **accelerator_args(tc.log_with, run_dir or cfg.run_dir))  # trainer.log_with's tracker
     run_dir = prepare_run_dir(cfg, run_dir, write=acc.is_main_process)
     show = tc.progress and acc.is_main_process
-    dp = DataParallel(acc, tc.batch_size)
+    dp = DataParallel(acc, tc.batch_size, tc.grad_accum)
 
     torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
@@ -87,7 +92,7 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
     if objective.data_streams():  # a second data stream (captioned stills), encoded once: rank 0 first
         with acc.main_process_first(), progress.phase(f"{cfg.objective.name} data", show):
             objective.set_data(still_sources(objective.data_streams(), built, experiment.cache_root(cfg), show))
-    objective.set_run(heads, images_per_step=tc.batch_size)
+    objective.set_run(heads, images_per_step=tc.batch_size * tc.grad_accum)
     networks = Networks(cfg, built, critic="critic" in objective.networks, heads=heads,
                         targets=objective.targets(), device=acc.device,
                         shape=partial(shape_student, gc, objective=type(objective)), shard=fsdp.requested(cfg))
@@ -165,16 +170,24 @@ def _due(done: int, every: int, last: int) -> bool:
 
 
 def _role_update(t: Training, role: str, step: int, clock: PhaseClock, guard: StepGuard) -> dict[str, torch.Tensor]:
-    """One update of ``role`` on a fresh batch; its logged values, prefixed (critic/..., gen/...)."""
+    """One update of ``role`` on fresh micro-batches (trainer.grad_accum of them); its logged values, prefixed
+    (critic/..., gen/...), each the mean over the micro-batches."""
     loss, opt = (t.objective.critic_loss, t.opt_c) if role == "critic" else (t.objective.generator_loss, t.opt_g)
     with clock("data"):
-        batch = t.dp.batch(t.setup.data, t.cfg.trainer.batch_size, t.acc.device)
+        batches = t.dp.batches(t.setup.data, t.acc.device)
+    logs: dict[str, torch.Tensor] = {}
     with clock(role):
-        with t.acc.autocast(), t.dp.draws():
-            out = loss(t.nets, batch, step)
-        _update(t.acc, t.networks, role, out, opt, t.cfg.trainer.grad_clip, guard)
+        for k, batch in enumerate(batches):
+            # FSDP reduce-scatters only the last micro-batch's backward, with the sum of all of theirs
+            t.networks.sync_gradients(role, k == len(batches) - 1)
+            with t.acc.autocast(), t.dp.draws(k):
+                out = loss(t.nets, batch, step)
+            t.acc.backward(out["loss"] / len(batches))  # the K B rows' mean: each micro-batch's is over B rows
+            for name, v in out.items():
+                logs[name] = logs.get(name, 0) + v.detach() / len(batches)
+        _update(t.acc, t.networks, role, logs["loss"], opt, t.cfg.trainer.grad_clip, guard)
     prefix = "gen" if role == "generator" else role
-    logs = {f"{prefix}/{k}": v.detach() for k, v in out.items()}
+    logs = {f"{prefix}/{k}": v for k, v in logs.items()}
     if hasattr(t.setup.data, "stats"):  # a streamed source's counters (data/skipped: samples that did not decode)
         logs |= {k: torch.tensor(v, device=t.acc.device) for k, v in t.setup.data.stats().items()}
     return logs
@@ -238,9 +251,9 @@ def _seed(seed: int, step: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 64)
 
 
-def _update(acc, networks, what, out, opt, clip, guard: StepGuard) -> None:
-    """Backward + clip + step; an update whose loss or gradients are non-finite on any rank steps on zeros."""
-    acc.backward(out["loss"])
+def _update(acc, networks, what, loss, opt, clip, guard: StepGuard) -> None:
+    """Reduce + clip + step on the accumulated gradients (``loss``: the update's, for the guard); an update whose
+    loss or gradients are non-finite on any rank steps on zeros."""
     networks.reduce_gradients(what)
     params = networks.params(what)
     if networks.sharded:  # FSDP shards and replicated heads in one norm
@@ -249,7 +262,7 @@ def _update(acc, networks, what, out, opt, clip, guard: StepGuard) -> None:
         norm = acc.clip_grad_norm_(params, clip) if clip > 0 else grad_norm(params)
     if acc.scaler is not None:  # fp16: the GradScaler itself skips overflowing steps (and lowers its scale)
         norm = torch.zeros(())
-    guard.screen(what, out["loss"], norm, params)  # non-finite on any rank: the gradients are zeroed (device)
+    guard.screen(what, loss, norm, params)  # non-finite on any rank: the gradients are zeroed (device)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
