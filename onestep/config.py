@@ -336,6 +336,22 @@ class EvalRunConfig:
 
 
 @dataclass
+class RewardConfig:
+    """``reward=<name>``: a differentiable reward of decoded samples and their prompts (onestep/rewards/registry.py),
+    for objectives that tune toward it; when set, evaluation reports its mean as ``reward``."""
+
+    #: none | digits_class | digits_diversity | clip | imagereward | hpsv2
+    name: str = "none"
+    #: local weights: clip an open_clip checkpoint, imagereward ImageReward.pt, hpsv2 HPS_v2*.pt; digits_* a digits
+    #: feature network folder (None = the shipped one)
+    weights: Optional[str] = None
+    #: clip / hpsv2: the open_clip architecture (a name or a model-config .json; hpsv2 default ViT-H-14)
+    model: Optional[str] = None
+    #: imagereward: the folder of bert-base-uncased's tokenizer
+    tokenizer: Optional[str] = None
+
+
+@dataclass
 class CacheConfig:
     """`onestep cache key=value ... [experiment=... teacher.* data.* ...]`: the teacher's VAE latents and text
     embeddings of a dataset, computed once over every process of a launch (onestep/train/cache.py)."""
@@ -385,6 +401,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     seed: int = 0
     #: run folder; the CLI fills it from the experiment name and overrides (the run's identity)
     run_dir: Optional[str] = None
@@ -408,6 +425,9 @@ store("data", "moving_digits_text", DataConfig(kind="moving_digits_text"))
 #: the digits train split with training-template captions, VAE-encoded by the teacher (shipped digits_t2i teacher)
 store("data", "digits_text", DataConfig(kind="digits_text"))
 store("trainer", "default", TrainerConfig)
+#: reward=<name> (onestep/rewards/registry.py)
+for _name in ("none", "digits_class", "digits_diversity", "clip", "imagereward", "hpsv2"):
+    store("reward", _name, RewardConfig(name=_name))
 store("eval", "gmm", EvalConfig)
 store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], features="digits"))
 #: text-to-image: a small fixed prompt set, teacher at 25 DDIM steps (CLIP score / FID only when configured)

@@ -16,8 +16,8 @@ from onestep.data.digits import DigitsData, load_digits_tensors
 from onestep.denoisers.base import Guided
 from onestep.denoisers.diffusers import (UNet2DDenoiser, load_unet_denoiser, save_unet_denoiser)
 from onestep.errors import ConfigError
-from onestep.eval.digits_features import ASSET as FEATURES_ASSET
-from onestep.eval.digits_features import class_metrics, load_digits_features
+from onestep.rewards.digits_features import ASSET as FEATURES_ASSET
+from onestep.rewards.digits_features import class_metrics, load_digits_features
 from onestep.schedules import VPCosine, VPDiscrete, bcast
 
 TEACHER_ASSET = Path(__file__).resolve().parent.parent / "onestep" / "assets" / "digits_teacher"

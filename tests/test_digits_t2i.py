@@ -56,7 +56,7 @@ def test_short_dmd2_run_beats_the_teachers_one_step_sampler(tmp_path):
     # the export round trip: plain StableDiffusionPipeline, in a process that cannot import onestep, draws a 7
     # for "a handwritten seven" in 1 step, and exactly what `onestep sample` draws
     from export_check import clean_process
-    from onestep.eval.digits_features import load_digits_features
+    from onestep.rewards.digits_features import load_digits_features
     from onestep.runs import load_run
     from onestep.export.pipelines import export
     from onestep.export.sample import sample_run

@@ -39,7 +39,7 @@ TIER = {unit: i for i, units in enumerate(TIERS) for unit in units}
 #: the modules a kernel may import besides its own package and the standard library
 KERNEL_DEPENDENCIES = {"torch", "triton", "diffusers"}
 #: the modules a reward scorer may import besides its own package, config/errors/progress and the standard library
-REWARD_DEPENDENCIES = {"torch", "open_clip", "transformers"}
+REWARD_DEPENDENCIES = {"torch", "open_clip", "transformers", "safetensors"}
 #: what the trainer may import from objectives/: the package interface and the registry, no specific objective
 OBJECTIVE_INTERFACE = {"onestep.objectives", "onestep.objectives.base"}
 
@@ -144,7 +144,7 @@ def test_rewards_import_only_torch_open_clip_transformers_and_the_lowest_tier():
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
             elif top not in REWARD_DEPENDENCIES and top not in sys.stdlib_module_names | {"__future__"}:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
-    assert not bad, "rewards/ scores images with torch, open_clip and transformers only:\n" + "\n".join(bad)
+    assert not bad, "rewards/ scores images with torch, open_clip and transformers (weights through safetensors) only:\n" + "\n".join(bad)
 
 
 ABOVE = {name for name, tier in TIER.items() if tier > TIER["denoisers"]}

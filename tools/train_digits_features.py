@@ -1,4 +1,4 @@
-"""Train the digits feature network (onestep/eval/digits_features.py) and ship it in onestep/assets/digits_features.
+"""Train the digits feature network (onestep/rewards/digits_features.py) and ship it in onestep/assets/digits_features.
 
     python tools/train_digits_features.py [--out FOLDER] [--size 8] [--threads 2]
 
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from onestep.data.digits import load_digits_tensors
-from onestep.eval.digits_features import ASSET, CONFIG_FILE, WEIGHTS_FILE, DigitsFeatureNet
+from onestep.rewards.digits_features import ASSET, CONFIG_FILE, WEIGHTS_FILE, DigitsFeatureNet
 
 TRAIN = {"epochs": 40, "batch": 64, "lr": 2e-3, "weight_decay": 1e-4, "shift": 1, "seed": 0}
 

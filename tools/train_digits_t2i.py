@@ -284,7 +284,7 @@ def quality(folder: Path, guidance: float = GUIDANCE) -> dict:
     from onestep.denoisers.base import guided
     import onestep.teachers  # noqa: F401  (registers the pipeline-folder layouts that load_sd checks)
     from onestep.denoisers.sd import load_sd
-    from onestep.eval.digits_features import load_digits_features
+    from onestep.rewards.digits_features import load_digits_features
     from onestep.eval.fid import feature_metrics, stats_of
     from onestep.sampling import sample
 

@@ -76,7 +76,7 @@ def train(out: Path, steps: int) -> dict:
 def quality(folder: Path) -> dict:
     """FD (digits features, vs all 1,797 real images) and label accuracy of DDIM samples at 1 and 32 steps."""
     from onestep.data.digits import load_digits_tensors
-    from onestep.eval.digits_features import class_metrics, load_digits_features
+    from onestep.rewards.digits_features import class_metrics, load_digits_features
     from onestep.eval.frechet import frechet_distance_feats
     from onestep.sampling import sample
 

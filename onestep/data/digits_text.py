@@ -9,14 +9,13 @@ prompt names back, which is what prompt accuracy compares the feature network's 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from onestep.errors import ConfigError
+from onestep.rewards.digits_features import DIGIT_WORDS, TOKEN, digit_of  # noqa: F401  (digit_of: re-exported)
 
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 #: the digit appears at varied token positions (1 to 7), so the text encoder does not tie it to one place
 TRAIN_TEMPLATES = ["{word}", "{num}", "number {word}", "a handwritten {word}", "the digit {num}", "a thin {word}",
                    "a bold {num}", "a picture of a {word}", "a picture of the handwritten number {num}"]
@@ -24,8 +23,7 @@ HELDOUT_TEMPLATES = ["an image of the number {word}", "digit {num} written by ha
                      "handwritten {num}"]
 SPLITS = {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES}
 PROMPT_FILES = {"train": "prompts_train.txt", "heldout": "prompts_heldout.txt"}
-#: CLIP's pre-tokenizer splits letters into words and numbers into single digits; so does digit_of
-_WORD = re.compile(r"[a-z]+|[0-9]")
+_WORD = TOKEN
 #: every word a caption can hold (numerals excluded: they are single characters already)
 WORDS = sorted(set(DIGIT_WORDS) | {w for t in TRAIN_TEMPLATES + HELDOUT_TEMPLATES
                                    for w in _WORD.findall(t.format(word="", num=""))})
@@ -42,17 +40,6 @@ def prompts(split: str) -> list[str]:
     if split not in SPLITS:
         raise ConfigError(f"caption split '{split}' is unknown; use one of {tuple(SPLITS)}")
     return [caption(d, t) for t in SPLITS[split] for d in range(len(DIGIT_WORDS))]
-
-
-def digit_of(prompt: str) -> int:
-    """The one digit a prompt names, by word or numeral ("a handwritten seven", "the digit 7" -> 7)."""
-    found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w)
-             for w in _WORD.findall(prompt.lower()) if w in DIGIT_WORDS or w.isdigit()}
-    if len(found) != 1:
-        what = "no digit" if not found else f"several digits {sorted(found)}"
-        raise ConfigError(f"prompt '{prompt}' names {what}; a digits prompt names exactly one digit, as a word "
-                          "(zero..nine) or a numeral (0..9)")
-    return found.pop()
 
 
 def write_prompt_files(folder, files: dict[str, str] | None = None, prompts_of=None) -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from onestep.conditioning import Labels, labels_of
-from onestep.eval.digits_features import class_metrics, load_digits_features
+from onestep.rewards.digits_features import class_metrics, load_digits_features
 from onestep.eval.fid import feature_metrics, stats_of
 
 #: samples per panel row in the grid: GRID_PER_CLASS of each class, in class order

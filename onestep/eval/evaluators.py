@@ -90,7 +90,43 @@ def make_evaluator(cfg, setup: Setup) -> Evaluator:
     if protocol not in PROTOCOLS:
         raise ConfigError(f"teacher.kind '{cfg.teacher.kind}' asks for evaluation '{protocol}', which eval does not "
                           f"have; its family must name one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[protocol](cfg, setup)
+    reward_cfg = getattr(cfg, "reward", None)
+    rewarded = reward_cfg is not None and reward_cfg.name not in (None, "none")
+    if rewarded and setup.conditioner is None:
+        raise ConfigError(f"reward={reward_cfg.name} scores samples with their prompts; teacher={cfg.teacher.kind} "
+                          "is not a text-to-image teacher (pass reward=none)")
+    evaluator = PROTOCOLS[protocol](cfg, setup)
+    if rewarded:
+        from onestep.rewards.registry import build_reward
+
+        evaluator = RewardColumn(evaluator, build_reward(reward_cfg), setup.codec, reward_cfg.name)
+    return evaluator
+
+
+class RewardColumn:
+    """A protocol's evaluator that also reports the mean of ``reward=``'s reward over the decoded samples and their
+    prompts (``reward``; ``reward_name`` says which): the quantity reward-tuning objectives raise."""
+
+    #: rewards score this many decoded samples a call
+    BATCH = 16
+
+    def __init__(self, inner: Evaluator, reward: torch.nn.Module, codec, name: str):
+        self.inner, self.reward, self.codec, self.name = inner, reward, codec, name
+        self.headline = inner.headline
+
+    def __getattr__(self, key):  # everything else (plot, decode, what, ...) is the protocol's
+        return getattr(self.inner, key)
+
+    @torch.no_grad()
+    def metrics(self, x: torch.Tensor, cond=None) -> dict:
+        from onestep.eval.t2i_eval import decoded
+
+        out = self.inner.metrics(x, cond)
+        images = decoded(self.codec, x) if self.codec is not None else x
+        texts = list(cond.texts)
+        scores = torch.cat([self.reward(images[i:i + self.BATCH], texts[i:i + self.BATCH]).float().cpu()
+                            for i in range(0, len(texts), self.BATCH)])
+        return {**out, "reward": float(scores.mean()), "reward_name": self.name}
 
 
 @dataclass

@@ -6,7 +6,7 @@ A *feature space* maps images in [-1, 1], shape (N, C, H, W), to features (N, D)
   resize to 299x299 with clean-fid's anti-aliased PIL bicubic resizer, then its TorchScript Inception-v3
   (the StyleGAN2-ADA port of the TF FID network), pool3 features (2048-D). Needs the weights file
   ``inception-2015-12-05.pt`` on disk (``eval.inception_path``); it is never downloaded.
-- ``digits``: the small digits feature net shipped with the project (offline; ``onestep.eval.digits_features``).
+- ``digits``: the small digits feature net shipped with the project (offline; ``onestep.rewards.digits_features``).
 - any callable, wrapped in :class:`FeatureSpace` with a name that identifies it in cache keys.
 
 Reference statistics (mean, covariance, and the features themselves for KID and precision/recall) come
@@ -98,9 +98,9 @@ def inception_space(path: str | os.PathLike | None, device: str | torch.device =
 def digits_space(device: str | torch.device = "cpu", batch_size: int = 500) -> FeatureSpace:
     """The project's offline digits feature network (1-channel images)."""
     try:
-        from onestep.eval.digits_features import load_digits_features
+        from onestep.rewards.digits_features import load_digits_features
     except ImportError as e:
-        raise ConfigError(f"eval.features=digits needs onestep.eval.digits_features ({e}); use eval.features="
+        raise ConfigError(f"eval.features=digits needs onestep.rewards.digits_features ({e}); use eval.features="
                           "inception with eval.inception_path=<file>") from None
     net = load_digits_features().to(device).eval()
     digest = hashlib.sha256()

@@ -22,7 +22,7 @@ import torch
 
 from onestep.data.moving_digits import DIGIT, DIRECTIONS, TRAVEL, direction_of, moving_digits
 from onestep.data.digits_text import digit_of
-from onestep.eval.digits_features import load_digits_features
+from onestep.rewards.digits_features import load_digits_features
 from onestep.eval.fid import feature_metrics, stats_of
 
 #: the reference: this many real videos of all 1,797 digits, drawn with this seed

@@ -79,7 +79,8 @@ COLUMNS = [("model", "model", "{}"), ("sampler", "sampler", "{}"), ("steps", "st
            ("cov_err", "cov err", "{:.4f}"), ("fd", "FD", "{:.3f}"), ("patch_fd", "patch FID", "{:.3f}"),
            ("kid", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
            ("clip_score", "CLIP score", "{:.4g}"), ("imagereward", "ImageReward", "{:.3f}"),
-           ("hpsv2", "HPSv2", "{:.4f}"), ("diversity", "diversity", "{:.4f}"), ("class_coverage", "class coverage", "{:.0%}"),
+           ("hpsv2", "HPSv2", "{:.4f}"), ("reward", "reward", "{:.4f}"), ("diversity", "diversity", "{:.4f}"),
+           ("class_coverage", "class coverage", "{:.0%}"),
            ("label_acc", "label acc", "{:.1%}")]
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onestep.rewards.hpsv2 import open_clip_model, weights_file
+from onestep.rewards.clip import open_clip_model, weights_file
 from onestep.rewards.preprocess import to_model_input
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from onestep.errors import ConfigError
-from onestep.rewards.hpsv2 import weights_file
+from onestep.rewards.clip import weights_file
 from onestep.rewards.preprocess import to_model_input
 
 #: the training set's reward statistics the released scorer normalizes by (ImageReward.py)

@@ -11,12 +11,30 @@ comparable to Inception FID) and k-NN precision/recall; its logits give class me
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from onestep.errors import ConfigError
+
+#: the digit words and how a prompt names its digit (the captioned-digits prompts; onestep.data.digits_text)
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: CLIP's pre-tokenizer splits letters into words and numbers into single digits; so does digit_of
+TOKEN = re.compile(r"[a-z]+|[0-9]")
+
+
+def digit_of(prompt: str) -> int:
+    """The one digit a prompt names, by word or numeral ("a handwritten seven", "the digit 7" -> 7)."""
+    found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w)
+             for w in TOKEN.findall(prompt.lower()) if w in DIGIT_WORDS or w.isdigit()}
+    if len(found) != 1:
+        what = "no digit" if not found else f"several digits {sorted(found)}"
+        raise ConfigError(f"prompt '{prompt}' names {what}; a digits prompt names exactly one digit, as a word "
+                          "(zero..nine) or a numeral (0..9)")
+    return found.pop()
+
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits_features"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,7 +56,7 @@ class DigitsFeatureNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations (N, feature_dim)."""
-        return self.trunk(x.float())
+        return self.trunk(x.to(self.head.weight.dtype))  # float32 as shipped; float64 after .double()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -1,0 +1,65 @@
+"""``reward=<name>``: a differentiable reward of decoded images and their prompts, ``reward(images, prompts) -> (N,)``
+(higher is better), from local weights only. What objectives that tune toward a reward and the evaluation's
+``reward`` column call; one file per reward, registered here by name.
+
+    none              no reward
+    digits_class      the shipped digits classifier's log-probability of the prompted digit (digits.py)
+    digits_diversity  per-sample diversity among the samples of each prompt, digits features (digits.py)
+    clip              CLIP score: open_clip cosine of image and prompt (clip.py; reward.weights, reward.model)
+    imagereward       ImageReward (imagereward.py; reward.weights = ImageReward.pt, reward.tokenizer)
+    hpsv2             HPSv2 (hpsv2.py; reward.weights = HPS_v2*.pt, reward.model, default ViT-H-14)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from onestep.errors import ConfigError
+
+
+def _digits_class(rc) -> nn.Module:
+    from onestep.rewards.digits import DigitsClass
+
+    return DigitsClass(rc.weights)
+
+
+def _digits_diversity(rc) -> nn.Module:
+    from onestep.rewards.digits import DigitsDiversity
+
+    return DigitsDiversity(rc.weights)
+
+
+def _clip(rc) -> nn.Module:
+    from onestep.rewards.clip import ClipScore
+
+    if not rc.model:
+        raise ConfigError("reward=clip needs reward.model=<open_clip architecture or model-config .json> beside "
+                          "reward.weights=<its local checkpoint>")
+    return ClipScore(rc.model, rc.weights)
+
+
+def _imagereward(rc) -> nn.Module:
+    from onestep.rewards.imagereward import ImageReward
+
+    return ImageReward.load(rc.weights, rc.tokenizer, key="reward.weights")
+
+
+def _hpsv2(rc) -> nn.Module:
+    from onestep.rewards.hpsv2 import MODEL, HPSv2
+
+    return HPSv2(rc.weights, rc.model or MODEL, key="reward.weights")
+
+
+REWARDS: dict[str, Callable[..., nn.Module]] = {"digits_class": _digits_class, "digits_diversity": _digits_diversity,
+                                                "clip": _clip, "imagereward": _imagereward, "hpsv2": _hpsv2}
+
+
+def build_reward(rc) -> nn.Module | None:
+    """The reward ``rc`` (the config's reward section) names, in eval mode with frozen weights; None for none."""
+    if rc.name in (None, "none"):
+        return None
+    if rc.name not in REWARDS:
+        raise ConfigError(f"reward={rc.name!r} is not a reward; pick one of none, {', '.join(sorted(REWARDS))}")
+    return REWARDS[rc.name](rc).eval().requires_grad_(False)
