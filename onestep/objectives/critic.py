@@ -11,8 +11,8 @@ import torch
 
 from onestep.denoisers.base import Denoiser
 from onestep.objectives.adversarial import GANTerm
-from onestep.objectives.base import Batch, Nets, Objective
-from onestep.core import dsm_loss
+from onestep.objectives.base import Batch, Nets, Objective, check_critic_t_dist
+from onestep.core import dsm_loss, dsm_t
 
 
 class CriticObjective(Objective):
@@ -20,6 +20,8 @@ class CriticObjective(Objective):
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)
+        if hasattr(cfg, "critic_t_dist"):  # (Phased DMD draws its sub-interval t itself)
+            check_critic_t_dist(cfg)
         self.gan = GANTerm(cfg, has_critic=True)
 
     def build_modules(self, setup):
@@ -32,8 +34,11 @@ class CriticObjective(Objective):
         return batch.cond
 
     def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
-        """The DSM noise levels (None: dsm_loss's own draw, u ~ U[0, 1] through the schedule)."""
-        return None
+        """The DSM noise levels drawn by ``critic_t_dist`` (None for unit: dsm_loss's own draw, u ~ U[0, 1] through the
+        schedule, the same random numbers)."""
+        if self.cfg.critic_t_dist == "unit":
+            return None
+        return dsm_t(nets.critic.schedule, x.shape[0], self.cfg.critic_t_dist, like=x)
 
     def critic_loss(self, nets: Nets, batch: Batch, step: int):
         with torch.no_grad():

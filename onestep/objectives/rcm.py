@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from onestep.errors import ConfigError
-from onestep.objectives.base import Batch, CriticWeighting, Nets, TimeRange, check_t_range, register_objective
+from onestep.objectives.base import (Batch, CriticWeighting, Nets, TimeRange, check_critic_t_dist, check_t_range,
+                                     register_objective)
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.objectives.scm import SCD, SCMConfig
-from onestep.core import dsm_loss
+from onestep.core import dsm_loss, dsm_t
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RCM(SCD):
             raise ConfigError("objective=rcm regularizes with DMD, not a GAN head; set objective.discriminator=none "
                               "(for sCD + LADD use objective=scd objective.discriminator=teacher)")
         check_t_range(cfg)
+        check_critic_t_dist(cfg)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         out = self.scm_loss(nets, batch, step)
@@ -63,4 +65,5 @@ class RCM(SCD):
     def critic_loss(self, nets: Nets, batch: Batch, step: int):
         with torch.no_grad():
             x = self.generate(nets, batch)
-        return {"loss": dsm_loss(nets.critic, x, batch.cond, weighting=self.cfg.critic_weighting)}
+        t = dsm_t(nets.critic.schedule, x.shape[0], self.cfg.critic_t_dist, like=x)  # unit: dsm_loss's own draw
+        return {"loss": dsm_loss(nets.critic, x, batch.cond, weighting=self.cfg.critic_weighting, t=t)}

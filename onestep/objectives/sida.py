@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from onestep.core import dsm_loss, sample_t
+from onestep.core import dsm_loss, lognormal_t, sample_t
 from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, frozen, register_objective
 from onestep.objectives.sid import SiD, SiDConfig, sid_terms
@@ -56,18 +56,12 @@ class SiDAConfig(SiDConfig):
     gan_balance: str = "constant"
     #: official balance: the GAN term joins after this many images (SiDA: 200k, sida_training_loop.py:410)
     gan_start_images: int = 0
-    #: official balance: the discriminator's sigma ~ lognormal(disc_p_mean, disc_p_std) (sida_loss.py:18, :80-81)
+    #: the critic's sigma ~ lognormal(disc_p_mean, disc_p_std), which the official balance's discriminator shares
+    #: (sida_loss.py:18, :80-81); the constant balance reads them under critic_t_dist=lognormal
     disc_p_mean: float = -1.2
     disc_p_std: float = 1.2
     #: sigma_d of the official L_D's weight lambda(sigma) (EDM's, sida_loss.py:18)
     sigma_data: float = 0.5
-
-
-def lognormal_t(schedule, n: int, p_mean: float, p_std: float, like: torch.Tensor) -> torch.Tensor:
-    """t whose noise level sigma / alpha is exp(p_mean + p_std N(0, 1)) (EDM's training draw), clamped to the schedule."""
-    sig = torch.exp(p_mean + p_std * torch.randn(n, dtype=torch.float64))
-    t = schedule.t_of_logsnr(-2 * torch.log(sig)).clamp(schedule.t_min, schedule.t_max)
-    return t.to(device=like.device, dtype=like.dtype)
 
 
 @register_objective
@@ -87,10 +81,19 @@ class SiDA(SiD):
         if cfg.gan_start_images < 0 or cfg.disc_p_std <= 0 or cfg.sigma_data <= 0:
             raise ConfigError(f"objective.gan_start_images={cfg.gan_start_images} must be >= 0, disc_p_std="
                               f"{cfg.disc_p_std} and sigma_data={cfg.sigma_data} > 0")
+        if cfg.gan_balance == "official" and cfg.critic_t_dist not in ("unit", "lognormal"):
+            raise ConfigError(f"objective.gan_balance=official draws the critic's sigma from lognormal(disc_p_mean, "
+                              f"disc_p_std) as SiDA does, not critic_t_dist={cfg.critic_t_dist}; leave critic_t_dist "
+                              "unset or use gan_balance=constant")
         if cfg.gan_balance == "official" and (cfg.fake_guidance != 1 or cfg.critic_guidance != 1):
             raise ConfigError("objective.gan_balance=official shares one critic forward between SiD and the GAN as "
                               "SiDA does, which has no guided critic; use fake_guidance=1 and critic_guidance=1 "
                               "or gan_balance=constant")
+
+    def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.gan_balance == "official" or self.cfg.critic_t_dist == "lognormal":
+            return lognormal_t(nets.critic.schedule, x.shape[0], self.cfg.disc_p_mean, self.cfg.disc_p_std, like=x)
+        return super().critic_t(nets, x)
 
     def gan_on(self, step: int, n: int) -> bool:
         """Images seen before this step (step x the global batch) > gan_start_images (SiDA's cur_nimg > 200k)."""
@@ -122,7 +125,7 @@ class SiDA(SiD):
         with torch.no_grad():
             x = self.generate(nets, batch)
         sched = nets.critic.schedule
-        t = lognormal_t(sched, x.shape[0], self.cfg.disc_p_mean, self.cfg.disc_p_std, like=x)
+        t = self.critic_t(nets, x)
         n = torch.randn_like(x)
         dsm = dsm_loss(nets.critic, x, batch.cond, weighting=self.cfg.critic_weighting, t=t, eps=n)
         a, s = bcast(sched.alpha(t), x), bcast(sched.sigma(t), x)
