@@ -29,7 +29,9 @@ official   the official code's (mingyuanzhou/SiD branch sida: sida_training/sida
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +45,17 @@ from onestep.schedules import bcast
 GAN_BALANCES = ("constant", "official")
 #: SiDA clamps the generator's logits (sida_loss.py:72)
 LOGIT_CLAMP = 10.0
+#: gan_weight when unset, by balance: this project's constant-balance lambda; the official code's 0.01 / 100
+GAN_WEIGHTS = {"constant": 0.01, "official": 1e-4}
 
 
 @dataclass
 class SiDAConfig(SiDConfig):
     name: str = "sida"
     discriminator: str = "critic"
-    gan_weight: float = 0.01
+    #: lambda of the GAN term; None = its balance's: 0.01 under constant (this project's), 1e-4 under official
+    #: (loss_scaling_G_gan / loss_scaling_G = 0.01 / 100, mingyuanzhou/SiD branch sida run_sida.sh:42-44)
+    gan_weight: Optional[float] = None
     #: constant (L_SiD + gan_weight L_G, the GAN at its own t) | official (SiDA's: the batch-mean BCE over each sample's
     #: SiD normalizer at SiD's x_t, 0.5 / 0.5 mixing, lognormal-sigma discriminator; mingyuanzhou/SiD branch sida
     #: sida_training/sida_loss.py:25-123, sida_training_loop.py:401-411); official gan_weight = 1e-4 (run_sida.sh:42-44)
@@ -72,6 +78,9 @@ class SiDA(SiD):
     Config = SiDAConfig
 
     def __init__(self, cfg, generate):
+        if cfg.gan_weight is None:  # a copy: the run's config keeps "unset" (the balance's value)
+            cfg = copy.copy(cfg)
+            cfg.gan_weight = GAN_WEIGHTS.get(cfg.gan_balance, GAN_WEIGHTS["constant"])
         super().__init__(cfg, generate)
         if cfg.gan_weight <= 0 or cfg.discriminator != "critic":
             raise ConfigError(f"objective=sida needs objective.discriminator=critic and gan_weight > 0 (got "
