@@ -1,16 +1,26 @@
 """Official values that follow from an official option (the official code's number, not this project's, once the
 option names the official recipe), and the paper experiments' hyperparameters:
 
-    SiDA    gan_balance=official: gan_weight 1e-4 unless set (mingyuanzhou/SiD branch sida run_sida.sh:42-44);
-            grid25_sida alpha 1 (every run of run_sida.sh)
+    SiDA        gan_balance=official: gan_weight 1e-4 unless set (mingyuanzhou/SiD branch sida run_sida.sh:42-44);
+                grid25_sida alpha 1 (every run of run_sida.sh)
+    f-distill   preset=fastgen: FastGen's generator loss end to end (NVlabs/FastGen f_distill.py, common_loss.py)
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
+import torch.nn.functional as F
 
 from conftest import compose
+from onestep.core import Batch, Nets
+from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser, ring
+from onestep.errors import ConfigError
+from onestep.objectives.fdistill import FASTGEN, FDistill, FDistillConfig
 from onestep.objectives.sida import SiDA, SiDAConfig
+from onestep.schedules import make_schedule
 
 
 @pytest.mark.parametrize("balance, want", [("official", 1e-4), ("constant", 0.01)])
@@ -28,3 +38,94 @@ def test_grid25_sida_is_the_official_run():
     obj = compose(["experiment=grid25_sida"]).objective
     assert (obj.alpha, obj.gan_weight, obj.gan_balance) == (1.0, 1e-4, "official")
     assert SiDA(obj, None).cfg.gan_weight == 1e-4
+
+
+# --- f-distill: preset=fastgen ---------------------------------------------------------------------------------------
+
+def fastgen_h(logits, t, t_min, t_max, bin_num=10):
+    """NVlabs/FastGen fastgen/methods/distribution_matching/f_distill.py:59-111 with its config_f_distill.py defaults
+    (js, ratio in [0.1, 20], ratio_normalization, 10 bins, ratio_ema_rate 0, bins initialised to ones at :57)."""
+    ratio = torch.exp(torch.clamp(logits.mean(dim=1), min=-10.0, max=10.0)).detach()
+    ratio = torch.clamp(ratio, 0.1, 20.0)
+    bin_width = (t_max - t_min) / bin_num
+    idx = ((t.double() - t_min) / bin_width).floor().long().clamp(0, bin_num - 1)
+    cnt = torch.bincount(idx, minlength=bin_num).double()
+    ratio_sum = torch.bincount(idx, weights=ratio, minlength=bin_num).double()
+    valid = cnt > 0
+    new_vals = ratio_sum / (cnt + 1e-6)
+    bins = torch.ones(bin_num, dtype=torch.float64)
+    bins[valid] = bins[valid] * 0.0 + (1 - 0.0) * new_vals[valid]
+    ratio = ratio / (bins[idx] + 1e-6)
+    h = 1 - 1 / (1 + ratio)
+    return h / (h.sum() / len(h) + 1e-6)
+
+
+def fastgen_vsd_loss(gen_data, teacher_x0, fake_score_x0, h):
+    """fastgen/methods/common_loss.py:63-103 (variational_score_distillation_loss with additional_scale h)."""
+    with torch.no_grad():
+        w = 1 / ((gen_data - teacher_x0).abs().mean(dim=1, keepdim=True) + 1e-6) * h[:, None]
+        pseudo_target = gen_data - (fake_score_x0 - teacher_x0) * w
+    return 0.5 * F.mse_loss(gen_data, pseudo_target, reduction="mean")
+
+
+def test_fdistill_fastgen_preset_is_fastgens_generator_loss():
+    """preset=fastgen: f_distill.py:138-169 written out in float64 on one t and noise (ours draws them; FastGen's t
+    distribution is its sample_t_cfg's): x_t = x + sigma eps, D(x_t) read once, h from it (detached), loss =
+    VSD(x, teacher x0, fake x0, h) + 1e-3 softplus(-D(x_t)).mean(); in value and in d/dx. Without gan_at_fdistill_t
+    the GAN term reads D at its own t."""
+    edm = make_schedule("edm")
+    g = torch.Generator().manual_seed(3)
+    teacher = GMMDenoiser(ring(), edm)
+    critic = GMMDenoiser(GaussianMixture(torch.tensor([[0.1, 0.0]], dtype=torch.float64),
+                                         0.64 * torch.eye(2, dtype=torch.float64)[None], [1.0]), edm)
+    x = (0.7 * torch.randn(64, 2, dtype=torch.float64, generator=g)).requires_grad_(True)
+    w_d = torch.tensor([[1.5], [-2.0]], dtype=torch.float64)
+
+    def disc(nets, x_t, t, cond):
+        return (x_t @ w_d)[:, 0] + 0.3
+
+    obj = FDistill(FDistillConfig(preset="fastgen"), lambda _, b: x)
+    obj.gan.generator_logits = disc
+    nets = Nets(teacher=teacher, generator=None, critic=critic)
+    torch.manual_seed(11)
+    ours = obj.generator_loss(nets, Batch(noise=x), step=0)["loss"]
+    (g_ours,) = torch.autograd.grad(ours, x)
+    torch.manual_seed(11)
+    u = 0.02 + 0.96 * torch.rand(64, dtype=torch.float64)
+    t = edm.t_from_unit(u)
+    eps = torch.randn_like(x)
+    perturbed_data = x + t[:, None] * eps
+    teacher_x0, fake_score_x0 = teacher(perturbed_data, t).detach(), critic(perturbed_data, t).detach()
+    fake_logits = disc(None, perturbed_data, t, None)[:, None]
+    h = fastgen_h(fake_logits, t, edm.t_min, edm.t_max)
+    official = fastgen_vsd_loss(x, teacher_x0, fake_score_x0, h) + 1e-3 * F.softplus(-fake_logits).mean()
+    (g_official,) = torch.autograd.grad(official, x)
+    assert float(ours.detach()) == pytest.approx(float(official.detach()), rel=1e-4)  # FastGen's 1e-6 epsilons
+    assert torch.allclose(g_ours, g_official, rtol=1e-3, atol=1e-12)
+    apart = FDistill(FDistillConfig(**{**FASTGEN, "gan_at_fdistill_t": False}), lambda _, b: x)
+    apart.gan.generator_logits = apart.gan.logits = disc
+    torch.manual_seed(11)
+    assert float(apart.generator_loss(nets, Batch(noise=x), step=0)["gan_g"]) != pytest.approx(
+        float(F.softplus(-fake_logits).mean().detach()), rel=1e-3)
+
+
+def test_fdistill_preset_sets_fastgens_keys_and_refuses_conflicts():
+    cfg = FDistillConfig(preset="fastgen")
+    got = FDistill(cfg, None).cfg
+    assert {k: getattr(got, k) for k in FASTGEN} == FASTGEN
+    assert (got.log_ratio_clamp, got.ratio_lower, got.ratio_upper, got.max_weight, got.normalization) == (
+        10.0, 0.1, 20.0, math.inf, "ratio_bins")
+    assert cfg.normalization == "h_bins"  # the run's config is left as given
+    assert FDistill(FDistillConfig(), None).cfg.normalization == "h_bins"
+    assert FDistill(FDistillConfig(preset="fastgen", ratio_upper=20.0), None).cfg.ratio_upper == 20.0
+    with pytest.raises(ConfigError, match="preset=fastgen sets log_ratio_clamp=10.0; drop objective.log_ratio_clamp=7"):
+        FDistill(FDistillConfig(preset="fastgen", log_ratio_clamp=7.0), None)
+    with pytest.raises(ConfigError, match="preset='official' is unknown"):
+        FDistill(FDistillConfig(preset="official"), None)
+
+
+@pytest.mark.parametrize("experiment, preset", [("grid25_fdistill", "fastgen"), ("gmm_fdistill", "none"),
+                                                ("digits_fdistill", "none")])
+def test_fdistill_experiments(experiment, preset):
+    """The grid25 paper-recipe run is FastGen's; the CI-measured ones keep the previous recipe."""
+    assert compose([f"experiment={experiment}"]).objective.preset == preset

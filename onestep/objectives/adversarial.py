@@ -217,11 +217,18 @@ class GANTerm:
         t = sample_t(sched, x.shape[0], self.cfg.gan_t_lo, self.cfg.gan_t_hi, like=x, dist=self.cfg.gan_t_dist)
         return noised(sched, x, t)[0], t
 
-    def generator_loss(self, nets: Nets, x, cond) -> tuple[torch.Tensor, dict]:
-        """lambda * L_G at generator samples x (gradient reaches x through the frozen critic and head)."""
+    def generator_logits(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
+        """D(x_t) for L_G: the gradient reaches x_t through the frozen critic and head."""
         with frozen(nets.critic if self.kind == "critic" else None, self.head_module(nets)):
+            return self.logits(nets, x_t, t, cond)
+
+    def generator_loss(self, nets: Nets, x, cond, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """lambda * L_G at generator samples x noised at the GAN's own t, or at ``logits`` already read at another
+        loss's x_t (f-distill's, as FastGen shares it)."""
+        if logits is None:
             x_t, t = self._noised(nets, x)
-            loss = F.softplus(-self.logits(nets, x_t, t, cond)).mean()
+            logits = self.generator_logits(nets, x_t, t, cond)
+        loss = F.softplus(-logits).mean()
         return self.cfg.gan_weight * loss, {"gan_g": loss.detach()}
 
     def discriminator_loss(self, nets: Nets, fake, batch: Batch) -> tuple[torch.Tensor, dict]:

@@ -52,10 +52,12 @@ class CriticObjective(Objective):
             out.update(logs)
         return {"loss": loss, **out}
 
-    def with_gan(self, loss: torch.Tensor, out: dict, nets: Nets, x: torch.Tensor, cond) -> dict:
-        """Adds lambda * L_G (when gan_weight > 0) and returns the generator's loss dict."""
+    def with_gan(self, loss: torch.Tensor, out: dict, nets: Nets, x: torch.Tensor, cond,
+                 logits: torch.Tensor | None = None) -> dict:
+        """Adds lambda * L_G (when gan_weight > 0; at ``logits`` when the loss already read D) and returns the
+        generator's loss dict."""
         if self.cfg.gan_weight > 0:
-            gan, logs = self.gan.generator_loss(nets, x, cond)
+            gan, logs = self.gan.generator_loss(nets, x, cond, logits)
             loss = loss + gan
             out.update(logs)
         return {"loss": loss, **out}
