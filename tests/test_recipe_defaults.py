@@ -4,6 +4,7 @@ option names the official recipe), and the paper experiments' hyperparameters:
     SiDA        gan_balance=official: gan_weight 1e-4 unless set (mingyuanzhou/SiD branch sida run_sida.sh:42-44);
                 grid25_sida alpha 1 (every run of run_sida.sh)
     f-distill   preset=fastgen: FastGen's generator loss end to end (NVlabs/FastGen f_distill.py, common_loss.py)
+    rCM         dm_after_warmup: the DMD term from the end of the tangent warm-up (NVlabs/rcm); dm_weight 0.02
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from onestep.core import Batch, Nets
 from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser, ring
 from onestep.errors import ConfigError
 from onestep.objectives.fdistill import FASTGEN, FDistill, FDistillConfig
+from onestep.objectives.rcm import RCM, RCMConfig
 from onestep.objectives.sida import SiDA, SiDAConfig
 from onestep.schedules import make_schedule
 
@@ -129,3 +131,39 @@ def test_fdistill_preset_sets_fastgens_keys_and_refuses_conflicts():
 def test_fdistill_experiments(experiment, preset):
     """The grid25 paper-recipe run is FastGen's; the CI-measured ones keep the previous recipe."""
     assert compose([f"experiment={experiment}"]).objective.preset == preset
+
+
+# --- rCM: dm_after_warmup, dm_weight --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("after, warmup, dm_steps", [(True, 10, [10, 11, 50]), (False, 10, [0, 9, 10, 11, 50]),
+                                                     (True, 0, [0, 9, 10, 11, 50])])
+def test_rcm_dmd_term_starts_after_the_tangent_warmup(after, warmup, dm_steps):
+    """NVlabs/rcm t2v_model_distill_rcm.py:709: emit_dmd = iteration >= tangent_warmup (with the warm-up ratio of
+    :548, min(1, iteration / tangent_warmup)); the step's loss is the sCM loss alone before it, + dm_weight L_DMD after."""
+    edm = make_schedule("edm")
+    g = torch.Generator().manual_seed(4)
+    x = (0.7 * torch.randn(16, 2, dtype=torch.float64, generator=g)).requires_grad_(True)
+    critic = GMMDenoiser(GaussianMixture(torch.tensor([[0.1, 0.0]], dtype=torch.float64),
+                                         0.64 * torch.eye(2, dtype=torch.float64)[None], [1.0]), edm)
+    nets = Nets(teacher=GMMDenoiser(ring(), edm), generator=None, critic=critic)
+    obj = RCM(RCMConfig(dm_after_warmup=after, warmup_steps=warmup, dm_weight=0.02), lambda _, b: x)
+    obj.scm_loss = lambda nets, batch, step: {"loss": torch.tensor(1.0, dtype=torch.float64)}
+    emitted = []
+    for iteration in (0, 9, 10, 11, 50):
+        out = obj.generator_loss(nets, Batch(noise=x), step=iteration)
+        emit_dmd = "dm" in out
+        dm = 0.02 * float(out["dm"]) if emit_dmd else 0.0
+        assert float(out["loss"].detach()) == pytest.approx(1.0 + dm, rel=1e-12)
+        if emit_dmd:
+            emitted.append(iteration)
+    assert emitted == dm_steps
+
+
+@pytest.mark.parametrize("experiment, want", [
+    ("flux_rcm", {"dm_weight": 0.02, "dm_after_warmup": True}),
+    ("wan_rcm", {"dm_weight": 0.02, "dm_after_warmup": True}),
+    ("gmm_rcm", {"dm_weight": 0.1, "dm_after_warmup": False}),  # CI-measured: the previous recipe
+])
+def test_rcm_experiments(experiment, want):
+    obj = compose([f"experiment={experiment}"]).objective
+    assert {k: obj[k] for k in want} == want
