@@ -5,6 +5,7 @@ option names the official recipe), and the paper experiments' hyperparameters:
                 grid25_sida alpha 1 (every run of run_sida.sh)
     f-distill   preset=fastgen: FastGen's generator loss end to end (NVlabs/FastGen f_distill.py, common_loss.py)
     rCM         dm_after_warmup: the DMD term from the end of the tangent warm-up (NVlabs/rcm); dm_weight 0.02
+    MeanFlow    ratio_split=leading_block, norm_c 0.01 (Gsunshine/meanflow, the official JAX code)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from onestep.core import Batch, Nets
 from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser, ring
 from onestep.errors import ConfigError
 from onestep.objectives.fdistill import FASTGEN, FDistill, FDistillConfig
+from onestep.objectives.meanflow import MeanFlow, MeanFlowConfig
 from onestep.objectives.rcm import RCM, RCMConfig
 from onestep.objectives.sida import SiDA, SiDAConfig
 from onestep.schedules import make_schedule
@@ -167,3 +169,36 @@ def test_rcm_dmd_term_starts_after_the_tangent_warmup(after, warmup, dm_steps):
 def test_rcm_experiments(experiment, want):
     obj = compose([f"experiment={experiment}"]).objective
     assert {k: obj[k] for k in want} == want
+
+
+# --- MeanFlow: ratio_split, norm_c ---------------------------------------------------------------------------------
+
+def test_meanflow_leading_block_is_the_official_sample_tr():
+    """Gsunshine/meanflow meanflow.py:138-157 in float64 on the same normals: t, r = max / min of two logit-normal
+    draws, the first int(B data_proportion) rows r = t (zero_mask = arange(B) < data_size); times mapped through the
+    schedule (rectified flow: the same numbers). per_row draws each row's bucket instead (a random count)."""
+    sched = make_schedule("rectified_flow")
+    n, p_mean, p_std = 256, -0.4, 1.0
+    obj = MeanFlow(MeanFlowConfig(flow_matching_ratio=0.75, ratio_split="leading_block"), generate=None)
+    torch.manual_seed(2)
+    t, r = obj.sample_tr(sched, n, torch.zeros(1, dtype=torch.float64))
+    torch.manual_seed(2)
+    t_off = torch.sigmoid(torch.randn(n, dtype=torch.float64) * p_std + p_mean)
+    r_off = torch.sigmoid(torch.randn(n, dtype=torch.float64) * p_std + p_mean)
+    t_off, r_off = torch.maximum(t_off, r_off), torch.minimum(t_off, r_off)
+    data_size = int(n * 0.75)
+    zero_mask = torch.arange(n) < data_size
+    r_off = torch.where(zero_mask, t_off, r_off)
+    assert torch.allclose(t, sched.t_from_unit(t_off), rtol=1e-12, atol=0)
+    assert torch.allclose(r, sched.t_from_unit(r_off), rtol=1e-12, atol=0)
+    assert int((r == t).sum()) == 192
+    block = MeanFlow(MeanFlowConfig(flow_matching_ratio=0.5, consistency_ratio=0.25, ratio_split="leading_block"), None)
+    t, r = block.sample_tr(sched, 10, torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(r[:5], t[:5]) and bool((r[5:7] == 0).all()) and bool((r[7:] > 0).all())
+    with pytest.raises(ConfigError, match="ratio_split='blocks' is unknown"):
+        MeanFlow(MeanFlowConfig(ratio_split="blocks"), None)
+
+
+def test_gmm_meanflow_takes_the_official_split_and_norm_eps():
+    obj = compose(["experiment=gmm_meanflow"]).objective
+    assert (obj.ratio_split, obj.norm_c) == ("leading_block", 0.01)
