@@ -6,6 +6,7 @@ option names the official recipe), and the paper experiments' hyperparameters:
     f-distill   preset=fastgen: FastGen's generator loss end to end (NVlabs/FastGen f_distill.py, common_loss.py)
     rCM         dm_after_warmup: the DMD term from the end of the tangent warm-up (NVlabs/rcm); dm_weight 0.02
     MeanFlow    ratio_split=leading_block, norm_c 0.01 (Gsunshine/meanflow, the official JAX code)
+    sCM         prior_sigma=native: FastGen's 1 / sigma_t of the network's own schedule (digits_scd)
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser, ring
 from onestep.errors import ConfigError
 from onestep.objectives.fdistill import FASTGEN, FDistill, FDistillConfig
 from onestep.objectives.meanflow import MeanFlow, MeanFlowConfig
+from onestep.objectives import scm as scm_module
 from onestep.objectives.rcm import RCM, RCMConfig
+from onestep.objectives.scm import SCD, SCDConfig
 from onestep.objectives.sida import SiDA, SiDAConfig
 from onestep.schedules import make_schedule
 
@@ -202,3 +205,43 @@ def test_meanflow_leading_block_is_the_official_sample_tr():
 def test_gmm_meanflow_takes_the_official_split_and_norm_eps():
     obj = compose(["experiment=gmm_meanflow"]).objective
     assert (obj.ratio_split, obj.norm_c) == ("leading_block", 0.01)
+
+
+# --- sCM: prior_sigma ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["vp_cosine", "vp_linear", "edm"])
+def test_scm_native_prior_weight_is_fastgens_one_over_sigma_t(monkeypatch, schedule):
+    """FastGen sCM.py:198-203, :278 in float64: at the network's own time t, sigma_t = sigma(t), t_hat = atan2(sigma_t,
+    alpha_t sigma_d) and the error is weighted by 1 / sigma_t. At F = F- with c -> 0 and rms the error is 1, so the loss
+    is mean(1 / sigma_t); prior_sigma=trigflow gives mean(1 / (sigma_d tan t_hat)), smaller by alpha_t on VP, equal on EDM."""
+    dim, n, sd = 4, 8, 0.5
+    sched = make_schedule(schedule)
+    t_native = sched.t_from_unit(torch.linspace(0.1, 0.9, n, dtype=torch.float64))
+    sigma_t, alpha_t = sched.sigma(t_native), sched.alpha(t_native)
+    t_hat = torch.atan2(sigma_t, alpha_t * sd)
+    monkeypatch.setattr(scm_module, "trig_times", lambda *a, like, **k: t_hat.to(like))
+    mix = GaussianMixture(torch.tensor([[0.3, -0.2, 0.1, 0.5]], dtype=torch.float64),
+                          0.49 * torch.eye(dim, dtype=torch.float64)[None], [1.0])
+    off = GaussianMixture(torch.tensor([[1.0, 0.4, -0.5, 0.0]], dtype=torch.float64),
+                          0.12 * torch.eye(dim, dtype=torch.float64)[None], [1.0])
+    nets = Nets(teacher=GMMDenoiser(mix, sched), generator=GMMDenoiser(off, sched))
+    x0 = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    losses = {}
+    for form in ("native", "trigflow"):
+        cfg = SCDConfig(sigma_data=sd, tangent_norm_c=1e-12, adaptive_weighting=False, warmup_steps=0,
+                        tangent_norm="rms", prior_weighting=True, prior_sigma=form)
+        losses[form] = float(SCD(cfg, None).scm_loss(nets, Batch(noise=x0, real=x0), 10)["loss"])
+    weight = 1.0 / sigma_t
+    assert losses["native"] == pytest.approx(float(weight.mean()), rel=1e-9)
+    assert losses["trigflow"] == pytest.approx(float((1 / (sd * torch.tan(t_hat))).mean()), rel=1e-9)
+    if schedule == "edm":
+        assert losses["native"] == pytest.approx(losses["trigflow"], rel=1e-9)
+    else:
+        assert losses["native"] > 1.05 * losses["trigflow"]
+
+
+def test_scm_prior_sigma_defaults():
+    assert compose(["experiment=digits_scd"]).objective.prior_sigma == "native"  # "FastGen defaults"
+    assert compose(["experiment=sana_sprint"]).objective.prior_sigma == "trigflow"  # SANA-Sprint's 1 / (tan t sigma_d)
+    with pytest.raises(ConfigError, match="prior_sigma='fastgen' is unknown"):
+        SCD(SCDConfig(prior_sigma="fastgen"), None)
