@@ -101,15 +101,17 @@ def lognormal_t(schedule: Schedule, n: int, p_mean: float = P_MEAN, p_std: float
     return t if like is None else t.to(device=like.device, dtype=like.dtype)
 
 
-def dsm_t(schedule: Schedule, n: int, dist: str = "unit", like: torch.Tensor | None = None, p_mean: float = P_MEAN,
-          p_std: float = P_STD) -> torch.Tensor:
-    """n noise levels of a critic's DSM update (the fake score trained on generator samples), over the whole range:
+def dsm_t(schedule: Schedule, n: int, dist: str = "unit", like: torch.Tensor | None = None, lo: float = 0.0,
+          hi: float = 1.0, p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
+    """n noise levels of a critic's DSM update (the fake score trained on generator samples); unit and grid read the
+    fractions [lo, hi] of the schedule's range as sample_t does (the whole range by default):
 
     unit       u ~ U[0, 1] through the schedule (sample_t): log-uniform sigma on EDM (median 0.40 on 0.002..80),
                uniform t on VP / flow tables; dsm_loss's own draw
-    grid       an integer index uniform over all N points of the training grid (sample_t's grid, lo 0, hi 1): on EDM
-               DMD2's fake-score draw karras_sigmas[randint(0, 1000)] (median sigma 2.53; tianweiy/DMD2
-               main/edm/edm_guidance.py:138-145), on SD's table timesteps 0..999 (main/sd_guidance.py:271-277)
+    grid       an integer index uniform over the N points of the training grid (sample_t's grid): on EDM DMD2's
+               fake-score draw karras_sigmas[randint(0, 1000)] (median sigma 2.53; tianweiy/DMD2
+               main/edm/edm_guidance.py:138-145), on SD's table timesteps 0..999 (main/sd_guidance.py:271-277); SiD-LSG's
+               randint(20, 980) is lo 0.02, hi 0.979 (mingyuanzhou/SiD-LSG training/sid_training_loop.py:172-173, :413)
     lognormal  sigma / alpha = exp(p_mean + p_std N(0, 1)) (lognormal_t): SiD's fake-score draw, P_mean -1.2, P_std 1.2
                (mingyuanzhou/SiD training/sid_loss.py:18, :59-60), mapped to t by SNR on schedules that are not EDM
     """
@@ -117,7 +119,7 @@ def dsm_t(schedule: Schedule, n: int, dist: str = "unit", like: torch.Tensor | N
         raise ConfigError(f"objective.critic_t_dist='{dist}' is unknown; choose one of {CRITIC_T_DISTS}")
     if dist == "lognormal":
         return lognormal_t(schedule, n, p_mean, p_std, like=like)
-    return sample_t(schedule, n, 0.0, 1.0, like=like, dist=dist)
+    return sample_t(schedule, n, lo, hi, like=like, dist=dist)
 
 
 def noised(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None):

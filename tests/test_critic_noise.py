@@ -4,6 +4,8 @@ transcriptions of the official codes' draws with the same seeds:
     grid       DMD2's fake-score update: sigma = karras_sigmas[randint(0, 1000)] (tianweiy/DMD2
                main/edm/edm_guidance.py:9-15, :61-66, :138-145), loss mean((1/sigma^2 + 1/sigma_d^2) (D - x)^2) (:153-160)
     lognormal  SiD's fake-score update: sigma = exp(-1.2 + 1.2 N) (mingyuanzhou/SiD training/sid_loss.py:18, :59-61)
+    grid in [critic_t_lo, critic_t_hi]   SiD-LSG's: timesteps randint(20, 980) (mingyuanzhou/SiD-LSG
+               training/sid_training_loop.py:413)
     unit       the previous draw, still every objective's default
 """
 
@@ -70,6 +72,22 @@ def test_grid_is_dmd2s_fake_score_draw_and_loss():
     weights = sigma**-2 + 1.0 / SIGMA_DATA**2
     official = torch.mean(weights * (nets.critic(x + sigma * noise, sigma[:, 0]) - x) ** 2)
     assert float(ours.detach()) == pytest.approx(float(official.detach()), rel=1e-10)
+
+
+def test_grid_range_is_sid_lsgs_fake_score_timesteps():
+    """SiD-LSG's fake-score update draws timesteps = randint(tmin=20, tmax=980) (mingyuanzhou/SiD-LSG
+    training/sid_training_loop.py:172-173, :413): critic_t_dist=grid with critic_t_lo 0.02, critic_t_hi 0.979 on SD's
+    table gives the same integers for the same seed."""
+    sd = make_schedule("vp_discrete")
+    obj = SiD(SiDConfig(critic_t_dist="grid", critic_t_lo=0.02, critic_t_hi=0.979), None)
+    nets = Nets(teacher=None, generator=None, critic=GMMDenoiser(ring(), sd))
+    torch.manual_seed(12)
+    got = sd.index(obj.critic_t(nets, torch.zeros(50_000, 2, dtype=torch.float64)))
+    torch.manual_seed(12)
+    timesteps = torch.randint(20, 980, (50_000,), dtype=torch.long)
+    assert torch.equal(got.round().long(), timesteps) and (got - got.round()).abs().max() < 1e-9
+    with pytest.raises(ConfigError, match="critic_t_lo=0.5, objective.critic_t_hi=0.2 must satisfy"):
+        SiD(SiDConfig(critic_t_lo=0.5, critic_t_hi=0.2), None)
 
 
 def test_lognormal_is_sids_fake_score_draw_and_loss():
@@ -158,7 +176,7 @@ def test_bad_critic_t_dist_fails_at_construction():
 
 @pytest.mark.parametrize("experiment, want", [
     ("grid25_dmd2", "grid"), ("sd15_dmd2", "grid"), ("sdxl_dmd2_4step", "grid"),
-    ("grid25_sid", "lognormal"), ("grid25_sida", "lognormal"),
+    ("grid25_sid", "lognormal"), ("grid25_sida", "lognormal"), ("sd15_sid_lsg", "grid"), ("sd3_sid", "grid"),
     # CI-measured experiments keep the previous draw (their shipped figures were measured with it)
     ("gmm_dmd2", "unit"), ("gmm_sid", "unit"), ("gmm_sida", "unit"), ("digits_dmd2", "unit"),
 ])

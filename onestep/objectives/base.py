@@ -60,6 +60,10 @@ class CriticWeighting:
     #: timesteps 0..999) | lognormal (sigma = exp(-1.2 + 1.2 N), SiD's: mingyuanzhou/SiD training/sid_loss.py:59-60);
     #: see onestep.core.dsm_t
     critic_t_dist: str = "unit"
+    #: the fractions of the schedule's range the unit / grid critic draws read (SiD-LSG's randint(20, 980): 0.02, 0.979,
+    #: mingyuanzhou/SiD-LSG training/sid_training_loop.py:172-173, :413)
+    critic_t_lo: float = 0.0
+    critic_t_hi: float = 1.0
 
 
 class Objective:
@@ -184,9 +188,11 @@ def check_t_dist(cfg) -> None:
 
 
 def check_critic_t_dist(cfg) -> None:
-    """objective.critic_t_dist names one of onestep.core.CRITIC_T_DISTS (fails when the objective is built)."""
+    """objective.critic_t_dist names one of onestep.core.CRITIC_T_DISTS and critic_t_lo / critic_t_hi are a range (fails
+    when the objective is built)."""
     if cfg.critic_t_dist not in CRITIC_T_DISTS:
         raise ConfigError(f"objective.critic_t_dist='{cfg.critic_t_dist}' is unknown; choose one of {CRITIC_T_DISTS}")
+    check_t_range(cfg, "critic_t_lo", "critic_t_hi")
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:

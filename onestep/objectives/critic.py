@@ -34,11 +34,12 @@ class CriticObjective(Objective):
         return batch.cond
 
     def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
-        """The DSM noise levels drawn by ``critic_t_dist`` (None for unit: dsm_loss's own draw, u ~ U[0, 1] through the
-        schedule, the same random numbers)."""
-        if self.cfg.critic_t_dist == "unit":
+        """The DSM noise levels drawn by ``critic_t_dist`` in [critic_t_lo, critic_t_hi] (None for unit on the whole
+        range: dsm_loss's own draw, u ~ U[0, 1] through the schedule, the same random numbers)."""
+        c = self.cfg
+        if c.critic_t_dist == "unit" and (c.critic_t_lo, c.critic_t_hi) == (0.0, 1.0):
             return None
-        return dsm_t(nets.critic.schedule, x.shape[0], self.cfg.critic_t_dist, like=x)
+        return dsm_t(nets.critic.schedule, x.shape[0], c.critic_t_dist, like=x, lo=c.critic_t_lo, hi=c.critic_t_hi)
 
     def critic_loss(self, nets: Nets, batch: Batch, step: int):
         with torch.no_grad():

@@ -72,5 +72,6 @@ class RCM(SCD):
     def critic_loss(self, nets: Nets, batch: Batch, step: int):
         with torch.no_grad():
             x = self.generate(nets, batch)
-        t = dsm_t(nets.critic.schedule, x.shape[0], self.cfg.critic_t_dist, like=x)  # unit: dsm_loss's own draw
+        c = self.cfg
+        t = dsm_t(nets.critic.schedule, x.shape[0], c.critic_t_dist, like=x, lo=c.critic_t_lo, hi=c.critic_t_hi)
         return {"loss": dsm_loss(nets.critic, x, batch.cond, weighting=self.cfg.critic_weighting, t=t)}
