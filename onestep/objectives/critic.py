@@ -1,6 +1,7 @@
 """The fake-score critic update shared by the score-distillation objectives (DMD, DMD2, VSD, SiD, SIM,
 f-distill): denoising score matching on detached generator samples, so the critic tracks the generator's
-score (DMD eq. (6) / DMD2 Sec. 4.2), plus ``disc_weight`` * L_D when the objective has a GAN head
+score (DMD eq. (6) / DMD2 Sec. 4.2), at the noise levels ``critic_t_dist`` draws (onestep.core.dsm_t: DMD2's Karras
+grid, SiD's lognormal or the log-uniform default), plus ``disc_weight`` * L_D when the objective has a GAN head
 (adversarial.py). Subclasses give the generator loss and may change the critic's model or labels
 (SiD-LSG trains a guided critic).
 """
