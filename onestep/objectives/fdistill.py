@@ -234,6 +234,7 @@ class FDistill(CriticObjective):
                 return logits  # D at this x_t: fdistill_gradient noises x with the same eps at the same u
             with frozen(nets.critic, nets.modules.get("disc")):
                 return self.gan.logits(nets, x_t, t, batch.cond)
+
         grad, logs = fdistill_gradient(nets.teacher, nets.critic, x, logit_fn, batch.cond, divergence=c.divergence,
                                        log_ratio_clamp=c.log_ratio_clamp, time_bins=c.time_bins,
                                        max_weight=c.max_weight, lo=c.t_lo, hi=c.t_hi, u=u, eps=eps,
