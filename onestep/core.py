@@ -5,6 +5,7 @@
     Nets    what an objective sees: the frozen (guided) teacher, the trained generator / critic views, extra
             trained modules (heads) and non-optimized targets; built by train/networks.py
     sample_t, noised, dsm_loss   the forward process x_t = alpha(t) x0 + sigma(t) eps and denoising score matching
+    dsm_t, lognormal_t           the noise levels of a critic's DSM update (``objective.critic_t_dist``)
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from onestep.schedules import EDM, Schedule, bcast
 WEIGHTINGS = ("edm", "eps", "x0", "v", "alpha2_eps")
 #: distributions of an objective's noise level t (``objective.t_dist``; see sample_t)
 T_DISTS = ("unit", "grid", "karras")
+#: distributions of a critic's DSM noise level (``objective.critic_t_dist``; see dsm_t)
+CRITIC_T_DISTS = ("unit", "grid", "lognormal")
+#: EDM's training draw sigma = exp(P_MEAN + P_STD N(0, 1)) (EDM Table 1), SiD's fake-score update
+#: (mingyuanzhou/SiD training/sid_loss.py:18, :59-60)
+P_MEAN, P_STD = -1.2, 1.2
 #: points of the discrete training grid DMD2 and SiD-LSG index (their num_train_timesteps) on continuous schedules
 GRID_STEPS = 1000
 
@@ -84,6 +90,36 @@ def karras_t(schedule: Schedule, u: torch.Tensor) -> torch.Tensor:
     a, b = (schedule.sigma(ends) / schedule.alpha(ends)) ** (1 / rho)
     sig = (a + u * (b - a)) ** rho
     return schedule.t_of_logsnr(-2 * torch.log(sig)).clamp(schedule.t_min, schedule.t_max)
+
+
+def lognormal_t(schedule: Schedule, n: int, p_mean: float = P_MEAN, p_std: float = P_STD,
+                like: torch.Tensor | None = None) -> torch.Tensor:
+    """t whose noise level sigma / alpha is exp(p_mean + p_std N(0, 1)) (EDM's training draw), mapped by SNR on
+    schedules that are not EDM (on EDM t = sigma) and clamped to the schedule's range."""
+    sig = torch.exp(p_mean + p_std * torch.randn(n, dtype=torch.float64))
+    t = schedule.t_of_logsnr(-2 * torch.log(sig)).clamp(schedule.t_min, schedule.t_max)
+    return t if like is None else t.to(device=like.device, dtype=like.dtype)
+
+
+def dsm_t(schedule: Schedule, n: int, dist: str = "unit", like: torch.Tensor | None = None, lo: float = 0.0,
+          hi: float = 1.0, p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
+    """n noise levels of a critic's DSM update (the fake score trained on generator samples); unit and grid read the
+    fractions [lo, hi] of the schedule's range as sample_t does (the whole range by default):
+
+    unit       u ~ U[0, 1] through the schedule (sample_t): log-uniform sigma on EDM (median 0.40 on 0.002..80),
+               uniform t on VP / flow tables; dsm_loss's own draw
+    grid       an integer index uniform over the N points of the training grid (sample_t's grid): on EDM DMD2's
+               fake-score draw karras_sigmas[randint(0, 1000)] (median sigma 2.53; tianweiy/DMD2
+               main/edm/edm_guidance.py:138-145), on SD's table timesteps 0..999 (main/sd_guidance.py:271-277); SiD-LSG's
+               randint(20, 980) is lo 0.02, hi 0.979 (mingyuanzhou/SiD-LSG training/sid_training_loop.py:172-173, :413)
+    lognormal  sigma / alpha = exp(p_mean + p_std N(0, 1)) (lognormal_t): SiD's fake-score draw, P_mean -1.2, P_std 1.2
+               (mingyuanzhou/SiD training/sid_loss.py:18, :59-60), mapped to t by SNR on schedules that are not EDM
+    """
+    if dist not in CRITIC_T_DISTS:
+        raise ConfigError(f"objective.critic_t_dist='{dist}' is unknown; choose one of {CRITIC_T_DISTS}")
+    if dist == "lognormal":
+        return lognormal_t(schedule, n, p_mean, p_std, like=like)
+    return sample_t(schedule, n, lo, hi, like=like, dist=dist)
 
 
 def noised(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None):

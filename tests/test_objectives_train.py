@@ -5,6 +5,7 @@ copied into each run folder. Each run covers all 8 modes and reaches a sliced-W2
 DDIM sampler scores ~0.045 on the same 5000 evaluation samples), in well under a minute on one thread.
 """
 
+import math
 import shutil
 
 import pytest
@@ -62,6 +63,6 @@ def test_objective_trains_with_a_guided_class_conditional_teacher(name, tmp_path
     extra = ["objective.regression_pairs=32", "objective.regression_steps=2"] if name in ("dmd", "dmd2") else []
     out = train(compose(CASES[name] + tiny + extra), tmp_path)
     student = [r for r in out["rows"] if r["model"] == "student"][0]
-    assert student["num_modes"] == 20 and student["sliced_w2"] == student["sliced_w2"]  # finite
+    assert student["num_modes"] == 20 and math.isfinite(student["sliced_w2"])
     saved = {p.stem for p in (tmp_path / "checkpoints" / "step_00000004").glob("*.safetensors")}
     assert "generator" in saved and ("disc" in saved) == (name in ("dmd2", "sida", "fdistill", "adversarial"))

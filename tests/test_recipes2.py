@@ -25,7 +25,7 @@ from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser, class_mixture, r
 from onestep.denoisers.nets import MLPDenoiser
 from onestep.errors import ConfigError
 from onestep.help import field_docs
-from onestep.objectives.adversarial import ConvHead, GANConfig, GANTerm
+from onestep.objectives.adversarial import ConvHead, GANConfig, GANTerm, point_norm
 from onestep.objectives.distribution_matching import denoised_pair
 from onestep.objectives.sida import SiDA, SiDAConfig
 from onestep.objectives.sim import SIMConfig, sim_loss
@@ -171,15 +171,34 @@ def dmd2_head(c: int, size: int) -> nn.Sequential:
 @pytest.mark.parametrize("size", [8, 32])
 def test_conv_head_is_dmd2s_head(size):
     """gan_head=conv on an 8x8 (ImageNet / SD1.5) or 32x32 (SDXL) bottleneck is DMD2's head layer for layer: its state
-    dict loads into the official stack (same shapes) and gives the same logits (float64)."""
-    head = ConvHead((64, size, size)).double()
-    official = dmd2_head(64, size).double()
+    dict loads into the official stack (same shapes) and gives the same logits (float64). 256 channels: 8 per group at
+    the 1x1 norm, as many as the head needs to keep DMD2's GroupNorm(32) there (DMD2's own 768 / 1280 have more)."""
+    head = ConvHead((256, size, size)).double()
+    official = dmd2_head(256, size).double()
     official.load_state_dict(head.convs.state_dict(), strict=True)
-    feats = torch.randn(3, 64, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    feats = torch.randn(3, 256, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     assert torch.allclose(head(feats), official(feats).squeeze(dim=3).squeeze(dim=2).squeeze(1), rtol=1e-12)
     assert head(feats).shape == (3,)
     with pytest.raises(ConfigError, match="spatial_feature_shape is wrong"):
-        head(torch.randn(3, 64, 2 * size, 2 * size, dtype=torch.float64))
+        head(torch.randn(3, 256, 2 * size, 2 * size, dtype=torch.float64))
+
+
+def test_conv_head_logits_vary_with_the_input_on_few_channels():
+    """DMD2's GroupNorm(32) on the 1x1 map of a 32-channel bottleneck normalizes one channel per group to 0: every input
+    got the same logit (spread ~1e-6). The 1x1 norm keeps >= 8 channels per group (none below 8 channels), so on the
+    tiny UNet the logits of 16 inputs spread by a tenth or more; DMD2's sizes keep 32 groups."""
+    net = _tiny_unet_denoiser()
+    cfg = GANConfig(discriminator="critic", gan_head="conv")
+    cfg.name = "test"
+    head = GANTerm(cfg, has_critic=True).build(SimpleNamespace(student_init=net))["disc"][0]
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(16, 1, 8, 8, generator=g), 0.05 + 0.9 * torch.rand(16, generator=g)
+    with torch.no_grad():
+        logits = head(net.spatial_features(x_t, t))
+    assert float(logits.std()) > 0.1, logits
+    norms = {c: point_norm(c) for c in (4, 32, 64, 768, 1280)}
+    assert isinstance(norms[4], nn.Identity)
+    assert {c: n.num_groups for c, n in norms.items() if c > 4} == {32: 4, 64: 8, 768: 32, 1280: 32}
 
 
 def _tiny_unet_denoiser():

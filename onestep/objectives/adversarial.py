@@ -12,7 +12,11 @@ Heads (``gan_head``):
   conv          DMD2's official head on the spatial bottleneck (``spatial_features``, (B, C, h, w)): conv 4x4 stride 2
                 + GroupNorm(32) + SiLU until 4x4 is left, a conv over the remaining h x w + GroupNorm + SiLU, a 1x1 conv
                 to one logit (tianweiy/DMD2 main/edm/edm_guidance.py:48-56 for 8x8, main/sd_guidance.py:107-133 for
-                SDXL's 32x32 and SD1.5's 8x8; here generalized to any size); image UNets only
+                SDXL's 32x32 and SD1.5's 8x8; here generalized to any size); image UNets only. The GroupNorm on the 1x1
+                map normalizes each group's channels alone: DMD2's 768 / 1280 channels leave 24 / 40 per group, but
+                a small UNet's 32 channels in 32 groups leave one, which it sets to 0 whatever the input (constant
+                logits). So that norm takes fewer groups, at least CONV_HEAD_GROUP_CHANNELS channels each (none
+                below that many channels): DMD2's head unchanged at its sizes
   channel_mean  SiDA's: no head parameters, the logits are the bottleneck's channel mean (B, h, w) or, on the MLPs,
                 the last hidden layer's mean (B,) (mingyuanzhou/SiD branch sida, sida_training/sida_networks.py:151-152
                 ``logits = x.mean(dim=1, keepdim=True)`` after the encoder); discriminator=critic only
@@ -46,6 +50,9 @@ GAN_HEADS = ("mlp_pool", "conv", "channel_mean")
 CONV_HEAD_FINAL = 4
 #: GroupNorm groups of the conv head (DMD2's 32; fewer when the channels are not a multiple of 32)
 CONV_HEAD_GROUPS = 32
+#: the fewest channels per group of the GroupNorm on the 1x1 map (k channels normalized to mean 0, variance 1 keep
+#: k - 2 degrees of freedom: one channel per group is always 0, two are always +-1)
+CONV_HEAD_GROUP_CHANNELS = 8
 HEAD = "disc"  # the trained head's name in Nets.modules and in checkpoints
 HEAD_SEED = 0
 
@@ -119,6 +126,14 @@ class Head(_TeacherFeatures):
         return self.mlp(feats.to(next(self.mlp.parameters()).dtype)).squeeze(-1)
 
 
+def point_norm(c: int) -> nn.Module:
+    """The conv head's norm on its 1x1 map: GroupNorm with the most groups (<= CONV_HEAD_GROUPS, dividing c) that keep
+    CONV_HEAD_GROUP_CHANNELS channels each (DMD2's GroupNorm(32) at 768 / 1280 channels); none below that many
+    channels."""
+    fits = [g for g in range(1, CONV_HEAD_GROUPS + 1) if c % g == 0 and c // g >= CONV_HEAD_GROUP_CHANNELS]
+    return nn.GroupNorm(max(fits), c) if fits else nn.Identity()
+
+
 class ConvHead(_TeacherFeatures):
     """Logit = DMD2's conv stack on the (B, C, h, w) bottleneck: ``gan_head=conv`` (see the module docstring). On 8x8
     it is DMD2's ImageNet / SD1.5 head layer for layer, on 32x32 its SDXL head; in fp32, as DMD2 runs it."""
@@ -134,7 +149,7 @@ class ConvHead(_TeacherFeatures):
         while max(h, w) > CONV_HEAD_FINAL:
             layers += [nn.Conv2d(c, c, kernel_size=4, stride=2, padding=1), nn.GroupNorm(groups, c), nn.SiLU()]
             h, w = max(h // 2, 1), max(w // 2, 1)
-        layers += [nn.Conv2d(c, c, kernel_size=(h, w), stride=(h, w)), nn.GroupNorm(groups, c), nn.SiLU(),
+        layers += [nn.Conv2d(c, c, kernel_size=(h, w), stride=(h, w)), point_norm(c), nn.SiLU(),
                    nn.Conv2d(c, 1, kernel_size=1)]
         self.convs = nn.Sequential(*layers)
 
@@ -217,11 +232,18 @@ class GANTerm:
         t = sample_t(sched, x.shape[0], self.cfg.gan_t_lo, self.cfg.gan_t_hi, like=x, dist=self.cfg.gan_t_dist)
         return noised(sched, x, t)[0], t
 
-    def generator_loss(self, nets: Nets, x, cond) -> tuple[torch.Tensor, dict]:
-        """lambda * L_G at generator samples x (gradient reaches x through the frozen critic and head)."""
+    def generator_logits(self, nets: Nets, x_t, t, cond) -> torch.Tensor:
+        """D(x_t) for L_G: the gradient reaches x_t through the frozen critic and head."""
         with frozen(nets.critic if self.kind == "critic" else None, self.head_module(nets)):
+            return self.logits(nets, x_t, t, cond)
+
+    def generator_loss(self, nets: Nets, x, cond, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """lambda * L_G at generator samples x noised at the GAN's own t, or at ``logits`` already read at another
+        loss's x_t (f-distill's, as FastGen shares it)."""
+        if logits is None:
             x_t, t = self._noised(nets, x)
-            loss = F.softplus(-self.logits(nets, x_t, t, cond)).mean()
+            logits = self.generator_logits(nets, x_t, t, cond)
+        loss = F.softplus(-logits).mean()
         return self.cfg.gan_weight * loss, {"gan_g": loss.detach()}
 
     def discriminator_loss(self, nets: Nets, fake, batch: Batch) -> tuple[torch.Tensor, dict]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from onestep.config import GeneratorConfig, store
-from onestep.core import T_DISTS, Batch, Nets
+from onestep.core import CRITIC_T_DISTS, T_DISTS, Batch, Nets
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 
@@ -51,8 +51,19 @@ class TimeDraw(TimeRange):
 
 @dataclass
 class CriticWeighting:
+    """The critic's DSM update (``check_critic_t_dist`` checks the draw)."""
+
     #: critic's DSM weighting: edm | eps | x0 | v (onestep.core.dsm_loss)
     critic_weighting: str = "edm"
+    #: the critic's DSM noise level: unit (u ~ U[0, 1] through the schedule: log-uniform sigma on EDM) | grid (index
+    #: uniform over the 1000-point Karras grid on EDM, DMD2's: tianweiy/DMD2 main/edm/edm_guidance.py:138-145; SD's
+    #: timesteps 0..999) | lognormal (sigma = exp(-1.2 + 1.2 N), SiD's: mingyuanzhou/SiD training/sid_loss.py:59-60);
+    #: see onestep.core.dsm_t
+    critic_t_dist: str = "unit"
+    #: the fractions of the schedule's range the unit / grid critic draws read (SiD-LSG's randint(20, 980): 0.02, 0.979,
+    #: mingyuanzhou/SiD-LSG training/sid_training_loop.py:172-173, :413)
+    critic_t_lo: float = 0.0
+    critic_t_hi: float = 1.0
 
 
 class Objective:
@@ -181,6 +192,14 @@ def check_t_dist(cfg) -> None:
     """objective.t_dist names one of onestep.core.T_DISTS (fails when the objective is built, not at the first step)."""
     if cfg.t_dist not in T_DISTS:
         raise ConfigError(f"objective.t_dist='{cfg.t_dist}' is unknown; choose one of {T_DISTS}")
+
+
+def check_critic_t_dist(cfg) -> None:
+    """objective.critic_t_dist names one of onestep.core.CRITIC_T_DISTS and critic_t_lo / critic_t_hi are a range (fails
+    when the objective is built)."""
+    if cfg.critic_t_dist not in CRITIC_T_DISTS:
+        raise ConfigError(f"objective.critic_t_dist='{cfg.critic_t_dist}' is unknown; choose one of {CRITIC_T_DISTS}")
+    check_t_range(cfg, "critic_t_lo", "critic_t_hi")
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:

@@ -14,6 +14,9 @@ f_distill.py:59-111): r clipped to [ratio_lower, ratio_upper] (0.1, 20 there), r
 equal width in the schedule's own time t (not the unit time u: on EDM, in sigma), then h applied, then h divided by
 its batch mean (all processes). FastGen keeps an EMA of the bin means whose default rate 0 (configs/methods/
 config_f_distill.py:34) makes them this batch's, as here.
+``preset=fastgen`` is FastGen's objective end to end (FASTGEN below): that order with its clamp, bounds and no cap, the
+discriminator on the frozen teacher's features, and L_G at the f-distill x_t, from the logits the ratio reads
+(``gan_at_fdistill_t``; f_distill.py:139-169), with FastGen's gan_loss_weight_gen.
 In x0 form, with DMD's normalizer (distribution_matching.py):  grad = h_norm(r) (mu_fake - mu_real) / mean|x - mu_real|.
 
 The h table (f with f(1) = 0; D_f(p||q) = E_q f(p/q)):
@@ -28,13 +31,15 @@ The h table (f with f(1) = 0; D_f(p||q) = E_q f(p/q)):
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from onestep.core import noised
 from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
@@ -67,6 +72,19 @@ BIN_MEAN_FLOOR = 1e-8
 
 
 NORMALIZATIONS = ("h_bins", "ratio_bins")
+PRESETS = ("none", "fastgen")
+#: the keys objective.preset=fastgen sets: NVlabs/FastGen's f-distill (fastgen/methods/distribution_matching/
+#: f_distill.py, fastgen/configs/methods/config_f_distill.py, its parent config_dmd2.py)
+FASTGEN = {
+    "log_ratio_clamp": 10.0,         # logits clamped to [-10, 10] before exp, f_distill.py:66-68
+    "ratio_lower": 0.1,              # config_f_distill.py:28
+    "ratio_upper": 20.0,             # config_f_distill.py:29
+    "max_weight": math.inf,          # h / (h_mean + 1e-6) and nothing after it, f_distill.py:100-108
+    "normalization": "ratio_bins",   # ratio_normalization=True, 10 bins, EMA rate 0: config_f_distill.py:32-34
+    "discriminator": "teacher",      # D reads the frozen teacher's features, f_distill.py:146-153
+    "gan_weight": 1e-3,              # gan_loss_weight_gen, configs/methods/config_dmd2.py:40
+    "gan_at_fdistill_t": True,       # L_G from the logits at the f-distill x_t, f_distill.py:153-154, :169
+}
 
 
 def density_ratio(logits: torch.Tensor, log_ratio_clamp: float, lower: float = 0.0, upper: float = math.inf):
@@ -167,6 +185,13 @@ class FDistillConfig(ObjectiveConfig, GANConfig, TimeRange, CriticWeighting):
     ratio_upper: float = math.inf
     #: the density ratio's discriminator: a head on the critic's features (or on frozen teacher features)
     discriminator: str = "critic"
+    #: L_G (gan_weight > 0) at the f-distill x_t from the logits the ratio reads (FastGen, f_distill.py:139-169) |
+    #: false: at the GAN's own t (gan_t_dist)
+    gan_at_fdistill_t: bool = False
+    #: none | fastgen: sets the keys of onestep.objectives.fdistill.FASTGEN (FastGen's log_ratio_clamp 10, ratio
+    #: bounds 0.1 / 20, no max_weight, ratio_bins, discriminator=teacher, gan_weight 1e-3, gan_at_fdistill_t);
+    #: NVlabs/FastGen fastgen/methods/distribution_matching/f_distill.py:59-169, configs/methods/config_f_distill.py:28-34
+    preset: str = "none"
 
 
 @register_objective
@@ -175,6 +200,7 @@ class FDistill(CriticObjective):
     Config = FDistillConfig
 
     def __init__(self, cfg, generate):
+        cfg = with_preset(cfg)
         super().__init__(cfg, generate)
         if cfg.divergence not in H:
             raise ConfigError(f"objective.divergence='{cfg.divergence}' is unknown; choose one of {sorted(H)}")
@@ -199,13 +225,42 @@ class FDistill(CriticObjective):
         x = self.generate(nets, batch)
         c = self.cfg
 
+        u = eps = logits = None
+        if c.gan_at_fdistill_t and c.gan_weight > 0:  # one D(x_t) for the ratio (detached) and for L_G (FastGen)
+            sched = nets.teacher.schedule
+            u = c.t_lo + (c.t_hi - c.t_lo) * torch.rand(x.shape[0], dtype=torch.float64)
+            t = sched.t_from_unit(u).to(device=x.device, dtype=x.dtype)
+            x_t, eps = noised(sched, x, t)
+            logits = self.gan.generator_logits(nets, x_t, t, batch.cond)
+
         def logit_fn(x_t, t):
+            if logits is not None:
+                return logits  # D at this x_t: fdistill_gradient noises x with the same eps at the same u
             with frozen(nets.critic, nets.modules.get("disc")):
                 return self.gan.logits(nets, x_t, t, batch.cond)
 
         grad, logs = fdistill_gradient(nets.teacher, nets.critic, x, logit_fn, batch.cond, divergence=c.divergence,
                                        log_ratio_clamp=c.log_ratio_clamp, time_bins=c.time_bins,
-                                       max_weight=c.max_weight, lo=c.t_lo, hi=c.t_hi, normalization=c.normalization,
-                                       ratio_lower=c.ratio_lower, ratio_upper=c.ratio_upper)
+                                       max_weight=c.max_weight, lo=c.t_lo, hi=c.t_hi, u=u, eps=eps,
+                                       normalization=c.normalization, ratio_lower=c.ratio_lower,
+                                       ratio_upper=c.ratio_upper)
         loss = surrogate_loss(x, grad)
-        return self.with_gan(loss, {"fdiv": loss.detach(), **logs}, nets, x, batch.cond)
+        return self.with_gan(loss, {"fdiv": loss.detach(), **logs}, nets, x, batch.cond, logits)
+
+
+def with_preset(cfg):
+    """cfg with its preset's keys set (a copy; ``preset=none`` returns cfg). A key the run set to another value than
+    both its default and the preset's is a conflict, not silently overwritten."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"objective.preset='{cfg.preset}' is unknown; choose one of {PRESETS}")
+    if cfg.preset == "none":
+        return cfg
+    defaults = {f.name: f.default for f in fields(FDistillConfig)}
+    for key, value in FASTGEN.items():
+        if getattr(cfg, key) not in (defaults[key], value):
+            raise ConfigError(f"objective.preset=fastgen sets {key}={value}; drop objective.{key}={getattr(cfg, key)} "
+                              "or objective.preset")
+    cfg = copy.copy(cfg)
+    for key, value in FASTGEN.items():
+        setattr(cfg, key, value)
+    return cfg

@@ -11,7 +11,7 @@ the total derivative being the JVP of u along the tangent (dz, dr, dt) = (v, 0, 
 with v the teacher's velocity at z_t (CD) or the conditional velocity a' x0 + s' eps of the data pair (CT; its
 expectation given z_t is the marginal v and u_tgt is linear in v), and w the tangent warm-up ramp 0 -> 1 (FastGen
 ``tangent_warmup_steps``; 1 = the paper). ``loss=adaptive`` is Sec. 4.3: sg(w) ||Delta||^2 with
-w = 1 / (||Delta||^2 + c)^p (p = 1 - gamma; p = 1, c = 1e-3 the paper's ImageNet setting), the squared norm summed
+w = 1 / (||Delta||^2 + c)^p (p = 1 - gamma; p = 1 the paper's ImageNet setting, c = norm_c), the squared norm summed
 over elements as FastGen does under a norm (``norm_method=poly_p``); ``l2`` is the per-element mean square.
 
 (t, r): two logit-normal(P_mean, P_std) draws (Sec. 4.3: lognorm(-0.4, 1.0)) mapped through the schedule, t the
@@ -49,6 +49,7 @@ from onestep.schedules import bcast
 
 VELOCITIES = ("teacher", "data")
 LOSSES = ("l2", "adaptive")
+SPLITS = ("per_row", "leading_block")
 
 
 @dataclass
@@ -63,9 +64,15 @@ class MeanFlowConfig(ObjectiveConfig):
     flow_matching_ratio: float = 0.75
     #: share with r = 0 (FastGen's consistency bucket: the one-step map)
     consistency_ratio: float = 0.0
+    #: how the r = t and r = 0 shares are taken: per_row (each row drawn into a bucket) | leading_block (the first
+    #: int(B flow_matching_ratio) rows r = t, then int(B consistency_ratio) rows r = 0: the official code's
+    #: zero_mask = arange(B) < int(B data_proportion), Gsunshine/meanflow meanflow.py:152-155)
+    ratio_split: str = "per_row"
     #: l2 (per-element mean square) | adaptive (Sec. 4.3: sg(1 / (||Delta||^2 + c)^p) ||Delta||^2)
     loss: str = "adaptive"
     norm_p: float = 1.0
+    #: c of the adaptive weight: the paper's text gives 1e-3 as an example, the official code uses norm_eps = 0.01
+    #: (Gsunshine/meanflow meanflow.py:84, :242; configs/default.py:71)
     norm_c: float = 1e-3
     #: w in u_tgt = v - w (t - r) du/dt rises linearly from 0 to 1 over this many steps (0 = off, the paper)
     warmup_steps: int = 0
@@ -123,6 +130,8 @@ class MeanFlow(Objective):
 
     def __init__(self, cfg, generate):
         super().__init__(cfg, generate)
+        if cfg.ratio_split not in SPLITS:
+            raise ConfigError(f"objective.ratio_split='{cfg.ratio_split}' is unknown; choose one of {SPLITS}")
         if cfg.velocity not in VELOCITIES or cfg.loss not in LOSSES:
             raise ConfigError(f"objective.velocity='{cfg.velocity}' / objective.loss='{cfg.loss}': choose velocity "
                               f"from {VELOCITIES} and loss from {LOSSES}")
@@ -149,10 +158,16 @@ class MeanFlow(Objective):
         u = torch.sigmoid(c.p_mean + c.p_std * torch.randn(2 * n, dtype=torch.float64).view(2, n))
         a, b = schedule.t_from_unit(u[0]), schedule.t_from_unit(u[1])
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        bucket = torch.rand(n, dtype=torch.float64)
-        r = torch.where(bucket < c.flow_matching_ratio, t, r)
-        r = torch.where((bucket >= c.flow_matching_ratio) & (bucket < c.flow_matching_ratio + c.consistency_ratio),
-                        torch.zeros_like(r), r)
+        if c.ratio_split == "leading_block":  # row positions, as the official code's mask (the rows are i.i.d.)
+            i = torch.arange(n)
+            fm, cm = int(n * c.flow_matching_ratio), int(n * c.consistency_ratio)
+            on_diagonal, at_zero = i < fm, (i >= fm) & (i < fm + cm)
+        else:
+            bucket = torch.rand(n, dtype=torch.float64)
+            on_diagonal = bucket < c.flow_matching_ratio
+            at_zero = (bucket >= c.flow_matching_ratio) & (bucket < c.flow_matching_ratio + c.consistency_ratio)
+        r = torch.where(on_diagonal, t, r)
+        r = torch.where(at_zero, torch.zeros_like(r), r)
         return t.to(like), r.to(like)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):

@@ -23,8 +23,10 @@ Variants (named options; defaults = Algorithm 1 above):
                          the JVP term not scaled by r; equal to eq. (8) at r = 1
     tangent_norm=rms     g / (||g|| / sqrt(D) + c): FastGen's g_norm_spatial_invariance (NVlabs/FastGen
                          fastgen/methods/consistency_model/sCM.py:272-275, on by default in configs/methods/config_scm.py:57)
-    prior_weighting      the error times 1 / (sigma_d tan t) = 1 / (sigma/alpha): FastGen sCM.py:278 (1 / sigma_t of its EDM
-                         teachers), SANA-Sprint (NVlabs/Sana train_scripts/train_scm_ladd.py, weight = 1 / (tan(t) sigma_data))
+    prior_weighting      the error times 1 / (sigma_d tan t) = alpha/sigma (prior_sigma=trigflow): SANA-Sprint (NVlabs/Sana
+                         train_scripts/train_scm_ladd.py, weight = 1 / (tan(t) sigma_data)); or times 1 / sigma_t of the
+                         network's own schedule at the same SNR (prior_sigma=native): FastGen sCM.py:198, :278. The two
+                         agree on EDM (alpha = 1); on a VP teacher FastGen's is larger by 1 / alpha_t = sqrt(1 + sigma_d^2 tan^2 t)
     divide_by_dim        the per-sample mean square divided by D once more: FastGen sCM.py:279-285 (divide_x_0_spatial_dim)
 
 GAN block (adversarial.py's GANConfig): ``objective.discriminator=teacher`` + ``gan_weight`` adds LADD's generator
@@ -71,6 +73,9 @@ class SCMConfig(ObjectiveConfig, GANConfig):
     #: weight the error by 1 / (sigma_d tan t) (FastGen sCM.py:278 prior_weighting_enabled, default on; SANA-Sprint's
     #: train_scripts/train_scm_ladd.py weight = 1 / sigma)
     prior_weighting: bool = False
+    #: the prior weight's sigma: trigflow (1 / (sigma_d tan t), SANA-Sprint) | native (1 / sigma_t of the network's own
+    #: schedule at the same SNR: FastGen, NVlabs/FastGen fastgen/methods/consistency_model/sCM.py:198, :278)
+    prior_sigma: str = "trigflow"
     #: divide the per-sample mean square error by D once more (FastGen sCM.py:279-285 divide_x_0_spatial_dim, default on)
     divide_by_dim: bool = False
     #: adaptive weighting with a learned log-variance head w_phi(t) (eq. 9); off = plain mean
@@ -103,6 +108,17 @@ def trig_times(n: int, sigma_data: float, p_mean: float, p_std: float, t_min: fl
     return t.to(device=like.device, dtype=like.dtype)
 
 
+def prior_sigma(schedule, t: torch.Tensor, sigma_data: float, form: str = "trigflow") -> torch.Tensor:
+    """The sigma the prior weighting divides by at TrigFlow time t: sigma_d tan t (trigflow: sigma / alpha at t's SNR), or
+    (native) sigma_t of ``schedule`` (the network's own) at the same SNR, as FastGen's 1 / sigma_t (sCM.py:198, :278,
+    where tan t_hat = sigma_t / (alpha_t sigma_d), :203)."""
+    sig = sigma_data * torch.tan(t)
+    if form == "trigflow":
+        return sig
+    return schedule.sigma(schedule.t_of_logsnr(-2 * torch.log(sig))).to(t)
+
+
+PRIOR_SIGMAS = ("trigflow", "native")
 WARMUPS = ("scm", "rcm")
 TANGENT_NORMS = ("l2", "rms")
 
@@ -152,6 +168,8 @@ class SCM(Objective):
         if cfg.tangent_warmup not in WARMUPS or cfg.tangent_norm not in TANGENT_NORMS:
             raise ConfigError(f"objective.tangent_warmup='{cfg.tangent_warmup}' / tangent_norm='{cfg.tangent_norm}': "
                               f"choose tangent_warmup from {WARMUPS} and tangent_norm from {TANGENT_NORMS}")
+        if cfg.prior_sigma not in PRIOR_SIGMAS:
+            raise ConfigError(f"objective.prior_sigma='{cfg.prior_sigma}' is unknown; choose one of {PRIOR_SIGMAS}")
         self.gan = GANTerm(cfg, has_critic=False)
 
     def build_modules(self, setup):
@@ -189,7 +207,7 @@ class SCM(Objective):
         # F_theta - F_theta- with F = v / sigma_d (eq. 1)
         err = ((v.to(wdtype) - v_minus) / c.sigma_data - g).flatten(1).pow(2).mean(1)
         if c.prior_weighting:
-            err = err / (c.sigma_data * torch.tan(t.to(wdtype)))
+            err = err / prior_sigma(nets.generator.schedule, t.to(wdtype), c.sigma_data, c.prior_sigma)
         if c.divide_by_dim:
             err = err / x_t[0].numel()
         if c.adaptive_weighting:

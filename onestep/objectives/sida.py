@@ -29,12 +29,14 @@ official   the official code's (mingyuanzhou/SiD branch sida: sida_training/sida
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from onestep.core import dsm_loss, sample_t
+from onestep.core import dsm_loss, lognormal_t, sample_t
 from onestep.errors import ConfigError
 from onestep.objectives.base import Batch, Nets, frozen, register_objective
 from onestep.objectives.sid import SiD, SiDConfig, sid_terms
@@ -43,31 +45,29 @@ from onestep.schedules import bcast
 GAN_BALANCES = ("constant", "official")
 #: SiDA clamps the generator's logits (sida_loss.py:72)
 LOGIT_CLAMP = 10.0
+#: gan_weight when unset, by balance: this project's constant-balance lambda; the official code's 0.01 / 100
+GAN_WEIGHTS = {"constant": 0.01, "official": 1e-4}
 
 
 @dataclass
 class SiDAConfig(SiDConfig):
     name: str = "sida"
     discriminator: str = "critic"
-    gan_weight: float = 0.01
+    #: lambda of the GAN term; None = its balance's: 0.01 under constant (this project's), 1e-4 under official
+    #: (loss_scaling_G_gan / loss_scaling_G = 0.01 / 100, mingyuanzhou/SiD branch sida run_sida.sh:42-44)
+    gan_weight: Optional[float] = None
     #: constant (L_SiD + gan_weight L_G, the GAN at its own t) | official (SiDA's: the batch-mean BCE over each sample's
     #: SiD normalizer at SiD's x_t, 0.5 / 0.5 mixing, lognormal-sigma discriminator; mingyuanzhou/SiD branch sida
     #: sida_training/sida_loss.py:25-123, sida_training_loop.py:401-411); official gan_weight = 1e-4 (run_sida.sh:42-44)
     gan_balance: str = "constant"
     #: official balance: the GAN term joins after this many images (SiDA: 200k, sida_training_loop.py:410)
     gan_start_images: int = 0
-    #: official balance: the discriminator's sigma ~ lognormal(disc_p_mean, disc_p_std) (sida_loss.py:18, :80-81)
+    #: the critic's sigma ~ lognormal(disc_p_mean, disc_p_std), which the official balance's discriminator shares
+    #: (sida_loss.py:18, :80-81); the constant balance reads them under critic_t_dist=lognormal
     disc_p_mean: float = -1.2
     disc_p_std: float = 1.2
     #: sigma_d of the official L_D's weight lambda(sigma) (EDM's, sida_loss.py:18)
     sigma_data: float = 0.5
-
-
-def lognormal_t(schedule, n: int, p_mean: float, p_std: float, like: torch.Tensor) -> torch.Tensor:
-    """t whose noise level sigma / alpha is exp(p_mean + p_std N(0, 1)) (EDM's training draw), clamped to the schedule."""
-    sig = torch.exp(p_mean + p_std * torch.randn(n, dtype=torch.float64))
-    t = schedule.t_of_logsnr(-2 * torch.log(sig)).clamp(schedule.t_min, schedule.t_max)
-    return t.to(device=like.device, dtype=like.dtype)
 
 
 @register_objective
@@ -78,6 +78,9 @@ class SiDA(SiD):
     Config = SiDAConfig
 
     def __init__(self, cfg, generate):
+        if cfg.gan_weight is None:  # a copy: the run's config keeps "unset" (the balance's value)
+            cfg = copy.copy(cfg)
+            cfg.gan_weight = GAN_WEIGHTS.get(cfg.gan_balance, GAN_WEIGHTS["constant"])
         super().__init__(cfg, generate)
         if cfg.gan_weight <= 0 or cfg.discriminator != "critic":
             raise ConfigError(f"objective=sida needs objective.discriminator=critic and gan_weight > 0 (got "
@@ -87,10 +90,19 @@ class SiDA(SiD):
         if cfg.gan_start_images < 0 or cfg.disc_p_std <= 0 or cfg.sigma_data <= 0:
             raise ConfigError(f"objective.gan_start_images={cfg.gan_start_images} must be >= 0, disc_p_std="
                               f"{cfg.disc_p_std} and sigma_data={cfg.sigma_data} > 0")
+        if cfg.gan_balance == "official" and cfg.critic_t_dist not in ("unit", "lognormal"):
+            raise ConfigError(f"objective.gan_balance=official draws the critic's sigma from lognormal(disc_p_mean, "
+                              f"disc_p_std) as SiDA does, not critic_t_dist={cfg.critic_t_dist}; leave critic_t_dist "
+                              "unset or use gan_balance=constant")
         if cfg.gan_balance == "official" and (cfg.fake_guidance != 1 or cfg.critic_guidance != 1):
             raise ConfigError("objective.gan_balance=official shares one critic forward between SiD and the GAN as "
                               "SiDA does, which has no guided critic; use fake_guidance=1 and critic_guidance=1 "
                               "or gan_balance=constant")
+
+    def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.gan_balance == "official" or self.cfg.critic_t_dist == "lognormal":
+            return lognormal_t(nets.critic.schedule, x.shape[0], self.cfg.disc_p_mean, self.cfg.disc_p_std, like=x)
+        return super().critic_t(nets, x)
 
     def gan_on(self, step: int, n: int) -> bool:
         """Images seen before this step (step x the global batch) > gan_start_images (SiDA's cur_nimg > 200k)."""
@@ -122,7 +134,7 @@ class SiDA(SiD):
         with torch.no_grad():
             x = self.generate(nets, batch)
         sched = nets.critic.schedule
-        t = lognormal_t(sched, x.shape[0], self.cfg.disc_p_mean, self.cfg.disc_p_std, like=x)
+        t = self.critic_t(nets, x)
         n = torch.randn_like(x)
         dsm = dsm_loss(nets.critic, x, batch.cond, weighting=self.cfg.critic_weighting, t=t, eps=n)
         a, s = bcast(sched.alpha(t), x), bcast(sched.sigma(t), x)

@@ -79,7 +79,7 @@ class VSDConfig(ObjectiveConfig, GANConfig, RandomGuidanceConfig, TimeDraw, Crit
     #: train_swiftbrush.py:817-822)
     critic_weighting: str = "edm"
     #: the critic's DSM t: unit (u ~ U[0, 1] through the schedule) | grid (SwiftBrush: integer timesteps 0..999,
-    #: train_swiftbrush.py:806-807)
+    #: train_swiftbrush.py:806-807) | lognormal (SiD's); see onestep.core.dsm_t
     critic_t_dist: str = "unit"
     #: null-prompt dropout of the critic's DSM (SwiftBrush 0.1, train_swiftbrush.py:814); trains the unconditional
     #: branch a guided critic (fake_guidance != 1) reads
@@ -97,8 +97,6 @@ class VSD(CriticObjective):
             raise ConfigError(f"objective.weighting='{cfg.weighting}' is unknown; choose one of {VSD_WEIGHTINGS}")
         check_t_range(cfg)
         check_t_dist(cfg)
-        if cfg.critic_t_dist not in ("unit", "grid"):
-            raise ConfigError(f"objective.critic_t_dist='{cfg.critic_t_dist}' is unknown; choose unit or grid")
         if not 0 <= cfg.critic_label_dropout < 1:
             raise ConfigError(f"objective.critic_label_dropout={cfg.critic_label_dropout} must be in [0, 1)")
         self.pgsb = RandomGuidance(cfg)
@@ -109,11 +107,6 @@ class VSD(CriticObjective):
         if scale is None:
             scale = w if w is not None else nets.teacher.guidance_scale
         return guided(nets.critic, scale)
-
-    def critic_t(self, nets: Nets, x: torch.Tensor) -> torch.Tensor | None:
-        if self.cfg.critic_t_dist == "unit":
-            return None
-        return sample_t(nets.critic.schedule, x.shape[0], 0.0, 1.0, like=x, dist="grid")
 
     def critic_cond(self, nets: Nets, batch: Batch):
         if batch.cond is None:
