@@ -245,21 +245,14 @@ def test_inception_path_uses_clean_fid_resize_and_torchscript_file(tmp_path):
 
 # ---- CLIP score ------------------------------------------------------------------------------------------
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
 def test_clip_score_tiny_random_model_saved_and_reloaded(tmp_path):
     import open_clip
 
     from onestep.eval.clip_score import ClipScorer, clip_score, load_prompts, make_scorer
 
-    cfg_file = tmp_path / "onestep-tiny-clip.json"
-    cfg_file.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(cfg_file)
-    torch.manual_seed(0)
-    model = open_clip.create_model("onestep-tiny-clip", pretrained=None).eval()
+    from test_rewards import _tiny_clip
+
+    model, cfg_file = _tiny_clip(tmp_path, "onestep-tiny-clip")
     ckpt = tmp_path / "tiny_clip.pt"
     torch.save(model.state_dict(), ckpt)
     prompts_file = tmp_path / "prompts.txt"

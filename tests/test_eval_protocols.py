@@ -113,19 +113,10 @@ def test_fid_of_two_folders_equals_clean_fid_compute_fid(tmp_path):
     assert "'crop-64' images" in one_line(e)
 
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
 def _tiny_clip(tmp_path):
-    import open_clip
+    from test_rewards import _tiny_clip as tiny_open_clip
 
-    cfg_file = tmp_path / "onestep-proto-clip.json"
-    cfg_file.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(cfg_file)
-    torch.manual_seed(0)
-    model = open_clip.create_model("onestep-proto-clip", pretrained=None).eval()
+    model, cfg_file = tiny_open_clip(tmp_path, "onestep-proto-clip")
     ckpt = tmp_path / "tiny_clip.pt"
     torch.save(model.state_dict(), ckpt)
     return cfg_file, ckpt, model

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from onestep.errors import ConfigError
 from onestep.progress import bar as progress_bar
+from onestep.rewards.clip import open_clip_model
 
 #: CLIPScore's w (Hessel et al. 2021 use 2.5; torchmetrics and distillation papers report 100 * cos)
 SCALE = 100.0
@@ -56,17 +57,8 @@ class ClipScorer:
         if not Path(checkpoint).is_file():
             raise ConfigError(f"eval.clip.checkpoint '{checkpoint}' does not exist; pass the local weights file of "
                               f"eval.clip.model={model}")
-        name = model
-        if model.endswith(".json"):
-            if not Path(model).is_file():
-                raise ConfigError(f"eval.clip.model '{model}' does not exist; pass an open_clip name or a config .json")
-            open_clip.add_model_config(model)
-            name = Path(model).stem
-        elif model not in open_clip.list_models():
-            raise ConfigError(f"eval.clip.model '{model}' is not an open_clip architecture; pass one of "
-                              "open_clip.list_models() or a model-config .json")
+        net, name = open_clip_model(model, "eval.clip.model")
         self.device = torch.device(device)
-        net = open_clip.create_model(name, pretrained=None)
         try:
             open_clip.load_checkpoint(net, str(checkpoint))
         except (RuntimeError, KeyError) as e:

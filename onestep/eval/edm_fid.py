@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from onestep.errors import ConfigError
-from onestep.eval.fid import INCEPTION_FILE, INCEPTION_URL, FeatureEvaluator, RefStats, _file_digest
+from onestep.eval.fid import FeatureEvaluator, RefStats, _file_digest, inception_file
 from onestep.eval.frechet import frechet_distance
 from onestep.progress import bar as progress_bar
 
@@ -40,13 +40,8 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 def load_detector(path: str | os.PathLike | None, device: str | torch.device = "cpu"):
     """The TorchScript Inception (``return_features=True`` -> 2048-D) from a local file, and its identifying name."""
-    fix = "pass eval.inception_path=<inception-2015-12-05.pt>"
-    if not path:
-        raise ConfigError(f"eval.protocol=edm_fid needs the Inception weights and eval.inception_path is not set: "
-                          f"download {INCEPTION_URL} and {fix}")
-    file = Path(path) / INCEPTION_FILE if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise ConfigError(f"eval.inception_path '{path}' has no {INCEPTION_FILE}: download {INCEPTION_URL} and {fix}")
+    file = inception_file(path, "eval.protocol=edm_fid needs the Inception weights",
+                          "pass eval.inception_path=<inception-2015-12-05.pt>")
     net = torch.jit.load(str(file), map_location=device).eval()
     return net, f"{file.name}:{_file_digest(file)[:16]}"
 

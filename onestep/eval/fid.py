@@ -55,19 +55,26 @@ class FeatureSpace:
                           for i in range(0, images.shape[0], self.batch_size)])
 
 
+def inception_file(path: str | os.PathLike | None, needs: str, where: str) -> Path:
+    """The Inception TorchScript file at ``path`` (the file or its folder); ``needs`` says who needs it and ``where``
+    how to pass it, in the one-line errors."""
+    if not path:
+        raise ConfigError(f"{needs} and eval.inception_path is not set: download {INCEPTION_URL} and {where}")
+    file = Path(path) / INCEPTION_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ConfigError(f"eval.inception_path '{path}' has no {INCEPTION_FILE}: download {INCEPTION_URL} "
+                          f"there and {where}")
+    return file
+
+
 def load_inception(path: str | os.PathLike | None, device: str | torch.device = "cpu"):
     """clean-fid's ``InceptionV3W`` (299x299 inputs in [0, 255] -> 2048-D pool features) from a local file (``path`` =
     the file or its folder), and a name that identifies the weights (file name + content hash)."""
     from cleanfid.inception_torchscript import InceptionV3W
 
     where = "pass eval.inception_path=<file>"
-    if not path:
-        raise ConfigError(f"FID needs clean-fid's Inception weights and eval.inception_path is not set: download "
-                          f"{INCEPTION_URL} and {where} (or use eval.features=digits offline)")
-    file = Path(path) / INCEPTION_FILE if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise ConfigError(f"eval.inception_path '{path}' has no {INCEPTION_FILE}: download {INCEPTION_URL} "
-                          f"there and {where}")
+    file = inception_file(path, "FID needs clean-fid's Inception weights", f"{where} (or use eval.features=digits "
+                          "offline)")
     if file.name != INCEPTION_FILE:
         raise ConfigError(f"eval.inception_path '{path}': clean-fid loads the file by its name; rename it to "
                           f"{INCEPTION_FILE} and {where}")
