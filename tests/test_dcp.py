@@ -15,12 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, compose
+from test_distributed import COMMON, _stats, launch
 from onestep import checkpoint
 from onestep.errors import ConfigError
 from onestep.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DCP = ["trainer.checkpoint_format=dcp"]
+#: one multi-process launch at a time (test_distributed.py says why)
+distributed = pytest.mark.xdist_group("distributed")
 
 
 def _weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -75,6 +78,35 @@ def test_dcp_resume_prune_and_crash_mid_save(tmp_path, monkeypatch):
     _assert_same(_weights(straight), _weights(run), rtol=0, atol=0)
 
 
+@pytest.mark.slow
+@distributed
+def test_dcp_resumes_on_other_process_counts(tmp_path, capsys):
+    """f-distill (generator and critic FSDP2-sharded, a GAN head, critic AdamW moments) trained 0 -> 3 over 2
+    processes (trainer.fsdp=true: auto writes dcp, no gather), 3 -> 6 in one process without a process group from
+    those shards (writing dcp), 6 -> 9 over 4 processes from that: equals 9 steps of one process."""
+    args = [a for a in COMMON if not a.startswith("trainer.steps")] + ["experiment=gmm_fdistill"]
+    run, one = tmp_path / "chain", tmp_path / "one"
+    r = launch("torchrun", args + ["trainer.steps=3", "trainer.fsdp=true", f"run_dir={run}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "critic: full copy FSDP2-sharded over 2 processes" in r.stdout
+    first = checkpoint.list_checkpoints(run)[-1]
+    assert checkpoint.is_dcp(first) and len(list(first.glob("*.distcp"))) == 2
+    train(compose(args + DCP + ["trainer.steps=6"]), run)
+    assert "resuming from step 3" in capsys.readouterr().out
+    r = launch("torchrun", args + ["trainer.steps=9", "trainer.fsdp=true", f"run_dir={run}"], tmp_path, nproc=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from step 6" in r.stdout and "FSDP2-sharded over 4 processes" in r.stdout
+    train(compose(args + ["trainer.steps=9"]), one)
+
+    a, b = _stats(one), _stats(run)
+    assert [s["step"] for s in b] == list(range(1, 10))
+    for sa, sb in zip(a, b):
+        for k in ("critic/loss", "gen/loss", "gen/h_mean"):
+            assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), f"step {sa['step']} {k}"
+    assert checkpoint.list_checkpoints(run)[-1].name == "step_00000009"
+    _assert_same(_weights(one), _weights(run), rtol=1e-4, atol=1e-5)
+
+
 def test_a_dcp_folder_with_a_missing_shard_does_not_look_readable(tmp_path):
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(net.parameters())
@@ -94,6 +126,7 @@ def _onestep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.slow
 def test_sample_and_export_read_a_dcp_run(tmp_path):
     """The test-only toy_digits family trained twice, saved as dcp and as safetensors: `onestep sample` gives the
     same images and `onestep export` the same weights (the dcp checkpoint consolidated on the CPU)."""
