@@ -10,6 +10,8 @@ micro-batches of trainer.batch_size, each loss scaled by 1 / K, and steps once o
 K batch_size rows (data_parallel.py places every micro-batch's rows and draws), its gradients reduced once, after the
 last micro-batch. Steps, TTUR, warm-ups, EMA, logs and checkpoints count updates, never micro-batches; checkpoints
 fall between updates, so resume is unchanged.
+Checkpoints (trainer.checkpoint_format): under FSDP every rank writes its own shards (dcp, nothing gathered), else the
+main process writes whole tensors (safetensors); resume reads either into this run's layout (checkpoint.py).
 Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
 is picked up; every step reseeds from (seed, step), so an interrupted and resumed run is
 bit-identical to an uninterrupted one. Under N processes (torchrun / accelerate launch) each takes its rows of
@@ -118,7 +120,8 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
             if opt_c is not None:
                 fsdp.load_optimizer(opt_c, state["opt_critic"])
         if state.get("data") is not None:  # a streamed source's position (data=webdataset), this process's own
-            built.data.load_state_dict(state["data"][acc.process_index])
+            positions = state["data"]  # (on another process count: any one of them, which refuses in one line)
+            built.data.load_state_dict(positions[min(acc.process_index, len(positions) - 1)])
         if acc.is_main_process:
             print(f"resuming from step {t.start} (checkpoint {state['checkpoint']})", flush=True)
     return t
