@@ -1,5 +1,5 @@
-"""Sharded checkpoints (trainer.checkpoint_format=dcp, torch.distributed.checkpoint): FSDP over 2 processes, then 1
-process, then FSDP again resumes bit-identically to 9 steps of one process; a crash in the middle of a dcp save
+"""Sharded checkpoints (trainer.checkpoint_format=dcp, torch.distributed.checkpoint): a run resumed 2 -> 4 -> 1 -> 2
+processes equals 12 steps of one process; a crash in the middle of a dcp save
 leaves the previous checkpoint the newest readable one; keep_checkpoints prunes dcp folders; `onestep sample` and
 `onestep export` of a dcp run equal those of the same run saved as safetensors; a bad format is a one-line error."""
 
@@ -81,29 +81,33 @@ def test_dcp_resume_prune_and_crash_mid_save(tmp_path, monkeypatch):
 @pytest.mark.slow
 @distributed
 def test_dcp_resumes_on_other_process_counts(tmp_path, capsys):
-    """f-distill (generator and critic FSDP2-sharded, a GAN head, critic AdamW moments) trained 0 -> 3 over 2
-    processes (trainer.fsdp=true: auto writes dcp, no gather), 3 -> 6 in one process without a process group from
-    those shards (writing dcp), 6 -> 9 over 4 processes from that: equals 9 steps of one process."""
+    """f-distill (generator and critic FSDP2-sharded, a GAN head, both AdamW states) with dcp checkpoints, trained
+    0 -> 3 over 2 processes (trainer.fsdp=true: auto writes dcp), 3 -> 6 over 4, 6 -> 9 in one process without a
+    process group, 9 -> 12 over 2 again: equals 12 steps of one process."""
     args = [a for a in COMMON if not a.startswith("trainer.steps")] + ["experiment=gmm_fdistill"]
     run, one = tmp_path / "chain", tmp_path / "one"
-    r = launch("torchrun", args + ["trainer.steps=3", "trainer.fsdp=true", f"run_dir={run}"], tmp_path)
+    fsdp = ["trainer.fsdp=true", f"run_dir={run}"]
+    r = launch("torchrun", args + fsdp + ["trainer.steps=3"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "critic: full copy FSDP2-sharded over 2 processes" in r.stdout
+    assert "critic: full copy FSDP2-sharded over 2 processes" in r.stdout, r.stdout[-3000:]
     first = checkpoint.list_checkpoints(run)[-1]
     assert checkpoint.is_dcp(first) and len(list(first.glob("*.distcp"))) == 2
-    train(compose(args + DCP + ["trainer.steps=6"]), run)
-    assert "resuming from step 3" in capsys.readouterr().out
-    r = launch("torchrun", args + ["trainer.steps=9", "trainer.fsdp=true", f"run_dir={run}"], tmp_path, nproc=4)
+    r = launch("torchrun", args + fsdp + ["trainer.steps=6"], tmp_path, nproc=4)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from step 6" in r.stdout and "FSDP2-sharded over 4 processes" in r.stdout
-    train(compose(args + ["trainer.steps=9"]), one)
+    assert "resuming from step 3" in r.stdout and "FSDP2-sharded over 4 processes" in r.stdout, r.stdout[-3000:]
+    train(compose(args + DCP + ["trainer.steps=9"]), run)
+    assert "resuming from step 6" in capsys.readouterr().out
+    r = launch("torchrun", args + fsdp + ["trainer.steps=12"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from step 9" in r.stdout, r.stdout[-3000:]
+    train(compose(args + ["trainer.steps=12"]), one)
 
     a, b = _stats(one), _stats(run)
-    assert [s["step"] for s in b] == list(range(1, 10))
+    assert [s["step"] for s in b] == list(range(1, 13))
     for sa, sb in zip(a, b):
         for k in ("critic/loss", "gen/loss", "gen/h_mean"):
             assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), f"step {sa['step']} {k}"
-    assert checkpoint.list_checkpoints(run)[-1].name == "step_00000009"
+    assert checkpoint.list_checkpoints(run)[-1].name == "step_00000012"
     _assert_same(_weights(one), _weights(run), rtol=1e-4, atol=1e-5)
 
 
