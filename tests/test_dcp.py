@@ -76,6 +76,9 @@ def test_dcp_resume_prune_and_crash_mid_save(tmp_path, monkeypatch):
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_00000008", "step_00000012"]
     assert not (run / "checkpoints" / ".tmp-step_00000012").exists()
     _assert_same(_weights(straight), _weights(run), rtol=0, atol=0)
+    # another run's objective.* weights (a run folder) read the dcp run's EMA generator too
+    ema = checkpoint.read_generator_weights(str(run), "objective.teacher_run")
+    _assert_same({"ema": _weights(straight)["generator_ema"]}, {"ema": ema}, rtol=0, atol=0)
 
 
 @pytest.mark.slow
