@@ -219,7 +219,10 @@ def dcp_format(cfg) -> bool:
 
 
 def _live(t: Training) -> checkpoint.Live:
-    return t.networks.live({"generator": t.opt_g, **({"critic": t.opt_c} if t.opt_c is not None else {})})
+    # the optimizers accelerate wraps: dcp fills a fresh one's moments by a zero step, which must not move the fp16
+    # GradScaler's counters
+    opts = {"generator": t.opt_g, **({"critic": t.opt_c} if t.opt_c is not None else {})}
+    return t.networks.live({role: getattr(opt, "optimizer", opt) for role, opt in opts.items()})
 
 
 def _periodic(t: Training, done: int, clock: PhaseClock, track: Tracker) -> None:
