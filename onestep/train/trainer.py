@@ -201,7 +201,7 @@ def _role_update(t: Training, role: str, step: int, clock: PhaseClock, guard: St
 def _save(t: Training, done: int, bad_steps: int, clock: PhaseClock) -> None:
     keep, main = t.cfg.trainer.keep_checkpoints, t.acc.is_main_process
     with clock("checkpoint"):
-        if dcp_format(t.cfg):  # every rank writes its own shards; state.pt keeps the step counters
+        if _dcp_format(t.cfg):  # every rank writes its own shards; state.pt keeps the step counters
             small = {"step": done, "bad_steps": bad_steps, "data": _data_positions(t)}
             checkpoint.save_dcp(t.run_dir, done, _live(t), small, keep, main, t.acc.wait_for_everyone)
         else:  # every rank takes part (sharded states gather); the main process writes
@@ -212,7 +212,7 @@ def _save(t: Training, done: int, bad_steps: int, clock: PhaseClock) -> None:
         t.acc.wait_for_everyone()
 
 
-def dcp_format(cfg) -> bool:
+def _dcp_format(cfg) -> bool:
     """Whether this run writes dcp checkpoints (trainer.checkpoint_format; auto: when training under FSDP)."""
     fmt = cfg.trainer.checkpoint_format
     return fmt == "dcp" or (fmt == "auto" and fsdp.requested(cfg) and fsdp.world_size() > 1)
