@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, compose
 from test_distributed import COMMON, _stats, launch
-from onestep import checkpoint
+from onestep import checkpoint, fsdp
 from onestep.errors import ConfigError
 from onestep.train.trainer import train
 
@@ -51,9 +51,15 @@ def test_a_bad_checkpoint_format_is_one_line(tmp_path):
 def test_dcp_resume_prune_and_crash_mid_save(tmp_path, monkeypatch):
     """One process, checkpoint_format=dcp: folders carry the marker and shards, keep_checkpoints=2 leaves two;
     a save that dies after the shards (before state.pt and the rename) leaves step 8 the newest readable
-    checkpoint; the rerun resumes from it and ends with the weights of a run saved as safetensors throughout."""
+    checkpoint; the rerun resumes from it and ends with the weights of a run saved as safetensors throughout.
+    Neither dcp run ever gathers a state (fsdp.gather raises; the safetensors format calls it at every save)."""
     straight, run = tmp_path / "straight", tmp_path / "dcp"
     train(compose(TINY), straight)
+
+    def no_gather(state):
+        raise AssertionError("a dcp save gathered a state")
+
+    monkeypatch.setattr(fsdp, "gather", no_gather)
 
     real = checkpoint.torch.save
 
@@ -62,10 +68,10 @@ def test_dcp_resume_prune_and_crash_mid_save(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the process dies between the shards and state.pt
         return real(obj, f, *a, **k)
 
-    monkeypatch.setattr(checkpoint.torch, "save", dying_at_12)
-    with pytest.raises(KeyboardInterrupt):
-        train(compose(TINY + DCP), run)
-    monkeypatch.undo()
+    with monkeypatch.context() as dying:
+        dying.setattr(checkpoint.torch, "save", dying_at_12)
+        with pytest.raises(KeyboardInterrupt):
+            train(compose(TINY + DCP), run)
     found = checkpoint.list_checkpoints(run)
     assert [p.name for p in found] == ["step_00000004", "step_00000008"]  # (keep_checkpoints=2 dropped none yet)
     assert (run / "checkpoints" / ".tmp-step_00000012" / ".metadata").is_file()  # the shards were written
