@@ -180,6 +180,10 @@ class TrainerConfig:
     cpu: bool = False
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
+    #: how checkpoints are written: dcp (every process writes its own shards with torch.distributed.checkpoint,
+    #: nothing is gathered) | safetensors (whole tensors gathered to the main process) | auto (dcp when training
+    #: under FSDP, else safetensors). Resume, export and sample read either
+    checkpoint_format: str = "auto"
     log_every: int = 25
     #: evaluate the student every N steps (0 = only at the end)
     eval_every: int = 0

@@ -13,8 +13,10 @@ Why not accelerate's FSDP plugin: it prepares one model per optimizer, not a fro
 move with the generator, and on CPU (distributed type MULTI_CPU) it falls back to DDP without a word; torch's
 FSDP1 needs an accelerator device. FSDP2 runs on CPU with gloo, which is what the tests use.
 
-Checkpoints stay the unsharded format: every rank gathers (``gather``), the main process writes, and loading
-slices the full tensors back into shards (``assign``), so a run resumes under FSDP, DDP or one process alike.
+Checkpoints: under FSDP the default (trainer.checkpoint_format=auto) is torch.distributed.checkpoint's sharded
+format, written and read in this layout by every rank (checkpoint.py). The safetensors format gathers every tensor
+(``gather``), the main process writes, and loading slices the whole tensors back into shards (``assign``); a run
+resumes from either under FSDP, DDP or one process alike.
 """
 
 from __future__ import annotations

@@ -488,11 +488,23 @@ class Networks:
         if self.sharded and role in self.roles:
             fsdp.sync_gradients(self.roles[role].module, sync)
 
-    def checkpointed(self) -> dict:
+    def checkpointed(self, gathered: bool = True) -> dict:
         """name -> object with state_dict / load_state_dict: every role but the teacher, and the heads. Sharded
-        roles are gathered here, so every rank must call it (the main process then writes)."""
+        roles are gathered here (``gathered``: what writing whole tensors needs; loading slices whole tensors into
+        the shards either way), so every rank must call it (the main process then writes)."""
         objs = {**self.roles, **{n: m for n, (m, _) in self.heads.items()}}
-        return {n: _Gathered(o) for n, o in objs.items()} if self.sharded else objs
+        return {n: _Gathered(o) for n, o in objs.items()} if self.sharded and gathered else objs
+
+    def live(self, optimizers: dict[str, torch.optim.Optimizer]) -> checkpoint.Live:
+        """The checkpointed networks as they are held (FSDP shards or whole) with the optimizers of their updates
+        (role -> optimizer): what a dcp checkpoint is written from and read into. Full roles only (a LoRA run's
+        small adapters are written as safetensors: validate.py)."""
+        modules = {**{n: r.module for n, r in self.roles.items()}, **{n: m for n, (m, _) in self.heads.items()}}
+        owners = {}
+        for role, opt in optimizers.items():  # a module over every parameter the optimizer steps: the role's + heads'
+            owners[f"opt_{role}"] = (nn.ModuleDict({role: self.roles[role].module,
+                                                    **{n: m for n, (m, r) in self.heads.items() if r == role}}), opt)
+        return checkpoint.Live(modules, owners)
 
     def describe(self) -> str:
         """One line per role: how it is held and how many parameters it trains (printed at the start of a run)."""

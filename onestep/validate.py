@@ -91,6 +91,7 @@ OBJECTIVE_RANGES: dict[str, tuple[Range, str]] = {
 
 #: accelerate's mixed precision modes this trainer supports
 MIXED_PRECISION = ("no", "fp16", "bf16")
+CHECKPOINT_FORMATS = ("auto", "dcp", "safetensors")
 STUDENT_METHODS = ("renoise", "ddim")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: trainer.log_with: accelerate trackers the trainer feeds (onestep/train/tracking.py); auto = tensorboard when
@@ -118,6 +119,11 @@ def check_config(cfg) -> None:
                               f"the student's {student_steps} steps, so each k must be in [1, {student_steps - 1}]; "
                               "hybrid sampling needs a student of 2 or more steps (generator.steps)")
     _choice("trainer.mixed_precision", cfg.trainer.mixed_precision, MIXED_PRECISION)
+    _choice("trainer.checkpoint_format", cfg.trainer.checkpoint_format, CHECKPOINT_FORMATS)
+    lora = cfg.generator.lora.rank is not None or cfg.critic.lora.rank is not None
+    if cfg.trainer.checkpoint_format == "dcp" and lora:
+        raise ConfigError("trainer.checkpoint_format=dcp shards full networks; LoRA adapters (generator.lora.rank / "
+                          "critic.lora.rank) are small and share one base: pass trainer.checkpoint_format=safetensors")
     _choice("generator.method", cfg.generator.method, STUDENT_METHODS)
     _choice("trainer.compile_mode", cfg.trainer.compile_mode, COMPILE_MODES)
     _choice("eval.teacher_method", cfg.eval.teacher_method, METHODS)

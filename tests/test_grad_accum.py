@@ -55,7 +55,8 @@ def _stats(run: Path) -> list[dict]:
 def _weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     last = checkpoint.list_checkpoints(run)[-1]
     assert last.name == f"step_{STEPS:08d}"
-    return {f.stem: load_file(str(f)) for f in sorted(last.glob("*.safetensors"))}
+    # (an FSDP run writes dcp checkpoints: trainer.checkpoint_format=auto)
+    return {role: checkpoint.role_weights(last, role) for role in checkpoint.roles(last)}
 
 
 @pytest.fixture

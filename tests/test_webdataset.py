@@ -208,7 +208,7 @@ def test_training_resumes_after_a_crash_with_the_samples_not_yet_trained_on(tmp_
 def test_two_processes_split_the_shards_and_each_resumes_its_own_position(tmp_path):
     """torchrun, 2 gloo processes, 4 shards of 6: each process reads its own 2 shards (12 samples an epoch), the
     checkpoint holds both positions (2 rows per step each), and a rerun with more steps continues from them to the
-    end of the epoch; the run's stats count no skipped sample."""
+    end of the epoch; the run's stats count no skipped sample. Resumed on 4 processes, it stops with one line."""
     import json
 
     from test_distributed import launch
@@ -233,6 +233,12 @@ def test_two_processes_split_the_shards_and_each_resumes_its_own_position(tmp_pa
     assert positions(6) == [(0, 12), (0, 12)]  # the rest of each process's epoch, nothing read twice
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert [s["data/skipped"] for s in stats if "data/skipped" in s] == [0.0] * 6
+    # the positions belong to a 2-process split of the shards: 4 processes are refused in one line
+    done = launch("torchrun", [*args, "trainer.steps=8"], tmp_path, nproc=4)
+    assert done.returncode != 0
+    assert "onestep: error: data.path: the checkpoint's stream position is for 4 shards over 2 processes, this run " \
+           "has 4 over 4" in done.stderr, done.stderr[-3000:]
+    assert "IndexError" not in done.stderr, done.stderr[-3000:]  # (ranks 2, 3 have no position of their own)
 
 
 # ---- onestep cache --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from onestep.errors import ConfigError
 
 #: keys that may differ when resuming (extending a run, toggling progress output or tracking, sharding or not)
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.progress", "trainer.log_every", "trainer.sample_every", "trainer.eval_every",
-                     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume", "trainer.fsdp", "run_dir",
+                     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume", "trainer.fsdp",
+                     "trainer.checkpoint_format", "run_dir",
                      "out_root", "trainer.log_with")
 #: per-step logs of a run folder: one JSON record with a "step" per line
 LOGS = ("stats.jsonl", "evals.jsonl")
@@ -111,8 +112,9 @@ def _empty(value) -> bool:
     return (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value) in (None, [], {})
 
 
-def resume_state(run_dir, modules: dict, resume: bool, acc) -> dict | None:
-    """Load the newest readable checkpoint into ``modules`` and return its state (None: start at step 0).
+def resume_state(run_dir, modules: dict, resume: bool, acc, live=None) -> dict | None:
+    """Load the newest readable checkpoint into ``modules`` (a dcp checkpoint into ``live``, when given:
+    checkpoint.load_latest) and return its state (None: start at step 0).
 
     Log lines past that step (written by a killed process after its last checkpoint, the last one maybe cut
     in half) are dropped, so the logs read as one uninterrupted run once the lost steps are redone."""
@@ -120,7 +122,7 @@ def resume_state(run_dir, modules: dict, resume: bool, acc) -> dict | None:
     if not resume and acc.is_main_process:
         _set_aside(run_dir)
     acc.wait_for_everyone()
-    state = checkpoint.load_latest(run_dir, modules)
+    state = checkpoint.load_latest(run_dir, modules, live=live)
     found = checkpoint.list_checkpoints(run_dir)
     if state is None and found:
         names = ", ".join(p.name for p in found[-3:])

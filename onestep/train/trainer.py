@@ -10,6 +10,8 @@ micro-batches of trainer.batch_size, each loss scaled by 1 / K, and steps once o
 K batch_size rows (data_parallel.py places every micro-batch's rows and draws), its gradients reduced once, after the
 last micro-batch. Steps, TTUR, warm-ups, EMA, logs and checkpoints count updates, never micro-batches; checkpoints
 fall between updates, so resume is unchanged.
+Checkpoints (trainer.checkpoint_format): under FSDP every rank writes its own shards (dcp, nothing gathered), else the
+main process writes whole tensors (safetensors); resume reads either into this run's layout (checkpoint.py).
 Resume is "run the same command again": the run folder is the identity and the newest valid checkpoint
 is picked up; every step reseeds from (seed, step), so an interrupted and resumed run is
 bit-identical to an uninterrupted one. Under N processes (torchrun / accelerate launch) each takes its rows of
@@ -109,14 +111,17 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
     c_params = networks.params("critic")
     opt_c = acc.prepare(_adamw(c_params, tc.critic_optim)) if c_params else None
     t = Training(cfg, acc, run_dir, show, dp, built, student, objective, networks, teacher, nets, opt_g, opt_c)
-    state = resume_state(run_dir, networks.checkpointed(), tc.resume, acc)  # loads weights in place
+    # loads weights (and, from a dcp checkpoint, the optimizers) in place, in this run's layout
+    state = resume_state(run_dir, networks.checkpointed(gathered=False), tc.resume, acc, live=_live(t))
     if state is not None:
         t.start, t.bad_steps = state["step"], state.get("bad_steps", 0)
-        fsdp.load_optimizer(opt_g, state["opt_generator"])  # (sliced into shards under FSDP)
-        if opt_c is not None:
-            fsdp.load_optimizer(opt_c, state["opt_critic"])
+        if not state.get("optimizers_loaded"):
+            fsdp.load_optimizer(opt_g, state["opt_generator"])  # (sliced into shards under FSDP)
+            if opt_c is not None:
+                fsdp.load_optimizer(opt_c, state["opt_critic"])
         if state.get("data") is not None:  # a streamed source's position (data=webdataset), this process's own
-            built.data.load_state_dict(state["data"][acc.process_index])
+            positions = state["data"]  # (on another process count: any one of them, which refuses in one line)
+            built.data.load_state_dict(positions[min(acc.process_index, len(positions) - 1)])
         if acc.is_main_process:
             print(f"resuming from step {t.start} (checkpoint {state['checkpoint']})", flush=True)
     return t
@@ -194,12 +199,30 @@ def _role_update(t: Training, role: str, step: int, clock: PhaseClock, guard: St
 
 
 def _save(t: Training, done: int, bad_steps: int, clock: PhaseClock) -> None:
-    with clock("checkpoint"):  # every rank takes part (sharded states gather); the main process writes
-        states, train_state = t.networks.checkpointed(), _state(done, t.opt_g, t.opt_c, bad_steps)
-        train_state["data"] = _data_positions(t)
-        if t.acc.is_main_process:
-            checkpoint.save(t.run_dir, done, states, train_state, keep=t.cfg.trainer.keep_checkpoints)
+    keep, main = t.cfg.trainer.keep_checkpoints, t.acc.is_main_process
+    with clock("checkpoint"):
+        if _dcp_format(t.cfg):  # every rank writes its own shards; state.pt keeps the step counters
+            small = {"step": done, "bad_steps": bad_steps, "data": _data_positions(t)}
+            checkpoint.save_dcp(t.run_dir, done, _live(t), small, keep, main, t.acc.wait_for_everyone)
+        else:  # every rank takes part (sharded states gather); the main process writes
+            states, train_state = t.networks.checkpointed(), _state(done, t.opt_g, t.opt_c, bad_steps)
+            train_state["data"] = _data_positions(t)
+            if main:
+                checkpoint.save(t.run_dir, done, states, train_state, keep=keep)
         t.acc.wait_for_everyone()
+
+
+def _dcp_format(cfg) -> bool:
+    """Whether this run writes dcp checkpoints (trainer.checkpoint_format; auto: when training under FSDP)."""
+    fmt = cfg.trainer.checkpoint_format
+    return fmt == "dcp" or (fmt == "auto" and fsdp.requested(cfg) and fsdp.world_size() > 1)
+
+
+def _live(t: Training) -> checkpoint.Live:
+    # the optimizers accelerate wraps: dcp fills a fresh one's moments by a zero step, which must not move the fp16
+    # GradScaler's counters
+    opts = {"generator": t.opt_g, **({"critic": t.opt_c} if t.opt_c is not None else {})}
+    return t.networks.live({role: getattr(opt, "optimizer", opt) for role, opt in opts.items()})
 
 
 def _periodic(t: Training, done: int, clock: PhaseClock, track: Tracker) -> None:
