@@ -502,8 +502,10 @@ class Networks:
         modules = {**{n: r.module for n, r in self.roles.items()}, **{n: m for n, (m, _) in self.heads.items()}}
         owners = {}
         for role, opt in optimizers.items():  # a module over every parameter the optimizer steps: the role's + heads'
-            owners[f"opt_{role}"] = (nn.ModuleDict({role: self.roles[role].module,
-                                                    **{n: m for n, (m, r) in self.heads.items() if r == role}}), opt)
+            # (an objective without a critic network, e.g. the pure adversarial one, steps only its heads as "critic")
+            own = {role: self.roles[role].module} if role in self.roles else {}
+            owners[f"opt_{role}"] = (nn.ModuleDict({**own, **{n: m for n, (m, r) in self.heads.items() if r == role}}),
+                                     opt)
         return checkpoint.Live(modules, owners)
 
     def describe(self) -> str:

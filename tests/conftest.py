@@ -75,20 +75,35 @@ SEED_SPREADS = {
     # tests/test_consistency.py::test_gmm_scd_shipped_figure_within_its_seed_spread: 1-step sliced-W2 (why the
     # 0.0842 once recorded for seed 0 is not a regression: the comment there)
     "gmm_scd": (0.1051, 0.0966, 0.0953, 0.0953, 0.1097, 0.1013),
+    # ring runs, 1-step sliced-W2 of the named test's own run (seeds 0..2): ring_run_beats_one_step_teacher's
+    "ring_boot": (0.1468, 0.1597, 0.1517),  # tests/test_boot.py (teacher 1-step 0.703)
+    "ring_tcm": (0.1600, 0.1777, 0.1755),  # tests/test_tcm.py
+}
+#: Runs whose seed spread is too wide for mean + 3 std to stay under 1.2 x the mean with the tests' budget (steps,
+#: samples): their guard is still mean + 3 std (or the older bound against the teacher, whichever is tighter), so it
+#: catches a large regression but not every 20% one. Narrowing them needs longer runs or more samples in CI.
+WIDE_SPREADS = {
+    "ring_reflow": (0.0928, 0.1215, 0.0798),  # tests/test_reflow.py
+    "ring_scott": (0.3448, 0.3109, 0.2998),  # tests/test_scott.py
+    "ring_tbcm": (0.1730, 0.0881, 0.1111),  # tests/test_tbcm.py (the older bound, 0.234, is tighter)
+    "ring_tscd": (0.1179, 0.1378, 0.1151),  # tests/test_tscd.py
 }
 
 
 def seed_bound(name: str) -> float:
-    """mean + 3 std of ``SEED_SPREADS[name]``: what a run of that test may reach without being a regression."""
+    """mean + 3 std of ``SEED_SPREADS[name]`` (or ``WIDE_SPREADS[name]``): what a run of that test may reach without
+    being a regression."""
     import statistics
 
-    values = SEED_SPREADS[name]
+    values = SEED_SPREADS[name] if name in SEED_SPREADS else WIDE_SPREADS[name]
     return statistics.mean(values) + 3 * statistics.stdev(values)
 
 
-def ring_run_beats_one_step_teacher(overrides, tmp_path, factor: float, label: str, samples: int = 2000):
+def ring_run_beats_one_step_teacher(overrides, tmp_path, factor: float, label: str, samples: int = 2000,
+                                    spread: str | None = None):
     """Train a ring experiment (``overrides``) and assert its 1-step student covers all 8 modes with a sliced-W2 at most
-    the teacher's own 1-step sampler's (the mixture mean, ~0.70) / ``factor``; prints both; returns the two rows."""
+    the teacher's own 1-step sampler's (the mixture mean, ~0.70) / ``factor``, and within the seed spread ``spread``
+    names (seed_bound) when given; prints both; returns the two rows."""
     from onestep.train.trainer import train
 
     ov = [*overrides, "trainer.progress=false", "trainer.checkpoint_every=1000", "eval.teacher_steps=[1]",
@@ -98,6 +113,8 @@ def ring_run_beats_one_step_teacher(overrides, tmp_path, factor: float, label: s
     print(f"\n{label} 1-step sliced-W2 {student['sliced_w2']:.4f} (teacher 1-step {teacher1['sliced_w2']:.4f})")
     assert student["modes_covered"] == 8, student
     assert student["sliced_w2"] <= teacher1["sliced_w2"] / factor, (student, teacher1)
+    if spread is not None:
+        assert student["sliced_w2"] <= seed_bound(spread), (spread, seed_bound(spread), student)
     return student, teacher1
 
 

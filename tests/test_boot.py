@@ -110,4 +110,4 @@ def test_boot_ring_beats_the_teachers_one_step_sampler(tmp_path):
     from conftest import ring_run_beats_one_step_teacher
 
     ring_run_beats_one_step_teacher(["experiment=gmm_boot", "trainer.steps=250", "teacher.net_steps=400"], tmp_path, 3,
-                                    "boot")  # measured 0.147 vs 0.703
+                                    "boot", spread="ring_boot")  # measured 0.147 vs 0.703

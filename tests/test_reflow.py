@@ -116,4 +116,5 @@ def test_instaflow_ring_beats_the_teachers_one_step_sampler(tmp_path):
     sliced-W2 far below the teacher's own 1-step sampler (the mixture mean, ~0.71)."""
     from conftest import ring_run_beats_one_step_teacher
 
-    ring_run_beats_one_step_teacher(["experiment=gmm_reflow"], tmp_path, 4, "instaflow", samples=5000)
+    ring_run_beats_one_step_teacher(["experiment=gmm_reflow"], tmp_path, 4, "instaflow", samples=5000,
+                                    spread="ring_reflow")

@@ -143,4 +143,4 @@ def test_scott_ring_beats_the_teachers_one_step_sampler(tmp_path):
 
     ring_run_beats_one_step_teacher(["experiment=gmm_scott", "trainer.steps=200", "teacher.net_steps=400",
                                      "objective.substeps=1", "objective.solver=euler"], tmp_path, 1.6,
-                                    "scott")  # measured 0.345 vs 0.703
+                                    "scott", spread="ring_scott")  # measured 0.345 vs 0.703

@@ -69,4 +69,5 @@ def test_tbcm_ring_beats_the_teachers_one_step_sampler(tmp_path):
     own 1-step sampler (the mixture mean, ~0.70)."""
     from conftest import ring_run_beats_one_step_teacher
 
-    ring_run_beats_one_step_teacher(["experiment=gmm_tbcm"], tmp_path, 3, "tbcm", samples=5000)
+    ring_run_beats_one_step_teacher(["experiment=gmm_tbcm"], tmp_path, 3, "tbcm", samples=5000,
+                                    spread="ring_tbcm")

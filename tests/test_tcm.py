@@ -210,4 +210,4 @@ def test_tcm_ring_beats_the_teachers_one_step_sampler(tmp_path):
     from conftest import ring_run_beats_one_step_teacher
 
     ring_run_beats_one_step_teacher(["experiment=gmm_tcm", "teacher.net_steps=400", "trainer.steps=300",
-                                     "objective.stage1_steps=150"], tmp_path, 3, "tcm")
+                                     "objective.stage1_steps=150"], tmp_path, 3, "tcm", spread="ring_tcm")

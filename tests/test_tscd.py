@@ -163,4 +163,4 @@ def test_tscd_ring_beats_the_teachers_one_step_sampler(tmp_path):
     from conftest import ring_run_beats_one_step_teacher
 
     ring_run_beats_one_step_teacher(["experiment=gmm_tscd", "teacher.net_steps=400", "trainer.steps=300",
-                                     "objective.stage_steps=[40,40,40]"], tmp_path, 3, "tscd")
+                                     "objective.stage_steps=[40,40,40]"], tmp_path, 3, "tscd", spread="ring_tscd")
