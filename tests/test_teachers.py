@@ -165,4 +165,4 @@ def test_every_family_names_what_the_layers_above_have():
         if fam.export_scheduler in SCHEDULERS:
             assert hasattr(diffusers, fam.pipeline(kind)) and fam.network in ("unet", "transformer"), kind
         assert fam.data_kinds and set(fam.data_kinds) <= {"gmm", "digits", "prompts", "image_text", "digits_text",
-                                                         "video_text"}
+                                                         "video_text", "moving_digits_text", "webdataset"}

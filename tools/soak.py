@@ -114,7 +114,9 @@ def summarize(r: dict) -> dict:
     warm = int(steps * WARMUP_FRACTION)
     after = [m for s, m in p.rss if s >= warm]
     base = next(m for s, m in p.rss if s >= warm)
-    one = max(b for _, _, b in p.saves[:1])  # the first save: one checkpoint in the folder
+    # the first save: one checkpoint in the folder, in whole 4 KiB blocks (later checkpoints of the same tensors differ
+    # by a few bytes of zip padding in state.pt)
+    one = -(-max(b for _, _, b in p.saves[:1]) // 4096) * 4096
     saves = [t for s, t, _ in p.saves if s <= steps]
     return {
         "step_ms": 1000 * step_s,

@@ -142,6 +142,12 @@ class MeanFlow(Objective):
             raise ConfigError(f"objective.p_std={cfg.p_std} and norm_c={cfg.norm_c} must be > 0, norm_p={cfg.norm_p} "
                               f"and warmup_steps={cfg.warmup_steps} >= 0")
 
+    def accumulation_refusal(self):
+        if self.cfg.ratio_split == "leading_block":
+            return ("objective.ratio_split=leading_block puts the first rows of each batch on r = t and r = 0 (pass "
+                    "ratio_split=per_row to accumulate)")
+        return None
+
     def build_modules(self, setup):
         net = setup.student_init
         if not hasattr(net, "features") or not hasattr(net, "feature_dim"):

@@ -48,7 +48,8 @@ def prepare_run_dir(cfg, run_dir=None, write: bool = True) -> Path:
     saved = path / "config.yaml"
     text = OmegaConf.to_yaml(cfg, resolve=True)
     if saved.exists():
-        diff = _differences(OmegaConf.load(saved), OmegaConf.create(text))
+        new = OmegaConf.create(text)
+        diff = _differences(OmegaConf.load(saved), new, objective=OmegaConf.select(new, "objective.name"))
         if diff:
             raise ConfigError(f"run folder '{path}' holds a run with a different config ({'; '.join(diff[:3])}); "
                               "pass run_dir=<new folder> for a new run, or delete the old folder")
@@ -84,7 +85,7 @@ def undo_on_bad_input(train):
     return guarded
 
 
-def _differences(old, new, prefix: str = "") -> list[str]:
+def _differences(old, new, prefix: str = "", objective: str | None = None) -> list[str]:
     out = []
     for key in sorted(set(old.keys()) | set(new.keys()), key=str):
         full = f"{prefix}{key}"
@@ -92,19 +93,25 @@ def _differences(old, new, prefix: str = "") -> list[str]:
             continue
         a, b = old.get(key), new.get(key)
         # a key the schemas gained after the run was made, left at its default (what the run did without it)
-        if key not in old and (_empty(b) or _schema_default(full) == b):
+        if key not in old and (_empty(b) or _schema_default(full, objective) == b):
             continue
         if OmegaConf.is_dict(a) and OmegaConf.is_dict(b):
-            out += _differences(a, b, full + ".")
+            out += _differences(a, b, full + ".", objective)
         elif (OmegaConf.to_container(a) if OmegaConf.is_config(a) else a) != \
                 (OmegaConf.to_container(b) if OmegaConf.is_config(b) else b):
             out.append(f"{full}: {a} -> {b}")
     return out
 
 
-def _schema_default(key: str):
-    """The default onestep.config's schema gives ``key`` (dotted; None where the schema does not fix one: the
-    objective's and the teacher's groups)."""
+def _schema_default(key: str, objective: str | None = None):
+    """The default onestep.config's schema gives ``key`` (dotted), objective.* keys from the run's objective's own
+    config dataclass; None where no schema fixes one (the teacher's group)."""
+    if key.startswith("objective.") and objective:
+        from onestep.objectives import OBJECTIVES
+
+        cls = OBJECTIVES.get(objective)
+        return None if cls is None else OmegaConf.select(OmegaConf.structured(cls.Config),
+                                                         key.removeprefix("objective."), default=None)
     return OmegaConf.select(OmegaConf.structured(Config), key, default=None)
 
 
