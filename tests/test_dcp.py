@@ -5,9 +5,6 @@ leaves the previous checkpoint the newest readable one; keep_checkpoints prunes 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +13,11 @@ from safetensors.torch import load_file
 
 from conftest import TINY, compose
 from test_distributed import COMMON, _stats, launch
+from test_teachers import _onestep
 from onestep import checkpoint, fsdp
 from onestep.errors import ConfigError
 from onestep.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
 DCP = ["trainer.checkpoint_format=dcp"]
 #: one multi-process launch at a time (test_distributed.py says why)
 distributed = pytest.mark.xdist_group("distributed")
@@ -129,14 +126,6 @@ def test_a_dcp_folder_with_a_missing_shard_does_not_look_readable(tmp_path):
     assert torch.equal(checkpoint.role_weights(ckpt, "g")["weight"], net.weight)
     next(ckpt.glob("*.distcp")).unlink()
     assert not checkpoint.looks_readable(ckpt)
-
-
-def _onestep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "plugins"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "onestep.cli", *args], capture_output=True, text=True, env=env,
-                         cwd=cwd, timeout=300)
-    assert out.returncode == 0, f"onestep {args[0]}: {out.stderr[-2000:]}"
-    return out
 
 
 @pytest.mark.slow

@@ -53,6 +53,18 @@ def expand(spec, key: str = "data.path") -> list[str]:
     return paths
 
 
+def image_tensor(src, size: int, channels: int) -> torch.Tensor:
+    """An image file (path or bytes) center-cropped to ``size`` in [-1, 1], averaged to grey for a 1-channel VAE."""
+    from PIL import Image
+
+    from onestep.data.text import square_rgb
+
+    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        im.load()
+        x = square_rgb(im, size)
+    return x.mean(0, keepdim=True) if channels == 1 else x
+
+
 def _members(path: str) -> dict[str, dict[str, tarfile.TarInfo]]:
     """key -> {extension: member} of one tar, in the order the keys first appear."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -143,10 +155,6 @@ class WebData:
 
     def _decode(self, files: dict[str, bytes]) -> tuple[torch.Tensor | None, torch.Tensor | None, str, dict | None]:
         """(image or None, latent or None, caption, text-encoder fields or None) of one sample."""
-        from PIL import Image
-
-        from onestep.data.text import square_rgb
-
         caption = files.get("txt", b"").decode("utf-8", errors="strict").strip()
         if not caption:
             raise ValueError("no caption")
@@ -159,10 +167,7 @@ class WebData:
         ext = next((e for e in IMAGE_EXTS if e in files), None)
         if ext is None:
             raise ValueError("no image")
-        with Image.open(io.BytesIO(files[ext])) as im:
-            im.load()
-            x = square_rgb(im, self.size)
-        return (x.mean(0, keepdim=True) if self.channels == 1 else x), None, caption, fields
+        return image_tensor(files[ext], self.size, self.channels), None, caption, fields
 
     @staticmethod
     def _cached(files: dict[str, bytes], ext: str, what: str, expected: str) -> dict[str, torch.Tensor]:

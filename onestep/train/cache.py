@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from onestep.data.shards import IMAGE_EXTS, _members, image_tensor
 from onestep.errors import ConfigError
 from onestep.progress import bar
 
@@ -44,8 +45,6 @@ def _folder_items(pairs) -> list[Item]:
 
 
 def _shard_items(paths: list[str]) -> list[Item]:
-    from onestep.data.shards import IMAGE_EXTS, _members
-
     items = []
     for path in paths:
         try:
@@ -61,18 +60,6 @@ def _shard_items(paths: list[str]) -> list[Item]:
                 items.append(Item(key.replace("/", "_"), None if caption is None else caption.decode("utf-8", "replace"),
                                   image))
     return items
-
-
-def _image(item: Item, size: int, channels: int) -> torch.Tensor:
-    from PIL import Image
-
-    from onestep.data.text import square_rgb
-
-    src = io.BytesIO(item.image) if isinstance(item.image, bytes) else item.image
-    with Image.open(src) as im:
-        im.load()
-        x = square_rgb(im, size)
-    return x.mean(0, keepdim=True) if channels == 1 else x
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -93,7 +80,7 @@ def _write_shard(path: Path, items: list[Item], setup) -> tuple[int, int]:
         if not (item.caption or "").strip() or item.image is None:
             continue
         try:
-            images.append(_image(item, cond.size, channels))
+            images.append(image_tensor(item.image, cond.size, channels))
             good.append(item)
         except (OSError, ValueError):  # PIL's errors for bytes that are not an image
             continue
