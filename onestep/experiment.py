@@ -36,6 +36,8 @@ def load_teacher(cfg, run_dir: Path, progress: bool = True) -> Setup:
     from onestep.data.text import EmbeddingCache, TextConditioner
 
     tc = cfg.teacher
+    # network inits (and the DSM fit's draws) are a function of the seed alone, whatever ran before in this process
+    torch.manual_seed(cfg.seed)
     parts = teachers.family(tc.kind).load(cfg, tc.kind, device_of(cfg))
     init = parts.student_init if parts.student_init is not None else parts.denoiser
     if parts.fit_on is not None:

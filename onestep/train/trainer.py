@@ -83,7 +83,6 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
     show = tc.progress and acc.is_main_process
     dp = DataParallel(acc, tc.batch_size, tc.grad_accum)
 
-    torch.manual_seed(cfg.seed)  # network inits and anything else drawn while building the experiment
     with acc.main_process_first(), progress.phase("teacher, data and evaluator", show):
         built = evaluated(cfg, experiment.build(cfg, run_dir, progress=show))  # derived files: rank 0 first
     gc = cfg.generator
