@@ -73,6 +73,7 @@ class TrajectoryPoint:
     fresh: torch.Tensor  # n, the fresh noise of the s -> t diffusion
     alpha_t: torch.Tensor
     sigma_t: torch.Tensor
+    step: torch.Tensor | None = None  # (N,) the trajectory step i of each row
 
 
 def diffuse_step(schedule, x_ti: torch.Tensor, x0: torch.Tensor, t_i: torch.Tensor, s: torch.Tensor,
@@ -188,7 +189,9 @@ class TDM(Objective):
         x0 = g.x0(x_ti, t_i, batch.cond)
         s = t_all[(i + 1).clamp_max(k - 1)]
         t = self.draw_t(g.schedule, i.cpu(), x0)
-        return diffuse_step(g.schedule, x_ti, x0, t_i, s, i == k - 1, t, torch.randn_like(x0))
+        p = diffuse_step(g.schedule, x_ti, x0, t_i, s, i == k - 1, t, torch.randn_like(x0))
+        p.step = i
+        return p
 
     def critic_loss(self, nets: Nets, batch: Batch, step: int):
         with torch.no_grad():
