@@ -172,6 +172,24 @@ def test_bad_input_fails_in_one_line():
     assert "Student" in one_line(e)
 
 
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """A tiny 2-step gmm_tdm run killed after step 7 and rerun ends with the straight run's generator and critic: the
+    trajectory draws (step per row, t, noise) come from the trainer's per-step RNG."""
+    from conftest import compose, train_straight_and_resumed
+    from safetensors.torch import load_file
+
+    from onestep.checkpoint import list_checkpoints
+
+    tiny = ["experiment=gmm_tdm", "teacher.net_steps=40", "teacher.net_hidden=32", "trainer.steps=12",
+            "trainer.batch_size=64", "trainer.checkpoint_every=4", "trainer.progress=false", "eval.num_samples=256",
+            "eval.teacher_steps=[2]", "eval.plot=false"]
+    straight, resumed = train_straight_and_resumed(compose(tiny), tmp_path, stop_at=7)
+    a, b = list_checkpoints(straight)[-1], list_checkpoints(resumed)[-1]
+    for name in ("generator", "critic"):
+        wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
 @pytest.mark.slow
 def test_tdm_ring_beats_the_teachers_one_step_sampler(tmp_path):
     """experiment=gmm_tdm (a 2-step student trained 400 steps): sampled in 1 step, it covers all 8 modes with a
