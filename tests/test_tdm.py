@@ -172,6 +172,16 @@ def test_bad_input_fails_in_one_line():
     assert "Student" in one_line(e)
 
 
+@pytest.mark.parametrize("args, key", [(["experiment=gmm_tdm", "generator.method=renoise"], "generator.method"),
+                                       (["experiment=gmm_tdm", "objective.t_hi=0.3"], "objective.t_hi"),
+                                       (["experiment=gmm_tdm", "objective.snr_clamp=-1"], "objective.snr_clamp")])
+def test_cli_bad_input_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch, args, key):
+    """The README's "Bad input" contract: exit status 2, one stderr line naming the key, no run folder left."""
+    from conftest import CLI_SMALL, cli_bad_input
+
+    assert key in cli_bad_input([*args, *CLI_SMALL], tmp_path / "runs", capsys, monkeypatch)
+
+
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
     """A tiny 2-step gmm_tdm run killed after step 7 and rerun ends with the straight run's generator and critic: the
     trajectory draws (step per row, t, noise) come from the trainer's per-step RNG."""
