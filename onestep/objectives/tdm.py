@@ -4,7 +4,7 @@ Distribution Matching", ICCV 2025, arXiv 2503.06674; official code Luo-Yihong/TD
 
 A K-step student on the deterministic sampler (``generator.method=ddim``, the demo's ``generate_new``, demo:59-100:
 x_{t_{i+1}} = alpha x0_i + sigma eps_i with the student's own eps) is matched to the teacher *along its trajectory*,
-at the distribution level: for each row a step i of its trajectory is drawn (demo:1141-1146), the student's x0_i at
+at the distribution level: for each row a step i of its trajectory is drawn (demo:1141-1145), the student's x0_i at
 x_{t_i} carries the gradient, and its DDIM step to s = t_{i+1} (the clean sample at the last step) gives the
 intermediate sample x_s, whose distribution is compared with the teacher's marginal at s through their diffusions to
 t > s (demo:1161-1163):
@@ -49,13 +49,14 @@ from onestep.schedules import bcast
 @dataclass
 class TDMConfig(ObjectiveConfig, TimeRange):
     name: str = "tdm"
-    #: fake-score updates per generator update (the demo: one each, demo:1135-1137 and :1191-1193)
+    #: fake-score updates per generator update (the demo: one each, demo:1135-1137 and :1194-1199)
     ttur: int = 1
     #: the diffusion time t of both losses: u ~ U[max(u_s, t_lo), t_hi] in the schedule's unit coordinate, u_s the
     #: unit coordinate of the step's end s (the demo's timesteps in [max(20, s), 790) of 1000: 0.02, 0.99)
     t_lo: float = 0.02
     t_hi: float = 0.99
-    #: sampling-steps-aware draw: t inside the step's own segment [s, t_i) (the demo's --use_separate); false: [s, t_hi]
+    #: sampling-steps-aware draw: t inside the step's own segment [s, t_i) (the demo's --use_separate flag, off by default
+    #: there); false: t in [s, t_hi], the demo's default
     t_within_step: bool = True
     #: the fake-score loss weight min(SNR_t, snr_clamp), SNR_t = alpha_t^2 / sigma_t^2 (the demo's 5, demo:1131-1132)
     snr_clamp: float = 5.0
@@ -171,7 +172,7 @@ class TDM(Objective):
         return schedule.t_from_unit(u).to(device=like.device, dtype=like.dtype)
 
     def trajectory_point(self, nets: Nets, batch: Batch) -> TrajectoryPoint:
-        """The student's deterministic trajectory without gradient up to a step i drawn per row (demo:1141-1146), then
+        """The student's deterministic trajectory without gradient up to a step i drawn per row (demo:1141-1145), then
         x0_i = G(x_{t_i}, t_i) with gradient and its TDM point."""
         g, noise = nets.generator, batch.noise
         t_all = self.student.ts.to(device=noise.device, dtype=noise.dtype)
