@@ -8,7 +8,8 @@ at the distribution level: for each row a step i of its trajectory is drawn (dem
 x_{t_i} carries the gradient, and its DDIM step to s = t_{i+1} (the clean sample at the last step) gives the
 intermediate sample x_s, whose distribution is compared with the teacher's marginal at s through their diffusions to
 t > s (demo:1161-1163):
-    x_t = alpha_{t|s} x_s + sigma_{t|s} n,   alpha_{t|s} = alpha_t / alpha_s,   sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2.
+    x_t = alpha_{t|s} x_s + sigma_{t|s} n,
+    alpha_{t|s} = alpha_t / alpha_s,   sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2.
 Generator (the data-free score distillation objective, demo:1165-1187): the DMD direction in x0 form at x_t,
     grad = (mu_fake(x_t) - mu_real(x_t)) / mean|x0_i - mu_real(x_t)|
 (DMD eq. (7)-(8), distribution_matching.py; the demo's loss ||x0_i - sg(x0_i + mu_real - mu_fake)||^2 / w has twice
@@ -55,8 +56,8 @@ class TDMConfig(ObjectiveConfig, TimeRange):
     #: unit coordinate of the step's end s (the demo's timesteps in [max(20, s), 790) of 1000: 0.02, 0.99)
     t_lo: float = 0.02
     t_hi: float = 0.99
-    #: sampling-steps-aware draw: t inside the step's own segment [s, t_i) (the demo's --use_separate flag, off by default
-    #: there); false: t in [s, t_hi], the demo's default
+    #: sampling-steps-aware draw: t inside the step's own segment [s, t_i) (the demo's --use_separate flag, off by
+    #: default there); false: t in [s, t_hi], the demo's default
     t_within_step: bool = True
     #: the fake-score loss weight min(SNR_t, snr_clamp), SNR_t = alpha_t^2 / sigma_t^2 (the demo's 5, demo:1131-1132)
     snr_clamp: float = 5.0
