@@ -111,6 +111,8 @@ FLOW_TWO_STEP = ["generator.steps=2", "generator.ts=[0.9999,0.5]", "eval.student
 TWO_STEP = ["generator.steps=2", "generator.ts=[80.0,0.8]", "eval.student_steps=[2]"]
 FOUR_STEP = ["generator.steps=4", "generator.ts=[80.0,21.4,4.2,0.5]", "eval.student_steps=[4]"]
 HYBRID = ["eval.hybrid_teacher_steps=[1]"]
+#: TDM: one fake-score update per generator update, the official demo's (onestep/objectives/tdm.py)
+TDM = ["objective=tdm", "objective.ttur=1"]
 FEW_STEP_TASKS = ("ring8", "grid25")  # the few-step and consistency rows (classes16: 1-step objectives only)
 
 #: objective rows: name -> overrides added to each task's bench_<task>.yaml (unset keys: the objective's defaults)
@@ -163,6 +165,11 @@ BENCH: dict[str, list[str]] = {
                          "objective.phase_length=150", "eval.student_steps=[2]"],
     "disback": ["objective=disback", "objective.degrade_steps=40", "objective.path_points=4",
                 "objective.backtrack_steps=30"],
+    # issue 37: TDM (configs/experiment/gmm_tdm.yaml): distribution matching at the student's own trajectory points,
+    # t within each step's segment; the 1-step row is DMD's direction with TDM's fake score (importance weight 1 there),
+    # the 2-step row a DDIM student from sigma_init 1 (as the few-step DMD2 rows)
+    "tdm": TDM,
+    "tdm_2step": TDM + ["generator.steps=2", "generator.method=ddim", "eval.student_steps=[2]"],
 }
 #: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; issue
 #: 21's methods' 1-step rows every task; guidance and multi-student rows need classes: classes16
@@ -170,7 +177,7 @@ FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd"
 CLASS_ROWS = {"guidance_distill_16step", "vsd_pgsb", "sid_pgsb", "dmd2_pgsb", "msd", "phased_dmd_2step"}
 #: the 2-step rows of issue 21's methods: on the ring only (their 1-step rows run on every task)
 RING_ROWS = {"meanflow_2step", "reflow_2step", "tbcm_2step", "tcm_2step", "tscd_2step", "scott_2step"}
-ROW_TASKS = {**{b: FEW_STEP_TASKS for b in FEW_STEP_ROWS}, **{b: ("classes16",) for b in CLASS_ROWS},
+ROW_TASKS = {**{b: FEW_STEP_TASKS for b in FEW_STEP_ROWS | {"tdm_2step"}}, **{b: ("classes16",) for b in CLASS_ROWS},
              **{b: ("ring8",) for b in RING_ROWS}}
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 32, 64)
@@ -183,7 +190,9 @@ SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversa
                 # issue 21 (trajectory / consistency) and issue 22 (distribution matching, guidance)
                 "meanflow", "meanflow_2step", "reflow", "reflow_2step", "tbcm", "tbcm_2step", "tcm", "tcm_2step", "tscd",
                 "tscd_2step", "scott", "scott_2step", "boot", "disback", "phased_dmd_2step", "vsd_pgsb", "sid_pgsb",
-                "dmd2_pgsb", "msd", "guidance_distill_16step")
+                "dmd2_pgsb", "msd", "guidance_distill_16step",
+                # issue 37
+                "tdm", "tdm_2step")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",
