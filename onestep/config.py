@@ -131,6 +131,10 @@ class GeneratorConfig:
     #: read by objective=phased_dmd: one expert per student step (generator.experts = generator.steps), a copy of the
     #: student init routed by t, so step i runs expert i (denoisers/experts.py); 1 = one network for every step
     experts: int = 1
+    #: read by objective=nct: a ControlNet adapter on the student's UNet that reads the conditioning's control map:
+    #: unet (built from the student's UNet, ControlNetModel.from_unet: zero-initialised, the student unchanged at start)
+    #: or a local diffusers ControlNetModel folder; None = no adapter
+    control_adapter: Optional[str] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
