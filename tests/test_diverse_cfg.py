@@ -224,3 +224,31 @@ def test_a_few_steps_on_the_digits_teacher_have_finite_losses(tmp_path):
         values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float, torch.Tensor))}
         assert all(torch.isfinite(torch.tensor(v)) for v in values.values()), values
         assert values["gen/diversity"] > 0
+
+
+def test_clip_diversity_is_each_samples_mean_cosine_distance_in_the_clip_image_embedding(tmp_path):
+    """reward=clip_diversity (the diversity reward of real teachers' recipes) through the registry: row i scores
+    mean_{j != i, same prompt} (1 - cos(E(x_i), E(x_j))) with E open_clip's image embedding, and is differentiable."""
+    from test_reward_interface import _tiny_clip
+
+    from onestep.config import RewardConfig
+    from onestep.rewards.preprocess import to_model_input
+    from onestep.rewards.registry import build_reward
+
+    model, arch = _tiny_clip(tmp_path, "onestep-tiny-diversity-clip")
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    reward = build_reward(RewardConfig(name="clip_diversity", weights=str(tmp_path / "clip.pt"), model=str(arch)))
+    images = torch.rand(5, 3, 40, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    prompts = ["a cat", "a dog", "a cat", "a cat", "a bird"]
+    got = reward(images, prompts)
+    with torch.no_grad():
+        e = F.normalize(model.encode_image(to_model_input(images, 32)).double(), dim=-1)
+    for i, p in enumerate(prompts):
+        others = [j for j, q in enumerate(prompts) if q == p and j != i]
+        want = sum(1 - float(e[i] @ e[j]) for j in others) / len(others) if others else 0.0
+        assert float(got[i]) == pytest.approx(want, abs=1e-5), i
+    x = images.clone().requires_grad_(True)
+    reward(x, prompts).sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="reward.model"):
+        build_reward(RewardConfig(name="clip_diversity", weights=str(tmp_path / "clip.pt")))

@@ -52,10 +52,14 @@ class DiverseCFGConfig(ObjectiveConfig, GANConfig, TimeDraw, CriticWeighting):
     #: generations per prompt k the diversity reward compares (the paper's two); trainer.batch_size must be a multiple
     group: int = 2
     #: the per-sample diversity reward, a reward= registry name (onestep/rewards/registry.py): each sample's
-    #: dissimilarity to the other samples of its prompt
+    #: dissimilarity to the other samples of its prompt; digits_diversity (digits features) | clip_diversity (CLIP
+    #: image embedding, the counterpart of the paper's embedding E for real teachers)
     reward: str = "digits_diversity"
-    #: that reward's local weights (digits_diversity: a digits feature network folder; None = the shipped one)
+    #: that reward's local weights (digits_diversity: a digits feature network folder, None = the shipped one;
+    #: clip_diversity: an open_clip checkpoint)
     reward_weights: Optional[str] = None
+    #: clip_diversity: the open_clip architecture of reward_weights (a name or a model-config .json)
+    reward_model: Optional[str] = None
 
 
 def grouped(batch: Batch, k: int) -> Batch:
@@ -106,7 +110,8 @@ class DiverseCFG(CriticObjective):
     def build_modules(self, setup):
         """Keeps the teacher's codec (the reward scores decoded images) and builds the frozen reward."""
         self.codec = setup.codec
-        self.reward = build_reward(RewardConfig(name=self.cfg.reward, weights=self.cfg.reward_weights))
+        c = self.cfg
+        self.reward = build_reward(RewardConfig(name=c.reward, weights=c.reward_weights, model=c.reward_model))
         return super().build_modules(setup)
 
     def decoded(self, x: torch.Tensor) -> torch.Tensor:
