@@ -151,6 +151,8 @@ def test_bad_input_is_one_line():
         DiverseCFG(DiverseCFGConfig(group=1), None)
     with pytest.raises(ConfigError, match="objective.diversity_weight"):
         DiverseCFG(DiverseCFGConfig(diversity_weight=-1.0), None)
+    with pytest.raises(ConfigError, match="a batch of 64 rows"):
+        DiverseCFG(DiverseCFGConfig(group=3), None).set_run({}, images_per_step=64)
     with pytest.raises(ConfigError, match="multiple of 3"):
         grouped(Batch(noise=torch.zeros(4, 2), cond=Labels(torch.zeros(4), 2)), 3)
     with pytest.raises(ConfigError, match="conditional"):

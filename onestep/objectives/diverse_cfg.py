@@ -107,6 +107,13 @@ class DiverseCFG(CriticObjective):
                               "objective.reward=digits_diversity (or objective.diversity_weight=0 for the quality end)")
         self.reward, self.codec = None, None
 
+    def set_run(self, modules, images_per_step: int) -> None:
+        super().set_run(modules, images_per_step)
+        if images_per_step % self.cfg.group:  # (each micro-batch is checked again as it is grouped)
+            raise ConfigError(f"objective=diverse_cfg compares objective.group={self.cfg.group} samples per prompt, and "
+                              f"a batch of {images_per_step} rows does not split into groups of {self.cfg.group}; pass "
+                              f"a trainer.batch_size that is a multiple of {self.cfg.group}")
+
     def build_modules(self, setup):
         """Keeps the teacher's codec (the reward scores decoded images) and builds the frozen reward."""
         self.codec = setup.codec
