@@ -153,6 +153,7 @@ def test_bad_input_is_one_line():
         DiverseCFG(DiverseCFGConfig(diversity_weight=-1.0), None)
     with pytest.raises(ConfigError, match="a batch of 64 rows"):
         DiverseCFG(DiverseCFGConfig(group=3), None).set_run({}, images_per_step=64)
+    assert "objective.group=2" in DiverseCFG(DiverseCFGConfig(), None).accumulation_refusal()  # rows tied by prompt
     with pytest.raises(ConfigError, match="multiple of 3"):
         grouped(Batch(noise=torch.zeros(4, 2), cond=Labels(torch.zeros(4), 2)), 3)
     with pytest.raises(ConfigError, match="conditional"):

@@ -107,6 +107,10 @@ class DiverseCFG(CriticObjective):
                               "objective.reward=digits_diversity (or objective.diversity_weight=0 for the quality end)")
         self.reward, self.codec = None, None
 
+    def accumulation_refusal(self):
+        return (f"objective.group={self.cfg.group} repeats the first B / {self.cfg.group} prompts of each batch "
+                f"{self.cfg.group} times and rewards each row's distance to the other rows of its prompt")
+
     def set_run(self, modules, images_per_step: int) -> None:
         super().set_run(modules, images_per_step)
         if images_per_step % self.cfg.group:  # (each micro-batch is checked again as it is grouped)
