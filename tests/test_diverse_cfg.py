@@ -228,6 +228,15 @@ def test_a_few_steps_on_the_digits_teacher_have_finite_losses(tmp_path):
         assert all(torch.isfinite(torch.tensor(v)) for v in values.values()), values
         assert values["gen/diversity"] > 0
 
+    # the merge of a real run with itself is a run folder that loads (onestep eval / sample / export read it so)
+    from onestep.runs import load_run
+
+    merge_runs(str(tmp_path / "run"), str(tmp_path / "run"), 0.3, str(tmp_path / "merged"))
+    run, merged = load_run(tmp_path / "run", torch.device("cpu")), load_run(tmp_path / "merged", torch.device("cpu"))
+    assert merged.step == run.step == 3
+    for (k, a), (_, b) in zip(run.generator.state_dict().items(), merged.generator.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
+
 
 def test_clip_diversity_is_each_samples_mean_cosine_distance_in_the_clip_image_embedding(tmp_path):
     """reward=clip_diversity (the diversity reward of real teachers' recipes) through the registry: row i scores
