@@ -149,6 +149,8 @@ def test_diversity_term_is_the_mean_pairwise_reward_of_a_grouped_batch():
 def test_bad_input_is_one_line():
     with pytest.raises(ConfigError, match="objective.group=1"):
         DiverseCFG(DiverseCFGConfig(group=1), None)
+    with pytest.raises(ConfigError, match="objective.reward=none"):
+        DiverseCFG(DiverseCFGConfig(reward="none"), None)
     with pytest.raises(ConfigError, match="objective.diversity_weight"):
         DiverseCFG(DiverseCFGConfig(diversity_weight=-1.0), None)
     with pytest.raises(ConfigError, match="a batch of 64 rows"):

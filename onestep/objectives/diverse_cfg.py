@@ -104,7 +104,8 @@ class DiverseCFG(CriticObjective):
             raise ConfigError(f"objective.diversity_weight={cfg.diversity_weight} must be >= 0 (beta of QD = Q + beta D)")
         if cfg.reward in (None, "none"):
             raise ConfigError("objective.reward=none: diverse_cfg needs a per-sample diversity reward; pass "
-                              "objective.reward=digits_diversity (or objective.diversity_weight=0 for the quality end)")
+                              "objective.reward=digits_diversity or clip_diversity (the quality end keeps it, logged, "
+                              "with objective.diversity_weight=0)")
         self.reward, self.codec = None, None
 
     def accumulation_refusal(self):
