@@ -47,9 +47,15 @@ def _dir(run_dir: Path) -> Path:
 
 def save(run_dir: Path, step: int, modules: dict[str, nn.Module], state: dict, keep: int = 2) -> Path:
     """Whole tensors, written by the main process alone."""
+    return save_weights(run_dir, step, {name: m.state_dict() for name, m in modules.items()}, state, keep)
+
+
+def save_weights(run_dir: Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
+                 keep: int = 2) -> Path:
+    """``save`` from state dicts (role -> tensors): a checkpoint written without the networks (a merged student)."""
     tmp = _fresh_tmp(run_dir, step)
-    for name, m in modules.items():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
+    for name, sd in weights.items():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
         save_file(tensors, str(tmp / f"{name}.safetensors"))
     torch.save(state, tmp / "state.pt")
     return _publish(run_dir, tmp, step, keep)

@@ -131,6 +131,10 @@ class GeneratorConfig:
     #: read by objective=phased_dmd: one expert per student step (generator.experts = generator.steps), a copy of the
     #: student init routed by t, so step i runs expert i (denoisers/experts.py); 1 = one network for every step
     experts: int = 1
+    #: read by objective=nct: a ControlNet adapter on the student's UNet that reads the conditioning's control map:
+    #: unet (built from the student's UNet, ControlNetModel.from_unet: zero-initialised, the student unchanged at start)
+    #: or a local diffusers ControlNetModel folder; None = no adapter
+    control_adapter: Optional[str] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -344,12 +348,12 @@ class RewardConfig:
     """``reward=<name>``: a differentiable reward of decoded samples and their prompts (onestep/rewards/registry.py),
     for objectives that tune toward it; when set, evaluation reports its mean as ``reward``."""
 
-    #: none | digits_class | digits_diversity | clip | imagereward | hpsv2
+    #: none | digits_class | digits_diversity | clip | clip_diversity | imagereward | hpsv2
     name: str = "none"
-    #: local weights: clip an open_clip checkpoint, imagereward ImageReward.pt, hpsv2 HPS_v2*.pt; digits_* a digits
+    #: local weights: clip / clip_diversity an open_clip checkpoint, imagereward ImageReward.pt, hpsv2 HPS_v2*.pt; digits_* a digits
     #: feature network folder (None = the shipped one)
     weights: Optional[str] = None
-    #: clip / hpsv2: the open_clip architecture (a name or a model-config .json; hpsv2 default ViT-H-14)
+    #: clip / clip_diversity / hpsv2: the open_clip architecture (a name or a model-config .json; hpsv2 default ViT-H-14)
     model: Optional[str] = None
     #: imagereward: the folder of bert-base-uncased's tokenizer
     tokenizer: Optional[str] = None
@@ -430,7 +434,7 @@ store("data", "moving_digits_text", DataConfig(kind="moving_digits_text"))
 store("data", "digits_text", DataConfig(kind="digits_text"))
 store("trainer", "default", TrainerConfig)
 #: reward=<name> (onestep/rewards/registry.py)
-for _name in ("none", "digits_class", "digits_diversity", "clip", "imagereward", "hpsv2"):
+for _name in ("none", "digits_class", "digits_diversity", "clip", "clip_diversity", "imagereward", "hpsv2"):
     store("reward", _name, RewardConfig(name=_name))
 store("eval", "gmm", EvalConfig)
 store("eval", "digits", EvalConfig(num_samples=2000, teacher_steps=[1, 32], features="digits"))

@@ -102,7 +102,7 @@ def test_bad_reward_input_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError) as e:
         build_reward(SimpleNamespace(name="aesthetic"))
-    assert "reward='aesthetic' is not a reward; pick one of none, clip, digits_class" in one_line(e)
+    assert "reward='aesthetic' is not a reward; pick one of none, clip, clip_diversity, digits_class" in one_line(e)
     with pytest.raises(ConfigError) as e:
         build_reward(_rc("clip", weights=tmp_path / "x.pt"))
     assert "reward=clip needs reward.model=" in one_line(e)

@@ -35,6 +35,7 @@ import torch
 
 from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.control import CONTROL, control_adapter, control_residuals
 from onestep.denoisers.diffusers import MidBlockFeatures
 from onestep.denoisers.pipeline_folder import check_pipeline_folder as check_folder
 from onestep.denoisers.pipeline_folder import (PromptEncoder, VAECodec, frozen, load_component, read_scheduler_config,
@@ -107,12 +108,19 @@ class SDUNetDenoiser(MidBlockFeatures, Denoiser):
         if prediction not in PREDICTIONS.values():
             raise ConfigError(f"UNet prediction '{prediction}' is unknown; use one of {tuple(PREDICTIONS.values())}")
         self.unet, self.schedule, self.prediction, self.kind = unet, schedule, prediction, kind
+        #: a ControlNet adapter (``add_control``; objective=nct), run when the conditioning carries CONTROL
+        self.controlnet = None
         self.data_shape = (c.in_channels, latent_size, latent_size)
         #: width of ``features``: the mid-block's channels
         self.feature_dim = c.block_out_channels[-1]
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.index(t)
+
+    def add_control(self, source: str) -> None:
+        """A ControlNet on this UNet (denoisers/control.py): built from it (``"unet"``) or from a local folder."""
+        net = control_adapter(self.unet, source)
+        self.controlnet = (net if net.dtype == self.unet.dtype else net.to(dtype=self.unet.dtype)).to(self.unet.device)
 
     def forward(self, x_t, t, cond=None):
         require_prompts(cond, "TextEncoder", self.kind)
@@ -125,8 +133,12 @@ class SDUNetDenoiser(MidBlockFeatures, Denoiser):
                      "time_ids": cond["add_time_ids"].to(dev, dtype)}
         text = cond["prompt_embeds"].to(dev, dtype)
         # the timestep stays float32 under a half-precision UNet: fp16's spacing near 999 is 0.5
+        residuals = {}
+        if self.controlnet is not None and CONTROL in cond:
+            residuals = control_residuals(self.controlnet, x_t.to(dtype), self.timestep(t).float(), text, extra,
+                                          cond[CONTROL], self.data_shape[-1])
         out = self.unet(x_t.to(dtype), self.timestep(t).float(), encoder_hidden_states=text,
-                        added_cond_kwargs=extra).sample
+                        added_cond_kwargs=extra, **residuals).sample
         return out.to(x_t.dtype)
 
 

@@ -12,13 +12,12 @@ average-pooled to the network's 8x8 input (16x16 -> 8x8) and RGB is averaged to 
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from onestep.rewards.digits_features import digit_of, load_digits_features
+from onestep.rewards.diversity import per_sample
 
 #: the feature network's input size
 SIZE = 8
@@ -51,15 +50,4 @@ class DigitsDiversity(nn.Module):
         self.net = load_digits_features(folder)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        f = F.normalize(self.net.to(images.device).features(network_input(images)), dim=-1)
-        out = torch.zeros(len(prompts), device=images.device, dtype=f.dtype)
-        rows = defaultdict(list)
-        for i, p in enumerate(prompts):
-            rows[p].append(i)
-        for idx in rows.values():
-            if len(idx) < 2:
-                continue
-            g = f[idx]
-            dist = 1 - g @ g.T  # the diagonal is 0
-            out[idx] = dist.sum(1) / (len(idx) - 1)
-        return out
+        return per_sample(self.net.to(images.device).features(network_input(images)), prompts)

@@ -37,6 +37,23 @@ def per_prompt(features: torch.Tensor, prompts: Sequence[str]) -> dict[str, floa
     return {p: float(pairwise_cosine_distance(features[idx])) for p, idx in rows.items() if len(idx) >= 2}
 
 
+def per_sample(features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Each row's mean 1 - cos to the other rows of its prompt (0 for a row alone with its prompt), differentiable: a
+    per-sample diversity reward, whose mean over a prompt's rows is that prompt's ``pairwise_cosine_distance``."""
+    f = F.normalize(features, dim=-1)
+    out = torch.zeros(len(prompts), device=features.device, dtype=f.dtype)
+    rows = defaultdict(list)
+    for i, p in enumerate(prompts):
+        rows[p].append(i)
+    for idx in rows.values():
+        if len(idx) < 2:
+            continue
+        g = f[idx]
+        dist = 1 - g @ g.T  # the diagonal is 0
+        out[idx] = dist.sum(1) / (len(idx) - 1)
+    return out
+
+
 def diversity(features: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
     """``diversity``: the mean over prompts with >= 2 samples; ``diversity_prompts``: how many there were (0: no
     prompt repeats, and no diversity can be measured)."""
@@ -65,3 +82,15 @@ class ClipImageFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
         return self.model.encode_image(to_model_input(images.to(device), self.size, self.mean, self.std)).float()
+
+
+class ClipDiversity(nn.Module):
+    """``reward=clip_diversity``: each sample's mean cosine distance to the other samples of its prompt in the CLIP
+    image embedding (``per_sample``; differentiable), the diversity reward of real text-to-image teachers."""
+
+    def __init__(self, model: str, checkpoint, key: str = "reward.weights"):
+        super().__init__()
+        self.features = ClipImageFeatures(model, checkpoint, key)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return per_sample(self.features(images), prompts)

@@ -6,6 +6,7 @@
     digits_class      the shipped digits classifier's log-probability of the prompted digit (digits.py)
     digits_diversity  per-sample diversity among the samples of each prompt, digits features (digits.py)
     clip              CLIP score: open_clip cosine of image and prompt (clip.py; reward.weights, reward.model)
+    clip_diversity    per-sample diversity among the samples of each prompt, CLIP image embedding (diversity.py)
     imagereward       ImageReward (imagereward.py; reward.weights = ImageReward.pt, reward.tokenizer)
     hpsv2             HPSv2 (hpsv2.py; reward.weights = HPS_v2*.pt, reward.model, default ViT-H-14)
 """
@@ -40,6 +41,15 @@ def _clip(rc) -> nn.Module:
     return ClipScore(rc.model, rc.weights)
 
 
+def _clip_diversity(rc) -> nn.Module:
+    from onestep.rewards.diversity import ClipDiversity
+
+    if not rc.model:
+        raise ConfigError("reward=clip_diversity needs reward.model=<open_clip architecture or model-config .json> "
+                          "beside reward.weights=<its local checkpoint>")
+    return ClipDiversity(rc.model, rc.weights)
+
+
 def _imagereward(rc) -> nn.Module:
     from onestep.rewards.imagereward import ImageReward
 
@@ -53,7 +63,8 @@ def _hpsv2(rc) -> nn.Module:
 
 
 REWARDS: dict[str, Callable[..., nn.Module]] = {"digits_class": _digits_class, "digits_diversity": _digits_diversity,
-                                                "clip": _clip, "imagereward": _imagereward, "hpsv2": _hpsv2}
+                                                "clip": _clip, "clip_diversity": _clip_diversity,
+                                                "imagereward": _imagereward, "hpsv2": _hpsv2}
 
 
 def build_reward(rc) -> nn.Module | None:
