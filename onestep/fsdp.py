@@ -112,13 +112,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if is_sharded(t) else t).detach().cpu()
 
 
-def gather(state):
-    """A (nested) state dict with every shard replaced by its whole tensor; every rank must call it."""
+def gather(state, keep: bool = True):
+    """A (nested) state dict with every shard replaced by its whole tensor; every rank must call it. ``keep=False``
+    (the ranks that do not write): each whole tensor is dropped as soon as it is gathered (None in its place), so
+    only the writing rank ever holds the whole state."""
     if isinstance(state, dict):
-        return {k: gather(v) for k, v in state.items()}
+        return {k: gather(v, keep) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(gather(v) for v in state)
-    return full(state) if is_sharded(state) else state
+        return type(state)(gather(v, keep) for v in state)
+    if not is_sharded(state):
+        return state
+    whole = full(state)
+    return whole if keep else None
 
 
 def assign(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -488,12 +488,13 @@ class Networks:
         if self.sharded and role in self.roles:
             fsdp.sync_gradients(self.roles[role].module, sync)
 
-    def checkpointed(self, gathered: bool = True) -> dict:
+    def checkpointed(self, gathered: bool = True, keep: bool = True) -> dict:
         """name -> object with state_dict / load_state_dict: every role but the teacher, and the heads. Sharded
         roles are gathered here (``gathered``: what writing whole tensors needs; loading slices whole tensors into
-        the shards either way), so every rank must call it (the main process then writes)."""
+        the shards either way), so every rank must call it (the main process then writes; the others pass
+        ``keep=False`` and hold no whole tensor)."""
         objs = {**self.roles, **{n: m for n, (m, _) in self.heads.items()}}
-        return {n: _Gathered(o) for n, o in objs.items()} if self.sharded and gathered else objs
+        return {n: _Gathered(o, keep) for n, o in objs.items()} if self.sharded and gathered else objs
 
     def live(self, optimizers: dict[str, torch.optim.Optimizer]) -> checkpoint.Live:
         """The checkpointed networks as they are held (FSDP shards or whole) with the optimizers of their updates
@@ -542,8 +543,8 @@ class Networks:
 class _Gathered:
     """A role's whole state, gathered from its FSDP shards by every rank; loading slices it back."""
 
-    def __init__(self, obj):
-        self.obj, self.state = obj, fsdp.gather(obj.state_dict())
+    def __init__(self, obj, keep: bool = True):
+        self.obj, self.state = obj, fsdp.gather(obj.state_dict(), keep)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.state

@@ -205,7 +205,8 @@ def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_fp32_weights(tmp_path):
     bf16 rounding (1%), and weights, optimizer moments and checkpoints stay fp32 (that the sharded blocks do
     compute in bf16 is checked in test_fsdp_parameter_dtypes)."""
     args = COMMON + ["experiment=gmm_fdistill", "teacher.kind=gmm_learned", "trainer.mixed_precision=bf16"]
-    r = launch("torchrun", args + ["trainer.fsdp=true", f"run_dir={tmp_path}/two"], tmp_path)
+    r = launch("torchrun", args + ["trainer.fsdp=true", "trainer.checkpoint_format=safetensors",
+                                   f"run_dir={tmp_path}/two"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert TEACHER_SHARDED in r.stdout
     # one process in its own interpreter: accelerate fixes the precision once per process (earlier tests ran fp32)
@@ -264,7 +265,9 @@ def test_fsdp_parameter_dtypes():
 def test_fsdp_shards_an_sd_unet_teacher(tmp_path):
     """A diffusers UNet2DConditionModel teacher (tiny SD1.5 pipeline; nested ModuleLists, gradient checkpointing)
     sharded over 2 processes trains 3 DMD2 steps exactly as one process does. The experiment's ema_decay=0 makes
-    the sharded generator the evaluated network: the sample grid at step 2 and the final evaluation gather it."""
+    the sharded generator the evaluated network: the sample grid at step 2 and the final evaluation gather it. Its
+    checkpoint is written as safetensors (dcp is test_dcp.py's): every shard gathered, rank 0 alone keeping and
+    writing the whole tensors, equal to the one-process run's."""
     from sd_fixtures import make_tiny_sd15, write_prompts
 
     pipe = make_tiny_sd15(tmp_path / "sd15")
@@ -273,7 +276,8 @@ def test_fsdp_shards_an_sd_unet_teacher(tmp_path):
             "trainer.batch_size=2", "trainer.progress=false", "eval.num_samples=4", "eval.teacher_steps=[2]",
             "trainer.checkpoint_every=3", "trainer.log_every=1", "trainer.sample_every=2", "trainer.frozen_dtype=fp32",
             "objective.ttur=1"]
-    r = launch("torchrun", args + ["trainer.fsdp=true", f"run_dir={tmp_path}/two"], tmp_path)
+    r = launch("torchrun", args + ["trainer.fsdp=true", "trainer.checkpoint_format=safetensors",
+                                   f"run_dir={tmp_path}/two"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert TEACHER_SHARDED in r.stdout and "critic: full copy FSDP2-sharded" in r.stdout
     assert "returned a view tensor" not in r.stderr  # no lone layer became an FSDP unit

@@ -6,6 +6,9 @@ built from its config, 860M parameters), for the memory options.
     python tools/bench_memory.py render               # rewrite results/*memory*.md from their JSON, running nothing
     python tools/bench_memory.py wan                  # Wan 2.1 / 2.2 video teachers: meta-device parameter counts
                                                       # only (nothing runs); writes results/wan_memory.{json,md}
+    python tools/bench_memory.py checkpoint [--width 0.5]   # peak memory per process while saving / resuming a
+                                                      # 2-process FSDP run, gathered safetensors vs dcp; writes
+                                                      # results/checkpoint_memory.{json,md}
 
 Each row is a separate `onestep train experiment=sd15_dmd2 ...` in a fresh process (so peaks do not mix),
 3 steps, timed and measured from the end of step 1 to the end of step 3 (steady state: the transient of
@@ -44,8 +47,9 @@ ROWS = [
 UNET_PARAMS = None  # filled in by build()
 
 
-def build(folder: Path) -> int:
-    """The SD1.5-architecture pipeline folder (random weights); returns the UNet's parameter count."""
+def build(folder: Path, width: float = 1.0) -> int:
+    """The SD1.5-architecture pipeline folder (random weights; ``width`` scales every block's channels);
+    returns the UNet's parameter count."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -53,7 +57,8 @@ def build(folder: Path) -> int:
 
     torch.manual_seed(0)
     # runwayml/stable-diffusion-v1-5 unet/config.json: the diffusers defaults but for these two keys
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768,
+                                block_out_channels=tuple(int(c * width) for c in (320, 640, 1280, 1280)))
     if not (folder / "model_index.json").is_file():
         text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
                                             intermediate_size=768, max_position_embeddings=16,
@@ -200,6 +205,111 @@ def one(args) -> None:
     print(json.dumps({"peak_gib": marks["peak"], "s_per_step": (marks[3] - marks[1]) / 2}))
 
 
+#: the phases the checkpoint rows measure: the trainer function each one runs in
+CKPT_PHASES = {"save": "_save", "resume": "resume_state"}
+
+
+def checkpoint_child(args) -> None:
+    """One process of a `torchrun` launch: train with trainer._save / trainer.resume_state wrapped so that each call
+    records the process's resident memory before it and the RSS high-water mark during it (VmHWM, reset at entry);
+    writes <run_dir>/memory_rank<r>.json."""
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_module
+
+    import onestep.config  # noqa: F401  (registers the schemas)
+    import onestep.objectives  # noqa: F401
+    from onestep.train import trainer
+
+    records: dict[str, list[dict]] = {}
+
+    def probed(phase, fn):
+        def wrapper(*a, **k):
+            before = _vm_rss_gib()
+            Path("/proc/self/clear_refs").write_text("5")
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            records.setdefault(phase, []).append({"rss_before_gib": before, "peak_gib": _vm_hwm_gib(),
+                                                  "s": time.perf_counter() - t0})
+            return out
+        return wrapper
+
+    for phase, name in CKPT_PHASES.items():
+        setattr(trainer, name, probed(phase, getattr(trainer, name)))
+    with initialize_config_module("onestep.configs", version_base="1.3"):
+        cfg = compose("config", overrides=json.loads(args.checkpoint_child))
+    trainer.train(cfg, cfg.run_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (Path(cfg.run_dir) / f"memory_rank{rank}.json").write_text(json.dumps(records))
+
+
+def _vm_rss_gib() -> float:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmRSS"))
+    return int(line.split()[1]) / 2**20
+
+
+def write_checkpoint_memory(width: float, work: Path) -> None:
+    """Two runs per format on 2 gloo processes (FSDP2, sd15_dmd2 on the SD1.5 layout at ``width``): 1 step that
+    saves its checkpoint, then the same run to step 2, which resumes from it (and saves again)."""
+    import shutil
+
+    folder = work / f"sd15_width{width}"
+    params = build(folder, width)
+    prompts = work / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car on a road\nan oil painting of a harbour\n")
+    rows = []
+    for fmt in ("safetensors", "dcp"):
+        run_dir = work / "runs" / f"ckpt_{fmt}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        ov = ["experiment=sd15_dmd2", f"teacher.path={folder}", f"data.path={prompts}", "teacher.resolution=64",
+              "objective.ttur=1", "trainer.batch_size=2", "trainer.fsdp=true", f"trainer.checkpoint_format={fmt}",
+              "trainer.checkpoint_every=1", "trainer.sample_every=0", "trainer.progress=false",
+              "eval.num_samples=1", "eval.teacher_steps=[1]", "eval.plot=false", f"out_root={work}",
+              f"run_dir={run_dir}"]
+        ranks: dict[int, dict] = {}
+        for steps, phase in ((1, "save"), (2, "resume")):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__,
+                   "--checkpoint-child", json.dumps([*ov, f"trainer.steps={steps}"])]
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if r.returncode != 0:
+                raise SystemExit(f"{fmt}, {steps} step(s) failed:\n{r.stderr[-3000:]}")
+            for rank in (0, 1):
+                rec = json.loads((run_dir / f"memory_rank{rank}.json").read_text())
+                ranks.setdefault(rank, {})[phase] = rec[phase][0]  # (the first: step 2's own save comes after)
+            print(f"{fmt}, {steps} step(s): {time.perf_counter() - t0:.0f} s", flush=True)
+        ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[0]
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        rows += [{"format": fmt, "rank": rank, **{f"{ph}_{k}": v for ph, rec in r.items() for k, v in rec.items()},
+                  "checkpoint_bytes": size} for rank, r in sorted(ranks.items())]
+    data = {"unet_params": params, "full_unet_params": counts({"cross_attention_dim": 768})[0], "width": width,
+            "processes": 2, "threads": 1, "rows": rows,
+            "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30}
+    (ROOT / "results" / "checkpoint_memory.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = render_checkpoint(data)
+    (ROOT / "results" / "checkpoint_memory.md").write_text(text)
+    print(text)
+
+
+def render_checkpoint(d: dict) -> str:
+    full = d["full_unet_params"]
+    lines = ["# Checkpoint memory: gathered safetensors vs sharded dcp", "",
+             f"Command: `python tools/bench_memory.py checkpoint --width {d['width']}`", "",
+             f"sd15_dmd2 (full fine-tune: generator and critic fp32 with AdamW, bf16 frozen teacher) under FSDP2 on "
+             f"{d['processes']} gloo processes, {d['threads']} thread each, on the SD1.5 UNet layout with every block's "
+             f"channels x {d['width']} ({d['unet_params'] / 1e6:.0f}M parameters, random weights; the real width, "
+             f"{full / 1e6:.0f}M, would need the whole trained state, {full * 24 / 2**30:.0f} GiB, on each of the "
+             f"two processes when gathered: more than this machine's {d['ram_gib']:.0f} GiB). save: the trainer's checkpoint write at step 1; resume: reading "
+             "that checkpoint back at the start of the next launch. Resident = the process's RSS when the phase "
+             "starts; peak = its RSS high-water mark during the phase (VmHWM, reset at entry).", "",
+             "| format | process | resident before save | peak while saving | save s | resident before resume | "
+             "peak while resuming | resume s | checkpoint on disk |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['format']} | rank {r['rank']} | {r['save_rss_before_gib']:.2f} GiB | "
+                     f"{r['save_peak_gib']:.2f} GiB | {r['save_s']:.1f} | {r['resume_rss_before_gib']:.2f} GiB | "
+                     f"{r['resume_peak_gib']:.2f} GiB | {r['resume_s']:.1f} | {r['checkpoint_bytes'] / 2**30:.2f} GiB |")
+    return "\n".join(lines) + "\n"
+
+
 def _vm_hwm_gib() -> float:
     line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
     return int(line.split()[1]) / 2**20
@@ -212,6 +322,14 @@ def main() -> None:
         return
     if sys.argv[1:] == ["wan"]:
         return write_wan()
+    if sys.argv[1:2] == ["checkpoint"]:
+        cp = argparse.ArgumentParser(prog="bench_memory.py checkpoint")
+        cp.add_argument("--width", type=float, default=0.5, help="scale of the SD1.5 UNet's channels")
+        cp.add_argument("--work", default="runs/bench_checkpoint_memory")
+        a = cp.parse_args(sys.argv[2:])
+        return write_checkpoint_memory(a.width, Path(a.work))
+    if sys.argv[1:2] == ["--checkpoint-child"]:
+        return checkpoint_child(argparse.Namespace(checkpoint_child=sys.argv[2]))
     ap = argparse.ArgumentParser()
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 on GPU, 128 on CPU)")
     ap.add_argument("--work", default="runs/bench_memory")
@@ -300,6 +418,9 @@ def render(d: dict) -> str:
 def rendered(folder: Path) -> dict[str, str]:
     """The markdown this tool writes, rendered from the sd_memory_*.json and wan_memory.json in ``folder`` alone."""
     out = {f.with_suffix(".md").name: render(json.loads(f.read_text())) for f in sorted(folder.glob("sd_memory_*.json"))}
+    ckpt = folder / "checkpoint_memory.json"
+    if ckpt.is_file():
+        out[ckpt.with_suffix(".md").name] = render_checkpoint(json.loads(ckpt.read_text()))
     wan = folder / "wan_memory.json"
     if wan.is_file():
         out[wan.with_suffix(".md").name] = render_wan(json.loads(wan.read_text()))

@@ -203,8 +203,8 @@ def _save(t: Training, done: int, bad_steps: int, clock: PhaseClock) -> None:
         if _dcp_format(t.cfg):  # every rank writes its own shards; state.pt keeps the step counters
             small = {"step": done, "bad_steps": bad_steps, "data": _data_positions(t)}
             checkpoint.save_dcp(t.run_dir, done, _live(t), small, keep, main, t.acc.wait_for_everyone)
-        else:  # every rank takes part (sharded states gather); the main process writes
-            states, train_state = t.networks.checkpointed(), _state(done, t.opt_g, t.opt_c, bad_steps)
+        else:  # every rank takes part (sharded states gather); the main process alone keeps them and writes
+            states, train_state = t.networks.checkpointed(keep=main), _state(done, t.opt_g, t.opt_c, bad_steps, main)
             train_state["data"] = _data_positions(t)
             if main:
                 checkpoint.save(t.run_dir, done, states, train_state, keep=keep)
@@ -303,12 +303,12 @@ def _eval_student(setup, student, net, eval_cfg, max_samples: int = 2000) -> dic
     return {k: v for k, v in setup.evaluator.metrics(x, cond).items() if not isinstance(v, list)}
 
 
-def _state(step, opt_g, opt_c, bad_steps) -> dict:
+def _state(step, opt_g, opt_c, bad_steps, keep: bool = True) -> dict:
     # no RNG state: every step reseeds from (seed, step). Plain tensors and numbers only (weights_only load)
-    # (every rank builds it: the moments of FSDP shards are gathered)
-    s = {"step": step, "opt_generator": fsdp.gather(opt_g.state_dict()), "bad_steps": bad_steps}
+    # (every rank builds it: the moments of FSDP shards are gathered; kept by the writing rank alone)
+    s = {"step": step, "opt_generator": fsdp.gather(opt_g.state_dict(), keep), "bad_steps": bad_steps}
     if opt_c is not None:
-        s["opt_critic"] = fsdp.gather(opt_c.state_dict())
+        s["opt_critic"] = fsdp.gather(opt_c.state_dict(), keep)
     return s
 
 
