@@ -22,8 +22,8 @@ The student is the distilled generator of another run (``objective.student``, ``
 the generator and into the reference (a target of decay 1: checkpointed, never moved); '' starts both from the run's
 student init. The samples come from the trainer's generation path (DMD2's backward simulation: for a 1-step student
 its sample; for a k-step student the output of a random step of its own chain), so the student keeps its sampler. The
-noise level t of the loss is drawn in [t_lo, t_hi] (Diffusion-DPO's uniform t); a few-step student's own t-list is a
-narrower choice that ``t_lo`` / ``t_hi`` can give.
+noise level t of the loss is drawn by ``t_dist`` in [t_lo, t_hi]: the whole range is Diffusion-DPO's uniform t; a
+1-step student can be tuned at its own t_0 alone (digits_t2i_pso: t_dist=grid, [0.98, 1], SD timesteps 980..999).
 
 The paper's text was not readable from this project's reference store when this file was written: the loss above is
 its Diffusion-DPO form as the abstract and Sec. 3 describe it; beta and the t-range are this project's defaults.
