@@ -348,7 +348,9 @@ class RewardConfig:
     """``reward=<name>``: a differentiable reward of decoded samples and their prompts (onestep/rewards/registry.py),
     for objectives that tune toward it; when set, evaluation reports its mean as ``reward``."""
 
-    #: none | digits_class | digits_diversity | clip | clip_diversity | imagereward | hpsv2
+    #: none | digits_class | digits_diversity | clip | clip_diversity | imagereward | hpsv2, or your own reward as
+    #: <module>:<factory> (the module importable; factory(reward section) returns an nn.Module, forward(images,
+    #: prompts) -> (N,))
     name: str = "none"
     #: local weights: clip / clip_diversity an open_clip checkpoint, imagereward ImageReward.pt, hpsv2 HPS_v2*.pt; digits_* a digits
     #: feature network folder (None = the shipped one)

@@ -149,10 +149,15 @@ def check_data_kind(cfg) -> None:
 
 
 def build(cfg, run_dir: Path, progress: bool = True) -> Setup:
+    from onestep.rewards.registry import build_reward
+
     check_data_kind(cfg)
     check_attention(cfg.generator.attention)  # before any teacher pretraining
     files = read_data_files(cfg.data)
-    return add_data(cfg, load_teacher(cfg, run_dir, progress), files, progress)
+    setup = add_data(cfg, load_teacher(cfg, run_dir, progress), files, progress)
+    reward = build_reward(cfg.reward) if getattr(cfg, "reward", None) is not None else None
+    setup.reward = reward.to(device_of(cfg)) if reward is not None else None
+    return setup
 
 
 def shape_student(gc, net: Denoiser, objective) -> Denoiser:

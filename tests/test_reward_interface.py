@@ -136,3 +136,35 @@ def test_evaluation_reports_the_reward_of_the_samples(tmp_path):
     with pytest.raises(ConfigError) as e:
         make_evaluator(pixel, load_teacher(pixel, tmp_path / "pixel", progress=False))
     assert "is not a text-to-image teacher" in one_line(e)
+
+
+def test_a_users_reward_module_by_import_path(tmp_path, monkeypatch):
+    """reward.name=<module>:<factory>: the module imported from PYTHONPATH, the factory called with the reward section;
+    the evaluation and the reward-tuning objectives then use what it returned. Bad paths are one-line errors."""
+    (tmp_path / "my_rewards.py").write_text(
+        "import torch\n"
+        "class Brightness(torch.nn.Module):\n"
+        "    def __init__(self, scale):\n"
+        "        super().__init__()\n"
+        "        self.scale = torch.nn.Parameter(torch.tensor(scale))\n"
+        "    def forward(self, images, prompts):\n"
+        "        return self.scale * images.flatten(1).mean(1)\n"
+        "def make_reward(rc):\n"
+        "    return Brightness(float(rc.model))\n"
+        "def not_a_module(rc):\n"
+        "    return lambda images, prompts: images.mean()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = compose(["reward.name=my_rewards:make_reward", "reward.model=2.0"]).reward  # as on the command line
+    reward = build_reward(rc)
+    images = torch.rand(3, 1, 4, 4)
+    torch.testing.assert_close(reward(images, ["a", "b", "c"]), 2.0 * images.flatten(1).mean(1))
+    assert not reward.training and not any(p.requires_grad for p in reward.parameters())
+
+    for name, text in (("no_such_module_xyz:make_reward", "reward.name=no_such_module_xyz:make_reward: cannot import "
+                                                          "'no_such_module_xyz'"),
+                       ("my_rewards:missing", "reward.name=my_rewards:missing: module 'my_rewards' has no 'missing'"),
+                       ("my_rewards:not_a_module", "reward.name=my_rewards:not_a_module returned a function, not a "
+                                                   "torch nn.Module")):
+        with pytest.raises(ConfigError) as e:
+            build_reward(compose([f"reward.name={name}"]).reward)
+        assert text in one_line(e), name

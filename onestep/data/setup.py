@@ -37,3 +37,6 @@ class Setup:
     conditioner: Callable | None = None
     #: the exact data distribution when the family knows it (a GaussianMixture): data and exact metrics
     distribution: object | None = None
+    #: ``reward=``'s reward (onestep/rewards/registry.py), built with the training data on the teacher's device: what
+    #: reward-tuning objectives read (``build_modules``) and the evaluation reports; None = reward=none
+    reward: torch.nn.Module | None = None

@@ -99,7 +99,8 @@ def make_evaluator(cfg, setup: Setup) -> Evaluator:
     if rewarded:
         from onestep.rewards.registry import build_reward
 
-        evaluator = RewardColumn(evaluator, build_reward(reward_cfg), setup.codec, reward_cfg.name)
+        reward = setup.reward if setup.reward is not None else build_reward(reward_cfg)  # (a training setup has it)
+        evaluator = RewardColumn(evaluator, reward, setup.codec, reward_cfg.name)
     return evaluator
 
 

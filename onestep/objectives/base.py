@@ -202,6 +202,19 @@ def check_critic_t_dist(cfg) -> None:
     check_t_range(cfg, "critic_t_lo", "critic_t_hi")
 
 
+def load_generator_weights(net: nn.Module, weights: dict[str, torch.Tensor], key: str, path: str, fix: str) -> None:
+    """Copy another run's generator weights (``prepare``'s ``weights[name]``) into ``net`` in place; every parameter must
+    be there with its shape, else a one-line ConfigError naming ``key`` = ``path`` and ``fix``."""
+    own = dict(net.named_parameters())
+    bad = sorted(n for n, p in own.items() if n not in weights or weights[n].shape != p.shape)
+    if bad:
+        raise ConfigError(f"{key}: '{path}' does not fit this run's generator ({len(bad)} of {len(own)} parameters "
+                          f"missing or of another shape, e.g. {bad[0]}); {fix}")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(weights[n].to(p))
+
+
 def register_objective(cls: type[Objective]) -> type[Objective]:
     OBJECTIVES[cls.name] = cls
     store(group="objective", name=cls.name, node=cls.Config)

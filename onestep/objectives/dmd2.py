@@ -61,7 +61,10 @@ class DistributionMatching(CriticObjective):
             self.pairs.get(nets.teacher, next(nets.generator.parameters()).device)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
-        x = self.generate(nets, batch)
+        return self.matching_loss(nets, batch, self.generate(nets, batch))
+
+    def matching_loss(self, nets: Nets, batch: Batch, x):
+        """The generator loss dict at generator samples ``x`` (what an objective adding a term to DMD2's reuses)."""
         t = sample_t(nets.teacher.schedule, x.shape[0], self.cfg.t_lo, self.cfg.t_hi, like=x, dist=self.cfg.t_dist)
         real, w = self.pgsb.draw(nets.teacher, x)
         loss, logs = dmd_loss(real, nets.critic, x, batch.cond, t=t)

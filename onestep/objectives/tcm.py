@@ -41,7 +41,7 @@ import torch
 from onestep.core import noised
 from onestep.errors import ConfigError
 from onestep.objectives import consistency as C
-from onestep.objectives.base import Batch, Nets, register_objective
+from onestep.objectives.base import Batch, Nets, load_generator_weights, register_objective
 from onestep.objectives.cd import CDConfig, ConsistencyDistillation
 
 STAGE1 = "stage1"  # the frozen stage-1 model's name in Nets.targets and in checkpoints
@@ -107,17 +107,9 @@ class TCM(ConsistencyDistillation):
         if not weights or "stage1" not in weights:
             raise ConfigError(f"objective.stage1='{self.cfg.stage1}' was not read: the caller of prepare passes the "
                               "weights run_weights() names (onestep.checkpoint.read_run_weights)")
-        weights = weights["stage1"]
         for net in (nets.targets[STAGE1], nets.generator):  # (a resumed run's checkpoint then overwrites both)
-            own = dict(net.named_parameters())
-            bad = sorted(n for n, p in own.items() if n not in weights or weights[n].shape != p.shape)
-            if bad:
-                raise ConfigError(f"objective.stage1: '{self.cfg.stage1}' does not fit this run's generator "
-                                  f"({len(bad)} of {len(own)} parameters missing or of another shape, e.g. {bad[0]}); "
-                                  "pass the run folder of a consistency run of the same teacher and generator")
-            with torch.no_grad():
-                for n, p in own.items():
-                    p.copy_(weights[n].to(p))
+            load_generator_weights(net, weights["stage1"], "objective.stage1", self.cfg.stage1,
+                                   "pass the run folder of a consistency run of the same teacher and generator")
 
     def stage(self, step: int) -> int:
         return 1 if step < self.cfg.stage1_steps else 2
