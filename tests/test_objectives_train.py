@@ -12,7 +12,7 @@ import pytest
 
 from onestep import experiment
 from onestep.train.trainer import train
-from tests.conftest import compose
+from tests.conftest import compose, seed_bound
 
 #: the shared short-run settings (the experiment yamls gmm_<name> hold the full-length ones)
 SHORT = ["trainer.steps=400", "trainer.progress=false", "eval.teacher_steps=[64]", "eval.num_samples=5000",
@@ -49,7 +49,7 @@ def test_objective_converges_on_the_ring(name, teacher_net, tmp_path):
     out = train(compose(CASES[name] + SHORT), tmp_path)
     student = [r for r in out["rows"] if r["model"] == "student"][0]
     assert student["modes_covered"] == 8, student
-    assert student["sliced_w2"] <= BAR, student
+    assert student["sliced_w2"] <= min(BAR, seed_bound(f"ring_{name}")), (seed_bound(f"ring_{name}"), student)
 
 
 @pytest.mark.slow
