@@ -297,10 +297,11 @@ def render_checkpoint(d: dict) -> str:
              f"sd15_dmd2 (full fine-tune: generator and critic fp32 with AdamW, bf16 frozen teacher) under FSDP2 on "
              f"{d['processes']} gloo processes, {d['threads']} thread each, on the SD1.5 UNet layout with every block's "
              f"channels x {d['width']} ({d['unet_params'] / 1e6:.0f}M parameters, random weights; the real width, "
-             f"{full / 1e6:.0f}M, would need the whole trained state, {full * 24 / 2**30:.0f} GiB, on each of the "
-             f"two processes when gathered: more than this machine's {d['ram_gib']:.0f} GiB). save: the trainer's checkpoint write at step 1; resume: reading "
+             f"{full / 1e6:.0f}M, would need the whole trained state, {full * 24 / 2**30:.0f} GiB, on the writing "
+             f"process when gathered, beside both processes' shards: more than this machine's {d['ram_gib']:.0f} GiB). save: the trainer's checkpoint write at step 1; resume: reading "
              "that checkpoint back at the start of the next launch. Resident = the process's RSS when the phase "
-             "starts; peak = its RSS high-water mark during the phase (VmHWM, reset at entry).", "",
+             "starts; peak = its RSS high-water mark during the phase (VmHWM, reset at entry)." + (" " + d["note"] if d.get("note")
+                                                                                    else ""), "",
              "| format | process | resident before save | peak while saving | save s | resident before resume | "
              "peak while resuming | resume s | checkpoint on disk |", "|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
