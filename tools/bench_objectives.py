@@ -113,6 +113,10 @@ FOUR_STEP = ["generator.steps=4", "generator.ts=[80.0,21.4,4.2,0.5]", "eval.stud
 HYBRID = ["eval.hybrid_teacher_steps=[1]"]
 #: TDM: one fake-score update per generator update, the official demo's (onestep/objectives/tdm.py)
 TDM = ["objective=tdm", "objective.ttur=1"]
+#: flow map distillation without data: rectified-flow time (the paper's frame) like MeanFlow, the one-step map from the
+#: prior; a 1-step method (the map is trained from t_max only), no 2-step row (configs/experiment/gmm_flow_map.yaml)
+FLOW_MAP = ["objective=flow_map", "teacher.schedule=rectified_flow", "generator.sigma_init=null",
+            "trainer.generator_optim.lr=1e-3", "trainer.critic_optim.lr=1e-3"]
 FEW_STEP_TASKS = ("ring8", "grid25")  # the few-step and consistency rows (classes16: 1-step objectives only)
 
 #: objective rows: name -> overrides added to each task's bench_<task>.yaml (unset keys: the objective's defaults)
@@ -170,6 +174,8 @@ BENCH: dict[str, list[str]] = {
     # the 2-step row a DDIM student from sigma_init 1 (as the few-step DMD2 rows)
     "tdm": TDM,
     "tdm_2step": TDM + ["generator.steps=2", "generator.method=ddim", "eval.student_steps=[2]"],
+    # flow map distillation without data (onestep/objectives/flow_map.py): prediction from prior samples + correction
+    "flow_map": FLOW_MAP,
 }
 #: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; issue
 #: 21's methods' 1-step rows every task; guidance and multi-student rows need classes: classes16
@@ -192,7 +198,7 @@ SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversa
                 "tscd_2step", "scott", "scott_2step", "boot", "disback", "phased_dmd_2step", "vsd_pgsb", "sid_pgsb",
                 "dmd2_pgsb", "msd", "guidance_distill_16step",
                 # issue 37
-                "tdm", "tdm_2step")
+                "tdm", "tdm_2step", "flow_map")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",
