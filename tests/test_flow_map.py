@@ -133,8 +133,8 @@ def test_bad_input_is_one_line(args, key):
 
 @pytest.mark.slow
 def test_flow_map_ring_beats_the_teachers_one_step_sampler(tmp_path):
-    """experiment=gmm_flow_map (600 steps, no data read by the objective): the 1-step map covers all 8 modes with a
-    sliced-W2 far below the teacher's own 1-step sampler (~0.71); one seed measured 0.0757."""
+    """experiment=gmm_flow_map (400 steps, no data read by the objective): the 1-step map covers all 8 modes with a
+    sliced-W2 far below the teacher's own 1-step sampler (~0.71); one seed measured 0.0812."""
     from conftest import ring_run_beats_one_step_teacher
 
     ring_run_beats_one_step_teacher(["experiment=gmm_flow_map"], tmp_path, 4, "flow_map")
