@@ -48,8 +48,8 @@ def setup_exact(n=6, seed=0):
 
 def test_the_exact_flow_map_is_a_zero_of_the_prediction_residual():
     """u = (z - X(z, r)) / (T - r) with X the teacher's own ODE solution (RK4, fp64): u_tgt = v(X, r) + (T - r) d_r u
-    equals u to ~1e-7 (4e-8 measured), and the JVP's d_r u equals the map's derivative; the one-step Euler map u = v(z, T) (a wrong map)
-    is far from its target."""
+    equals u to ~1e-7 (4e-8 measured: the JVP through the solve is the map's time derivative); the one-step Euler map
+    u = v(z, T) (a wrong map) is far from its target."""
     teacher, z, r, big_t = setup_exact()
     exact = lambda zz, rr, tt: (zz - rk4_flow_map(teacher, zz, rr, tt)) / (tt - rr)[:, None]  # noqa: E731
     u_tgt, u, x = prediction_target(exact, teacher, z, r, big_t)
@@ -74,8 +74,9 @@ def tiny(correction_weight=0.0, seed=0):
 
 
 def test_prediction_loss_and_gradient_are_the_transcriptions():
-    """generator_loss (correction off) = mean || u - sg(v(X, r) + (T - r) (u(r + h) - u(r - h)) / 2h) ||^2 with the same
-    r draws, fp64 (central difference h = 1e-6), and so is its gradient in generator and head parameters; no data read."""
+    """generator_loss (correction off) = mean || u - sg(v(X, r) + (T - r) (u(r + h) - u(r - h)) / 2h) ||^2 with the
+    same r draws, fp64 (central difference h = 1e-6), and so is its gradient in generator and head parameters; no data
+    read."""
     obj, nets, batch, head = tiny()
     params = [*nets.generator.parameters(), *head.parameters()]
     torch.manual_seed(3)
@@ -101,7 +102,8 @@ def test_prediction_loss_and_gradient_are_the_transcriptions():
 
 
 def test_correction_adds_dmds_direction_on_the_one_step_samples():
-    """correction_weight w: the loss is the prediction term plus w times DMD's surrogate at x^ = G.x0(z, T) (same draws)."""
+    """correction_weight w: the loss is the prediction term plus w times DMD's surrogate at x^ = G.x0(z, T) (same
+    draws)."""
     from onestep.objectives.distribution_matching import dmd_loss
 
     obj, nets, batch, _ = tiny(correction_weight=0.5)

@@ -117,8 +117,8 @@ def test_bad_input_is_one_line(args, key):
 
 @pytest.mark.slow
 def test_mlcm_ring_beats_the_teachers_one_step_sampler(tmp_path):
-    """experiment=gmm_mlcm (8 -> 4 -> 2 -> 1 segments, 400 steps, teacher-trajectory states): the 1-step student covers all
-    8 modes with a sliced-W2 far below the teacher's own 1-step sampler (~0.70); one seed measured 0.119."""
+    """experiment=gmm_mlcm (8 -> 4 -> 2 -> 1 segments, 400 steps, teacher-trajectory states): the 1-step student covers
+    all 8 modes with a sliced-W2 far below the teacher's own 1-step sampler (~0.70); one seed measured 0.119."""
     from conftest import ring_run_beats_one_step_teacher
 
     ring_run_beats_one_step_teacher(["experiment=gmm_mlcm"], tmp_path, 3, "mlcm")

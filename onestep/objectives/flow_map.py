@@ -24,8 +24,8 @@ teacher's marginal at t; the direction between the teacher's and a fake score (a
 DSM, as DMD's) is DMD eq. (7)-(8) in x0 form, distribution_matching.py:
     grad = (mu_fake(x_t) - mu_real(x_t)) / mean|x^ - mu_real(x_t)|,   L_corr = 0.5 || x^ - sg(x^ - grad) ||^2
 and L = L_pred + correction_weight L_corr. r: u ~ U[0, 1) through the schedule, with a ``one_step_ratio`` share at u = 0
-(r = t_min, where the schedule ends: the map that is evaluated). Time is the schedule's own; the paper's frame is rectified flow
-(``teacher.schedule=rectified_flow``). The JVP runs in float32 or wider with autocast off, as meanflow.py's.
+(r = t_min, where the schedule ends: the map that is evaluated). Time is the schedule's own; the paper's frame is
+rectified flow (``teacher.schedule=rectified_flow``). The JVP runs in float32 or wider with autocast off, as meanflow.py's.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def prediction_target(u_fn, teacher, z: torch.Tensor, r: torch.Tensor, big_t: to
     """(u_tgt, u, X) without gradient: u_tgt = v(X, r) + (T - r) d_r u, X = z - (T - r) u, the JVP of u_fn(z, r, T)
     along (0, 1, 0)."""
     with torch.no_grad(), torch.autocast(z.device.type, enabled=False), jvp_attention():
-        u, dudr = torch.func.jvp(u_fn, (z, r, big_t), (torch.zeros_like(z), torch.ones_like(r), torch.zeros_like(big_t)))
+        tangent = (torch.zeros_like(z), torch.ones_like(r), torch.zeros_like(big_t))
+        u, dudr = torch.func.jvp(u_fn, (z, r, big_t), tangent)
         x = flow_map(u, z, r, big_t)
         v = teacher.flow(x, r, cond).to(u.dtype)
     return v + bcast(big_t - r, u) * dudr, u, x
@@ -94,7 +95,8 @@ class FlowMap(Objective):
             raise ConfigError(f"objective=flow_map reads the generator's features(x_t, t, cond) for its interval head; "
                               f"{type(net).__name__} has none")
         c = self.cfg
-        return {"interval": (IntervalHead(net.feature_dim, net.data_shape, c.head_hidden, c.head_time_dim), "generator")}
+        head = IntervalHead(net.feature_dim, net.data_shape, c.head_hidden, c.head_time_dim)
+        return {"interval": (head, "generator")}
 
     def sample_r(self, schedule, n: int, like: torch.Tensor) -> torch.Tensor:
         """r ~ U[0, 1) through the schedule, a one_step_ratio share set to its lowest time t_min (the teacher's

@@ -15,8 +15,8 @@ student after one teacher ODE step mapped to the same boundary) and progressive 
 ``stage_steps``) are MCD's with Hyper-SD's merge order. This file adds (ii): with ``states=teacher`` the pair
 (x_{n+1}, x^_n) is two consecutive states of one teacher trajectory on cd.py's grid, started from prior noise at the top
 level (``batch.noise`` scaled to the prior's std) and stepped down with the same teacher step (euler | heun) cd.py uses:
-    x_N ~ prior,   x_j = Phi(x_{j+1}, t_{j+1} -> t_j)  (j = N-1 .. n),    L = lambda(sig_n) d( F_theta(x_{n+1}, t_{n+1}; s),
-                                                                             F_theta-(x_n, t_n; s) )    (tscd.py)
+    x_N ~ prior,   x_j = Phi(x_{j+1}, t_{j+1} -> t_j)  (j = N-1 .. n),
+    L = lambda(sig_n) d( F_theta(x_{n+1}, t_{n+1}; s), F_theta-(x_n, t_n; s) )                              (tscd.py)
 so no data is read; ``states=data`` is TSCD's noised data (x_{n+1} = alpha x0 + sigma eps).
 MLCM's preference-learning stage (reward fine-tuning after distillation) is not part of this objective.
 """
