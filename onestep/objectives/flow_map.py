@@ -25,7 +25,8 @@ DSM, as DMD's) is DMD eq. (7)-(8) in x0 form, distribution_matching.py:
     grad = (mu_fake(x_t) - mu_real(x_t)) / mean|x^ - mu_real(x_t)|,   L_corr = 0.5 || x^ - sg(x^ - grad) ||^2
 and L = L_pred + correction_weight L_corr. r: u ~ U[0, 1) through the schedule, with a ``one_step_ratio`` share at u = 0
 (r = t_min, where the schedule ends: the map that is evaluated). Time is the schedule's own; the paper's frame is
-rectified flow (``teacher.schedule=rectified_flow``). The JVP runs in float32 or wider with autocast off, as meanflow.py's.
+rectified flow (``teacher.schedule=rectified_flow``). The JVP runs in float32 or wider with autocast off, as
+meanflow.py's.
 """
 
 from __future__ import annotations
