@@ -133,6 +133,16 @@ def test_bad_input_is_one_line(args, key):
     assert key in one_line(e)
 
 
+def test_a_student_started_below_t_max_is_refused():
+    from conftest import compose, one_line
+
+    gc = compose(["experiment=gmm_flow_map", "generator.sigma_init=1.0"]).generator
+    with pytest.raises(ConfigError) as e:
+        FlowMap.shaped(gc, MLPDenoiser(make_schedule("rectified_flow"), 2, hidden=8, depth=1))
+    assert "generator.sigma_init=null" in one_line(e)
+    assert FlowMap.shaped(compose(["experiment=gmm_flow_map"]).generator, "net") == "net"
+
+
 @pytest.mark.slow
 def test_flow_map_ring_beats_the_teachers_one_step_sampler(tmp_path):
     """experiment=gmm_flow_map (400 steps, no data read by the objective): the 1-step map covers all 8 modes with a

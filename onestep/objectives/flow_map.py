@@ -90,6 +90,13 @@ class FlowMap(Objective):
             raise ConfigError(f"objective.one_step_ratio={cfg.one_step_ratio}, correction_weight="
                               f"{cfg.correction_weight} must satisfy 0 <= one_step_ratio <= 1, correction_weight >= 0")
 
+    @classmethod
+    def shape_generator(cls, gc, net):
+        if gc.sigma_init is not None:
+            raise ConfigError(f"generator.sigma_init={gc.sigma_init}: objective=flow_map learns the map from the prior at "
+                              "the schedule's t_max, where the student must start; pass generator.sigma_init=null")
+        return net
+
     def build_modules(self, setup):
         net = setup.student_init
         if not hasattr(net, "features") or not hasattr(net, "feature_dim"):
