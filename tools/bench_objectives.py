@@ -89,6 +89,9 @@ TBCM = ["objective=tbcm", "generator.sigma_init=null", "objective.warmup_steps=2
 #: Hyper-SD's 8 -> 4 -> 2 segments for 100 steps each, then plain CD (configs/experiment/gmm_tscd.yaml)
 TCM = ["objective=tcm", "objective.stage1_steps=200"] + CD[1:]
 TSCD = ["objective=tscd", "objective.stage_steps=[100,100,100]"] + CD[1:]
+#: MLCM: TSCD's segments and stages on consecutive states of the teacher's own Heun trajectories from prior noise
+#: (configs/experiment/gmm_mlcm.yaml)
+MLCM = ["objective=mlcm", "objective.stage_steps=[100,100,100]"] + CD[1:]
 #: SCott: CD with the teacher's SDE over 3 sub-steps at noise strength eta = 0.3 (the paper's eta = 1 leaves a 1-step
 #: student at the mixture mean on the ring: configs/experiment/gmm_scott.yaml); BOOT: data-free bootstrapping of the
 #: teacher's ODE from the noise end (configs/experiment/gmm_boot.yaml; a 1-step method, no 2-step row)
@@ -113,6 +116,10 @@ FOUR_STEP = ["generator.steps=4", "generator.ts=[80.0,21.4,4.2,0.5]", "eval.stud
 HYBRID = ["eval.hybrid_teacher_steps=[1]"]
 #: TDM: one fake-score update per generator update, the official demo's (onestep/objectives/tdm.py)
 TDM = ["objective=tdm", "objective.ttur=1"]
+#: flow map distillation without data: rectified-flow time (the paper's frame) like MeanFlow, the one-step map from the
+#: prior; a 1-step method (the map is trained from t_max only), no 2-step row (configs/experiment/gmm_flow_map.yaml)
+FLOW_MAP = ["objective=flow_map", "teacher.schedule=rectified_flow", "generator.sigma_init=null",
+            "trainer.generator_optim.lr=1e-3", "trainer.critic_optim.lr=1e-3"]
 FEW_STEP_TASKS = ("ring8", "grid25")  # the few-step and consistency rows (classes16: 1-step objectives only)
 
 #: objective rows: name -> overrides added to each task's bench_<task>.yaml (unset keys: the objective's defaults)
@@ -170,13 +177,18 @@ BENCH: dict[str, list[str]] = {
     # the 2-step row a DDIM student from sigma_init 1 (as the few-step DMD2 rows)
     "tdm": TDM,
     "tdm_2step": TDM + ["generator.steps=2", "generator.method=ddim", "eval.student_steps=[2]"],
+    # flow map distillation without data (onestep/objectives/flow_map.py): prediction from prior samples + correction
+    "flow_map": FLOW_MAP,
+    # MLCM (onestep/objectives/mlcm.py): one model for 1 and 2 steps, as tscd's rows
+    "mlcm": MLCM,
+    "mlcm_2step": MLCM + TWO_STEP,
 }
 #: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; issue
 #: 21's methods' 1-step rows every task; guidance and multi-student rows need classes: classes16
 FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step"}
 CLASS_ROWS = {"guidance_distill_16step", "vsd_pgsb", "sid_pgsb", "dmd2_pgsb", "msd", "phased_dmd_2step"}
 #: the 2-step rows of issue 21's methods: on the ring only (their 1-step rows run on every task)
-RING_ROWS = {"meanflow_2step", "reflow_2step", "tbcm_2step", "tcm_2step", "tscd_2step", "scott_2step"}
+RING_ROWS = {"meanflow_2step", "reflow_2step", "tbcm_2step", "tcm_2step", "tscd_2step", "scott_2step", "mlcm_2step"}
 ROW_TASKS = {**{b: FEW_STEP_TASKS for b in FEW_STEP_ROWS | {"tdm_2step"}}, **{b: ("classes16",) for b in CLASS_ROWS},
              **{b: ("ring8",) for b in RING_ROWS}}
 
@@ -192,7 +204,7 @@ SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversa
                 "tscd_2step", "scott", "scott_2step", "boot", "disback", "phased_dmd_2step", "vsd_pgsb", "sid_pgsb",
                 "dmd2_pgsb", "msd", "guidance_distill_16step",
                 # issue 37
-                "tdm", "tdm_2step")
+                "tdm", "tdm_2step", "flow_map", "mlcm", "mlcm_2step")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",
