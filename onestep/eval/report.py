@@ -81,7 +81,8 @@ COLUMNS = [("model", "model", "{}"), ("sampler", "sampler", "{}"), ("steps", "st
            ("clip_score", "CLIP score", "{:.4g}"), ("imagereward", "ImageReward", "{:.3f}"),
            ("hpsv2", "HPSv2", "{:.4f}"), ("reward", "reward", "{:.4f}"), ("diversity", "diversity", "{:.4f}"),
            ("class_coverage", "class coverage", "{:.0%}"),
-           ("label_acc", "label acc", "{:.1%}")]
+           ("label_acc", "label acc", "{:.1%}"), ("prompt_acc", "prompt acc", "{:.1%}"),
+           ("temporal_consistency", "temporal consistency", "{:.1%}")]
 
 
 def markdown_table(rows: list[dict]) -> str:
