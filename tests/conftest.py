@@ -128,6 +128,23 @@ def ring_run_beats_one_step_teacher(overrides, tmp_path, factor: float, label: s
     return student, teacher1
 
 
+def logged_train(overrides, tmp_path):
+    """Train ``overrides`` into ``tmp_path``/run logging every step, assert every numeric logged value finite, and
+    return (the run's result, each step's logs)."""
+    import torch
+
+    from onestep.train.trainer import train
+
+    cfg = compose([*overrides, "trainer.log_every=1", "trainer.progress=false", f"out_root={tmp_path}"])
+    seen = []
+    out = train(cfg, tmp_path / "run", callbacks=(lambda step, logs: seen.append(logs),))
+    for logs in seen:
+        for k, v in logs.items():
+            if isinstance(v, (int, float, torch.Tensor)):
+                assert torch.isfinite(torch.as_tensor(v)).all(), (k, v)
+    return out, seen
+
+
 #: keys that keep a CLI run tiny whatever the objective (a bad-input test's run must stop on its bad key, not on these)
 CLI_SMALL = ["teacher.net_steps=5", "teacher.net_hidden=16", "trainer.steps=4", "trainer.batch_size=16",
              "trainer.progress=false", "eval.num_samples=16", "eval.teacher_steps=[2]", "eval.plot=false"]

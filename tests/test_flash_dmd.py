@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import compose, one_line
+from conftest import logged_train, one_line
 from onestep.conditioning import Cond
 from onestep.core import Batch, Nets
 from onestep.denoisers.gmm import GaussianMixture, GMMDenoiser
@@ -122,14 +122,9 @@ def test_bad_flash_dmd_input_is_one_line():
 
 
 def test_digits_experiment_runs_both_stages_with_finite_losses(tmp_path):
-    from onestep.train.trainer import train
-
-    cfg = compose(["experiment=digits_t2i_flash_dmd", "trainer.steps=2", "objective.rl_start=1",
-                   "trainer.batch_size=4", "trainer.log_every=1", "trainer.checkpoint_every=2", "eval.num_samples=32",
-                   "eval.teacher_steps=[1]", "eval.plot=false", "trainer.progress=false", f"out_root={tmp_path}"])
-    seen = []
-    out = train(cfg, tmp_path / "run", callbacks=(lambda step, logs: seen.append(logs),))
-    assert all(torch.isfinite(torch.as_tensor(v)).all() for logs in seen for k, v in logs.items() if "/" in k)
+    out, seen = logged_train(["experiment=digits_t2i_flash_dmd", "trainer.steps=2", "objective.rl_start=1",
+                              "trainer.batch_size=4", "trainer.checkpoint_every=2", "eval.num_samples=32",
+                              "eval.teacher_steps=[1]", "eval.plot=false"], tmp_path)
     assert "gen/reward" in seen[1] and "gen/reward" not in seen[0] and "gen/gan_g" in seen[0]
     student = next(r for r in out["rows"] if r["model"] == "student")
     assert student["reward_name"] == "digits_class" and student["reward"] < 0

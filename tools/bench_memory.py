@@ -224,7 +224,7 @@ def checkpoint_child(args) -> None:
 
     def probed(phase, fn):
         def wrapper(*a, **k):
-            before = _vm_rss_gib()
+            before = _status_gib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")
             t0 = time.perf_counter()
             out = fn(*a, **k)
@@ -240,11 +240,6 @@ def checkpoint_child(args) -> None:
     trainer.train(cfg, cfg.run_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     (Path(cfg.run_dir) / f"memory_rank{rank}.json").write_text(json.dumps(records))
-
-
-def _vm_rss_gib() -> float:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmRSS"))
-    return int(line.split()[1]) / 2**20
 
 
 def write_checkpoint_memory(width: float, work: Path) -> None:
@@ -311,9 +306,14 @@ def render_checkpoint(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _vm_hwm_gib() -> float:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
+def _status_gib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its high-water mark), in GiB."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field))
     return int(line.split()[1]) / 2**20
+
+
+def _vm_hwm_gib() -> float:
+    return _status_gib("VmHWM")
 
 
 def main() -> None:
