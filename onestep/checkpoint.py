@@ -214,6 +214,33 @@ def load_latest(run_dir: Path, modules: dict[str, nn.Module], upto: int | None =
     return None
 
 
+def load_start(path: str, modules: dict[str, nn.Module], key: str = "trainer.init_from") -> list[str]:
+    """Load every role of ``modules`` that the checkpoint ``path`` names (a run folder: its newest checkpoint; or a
+    checkpoint folder, either format) holds into it in place, weights only; return the roles loaded. The generator
+    role must be there; a role of ``modules`` the checkpoint lacks keeps its fresh weights."""
+    p = Path(path).expanduser()
+    ckpt = p if (p / "state.pt").is_file() else (list_checkpoints(p)[-1] if list_checkpoints(p) else None)
+    if ckpt is None:
+        raise ConfigError(f"{key}='{path}' is not a run folder with a checkpoint or a checkpoint folder: pass the "
+                          "folder of the run to start from (its checkpoints/step_* folder or the run itself)")
+    have = set(roles(ckpt))
+    if "generator" not in have:
+        raise ConfigError(f"{key}='{path}': checkpoint {ckpt.name} has no generator weights (roles: "
+                          f"{', '.join(sorted(have)) or 'none'}); pass a distillation run of this teacher")
+    loaded = []
+    for name, m in modules.items():
+        if name not in have:
+            continue
+        try:
+            m.load_state_dict(role_weights(ckpt, name))
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise ConfigError(f"{key}='{path}': its {name} does not fit this run's ({first}); start from a run of "
+                              "the same teacher and generator settings") from None
+        loaded.append(name)
+    return loaded
+
+
 def step_of(ckpt: Path) -> int:
     """The training step a checkpoint folder (step_XXXXXXXX) holds."""
     return int(_STEP.match(ckpt.name).group(1))

@@ -202,6 +202,12 @@ class TrainerConfig:
     #: continue from the run folder's newest readable checkpoint; false = start at step 0, moving earlier
     #: checkpoints and logs aside (into <run>/discarded-<time>/)
     resume: bool = True
+    #: start from another run's weights (a run folder: its newest checkpoint, or a checkpoint folder): every network
+    #: role both runs have (generator, generator_ema, critic, heads) is loaded before step 0; the optimizers, step and
+    #: RNG start fresh, and a role the other run lacks (a GAN head added in this stage) starts as usual. A two-stage
+    #: schedule, e.g. DMD2's GAN stage resumed from its no-GAN run (configs/experiment/digits_dmd2_gan.yaml). This
+    #: run's own checkpoint, once it has one, wins (trainer.resume)
+    init_from: Optional[str] = None
     progress: bool = True
     #: dtype of the frozen networks (teacher, and the shared base under LoRA): fp32 | bf16 | fp16
     frozen_dtype: str = "fp32"

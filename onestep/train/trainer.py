@@ -110,6 +110,10 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
     c_params = networks.params("critic")
     opt_c = acc.prepare(_adamw(c_params, tc.critic_optim)) if c_params else None
     t = Training(cfg, acc, run_dir, show, dp, built, student, objective, networks, teacher, nets, opt_g, opt_c)
+    if tc.init_from:  # a two-stage schedule: the other run's weights, then this run's own checkpoint if it has one
+        loaded = checkpoint.load_start(tc.init_from, networks.checkpointed(gathered=False))
+        if acc.is_main_process:
+            print(f"trainer.init_from: {', '.join(loaded)} from {tc.init_from}", flush=True)
     # loads weights (and, from a dcp checkpoint, the optimizers) in place, in this run's layout
     state = resume_state(run_dir, networks.checkpointed(gathered=False), tc.resume, acc, live=_live(t))
     if state is not None:
