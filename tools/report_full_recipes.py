@@ -1,0 +1,209 @@
+"""Students that beat their teachers: the papers' full recipes on real data, two stages where the paper has two.
+
+    python tools/report_full_recipes.py [--only digits_dmd2_gan,...] [--seeds 0 1 2] [--out-root runs/full_recipes]
+                                        [--threads 1] [--note "..."]
+    python tools/report_full_recipes.py render     # rewrite results/full_recipes.md from its JSON, running nothing
+
+Each recipe is a list of `onestep train` stages run through the CLI, each stage after the first started from the one
+before by trainer.init_from (DMD2's GAN stage resumed from its no-GAN run; SiD²A = SiDA started from SiD); a finished
+run folder is reused. Per seed the table shows the last stage's 1-step student and the stage before it against the
+teacher's many-step sampler, then mean ± std over seeds and each target (issue 34) met or NOT met, by how much:
+  digits      1-step FD below the teacher's 32-step FD
+  digits_t2i  1-step FD below the teacher's 25-step FD, prompt accuracy within 2 points of the teacher's
+  grid25      25/25 modes on every seed, worst mode-mass error <= 1.5x the teacher's 64-step
+  classes16   sliced-W2 <= 1.0x the teacher's 64-step
+Writes results/full_recipes.{json,md} (results merge by recipe, so the tool can run in parts with --only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_block import ROOT, update_readme  # noqa: E402
+
+RESULTS, DATA = "results/full_recipes.md", "results/full_recipes.json"
+#: the mixtures' evaluation: the teacher's 64-step sampler beside the student (onestep's gmm evaluator)
+GMM_EVAL = ["eval.teacher_steps=[64]", "eval.num_samples=10000", "eval.plot=false"]
+#: classes16 as the objectives bench builds it (bench_classes16) with each paper's GAN on the exact mixture samples
+CLASSES16_GAN = ["objective.discriminator=critic", "objective.gan_weight=0.01", "objective.disc_weight=1e-2"]
+#: recipe -> (task, stages: each the CLI overrides of one `onestep train`)
+RECIPES: dict[str, tuple[str, list[list[str]]]] = {
+    "digits_dmd2_gan": ("digits", [["experiment=digits_dmd2"], ["experiment=digits_dmd2_gan"]]),
+    "digits_sida": ("digits", [["experiment=digits_sid"], ["experiment=digits_sida"]]),
+    "digits_t2i_dmd2_gan": ("digits_t2i", [["experiment=digits_t2i_dmd2"], ["experiment=digits_t2i_dmd2_gan"]]),
+    "grid25_dmd2": ("grid25", [["experiment=grid25_dmd2", *GMM_EVAL]]),
+    "grid25_sida": ("grid25", [["experiment=grid25_sida", *GMM_EVAL]]),
+    "classes16_dmd2_gan": ("classes16", [["experiment=bench_classes16", "objective=dmd2", "objective.ttur=2",
+                                          *CLASSES16_GAN, *GMM_EVAL]]),
+}
+#: the teacher row each task compares against (sampler steps)
+TEACHER_STEPS = {"digits": 32, "digits_t2i": 25, "grid25": 64, "classes16": 64}
+
+
+def stage_dir(out_root: Path, recipe: str, seed: int, i: int) -> Path:
+    return out_root / recipe / f"seed{seed}" / f"stage{i + 1}"
+
+
+def run_recipe(recipe: str, seed: int, out_root: Path, threads: int, extra: list[str]) -> list[Path]:
+    """Each stage of ``recipe`` at ``seed`` (skipped when its folder already holds metrics.json), with ``extra``
+    overrides after the recipe's; the stage folders."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    folders: list[Path] = []
+    for i, overrides in enumerate(RECIPES[recipe][1]):
+        run = stage_dir(out_root, recipe, seed, i)
+        if not (run / "metrics.json").is_file():
+            start = [f"trainer.init_from={folders[-1]}"] if folders else []
+            cmd = ["onestep", "train", *overrides, *extra, *start, f"seed={seed}", "trainer.progress=false",
+                   f"out_root={out_root}", f"hydra.run.dir={run}"]
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, env=env)
+        folders.append(run)
+    return folders
+
+
+def _student(rows: list[dict]) -> dict:
+    return next(r for r in rows if r["model"] == "student" and r["steps"] == 1)
+
+
+def _teacher(rows: list[dict], steps: int) -> dict:
+    return next(r for r in rows if r["model"] == "teacher" and r["steps"] == steps)
+
+
+def seed_row(task: str, folders: list[Path]) -> dict:
+    """What the table shows of one seed: the last stage's 1-step student, the stage before it (when there is one),
+    the teacher's many-step row, and each stage's wall seconds."""
+    metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
+    rows = metrics[-1]["rows"]
+    keys = ("fd", "label_acc") if task.startswith("digits") else ("sliced_w2", "modes_covered", "num_modes",
+                                                                    "worst_mode_mass_err")
+    pick = lambda r: {k: r[k] for k in keys if k in r}  # noqa: E731
+    out = {"student": pick(_student(rows)), "teacher": pick(_teacher(rows, TEACHER_STEPS[task])),
+           "steps": [m["steps"] for m in metrics],
+           "wall_s": [round(sum(v for k, v in m["seconds"].items() if k != "resumed_at_step"), 1) for m in metrics]}
+    if len(metrics) > 1:
+        out["before"] = pick(_student(metrics[-2]["rows"]))
+    return out
+
+
+def _ms(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    vals = [scale * v for v in values]
+    if len(vals) == 1:
+        return format(vals[0], fmt)
+    return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
+
+
+def targets(task: str, seeds: dict[str, dict]) -> str:
+    """The issue's target for ``task`` over the seeds, met or NOT met, with the margin."""
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    s = list(seeds.values())
+    mean = lambda f: statistics.mean(f(r) for r in s)  # noqa: E731
+    if task == "digits":
+        ratio = mean(lambda r: r["student"]["fd"] / r["teacher"]["fd"])
+        return (f"1-step FD / teacher 32-step FD = {ratio:.3f} (mean over {len(s)} seeds; target < 1: "
+                f"{met(ratio < 1)})")
+    if task == "digits_t2i":
+        ratio = mean(lambda r: r["student"]["fd"] / r["teacher"]["fd"])
+        gap = mean(lambda r: 100 * (r["teacher"]["label_acc"] - r["student"]["label_acc"]))
+        return (f"1-step FD / teacher 25-step FD = {ratio:.3f} (target < 1: {met(ratio < 1)}); prompt accuracy "
+                f"{gap:+.1f} points below the teacher's (target <= 2: {met(gap <= 2)}) (means over {len(s)} seeds)")
+    if task == "grid25":
+        every = all(r["student"]["modes_covered"] == r["student"]["num_modes"] for r in s)
+        ratio = mean(lambda r: r["student"]["worst_mode_mass_err"] / r["teacher"]["worst_mode_mass_err"])
+        return (f"all modes on every seed: {met(every)}; worst mode-mass error / teacher 64-step = {ratio:.2f} "
+                f"(mean over {len(s)} seeds; target <= 1.5: {met(ratio <= 1.5)})")
+    ratio = mean(lambda r: r["student"]["sliced_w2"] / r["teacher"]["sliced_w2"])
+    return f"sliced-W2 / teacher 64-step = {ratio:.2f} (mean over {len(s)} seeds; target <= 1.0: {met(ratio <= 1.0)})"
+
+
+def _cells(task: str, r: dict) -> list[str]:
+    if task.startswith("digits"):
+        return [f"{r['fd']:.3f}", f"{100 * r['label_acc']:.1f}%"]
+    return [f"{r['sliced_w2']:.4f}", f"{r['modes_covered']}/{r['num_modes']}", f"{100 * r['worst_mode_mass_err']:.1f}%"]
+
+
+def render(data: dict) -> str:
+    """results/full_recipes.md from results/full_recipes.json."""
+    lines = ["Command: `python tools/report_full_recipes.py`" + (f" ({data['note']})" if data.get("note") else ""),
+             "",
+             "The papers' full recipes on real data (two stages where the paper has two: DMD2's GAN stage resumed "
+             "from its no-GAN run, SiD²A = SiDA started from SiD), each stage an `onestep train` through the CLI; "
+             "per seed the final 1-step student, the stage before it, and the teacher's many-step sampler on the "
+             "same evaluation."]
+    for recipe, d in data["recipes"].items():
+        task, seeds = d["task"], d["seeds"]
+        digits = task.startswith("digits")
+        head = ["seed", "stage", "steps", "wall s"] + (["FD", "prompt / label acc"] if digits else
+                                                       ["sliced-W2", "modes", "worst mass err"])
+        lines += ["", f"**{recipe}** ({task}): " + " -> ".join(f"`onestep train {' '.join(s)}`" for s in d["stages"]),
+                  "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for seed, r in seeds.items():
+            n = len(r["steps"])
+            if "before" in r:
+                lines.append(f"| {seed} | student, stage {n - 1} | {r['steps'][-2]} | {r['wall_s'][-2]:.0f} | "
+                             + " | ".join(_cells(task, r["before"])) + " |")
+            lines.append(f"| {seed} | student, stage {n} | {r['steps'][-1]} | {r['wall_s'][-1]:.0f} | "
+                         + " | ".join(_cells(task, r["student"])) + " |")
+            lines.append(f"| {seed} | teacher, {TEACHER_STEPS[task]} steps | | | "
+                         + " | ".join(_cells(task, r["teacher"])) + " |")
+        key = "fd" if digits else "sliced_w2"
+        fmt = ".3f" if digits else ".4f"
+        lines += ["", f"Mean ± std over {len(seeds)} seed(s): student {_ms([r['student'][key] for r in seeds.values()], fmt)}"
+                  f", teacher {_ms([r['teacher'][key] for r in seeds.values()], fmt)} ({'FD' if digits else 'sliced-W2'}). "
+                  f"Target: {targets(task, seeds)}."]
+    return "\n".join(lines) + "\n"
+
+
+def rendered(folder: Path) -> dict[str, str]:
+    """The markdown this tool writes, rendered from ``folder``'s full_recipes.json alone."""
+    return {"full_recipes.md": render(json.loads((folder / "full_recipes.json").read_text()))}
+
+
+def main() -> None:
+    if sys.argv[1:] == ["render"]:
+        for name, text in rendered(ROOT / "results").items():
+            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help=f"comma-separated recipes (default: all of {', '.join(RECIPES)})")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out-root", default="runs/full_recipes")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--note", help="how the runs were made (e.g. a machine shared with other jobs)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides after every stage's (a smoke run: trainer.steps=4 eval.num_samples=64)")
+    ap.add_argument("--results", default=str(ROOT / "results"), help="folder for full_recipes.{json,md}")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(RECIPES)
+    unknown = sorted(set(names) - set(RECIPES))
+    if unknown:
+        ap.error(f"--only: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    out_root = Path(args.out_root).resolve()
+    results = Path(args.results).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    data = results / Path(DATA).name
+    saved = json.loads(data.read_text()) if data.is_file() else {"recipes": {}}
+    if args.note:
+        saved["note"] = args.note
+    for name in names:
+        task, stages = RECIPES[name]
+        seeds = {}
+        for seed in args.seeds:
+            seeds[str(seed)] = seed_row(task, run_recipe(name, seed, out_root, args.threads, args.set))
+            saved["recipes"][name] = {"task": task, "stages": stages, "seeds": seeds}
+            data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")  # each seed as it lands
+    text = rendered(results)["full_recipes.md"]
+    (results / Path(RESULTS).name).write_text(text, encoding="utf-8")
+    print(text)
+    if results == (ROOT / "results").resolve():
+        print("README block updated" if update_readme(RESULTS) else f"README has no block for {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
