@@ -31,8 +31,16 @@ from readme_block import ROOT, update_readme  # noqa: E402
 RESULTS, DATA = "results/full_recipes.md", "results/full_recipes.json"
 #: the mixtures' evaluation: the teacher's 64-step sampler beside the student (onestep's gmm evaluator)
 GMM_EVAL = ["eval.teacher_steps=[64]", "eval.num_samples=10000", "eval.plot=false"]
-#: classes16 as the objectives bench builds it (bench_classes16) with each paper's GAN on the exact mixture samples
-CLASSES16_GAN = ["objective.discriminator=critic", "objective.gan_weight=0.01", "objective.disc_weight=1e-2"]
+#: classes16 as the objectives bench builds it (bench_classes16) with the paper's GAN on the exact mixture samples,
+#: each objective's settings as the grid25 experiments set them (configs/experiment/grid25_dmd2.yaml, grid25_sida.yaml)
+CLASSES16_DMD2 = ["experiment=bench_classes16", "objective=dmd2", "objective.ttur=2", "objective.t_dist=grid",
+                  "objective.critic_t_dist=grid", "objective.discriminator=critic", "objective.gan_weight=0.01",
+                  "objective.disc_weight=1e-2", "objective.gan_t_dist=grid", "objective.gan_t_lo=0.0",
+                  "objective.gan_t_hi=1.0"]
+CLASSES16_SIDA = ["experiment=bench_classes16", "objective=sida", "objective.ttur=1", "objective.alpha=1.0",
+                  "objective.critic_t_dist=lognormal", "objective.gan_balance=official", "objective.gan_weight=1e-4",
+                  "objective.gan_head=channel_mean", "objective.t_dist=karras", "objective.t_lo=0.0",
+                  "objective.t_hi=0.8"]
 #: recipe -> (task, stages: each the CLI overrides of one `onestep train`)
 RECIPES: dict[str, tuple[str, list[list[str]]]] = {
     "digits_dmd2_gan": ("digits", [["experiment=digits_dmd2"], ["experiment=digits_dmd2_gan"]]),
@@ -40,8 +48,8 @@ RECIPES: dict[str, tuple[str, list[list[str]]]] = {
     "digits_t2i_dmd2_gan": ("digits_t2i", [["experiment=digits_t2i_dmd2"], ["experiment=digits_t2i_dmd2_gan"]]),
     "grid25_dmd2": ("grid25", [["experiment=grid25_dmd2", *GMM_EVAL]]),
     "grid25_sida": ("grid25", [["experiment=grid25_sida", *GMM_EVAL]]),
-    "classes16_dmd2_gan": ("classes16", [["experiment=bench_classes16", "objective=dmd2", "objective.ttur=2",
-                                          *CLASSES16_GAN, *GMM_EVAL]]),
+    "classes16_dmd2": ("classes16", [[*CLASSES16_DMD2, *GMM_EVAL]]),
+    "classes16_sida": ("classes16", [[*CLASSES16_SIDA, *GMM_EVAL]]),
 }
 #: the teacher row each task compares against (sampler steps)
 TEACHER_STEPS = {"digits": 32, "digits_t2i": 25, "grid25": 64, "classes16": 64}
