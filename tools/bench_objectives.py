@@ -182,6 +182,9 @@ BENCH: dict[str, list[str]] = {
     # MLCM (onestep/objectives/mlcm.py): one model for 1 and 2 steps, as tscd's rows
     "mlcm": MLCM,
     "mlcm_2step": MLCM + TWO_STEP,
+    # APEX (configs/experiment/gmm_apex.yaml): one network, its shifted-condition branch the fake flow, the teacher's
+    # the real one; no critic update
+    "apex": ["objective=apex"],
 }
 #: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; issue
 #: 21's methods' 1-step rows every task; guidance and multi-student rows need classes: classes16
@@ -204,7 +207,7 @@ SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversa
                 "tscd_2step", "scott", "scott_2step", "boot", "disback", "phased_dmd_2step", "vsd_pgsb", "sid_pgsb",
                 "dmd2_pgsb", "msd", "guidance_distill_16step",
                 # issue 37
-                "tdm", "tdm_2step", "flow_map", "mlcm", "mlcm_2step")
+                "tdm", "tdm_2step", "flow_map", "mlcm", "mlcm_2step", "apex")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",
