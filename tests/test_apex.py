@@ -160,6 +160,51 @@ def test_the_shift_input_starts_at_zero_and_moves_only_shifted_rows():
         net(x, t, bad)
 
 
+def test_the_unets_shift_input_starts_at_zero_moves_only_shifted_rows_and_stays_out_of_the_unet():
+    """The class-conditional UNet's shift input: zero at the start, a learned vector on the time embedding of the
+    shifted rows only, one flag per row; it is not a weight of the diffusers UNet (what checkpoints of the UNet and
+    exports hold)."""
+    from diffusers import UNet2DModel
+
+    from onestep.conditioning import Labels
+    from onestep.denoisers.diffusers import UNet2DDenoiser
+    from onestep.schedules import VPCosine
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=4).double().eval()
+    net = UNet2DDenoiser(unet, VPCosine(), "v")
+    net.add_shift_input()
+    x, t = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.full((4,), 0.6, dtype=torch.float64)
+    labels = Labels(torch.tensor([0, 1, 2, 0]), 3)
+    assert torch.equal(net(x, t, with_shift(labels, 4, x.device)), net(x, t, labels))
+    with torch.no_grad():
+        net.shift_embed.normal_()
+    half = with_shift(labels, 4, x.device)
+    half.fields[SHIFT] = torch.tensor([1.0, 0, 0, 1])
+    moved = (net(x, t, half) - net(x, t, labels)).flatten(1).abs().amax(1) > 1e-9
+    assert moved.tolist() == [True, False, False, True]
+    assert "shift_embed" in dict(net.named_parameters()) and not any("shift" in k for k in unet.state_dict())
+    bad = with_shift(labels, 4, x.device)
+    bad.fields[SHIFT] = torch.ones(2)
+    with pytest.raises(ConfigError, match="one flag per row"):
+        net(x, t, bad)
+
+
+def test_digits_apex_runs_and_trains_the_shift_input(tmp_path):
+    """experiment=digits_apex for 3 steps (batch 8; ~15 s): every logged value finite, the shift input moved off zero
+    and the generator's UNet learned (the one-step sample's correction reaches it)."""
+    from conftest import logged_train
+
+    out, seen = logged_train(["experiment=digits_apex", "trainer.steps=3", "trainer.batch_size=8",
+                              "trainer.checkpoint_every=3", "eval.num_samples=8", "eval.student_steps=[1]",
+                              "eval.teacher_steps=[2]"], tmp_path)
+    assert len(seen) == 3 and all(s["gen/shift_grad_norm"] >= 0 for s in seen)
+    gen = out["networks"].unwrapped("generator")
+    assert gen.shift_embed.abs().max() > 0
+
+
 def test_shapes_and_refusals():
     """objective=apex gives the generator its shift input; a network without one (any teacher family but the
     project's MLP) or a LoRA generator is refused in one line naming the fix."""

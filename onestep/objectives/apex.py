@@ -30,9 +30,9 @@ to the teacher's blurred mean). Each term reads every row (the official splits a
 apex.py:132-145). Not covered: the official RCGM consistency rows (estimate_order >= 1, apex.py:236-259, :327-340),
 its CFG-enhanced targets and its any-step sampler.
 
-The shifted condition is an input of the network (denoisers/base.py ``with_shift``; nets.py ``add_shift_input``: a
-learned vector added to the time embedding, zero at the start), since this project's networks take t through the
-schedule's preconditioning and have no negative time.
+The shifted condition is an input of the network (denoisers/base.py ``with_shift``; ``add_shift_input`` of the MLP,
+nets.py, and of the class-conditional UNet, diffusers.py: a learned vector added to the time embedding, zero at the
+start), since this project's networks take t through the schedule's preconditioning and have no negative time.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ class APEX(Objective):
         if not hasattr(net, "add_shift_input") or gc.lora.rank is not None:
             raise ConfigError(f"objective=apex reads the generator's shifted-condition branch, an input "
                               f"{type(net).__name__}{' with generator.lora' if gc.lora.rank is not None else ''} "
-                              "cannot take (only the project's MLP has one: denoisers/nets.py add_shift_input); use "
-                              "a Gaussian-mixture teacher (teacher=gmm_ring, gmm_classes) without generator.lora")
+                              "cannot take (the project's MLP and class-conditional UNet have one: add_shift_input in "
+                              "denoisers/nets.py, denoisers/diffusers.py); use teacher=gmm_ring, gmm_classes or "
+                              "digits without generator.lora")
         net = copy.deepcopy(net)  # (the init may be the teacher itself)
         net.add_shift_input()
         return net
