@@ -86,12 +86,14 @@ def test_sdxl_dmd2_4step_lora_gan_cli(pipes, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment, data", [("sd15_sid_lsg", "prompts"), ("sd21_vsd", "prompts"),
-                                              ("sd15_lcm_lora", "images")])
+                                              ("sd15_lcm_lora", "images"), ("sd15_guidance_distill_lora", "images"),
+                                              ("sd15_hipa", "prompts")])
 def test_other_sd_experiments_cli(pipes, tmp_path, experiment, data):
     r = _cli([f"experiment={experiment}", f"teacher.path={pipes['sd15']}", f"data.path={pipes[data]}",
               f"out_root={tmp_path}", *FAST], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    _check_run(_run_dir(tmp_path, experiment), expect_lora=experiment == "sd15_lcm_lora")
+    _check_run(_run_dir(tmp_path, experiment),
+               expect_lora=experiment in ("sd15_lcm_lora", "sd15_guidance_distill_lora", "sd15_hipa"))
 
 
 @pytest.mark.parametrize("args, words", [

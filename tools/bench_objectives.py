@@ -105,6 +105,10 @@ GUIDANCE_DISTILL = ["objective=guidance_distill", "generator.sigma_init=null", "
                     f"generator.ts=[{GUIDANCE_TS}]", "generator.guidance_input=${teacher.guidance}",
                     "eval.student_steps=[16]", "trainer.steps=600",
                     "trainer.generator_optim.lr=1e-3", "trainer.generator_optim.betas=[0.9,0.99]"]
+#: LoRA-enhanced guidance distillation (Golnari 2023; configs/experiment/gmm_guidance_distill_lora.yaml): the same
+#: 16-step student as a rank-8 LoRA view of the shared base, trained at the one scale w = teacher.guidance
+GUIDANCE_DISTILL_LORA = [o for o in GUIDANCE_DISTILL if not o.startswith("generator.guidance_input=")] + [
+    "generator.lora.rank=8", "objective.w_min=${teacher.guidance}", "objective.w_max=${teacher.guidance}"]
 FLOW_TWO_STEP = ["generator.steps=2", "generator.ts=[0.9999,0.5]", "eval.student_steps=[2]"]
 #: few-step consistency students sample from sigma_max = 80 (EDM): 2 steps at sigma 80 -> 0.8, 4 steps on Karras'
 #: rho = 7 spacing from 80 to 0.5. The few-step DMD2 students start where the 1-step rows do (sigma_init = 1: from
@@ -165,6 +169,7 @@ BENCH: dict[str, list[str]] = {
     "dmd2_pgsb": DMD2 + ["objective.guidance_range=[1.5,2.5]"],
     "msd": ["objective=msd", "generator.students=4", "generator.partition=contiguous", "objective.ttur=5"],
     "guidance_distill_16step": GUIDANCE_DISTILL,
+    "guidance_distill_lora_16step": GUIDANCE_DISTILL_LORA,
     # Phased DMD: 2 experts, one per step, phase 0 trained alone for 150 steps (configs/experiment/gmm_phased_dmd.yaml);
     # DisBack: 40 steps of recording the degradation path (4 points), then 30 steps per point backwards
     # (configs/experiment/gmm_disback.yaml)
@@ -182,11 +187,14 @@ BENCH: dict[str, list[str]] = {
     # MLCM (onestep/objectives/mlcm.py): one model for 1 and 2 steps, as tscd's rows
     "mlcm": MLCM,
     "mlcm_2step": MLCM + TWO_STEP,
+    # APEX (configs/experiment/gmm_apex.yaml): one network, its shifted-condition branch the fake flow, the teacher's
+    # the real one; no critic update
+    "apex": ["objective=apex"],
 }
 #: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; issue
 #: 21's methods' 1-step rows every task; guidance and multi-student rows need classes: classes16
 FEW_STEP_ROWS = {"dmd2_2step", "dmd2_4step", "cd", "cd_2step", "cd_4step", "scd", "scd_2step", "rcm", "rcm_2step"}
-CLASS_ROWS = {"guidance_distill_16step", "vsd_pgsb", "sid_pgsb", "dmd2_pgsb", "msd", "phased_dmd_2step"}
+CLASS_ROWS = {"guidance_distill_16step", "guidance_distill_lora_16step", "vsd_pgsb", "sid_pgsb", "dmd2_pgsb", "msd", "phased_dmd_2step"}
 #: the 2-step rows of issue 21's methods: on the ring only (their 1-step rows run on every task)
 RING_ROWS = {"meanflow_2step", "reflow_2step", "tbcm_2step", "tcm_2step", "tscd_2step", "scott_2step", "mlcm_2step"}
 ROW_TASKS = {**{b: FEW_STEP_TASKS for b in FEW_STEP_ROWS | {"tdm_2step"}}, **{b: ("classes16",) for b in CLASS_ROWS},
@@ -204,7 +212,7 @@ SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversa
                 "tscd_2step", "scott", "scott_2step", "boot", "disback", "phased_dmd_2step", "vsd_pgsb", "sid_pgsb",
                 "dmd2_pgsb", "msd", "guidance_distill_16step",
                 # issue 37
-                "tdm", "tdm_2step", "flow_map", "mlcm", "mlcm_2step")
+                "tdm", "tdm_2step", "flow_map", "mlcm", "mlcm_2step", "apex", "guidance_distill_lora_16step")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",

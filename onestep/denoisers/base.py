@@ -117,6 +117,25 @@ def with_guidance(cond, scale: "float | torch.Tensor"):
     return cond._like({**cond.fields, GUIDANCE: g}, cond.texts, {**cond.null_fields, GUIDANCE: g[:1].to(null_dev)})
 
 
+#: the Cond field (B,) that selects a network's shifted-condition branch (APEX, objectives/apex.py): 1 = shifted, 0 = the
+#: network as it is; only a network given ``add_shift_input`` reads it
+SHIFT = "shift"
+
+
+def with_shift(cond, n: int, device) -> Cond:
+    """``cond`` (None for an unconditional network) plus the field ``SHIFT`` = 1 on its ``n`` rows and its null row: the
+    same condition, asked of the network's shifted branch."""
+    one = torch.ones(n, device=device)
+    if cond is None:
+        return Cond({SHIFT: one}, {SHIFT: one[:1]})
+    if not isinstance(cond, Cond):
+        raise ConfigError(f"the shifted-condition branch needs the conditioning as a onestep.conditioning.Cond, got "
+                          f"{type(cond).__name__}")
+    null_dev = next(iter(cond.null_fields.values())).device
+    return cond._like({**cond.fields, SHIFT: one.to(next(iter(cond.fields.values())).device)}, cond.texts,
+                      {**cond.null_fields, SHIFT: one[:1].to(null_dev)})
+
+
 class Guided(Denoiser):
     """Classifier-free guidance: D_w = D(x, t, null) + w (D(x, t, c) - D(x, t, null)).
 

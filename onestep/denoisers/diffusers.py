@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from onestep.conditioning import labels_of
-from onestep.denoisers.base import Denoiser
+from onestep.conditioning import Cond, labels_of
+from onestep.denoisers.base import SHIFT, Denoiser
 from onestep.errors import ConfigError
 from onestep.schedules import Schedule, VPDiscrete, make_schedule
 
@@ -70,6 +70,13 @@ class UNet2DDenoiser(MidBlockFeatures, Denoiser):
         self.num_classes = (c.num_class_embeds - 1) if c.num_class_embeds else 0
         #: width of ``features``: the mid-block's channels
         self.feature_dim = c.block_out_channels[-1]
+        self.shift_embed: torch.nn.Parameter | None = None
+
+    def add_shift_input(self) -> None:
+        """A shifted-condition branch (APEX, objectives/apex.py): rows whose conditioning carries ``SHIFT`` = 1 get a
+        learned vector, zero at the start, added to the UNet's time embedding (where the class embedding is added too).
+        It lives beside ``unet``, so a saved or exported UNet is the unshifted network."""
+        self.shift_embed = torch.nn.Parameter(torch.zeros(self.unet.time_embedding.linear_2.out_features))
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         if isinstance(self.schedule, VPDiscrete):
@@ -82,7 +89,19 @@ class UNet2DDenoiser(MidBlockFeatures, Denoiser):
         labels = None
         if self.num_classes:
             labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
-        return self.unet(x_t, self.timestep(t), class_labels=labels).sample
+        shift = self.shift_embed
+        if shift is None or not (isinstance(cond, Cond) and SHIFT in cond):
+            return self.unet(x_t, self.timestep(t), class_labels=labels).sample
+        flags = cond[SHIFT]
+        if flags.shape != t.shape:
+            raise ConfigError(f"the shift input has shape {tuple(flags.shape)}, the batch {tuple(t.shape)}: one "
+                              "flag per row (denoisers/base.py with_shift)")
+        hook = self.unet.time_embedding.register_forward_hook(
+            lambda module, args, emb: emb + flags.to(emb)[:, None] * shift.to(emb))
+        try:
+            return self.unet(x_t, self.timestep(t), class_labels=labels).sample
+        finally:
+            hook.remove()
 
     def adapter_config(self) -> dict:
         s = self.schedule

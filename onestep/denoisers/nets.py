@@ -6,6 +6,7 @@ expressed for an arbitrary schedule through the scale-free variable x/alpha (so 
 Native prediction: x0. The preconditioning keeps every time well conditioned, which is what lets a
 one-step generator initialized from it move quickly.
 ``add_guidance_input`` gives it the guidance scale w as an input (guidance distillation, objectives/guidance_distill.py).
+``add_shift_input`` gives it a shifted-condition branch (APEX, objectives/apex.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from onestep.conditioning import Cond, labels_of
-from onestep.denoisers.base import GUIDANCE, Denoiser
+from onestep.denoisers.base import GUIDANCE, SHIFT, Denoiser
+from onestep.errors import ConfigError
 from onestep.schedules import Schedule, bcast
 
 
@@ -54,6 +56,15 @@ class MLPDenoiser(Denoiser):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
         self.guidance_embed: nn.Module | None = None
         self.guidance: float | None = None
+        self.shift_embed: nn.Parameter | None = None
+
+    def add_shift_input(self) -> None:
+        """A shifted-condition branch: rows whose conditioning carries ``SHIFT`` = 1 get a learned vector added to the
+        time embedding. APEX (LINs-lab/APEX src/methodes/apex/apex.py:164, :357-359) feeds its flow transformer the
+        negated time -t for that branch; here the time enters through the preconditioning (c_noise = log(sigma) / 4
+        spans both signs on EDM), so a negated c_noise would be another noise level's embedding and the branch takes
+        its own input instead. Zero at the start: the shifted branch starts as the network itself."""
+        self.shift_embed = nn.Parameter(torch.zeros(self.time.freqs.shape[0] * 2))
 
     def add_guidance_input(self, default: float, bottleneck: int = 16) -> None:
         """Take the guidance scale w as an input (the Cond field ``GUIDANCE``; ``default`` when the conditioning has
@@ -99,6 +110,12 @@ class MLPDenoiser(Denoiser):
         if self.label is not None:
             labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
             e = e + self.label(labels)
+        if self.shift_embed is not None and isinstance(cond, Cond) and SHIFT in cond:
+            shift = cond[SHIFT]
+            if shift.shape != t.shape:
+                raise ConfigError(f"the shift input has shape {tuple(shift.shape)}, the batch {tuple(t.shape)}: one "
+                                  "flag per row (denoisers/base.py with_shift)")
+            e = e + shift.to(e)[:, None] * self.shift_embed.to(e)
         adapters, g = [None] * len(self.blocks), None
         if self.guidance_embed is not None:
             given = isinstance(cond, Cond) and GUIDANCE in cond

@@ -20,6 +20,12 @@ is a w-conditioned denoiser, sampled with generator.steps steps of generator.met
 ``with_guidance`` (or the default w), where the teacher needs 2x the evaluations. Stage two of the paper (progressive
 distillation of this student to fewer steps) is not part of this objective.
 
+A student at one scale (``w_min = w_max = w``, no guidance input) learns x^w itself: the plain network then does in
+one pass what the CFG teacher does in two, and can be the teacher plus LoRA adapters on the shared frozen base
+(``generator.lora``; Golnari 2023, "LoRA-Enhanced Distillation on Guided Diffusion Models", arXiv 2312.06899: guided
+distillation without a second full copy of the network, configs/experiment/gmm_guidance_distill_lora.yaml). The
+guidance input itself is refused with LoRA: its embedding would live in the base the teacher shares.
+
 Inputs z_t: ``source=data`` noises training data (Meng et al.); ``source=trajectory`` takes the states of the
 teacher's own CFG-guided DDIM trajectories at the same w (AGD, Jensen & Sadat 2025, "Efficient Distillation of
 Classifier-Free Guidance using Adapters", TMLR: the student then sees at training what it sees at inference).
@@ -153,21 +159,23 @@ class GuidanceDistill(Objective):
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
         student = nets.generator
-        if not student.embedded_guidance:
+        at_one_scale = not student.embedded_guidance
+        if at_one_scale and self.cfg.w_min != self.cfg.w_max:
             raise ConfigError("objective=guidance_distill trains a student that takes the guidance scale as an input; "
                               "pass generator.guidance_input=<its default w> (e.g. generator.guidance_input="
-                              "${teacher.guidance})")
+                              "${teacher.guidance}), or objective.w_min=objective.w_max=<w> for a student at one scale")
         if batch.cond is None:
             raise ConfigError("objective=guidance_distill distills classifier-free guidance and needs a conditional "
                               "teacher and data (e.g. teacher=gmm_classes)")
         w = sample_guidance(batch.noise.shape[0], self.cfg.w_min, self.cfg.w_max, like=batch.noise)
         x_t, t = self.inputs(nets, batch, w)
         target = guided_target(nets.teacher, x_t, t, batch.cond, w)
+        cond = batch.cond if at_one_scale else with_guidance(batch.cond, w)
         if self.cfg.trained == "adapter":
             with adapter_only(student):
-                pred = student.x0(x_t, t, with_guidance(batch.cond, w))
+                pred = student.x0(x_t, t, cond)
         else:
-            pred = student.x0(x_t, t, with_guidance(batch.cond, w))
+            pred = student.x0(x_t, t, cond)
         err = edm_weight(student.schedule, t, pred) * (pred - target.to(pred)) ** 2  # Meng et al. stage one
         loss = err.flatten(1).mean(1).mean()
         return {"loss": loss, "guidance_mse": (pred - target.to(pred)).detach().pow(2).mean()}
