@@ -21,6 +21,7 @@ import torch
 
 from onestep.conditioning import labels_of
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.slim import rebuilt_diffusers
 from onestep.errors import ConfigError
 from onestep.schedules import Schedule, VPDiscrete, make_schedule
 
@@ -83,6 +84,11 @@ class UNet2DDenoiser(MidBlockFeatures, Denoiser):
         if self.num_classes:
             labels = torch.full_like(t, self.num_classes, dtype=torch.long) if cond is None else labels_of(cond).long()
         return self.unet(x_t, self.timestep(t), class_labels=labels).sample
+
+    def with_arch(self, changes: dict, replace: bool = False) -> "UNet2DDenoiser":
+        """The same adapter on a fresh UNet of another configuration (generator.arch, denoisers/slim.py)."""
+        return UNet2DDenoiser(rebuilt_diffusers(self.unet, changes, replace), self.schedule, self.prediction,
+                              self.timestep_scale)
 
     def adapter_config(self) -> dict:
         s = self.schedule
