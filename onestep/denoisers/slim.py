@@ -20,6 +20,7 @@ kind, its construction arguments updated with ``changes`` (``replace``: ``change
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -119,7 +120,13 @@ def rebuilt_diffusers(model, changes: dict, replace: bool):
                               f"{sorted(k for k in model.config if not k.startswith('_'))[:6]})")
     config = dict(changes) if replace else {**dict(model.config), **changes}
     try:
-        return cls.from_config(config).to(model.dtype)
+        init = cls.extract_init_dict(config)[0]
+        # extract_init_dict drops null values, so from_config would build the default block where a config says
+        # none (mid_block_type=null: BK-SDM's mid-block removal); pass them to the constructor as given
+        params = inspect.signature(cls.__init__).parameters
+        init.update({k: None for k, v in config.items() if v is None and k in params})
+        net = cls(**init)
+        return net if net.dtype == model.dtype else net.to(model.dtype)
     except Exception as e:  # noqa: BLE001 - diffusers raises ValueError, TypeError, AssertionError, ... for bad configs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{KEY}: {cls.__name__} cannot be built from that config ({type(e).__name__}: "
