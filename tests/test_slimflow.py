@@ -17,7 +17,7 @@ from conftest import compose, one_line, train_straight_and_resumed
 from onestep.checkpoint import list_checkpoints
 from onestep.denoisers.diffusers import load_unet_denoiser
 from onestep.denoisers.nets import MLPDenoiser
-from onestep.denoisers.slim import student_of
+from onestep.denoisers.slim import copy_matching, rebuilt_diffusers, student_of
 from onestep.errors import ConfigError
 from onestep.objectives.slimflow import RECTIFIED, anneal_beta, annealed_noise, flow_guided_loss
 from onestep.schedules import make_schedule
@@ -74,6 +74,18 @@ def test_unet_block_dropping_and_json_config(tmp_path):
     assert tuple(narrow.unet.config.block_out_channels) == (32, 32) and _params(narrow) < _params(teacher)
     assert (copied, fresh) == _copied_exactly(teacher.unet, narrow.unet) and copied > 0 and fresh > 0
     assert narrow.schedule is teacher.schedule and narrow.prediction == teacher.prediction
+
+
+def test_sd_unet_spec_removes_the_mid_block():
+    """A spec on an SD UNet built in memory, whose config lists mid_block_type among the keys left at their defaults:
+    null still removes the mid-block (from_config would rebuild the default one) and the rest is copied."""
+    from sd_fixtures import unet
+
+    teacher = unet()
+    student = rebuilt_diffusers(teacher, {"mid_block_type": None}, replace=False)
+    assert teacher.mid_block is not None and student.mid_block is None
+    copied, fresh = copy_matching(teacher, student)
+    assert (copied, fresh) == _copied_exactly(teacher, student) and fresh == 0
 
 
 @pytest.mark.parametrize("arch, match", [

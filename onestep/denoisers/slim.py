@@ -20,7 +20,6 @@ kind, its construction arguments updated with ``changes`` (``replace``: ``change
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -118,14 +117,13 @@ def rebuilt_diffusers(model, changes: dict, replace: bool):
         if unknown:
             raise ConfigError(f"{KEY}: {unknown} are not {cls.__name__} config keys (e.g. "
                               f"{sorted(k for k in model.config if not k.startswith('_'))[:6]})")
-    config = dict(changes) if replace else {**dict(model.config), **changes}
+    # a model's config lists the keys it left at their defaults (_use_default_values), and from_config builds those
+    # from the defaults again, whatever value the config holds: mid_block_type=null (BK-SDM's mid-block removal) would
+    # come back as the default mid-block. Without the list every value is taken as given.
+    config = {k: v for k, v in (changes if replace else {**dict(model.config), **changes}).items()
+              if k != "_use_default_values"}
     try:
-        init = cls.extract_init_dict(config)[0]
-        # extract_init_dict drops null values, so from_config would build the default block where a config says
-        # none (mid_block_type=null: BK-SDM's mid-block removal); pass them to the constructor as given
-        params = inspect.signature(cls.__init__).parameters
-        init.update({k: None for k, v in config.items() if v is None and k in params})
-        net = cls(**init)
+        net = cls.from_config(config)
         return net if net.dtype == model.dtype else net.to(model.dtype)
     except Exception as e:  # noqa: BLE001 - diffusers raises ValueError, TypeError, AssertionError, ... for bad configs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
