@@ -88,6 +88,19 @@ def test_sd_unet_spec_removes_the_mid_block():
     assert (copied, fresh) == _copied_exactly(teacher, student) and fresh == 0
 
 
+def test_flow_transformer_spec_keeps_a_subset_of_its_blocks():
+    """SD3's transformer with one of its two joint blocks: the adapter (kind, schedule, latent size) is the teacher's
+    and every tensor of the kept block is the teacher's."""
+    from flow_fixtures import sd3_transformer
+    from onestep.denoisers.flow import FlowTransformerDenoiser
+
+    teacher = FlowTransformerDenoiser(sd3_transformer(), make_schedule("rectified_flow"), "sd3", latent_size=8)
+    student, copied, fresh = student_of(teacher, "num_layers=1")
+    assert len(student.transformer.transformer_blocks) == 1 and _params(student) < _params(teacher)
+    assert (copied, fresh) == _copied_exactly(teacher.transformer, student.transformer)
+    assert copied > 0 and (student.kind, student.data_shape) == (teacher.kind, teacher.data_shape)
+
+
 @pytest.mark.parametrize("arch, match", [
     ("hidden", "'hidden' is not key=value"),
     ("width=3", r"the project's MLP takes hidden=.*\['width'\]"),
