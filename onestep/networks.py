@@ -38,6 +38,7 @@ from onestep import checkpoint, fsdp
 from onestep.core import Nets
 from onestep.denoisers.attention import use_memory_efficient_attention
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.slim import parse_arch
 from onestep.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,6 +67,8 @@ def check_networks(cfg) -> None:
     frozen_dtype(cfg.trainer.frozen_dtype)
     check_lora(cfg.generator.lora, "generator")
     check_lora(cfg.critic.lora, "critic")
+    if cfg.generator.arch:
+        parse_arch(cfg.generator.arch)  # a malformed spec or a missing .json fails before any teacher loads
     if cfg.generator.arch and cfg.generator.lora.rank is not None:
         raise ConfigError(f"generator.arch='{cfg.generator.arch}' gives the generator a network of its own, and "
                           "generator.lora.rank puts adapters on the teacher's: drop one of them")

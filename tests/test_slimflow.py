@@ -129,11 +129,15 @@ def test_bad_unet_arch_is_one_line(tmp_path):
         assert "generator.arch" in one_line(e)
 
 
-def test_arch_and_generator_lora_are_refused_together():
+def test_config_check_refuses_bad_arch_and_arch_with_lora_before_setup(tmp_path):
     from onestep.validate import check_config
 
     with pytest.raises(ConfigError, match="generator.arch='depth=1' gives the generator a network of its own"):
         check_config(compose(["experiment=gmm_dmd2", "generator.arch='depth=1'", "generator.lora.rank=4"]))
+    with pytest.raises(ConfigError, match="'depth' is not key=value"):
+        check_config(compose(["experiment=gmm_dmd2", "generator.arch=depth"]))
+    with pytest.raises(ConfigError, match="is no file"):
+        check_config(compose(["experiment=gmm_dmd2", f"generator.arch={tmp_path}/none.json"]))
 
 
 def test_slimflow_losses_match_a_float64_transcription_of_the_official_code():
