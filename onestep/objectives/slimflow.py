@@ -1,13 +1,15 @@
 """SlimFlow: a one-step student smaller than its teacher, trained in two stages on the teacher's noise -> sample
 coupling (Zhu, Liu & Liu 2024, "SlimFlow: Training Smaller One-Step Diffusion Models with Rectified Flow", ECCV,
-arXiv 2407.12718, Sec. 4; official code yuanzhi-zhu/SlimFlow, cited below as file:line). The student's architecture is
-``generator.arch`` (denoisers/slim.py); the teacher pairs, their straight-path loss and the pool are reflow.py's.
+arXiv 2407.12718: its two parts, Annealing Reflow and Flow-Guided Distillation; the equations are checked against the
+official code, yuanzhi-zhu/SlimFlow, cited below as file:line, not against the paper's equation numbers, which this
+file does not quote). The student's architecture is ``generator.arch`` (denoisers/slim.py); the teacher pairs, their
+straight-path loss and the pool are reflow.py's.
 
 The official code runs in the rectified-flow frame t: 0 = noise -> 1 = data, velocity v = x1 - x0. This file writes
 everything in the project's frame (x_t = alpha(t) x + sigma(t) z: t_max = noise), where on the rectified-flow schedule
 t_project = 1 - t_official and the flow prediction is -v; the translations are given at each step.
 
-Stage 1, Annealing Reflow (Sec. 4.1), the first ``reflow_steps`` generator steps. The 2-rectified flow is trained on the
+Stage 1, Annealing Reflow, the first ``reflow_steps`` generator steps. The 2-rectified flow is trained on the
 teacher pairs (z, x), x = ODE_teacher(z), with the noise side of each pair replaced by
     z_k = sqrt(1 - beta_k^2) z + beta_k eps,   eps ~ N(0, I) fresh                    (reflow/reflow.py:115)
 and reflow.py's loss || v(x_t, t) - (alpha' x + sigma' z_k) ||^2 on x_t = alpha(t) x + sigma(t) z_k. beta_k anneals from
@@ -18,7 +20,7 @@ network can learn from any initialisation) to 0 (the teacher's coupling: reflow)
     exp     beta_k = exp(-k / K)                                                       (reflow/reflow.py:79)
 (``anneal_steps=0``: beta = 0, plain reflow into the small student.)
 
-Stage 2, Flow-Guided Distillation (Sec. 4.2), from step ``reflow_steps`` on. The stage-1 model is frozen as the
+Stage 2, Flow-Guided Distillation, from step ``reflow_steps`` on. The stage-1 model is frozen as the
 2-rectified flow R (the target ``rectified``: Objective.targets with decay 1, filled from the generator at the switch,
 as tcm.py's in-run stage 1), and the one-step student G (initialised from it: the same network trains on) minimises
     L = || G(z) - x ||^2 + w || G(z) - sg[ R.x0(x_s, s) ] ||^2,   x_s = alpha(s) sg[G(z)] + sigma(s) z,  s ~ U[s_lo, s_hi]
