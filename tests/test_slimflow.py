@@ -120,9 +120,12 @@ def test_bad_unet_arch_is_one_line(tmp_path):
     other.write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     broken = tmp_path / "broken.json"
     broken.write_text("{")
+    listed = tmp_path / "listed.json"
+    listed.write_text("[1, 2]")
     for arch, match in [("channels=3", r"\['channels'\] are not UNet2DModel config keys"),
                         (str(other), "a UNet2DConditionModel config, but the teacher's network is a UNet2DModel"),
                         (str(broken), "is not JSON"),
+                        (str(listed), "holds a JSON list, not a config object"),
                         ("block_out_channels=[7,64]", "UNet2DModel cannot be built from that config")]:
         with pytest.raises(ConfigError, match=match) as e:
             student_of(teacher, arch)

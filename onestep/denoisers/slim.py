@@ -40,10 +40,14 @@ def parse_arch(arch: str) -> tuple[dict, bool]:
             raise ConfigError(f"{KEY}='{arch}' is no file; pass the path of a diffusers config .json or a spec like "
                               f"{KEY}='hidden=64,depth=2'")
         try:
-            return json.loads(path.read_text()), True
+            config = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{KEY}='{arch}' is not JSON ({e.msg} at line {e.lineno}); pass a diffusers config "
                               "as save_pretrained writes it") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{KEY}='{arch}' holds a JSON {type(config).__name__}, not a config object; pass a "
+                              "diffusers config as save_pretrained writes it")
+        return config, True
     changes: dict = {}
     for item in _split(arch):
         name, eq, value = item.partition("=")
