@@ -119,6 +119,13 @@ class GeneratorConfig:
     attention: str = "default"
     #: wrap the generator so that x0(x, t_min) = x exactly (consistency models' c_skip / c_out boundary)
     consistency_boundary: bool = False
+    #: the generator's own architecture ("" = a copy of the teacher's network): changes to the teacher network's
+    #: construction arguments, 'key=value,...' with YAML values (the MLP's hidden / depth / time_dim / time_scale; a
+    #: diffusers model's config keys, e.g. 'mid_block_type=null' or 'block_out_channels=[16,32]'), or the path of a
+    #: diffusers config .json of the teacher network's class. Tensors whose name and shape match the teacher's are
+    #: copied from it (dropping blocks keeps the rest: BK-SDM); the critic stays teacher-shaped. See
+    #: onestep/denoisers/slim.py
+    arch: str = ""
     # The next keys shape the network and are read by one objective's ``shape_generator`` (objectives/base.py), named
     # in each comment; under any other objective they stay at these defaults.
     #: read by objective=guidance_distill: the generator takes the guidance scale w as an input (Meng et al. 2023) and

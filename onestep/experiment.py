@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from onestep import teachers
 from onestep.denoisers.attention import check_attention, set_attention
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.slim import student_of
 from onestep.data.setup import Setup
 from onestep.errors import ConfigError
 from onestep.pretrain import fit_dsm
@@ -43,12 +44,26 @@ def load_teacher(cfg, run_dir: Path, progress: bool = True) -> Setup:
     if parts.fit_on is not None:
         _fit_or_read(init, parts.fit_on, cfg, Path(run_dir), progress)
     teacher = parts.denoiser if parts.denoiser is not None else copy.deepcopy(init)
+    generator_init = _generator_init(cfg, init) if cfg.generator.arch else None
     conditioner = None
     if parts.text is not None:
         cache = EmbeddingCache(parts.text, cache_root(cfg), progress)
         conditioner = TextConditioner(parts.text, cache, tc.negative_prompt, parts.image_size)
-    return Setup(teacher=teacher, student_init=init, data=None, num_classes=parts.num_classes, codec=parts.codec,
+    return Setup(teacher=teacher, student_init=init, generator_init=generator_init, data=None, num_classes=parts.num_classes, codec=parts.codec,
                  conditioner=conditioner, distribution=parts.distribution)
+
+
+def _generator_init(cfg, init: Denoiser) -> Denoiser:
+    """generator.arch's network, initialised from the (fitted) student init where shapes allow. Its fresh tensors are
+    drawn from the seed alone (with or without a DSM fit before it, on every process alike: FSDP shards them)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net, copied, fresh = student_of(init, cfg.generator.arch)
+    count = sum(p.numel() for p in net.parameters())
+    print(f"generator.arch '{cfg.generator.arch}': {count / 1e6:.3f}M params (teacher network "
+          f"{sum(p.numel() for p in init.parameters()) / 1e6:.3f}M); {copied} tensors copied from the teacher, "
+          f"{fresh} fresh", flush=True)
+    return net
 
 
 def _fit_or_read(net: Denoiser, clean, cfg, run_dir: Path, progress: bool) -> None:

@@ -38,6 +38,7 @@ from onestep import checkpoint, fsdp
 from onestep.core import Nets
 from onestep.denoisers.attention import use_memory_efficient_attention
 from onestep.denoisers.base import Denoiser
+from onestep.denoisers.slim import parse_arch
 from onestep.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,6 +67,11 @@ def check_networks(cfg) -> None:
     frozen_dtype(cfg.trainer.frozen_dtype)
     check_lora(cfg.generator.lora, "generator")
     check_lora(cfg.critic.lora, "critic")
+    if cfg.generator.arch:
+        parse_arch(cfg.generator.arch)  # a malformed spec or a missing .json fails before any teacher loads
+    if cfg.generator.arch and cfg.generator.lora.rank is not None:
+        raise ConfigError(f"generator.arch='{cfg.generator.arch}' gives the generator a network of its own, and "
+                          "generator.lora.rank puts adapters on the teacher's: drop one of them")
 
 
 # --- LoRA adapters on a shared base ---------------------------------------------------------------------------
@@ -345,20 +351,22 @@ class Networks:
 
         lora = gl.rank is not None or (critic and cl.rank is not None)
         teacher, init = setup.teacher, setup.student_init
+        # generator.arch: the generator (and its targets) from a network of its own; the critic stays teacher-shaped
+        generator_init = setup.generator_start
         self.base: SharedBase | None = None
         if lora:
             # the student init becomes the shared frozen base (for text-to-image teachers it IS the teacher)
             net = shape(init).requires_grad_(False).eval().to(device=device, dtype=dtype)
             self.base = SharedBase(net)
 
-        def trained(name: str, lc) -> Role:
+        def trained(name: str, lc, start: Denoiser) -> Role:
             if lc.rank is not None:
                 return _adapter_role(self.base, name, lc)
-            return _full_role(shape(init), trainable=True)  # copied in fp32 before the teacher is cast
+            return _full_role(shape(start), trainable=True)  # copied in fp32 before the teacher is cast
 
-        self.roles: dict[str, Role] = {"generator": trained("generator", gl)}
+        self.roles: dict[str, Role] = {"generator": trained("generator", gl, generator_init)}
         if critic:
-            self.roles["critic"] = trained("critic", cl)
+            self.roles["critic"] = trained("critic", cl, init)
         for name in self.decays:
             if name == EMA and self.decays[name] == 0:
                 self.roles[name] = self.roles["generator"]  # decay 0 is the generator itself: no copy

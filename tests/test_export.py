@@ -105,6 +105,28 @@ def test_sd_students_round_trip(sd, tmp_path):
 
 
 @pytest.mark.slow
+def test_smaller_sd_unet_student_round_trip(sd, tmp_path):
+    """generator.arch = a UNet2DConditionModel config .json without the teacher's mid-block (BK-SDM's removal): the
+    smaller student is written into the teacher's SD1.5 pipeline layout, and plain diffusers loads it as a smaller UNet
+    and generates what `onestep sample` generates (1e-4)."""
+    teacher_unet = json.loads((sd["sd15"] / "unet" / "config.json").read_text())
+    arch = tmp_path / "student_unet.json"
+    arch.write_text(json.dumps({**teacher_unet, "mid_block_type": None}))
+    run = train_run(["experiment=sd15_dmd2", f"teacher.path={sd['sd15']}", f"data.path={sd['prompts']}",
+                     f"generator.arch={arch}", "trainer.steps=2", *FAST], tmp_path / "slim")
+    out = tmp_path / "export"
+    expected = export_and_sample(run, out, n=2, seed=7, prompt=PROMPT)
+    assert json.loads((out / "unet" / "config.json").read_text())["mid_block_type"] is None
+    student = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    teacher = load_file(str(sd["sd15"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not any(k.startswith("mid_block.") for k in student) and any(k.startswith("mid_block.") for k in teacher)
+    assert sum(v.numel() for v in student.values()) < sum(v.numel() for v in teacher.values())
+    (got,) = clean_process([{"folder": str(out), "n": 2, "seed": 7, "prompt": PROMPT,
+                             "out": str(tmp_path / "clean.safetensors")}], tmp_path)
+    assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
 def test_cli_export_and_sample(tmp_path):
     """`onestep export` then `onestep sample` on the run and on the export folder: the same images."""
     run = train_run([*DIGITS], tmp_path / "run")

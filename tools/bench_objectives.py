@@ -84,6 +84,12 @@ MEANFLOW = ["objective=meanflow", "teacher.schedule=rectified_flow", "generator.
             "objective.flow_matching_ratio=0.25", "objective.consistency_ratio=0.75", "trainer.generator_optim.lr=1e-3"]
 REFLOW = ["objective=reflow", "teacher.schedule=rectified_flow", "generator.sigma_init=null",
           "objective.reflow_steps=200", "trainer.generator_optim.lr=1e-3"]  # the budget split 200 reflow + rest
+#: SlimFlow: reflow's time axis and budget split (200 steps of Annealing Reflow, beta 1 -> 0 over the first 100, then
+#: flow-guided distillation) into a student a quarter of the teacher net's width with one of its three blocks
+#: (configs/experiment/gmm_slimflow.yaml)
+SLIMFLOW = ["objective=slimflow", "teacher.schedule=rectified_flow", "generator.sigma_init=null",
+            "generator.arch='hidden=32,depth=1'", "objective.reflow_steps=200", "objective.anneal_steps=100",
+            "trainer.generator_optim.lr=1e-3"]
 TBCM = ["objective=tbcm", "generator.sigma_init=null", "objective.warmup_steps=200", "trainer.generator_optim.lr=1e-3"]
 #: TCM: 200 steps of CD (stage 1, frozen) then 200 of truncated CD at t >= t' (configs/experiment/gmm_tcm.yaml); TSCD:
 #: Hyper-SD's 8 -> 4 -> 2 segments for 100 steps each, then plain CD (configs/experiment/gmm_tscd.yaml)
@@ -190,6 +196,8 @@ BENCH: dict[str, list[str]] = {
     # APEX (configs/experiment/gmm_apex.yaml): one network, its shifted-condition branch the fake flow, the teacher's
     # the real one; no critic update
     "apex": ["objective=apex"],
+    # SlimFlow (onestep/objectives/slimflow.py): a smaller student (generator.arch), 1-step
+    "slimflow": SLIMFLOW,
 }
 #: the tasks a row runs on (rows not named here: every task). Few-step and consistency rows: ring8 and grid25; issue
 #: 21's methods' 1-step rows every task; guidance and multi-student rows need classes: classes16
@@ -212,7 +220,8 @@ SUMMARY_ROWS = ("dmd", "dmd2", "vsd", "sid", "sida", "sim", "fdistill", "adversa
                 "tscd_2step", "scott", "scott_2step", "boot", "disback", "phased_dmd_2step", "vsd_pgsb", "sid_pgsb",
                 "dmd2_pgsb", "msd", "guidance_distill_16step",
                 # issue 37
-                "tdm", "tdm_2step", "flow_map", "mlcm", "mlcm_2step", "apex", "guidance_distill_lora_16step")
+                "tdm", "tdm_2step", "flow_map", "mlcm", "mlcm_2step", "apex", "guidance_distill_lora_16step",
+                "slimflow")
 SUMMARY_TEACHER_STEPS = (1, 4, 16, 64)
 SUMMARY_LABELS = {"fdistill": "`fdistill` (js)"}
 SUMMARY_COLUMNS = {"ring8": "ring8 (8 modes)", "grid25": "grid25 (25 modes, weights up to 4x apart)",

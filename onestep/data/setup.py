@@ -29,6 +29,9 @@ class Setup:
     #: training data; None in a setup made by ``load_teacher`` (a run loaded for export or sampling)
     data: DataSource | None
     num_classes: int = 0
+    #: what the generator starts from when generator.arch gives it an architecture of its own (denoisers/slim.py:
+    #: initialised from ``student_init`` where shapes allow); None = ``student_init``, as the critic always does
+    generator_init: Denoiser | None = None
     #: where evaluation draws its noise and conditioning (e.g. held-out prompts); None = ``data``
     eval_data: DataSource | None = None
     #: latent-space teachers: the VAE codec (``decode``: latents -> images in [-1, 1]); None = pixel space
@@ -40,3 +43,8 @@ class Setup:
     #: ``reward=``'s reward (onestep/rewards/registry.py), built with the training data on the teacher's device: what
     #: reward-tuning objectives read (``build_modules``) and the evaluation reports; None = reward=none
     reward: torch.nn.Module | None = None
+
+    @property
+    def generator_start(self) -> Denoiser:
+        """The network the generator is a copy of: ``generator_init``, else ``student_init``."""
+        return self.generator_init if self.generator_init is not None else self.student_init

@@ -21,6 +21,7 @@ import torch
 
 from onestep.conditioning import Cond, labels_of
 from onestep.denoisers.base import SHIFT, Denoiser
+from onestep.denoisers.slim import rebuilt_diffusers
 from onestep.errors import ConfigError
 from onestep.schedules import Schedule, VPDiscrete, make_schedule
 
@@ -102,6 +103,11 @@ class UNet2DDenoiser(MidBlockFeatures, Denoiser):
             return self.unet(x_t, self.timestep(t), class_labels=labels).sample
         finally:
             hook.remove()
+
+    def with_arch(self, changes: dict, replace: bool = False) -> "UNet2DDenoiser":
+        """The same adapter on a fresh UNet of another configuration (generator.arch, denoisers/slim.py)."""
+        return UNet2DDenoiser(rebuilt_diffusers(self.unet, changes, replace), self.schedule, self.prediction,
+                              self.timestep_scale)
 
     def adapter_config(self) -> dict:
         s = self.schedule

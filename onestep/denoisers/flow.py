@@ -59,6 +59,7 @@ from onestep.denoisers.base import GUIDANCE, Denoiser
 from onestep.denoisers.pipeline_folder import (PromptEncoder, check_pipeline_folder, frozen, load_component,
                                                read_scheduler_config, require_prompts, sha1_files)
 from onestep.denoisers.sd import LatentCodec, SDParts
+from onestep.denoisers.slim import rebuilt_diffusers
 from onestep.errors import ConfigError
 from onestep.schedules import RectifiedFlow
 
@@ -160,6 +161,12 @@ class FlowTransformerDenoiser(Denoiser):
         self.guidance = float(guidance) if self.embedded_guidance else None
         #: width of ``features``: the transformer's hidden size
         self.feature_dim = c.num_attention_heads * c.attention_head_dim
+
+    def with_arch(self, changes: dict, replace: bool = False) -> "FlowTransformerDenoiser":
+        """The same adapter on a fresh transformer of another configuration (generator.arch, denoisers/slim.py)."""
+        return FlowTransformerDenoiser(rebuilt_diffusers(self.transformer, changes, replace), self.schedule, self.kind,
+                                       self.data_shape[-1], num_train_timesteps=self.num_train_timesteps,
+                                       guidance=FLUX_GUIDANCE if self.guidance is None else self.guidance)
 
     def randn_like(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Flux: fresh noise is drawn as packed tokens (B, H/2 W/2, 4C), the layout FluxPipeline's scheduler draws

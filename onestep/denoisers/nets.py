@@ -45,6 +45,9 @@ class MLPDenoiser(Denoiser):
         super().__init__()
         self.schedule, self.data_shape, self.num_classes = schedule, (dim,), num_classes
         self.sigma_data, self.feature_dim = sigma_data, hidden
+        #: the construction arguments (besides the schedule): what ``with_arch`` changes
+        self.arch = {"dim": dim, "hidden": hidden, "depth": depth, "num_classes": num_classes, "sigma_data": sigma_data,
+                     "time_dim": time_dim, "time_scale": time_scale}
         # Fourier frequencies ~ N(0, time_scale^2): sCM (Lu & Song 2024, Sec. 4.1) traces JVP instability to large scales
         self.time = FourierTime(time_dim, scale=time_scale)
         self.label = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
@@ -65,6 +68,18 @@ class MLPDenoiser(Denoiser):
         spans both signs on EDM), so a negated c_noise would be another noise level's embedding and the branch takes
         its own input instead. Zero at the start: the shifted branch starts as the network itself."""
         self.shift_embed = nn.Parameter(torch.zeros(self.time.freqs.shape[0] * 2))
+
+    def with_arch(self, changes: dict, replace: bool = False) -> "MLPDenoiser":
+        """A fresh MLP with ``changes`` to its width / depth / time features (generator.arch, denoisers/slim.py); the
+        data dimension, classes and preconditioning are the teacher's, which the student has to share."""
+        free = ("hidden", "depth", "time_dim", "time_scale")
+        bad = sorted(k for k in changes if k not in free)
+        if replace or bad:
+            raise ConfigError(f"generator.arch: the project's MLP takes {', '.join(f'{k}=' for k in free)} (got "
+                              f"{'a diffusers config .json' if replace else bad}); e.g. generator.arch='hidden=64,depth=2'")
+        if not all(isinstance(changes.get(k, 1), int) and changes.get(k, 1) >= 1 for k in ("hidden", "depth", "time_dim")):
+            raise ConfigError(f"generator.arch: hidden, depth and time_dim must be positive integers (got {changes})")
+        return MLPDenoiser(self.schedule, **{**self.arch, **changes})
 
     def add_guidance_input(self, default: float, bottleneck: int = 16) -> None:
         """Take the guidance scale w as an input (the Cond field ``GUIDANCE``; ``default`` when the conditioning has

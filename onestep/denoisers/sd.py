@@ -37,6 +37,7 @@ from onestep.conditioning import Cond
 from onestep.denoisers.base import Denoiser
 from onestep.denoisers.control import CONTROL, control_adapter, control_residuals
 from onestep.denoisers.diffusers import MidBlockFeatures
+from onestep.denoisers.slim import rebuilt_diffusers
 from onestep.denoisers.pipeline_folder import check_pipeline_folder as check_folder
 from onestep.denoisers.pipeline_folder import (PromptEncoder, VAECodec, frozen, load_component, read_scheduler_config,
                                                require_prompts, sha1_files)
@@ -116,6 +117,11 @@ class SDUNetDenoiser(MidBlockFeatures, Denoiser):
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.index(t)
+
+    def with_arch(self, changes: dict, replace: bool = False) -> "SDUNetDenoiser":
+        """The same adapter on a fresh UNet of another configuration (generator.arch, denoisers/slim.py)."""
+        return SDUNetDenoiser(rebuilt_diffusers(self.unet, changes, replace), self.schedule, self.prediction, self.kind,
+                              self.data_shape[-1])
 
     def add_control(self, source: str) -> None:
         """A ControlNet on this UNet (denoisers/control.py): built from it (``"unet"``) or from a local folder."""

@@ -98,7 +98,7 @@ class FlowMap(Objective):
         return net
 
     def build_modules(self, setup):
-        net = setup.student_init
+        net = setup.generator_start  # the head reads the generator's features (generator.arch may resize them)
         if not hasattr(net, "features") or not hasattr(net, "feature_dim"):
             raise ConfigError(f"objective=flow_map reads the generator's features(x_t, t, cond) for its interval head; "
                               f"{type(net).__name__} has none")
