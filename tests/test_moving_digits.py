@@ -150,23 +150,32 @@ def test_experiment_evaluates_with_the_moving_digits_metrics(tmp_path, metrics):
 
 
 @pytest.mark.slow
-def test_cli_distills_the_shipped_teacher_and_reports_the_video_metrics(tmp_path):
-    """`onestep train experiment=moving_digits_dmd2` in its own process, a few steps: the run finishes, its rows carry
-    the moving-digits metrics for teacher and student, and the panels are written as PNG and GIF."""
+def test_cli_distills_the_shipped_teacher_toward_the_targets(tmp_path):
+    """`onestep train experiment=moving_digits_dmd2` in its own process, CI-sized (200 of the shipped 400 steps, 256
+    held-out videos): the rows carry the moving-digits metrics, the panels are written as GIF, and the 1-step student
+    meets the FD target (per-frame FD <= 1.3x the teacher's 32-step FD; measured 1.05x / 0.97x on seeds 0 / 1). The
+    prompt-accuracy target (within 3 points of the teacher's) needs the shipped 400 steps (results/moving_digits.md:
+    1.4 points); at 200 steps the gap measured 7.8 / 8.2 points (seeds 0 / 1, 1 thread), so this form holds it within
+    12 (the measured gap and the 256-video sampling error, ~3 points) -- a student that stops learning the prompt
+    (the teacher's 1-step sampler: 3%) fails it."""
     import os
     import subprocess
     import sys
 
-    args = ["experiment=moving_digits_dmd2", "trainer.steps=4", "trainer.checkpoint_every=4", "eval.num_samples=64",
-            "eval.teacher_steps=[4]", "trainer.progress=false", f"out_root={tmp_path}", f"run_dir={tmp_path}/run"]
+    args = ["experiment=moving_digits_dmd2", "trainer.steps=200", "trainer.checkpoint_every=200",
+            "eval.num_samples=256", "eval.teacher_steps=[32]", "trainer.progress=false", f"out_root={tmp_path}",
+            f"run_dir={tmp_path}/run"]
     r = subprocess.run([sys.executable, "-m", "onestep.cli", "train", *args], cwd=tmp_path, capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {(row["model"], row["steps"]): row
             for row in json.loads((tmp_path / "run" / "metrics.json").read_text())["rows"]}
-    for key in (("teacher", 4), ("student", 1)):
-        assert {"fd", "prompt_acc", "direction_acc", "temporal_consistency"} <= set(rows[key]), rows[key]
+    student, teacher = rows[("student", 1)], rows[("teacher", 32)]
+    for row in (student, teacher):
+        assert {"fd", "prompt_acc", "direction_acc", "temporal_consistency"} <= set(row), row
     assert list((tmp_path / "run").rglob("*.gif")), "no animated panels written"
+    assert student["fd"] <= 1.3 * teacher["fd"], (student, teacher)
+    assert student["prompt_acc"] >= teacher["prompt_acc"] - 0.12, (student, teacher)
 
 
 def test_data_moving_digits_text_gives_encoded_videos_with_their_captions(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
     python tools/report_moving_digits.py [--out-root runs/report] [--threads 2] [--note "..."]
     python tools/report_moving_digits.py render     # rewrite results/moving_digits.md from its JSON, running nothing
 
-Runs `onestep train experiment=moving_digits_dmd2` and `experiment=moving_digits_mcm` (alone on the machine; a
+Runs `onestep train experiment=moving_digits_dmd2`, `experiment=moving_digits_mcm` and `experiment=moving_digits_rcm` (alone on the machine; a
 finished run folder is reused, with the wall seconds it recorded), then writes
   results/moving_digits.json    the run's steps, phase and wall seconds and evaluation rows
   results/moving_digits.md      rendered from that JSON: the table, wall seconds and the targets, checked
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_block import ROOT, update_readme  # noqa: E402
 
-EXPERIMENTS = ("moving_digits_dmd2", "moving_digits_mcm")
+EXPERIMENTS = ("moving_digits_dmd2", "moving_digits_mcm", "moving_digits_rcm")
 RESULTS, DATA, GIF = "results/moving_digits.md", "results/moving_digits.json", "docs/moving_digits.gif"
 #: the targets of the issue: student FD <= FD_RATIO x the teacher's many-step FD, prompt accuracy within ACC_POINTS
 FD_RATIO, ACC_POINTS, WALL_S = 1.3, 3.0, 600
