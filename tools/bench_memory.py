@@ -317,9 +317,10 @@ def _vm_hwm_gib() -> float:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["render"]:  # rewrite the markdown from its data, running nothing
-        for name, text in rendered(ROOT / "results").items():
-            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from readme_block import rerender
+
+    if rerender(rendered):  # `render`: rewrite the markdown from its data, running nothing
         return
     if sys.argv[1:] == ["wan"]:
         return write_wan()

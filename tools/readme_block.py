@@ -100,6 +100,16 @@ def refresh(page: Path, results_file: str, root: Path = ROOT) -> bool:
     return True
 
 
+def rerender(rendered) -> bool:
+    """A results tool's ``render`` command: when the command line is just ``render``, rewrite every markdown file the
+    tool's ``rendered(folder)`` gives from results/'s data, running nothing, and return True."""
+    if sys.argv[1:] != ["render"]:
+        return False
+    for name, text in rendered(ROOT / "results").items():
+        (ROOT / "results" / name).write_text(text, encoding="utf-8")
+    return True
+
+
 def update_readme(results_file: str, readme: Path | None = None) -> bool:
     """Refresh the block of ``results_file`` on every page (or on ``readme`` alone); True when some page holds it."""
     targets = [readme] if readme is not None else pages()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import ROOT, update_readme  # noqa: E402
+from readme_block import ROOT, rerender, update_readme  # noqa: E402
 
 EXPERIMENTS = ("digits_t2i_dmd2", "digits_t2i_lcm_lora")
 RESULTS, DATA, GRID = "results/digits_t2i.md", "results/digits_t2i.json", "docs/digits_t2i_grid.png"
@@ -134,9 +134,7 @@ def rendered(folder: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["render"]:  # rewrite the markdown from its data, running nothing
-        for name, text in rendered(ROOT / "results").items():
-            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+    if rerender(rendered):  # `render`: rewrite the markdown from its data, running nothing
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-root", default="runs/report")

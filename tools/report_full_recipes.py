@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import ROOT, update_readme  # noqa: E402
+from readme_block import ROOT, rerender, update_readme  # noqa: E402
 
 RESULTS, DATA = "results/full_recipes.md", "results/full_recipes.json"
 #: the mixtures' evaluation: the teacher's 64-step sampler beside the student (onestep's gmm evaluator)
@@ -174,9 +174,7 @@ def rendered(folder: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["render"]:
-        for name, text in rendered(ROOT / "results").items():
-            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+    if rerender(rendered):  # `render`: rewrite the markdown from its data, running nothing
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help=f"comma-separated recipes (default: all of {', '.join(RECIPES)})")

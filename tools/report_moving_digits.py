@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import ROOT, update_readme  # noqa: E402
+from readme_block import ROOT, rerender, update_readme  # noqa: E402
 
 EXPERIMENTS = ("moving_digits_dmd2", "moving_digits_mcm", "moving_digits_rcm")
 RESULTS, DATA, GIF = "results/moving_digits.md", "results/moving_digits.json", "docs/moving_digits.gif"
@@ -91,9 +91,7 @@ def rendered(folder: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["render"]:  # rewrite the markdown from its data, running nothing
-        for name, text in rendered(ROOT / "results").items():
-            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+    if rerender(rendered):  # `render`: rewrite the markdown from its data, running nothing
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-root", default="runs/report")

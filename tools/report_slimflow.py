@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import ROOT  # noqa: E402
+from readme_block import ROOT, rerender  # noqa: E402
 
 RESULTS, DATA = "results/slimflow_digits.md", "results/slimflow_digits.json"
 #: label -> the overrides after experiment=digits_slimflow
@@ -94,9 +94,7 @@ def rendered(folder: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["render"]:
-        for name, text in rendered(ROOT / "results").items():
-            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+    if rerender(rendered):  # `render`: rewrite the markdown from its data, running nothing
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-root", default="runs/report")
