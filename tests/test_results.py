@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 #: the tools that write results/*.md; each has ``rendered(folder) -> {file name: markdown}``, reading only data files
 RENDERERS = ("report_runs", "report_digits_t2i", "report_moving_digits", "bench_digits_t2i", "bench_objectives", "bench_recipes",
-             "bench_memory", "bench_trainer", "soak", "bench_kernels", "bench_coco_protocol")
+             "bench_memory", "bench_trainer", "soak", "bench_kernels", "bench_coco_protocol",
+             "report_tuning")
 MARKDOWN = sorted(RESULTS.glob("*.md"))
 COMMAND = re.compile(r"`(?:[A-Z_]+=\S+ )*(?:python|onestep) [^`]*`")
 
