@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from statistics import mean
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_block import ROOT, update_readme  # noqa: E402
 
@@ -95,7 +97,8 @@ def run_data(run: Path) -> dict:
     if logged:
         out["control_acc"] = mean(r["gen/control_acc"] for r in logged)
         out["base_control_acc"] = mean(r["gen/base_control_acc"] for r in logged)
-        out["control_samples"] = len(logged)
+        batch = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["batch_size"]  # (its resolved config)
+        out["control_samples"] = len(logged) * batch  # the fresh samples the accuracies were measured on
     return out
 
 
@@ -156,7 +159,8 @@ def nct_row(seed: str, runs: dict) -> dict | None:
     n = runs.get(NCT)
     if n is None or "control_acc" not in n:
         return None
-    return {"seed": seed, "control_acc": n["control_acc"], "base_control_acc": n["base_control_acc"]}
+    return {"seed": seed, "control_acc": n["control_acc"], "base_control_acc": n["base_control_acc"],
+            "samples": n["control_samples"]}
 
 
 def _mean_row(rows: list[dict]) -> dict:
@@ -263,11 +267,16 @@ def render(data: dict) -> str:
                   "identification of each fresh sample's control among its batch's (chance 1/32), mean over the "
                   f"run's last {LAST_LOGS} log steps; the base is the frozen student given the same prompts without "
                   "the control.", ""]
-        body = [[str(r["seed"]), _f(r["base_control_acc"], "{:.1%}"), _f(r["control_acc"], "{:.1%}"),
-                 _met(r["control_acc"] > r["base_control_acc"],
-                      f"{100 * (r['control_acc'] - r['base_control_acc']):+.1f} points")]
-                for r in rows + ([_mean_row(rows)] if len(rows) > 1 else [])]
-        lines += _table(["seed", "base control acc", "control acc", "target: control followed"], body)
+        body = []
+        for r in rows + ([_mean_row(rows)] if len(rows) > 1 else []):
+            n = r["samples"] * (len(rows) if r["seed"] == "mean" else 1)
+            se = (r["base_control_acc"] * (1 - r["base_control_acc"]) / n) ** 0.5
+            gain = r["control_acc"] - r["base_control_acc"]
+            body.append([str(r["seed"]), f"{n:.0f}", _f(r["base_control_acc"], "{:.1%}"),
+                         _f(r["control_acc"], "{:.1%}"),
+                         _met(gain > 2 * se, f"{100 * gain:+.1f} points, 2 SE = {200 * se:.1f}")])
+        lines += _table(["seed", "samples", "base control acc", "control acc",
+                         "target: control followed (gain > 2 binomial SE)"], body)
         lines += ["", "In the shipped 200 steps (learning rate 1e-4) the zero-initialised ControlNet's output "
                   "convolutions barely leave zero, so the adapted generator still draws what the base draws. Not "
                   "tried yet: a larger adapter learning rate, more steps (the paper trains for thousands)."]
