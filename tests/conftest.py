@@ -128,14 +128,14 @@ def ring_run_beats_one_step_teacher(overrides, tmp_path, factor: float, label: s
     return student, teacher1
 
 
-def logged_train(overrides, tmp_path):
-    """Train ``overrides`` into ``tmp_path``/run logging every step, assert every numeric logged value finite, and
-    return (the run's result, each step's logs)."""
+def logged_train(overrides, tmp_path, log_every: int = 1):
+    """Train ``overrides`` into ``tmp_path``/run logging every ``log_every`` steps, assert every numeric value of each
+    step's logs finite, and return (the run's result, each step's logs)."""
     import torch
 
     from onestep.train.trainer import train
 
-    cfg = compose([*overrides, "trainer.log_every=1", "trainer.progress=false", f"out_root={tmp_path}"])
+    cfg = compose([*overrides, f"trainer.log_every={log_every}", "trainer.progress=false", f"out_root={tmp_path}"])
     seen = []
     out = train(cfg, tmp_path / "run", callbacks=(lambda step, logs: seen.append(logs),))
     for logs in seen:

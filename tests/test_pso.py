@@ -61,12 +61,35 @@ def test_pairs_are_ranked_by_the_reward():
     noise = torch.randn(n, D, dtype=torch.float64)
     obj = _pso(lambda nets, batch: batch.noise, Closeness(0.0))
     torch.manual_seed(0)
-    x_w, x_l, logs = obj.pair(None, Batch(noise=noise, cond=prompts(n)))
+    x_w, x_l, keep, logs = obj.pair(None, Batch(noise=noise, cond=prompts(n)))
     r = Closeness(0.0)
     assert (r(x_w, [""] * n) >= r(x_l, [""] * n)).all() and float(logs["reward_gap"]) > 0
+    assert keep.all() and float(logs["pso_pairs"]) == 1.0  # objective.tie=0: every pair counts
     torch.manual_seed(0)
     other = torch.randn_like(noise)  # the second sample's noise, drawn in the trainer's RNG
     assert torch.equal(torch.where((r(noise, [""] * n) >= r(other, [""] * n))[:, None], noise, other), x_w)
+
+
+def test_ties_add_nothing_to_the_loss():
+    """objective.tie: pairs whose reward gap is under it are ties, their L_PSO terms 0 in the batch's mean (float64
+    transcription); the pairs over it are ranked as before."""
+    pw, pl, rw, rl, xw, xl = _tensors()
+    keep = torch.tensor([True, False, True, False])
+    got, d = pso_loss(pw, pl, rw, rl, xw, xl, 7.0, keep)
+    want = sum(-math.log(1 / (1 + math.exp(7.0 * float(d[i])))) for i in (0, 2)) / 4
+    assert float(got) == pytest.approx(want, rel=1e-12)
+
+    n = 64
+    noise = torch.randn(n, D, dtype=torch.float64)
+    r = Closeness(0.0)
+    obj = _pso(lambda nets, batch: batch.noise, r, tie=0.5)
+    torch.manual_seed(0)
+    x_w, x_l, keep, logs = obj.pair(None, Batch(noise=noise, cond=prompts(n)))
+    torch.manual_seed(0)
+    gap = (r(noise, [""] * n) - r(torch.randn_like(noise), [""] * n)).abs()
+    assert torch.equal(keep, gap >= 0.5) and 0 < int(keep.sum()) < n
+    assert float(logs["pso_pairs"]) == pytest.approx(float(keep.double().mean()))
+    assert (r(x_w, [""] * n) >= r(x_l, [""] * n)).all()
 
 
 def test_generator_loss_on_exact_gaussians_is_the_transcription():
@@ -83,7 +106,7 @@ def test_generator_loss_on_exact_gaussians_is_the_transcription():
     torch.manual_seed(4)
     out = obj.generator_loss(nets, batch, 0)
     torch.manual_seed(4)
-    x_w, x_l, _ = obj.pair(nets, batch)
+    x_w, x_l, _, _ = obj.pair(nets, batch)
     t = sched.t_from_unit(0.3 + 0.3 * torch.rand(n, dtype=torch.float64))
     eps = torch.randn(n, D, dtype=torch.float64)
     al, s = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
@@ -113,6 +136,7 @@ def test_the_starting_student_is_read_into_generator_and_reference(tmp_path):
 def test_bad_pso_input_is_one_line():
     for kw, text in (({"beta": 0.0}, "objective.beta=0.0 must be > 0"),
                      ({"pairs": "best"}, "objective.pairs='best' is unknown"),
+                     ({"tie": -0.1}, "objective.tie=-0.1 must be >= 0"),
                      ({}, "objective=pso tunes the generator toward a reward: pass reward=digits_class")):
         with pytest.raises(ConfigError) as e:
             _pso(None, None, **kw)

@@ -24,8 +24,9 @@ from onestep.sampling import nfe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 #: the tools that write results/*.md; each has ``rendered(folder) -> {file name: markdown}``, reading only data files
-RENDERERS = ("report_runs", "report_digits_t2i", "report_moving_digits", "report_slimflow", "bench_digits_t2i", "bench_objectives", "bench_recipes",
-             "bench_memory", "bench_trainer", "soak", "bench_kernels", "bench_coco_protocol")
+RENDERERS = ("report_runs", "report_digits_t2i", "report_moving_digits", "report_slimflow", "report_full_recipes",
+             "report_tuning", "bench_digits_t2i", "bench_objectives", "bench_recipes", "bench_memory", "bench_trainer",
+             "soak", "bench_kernels", "bench_coco_protocol")
 MARKDOWN = sorted(RESULTS.glob("*.md"))
 COMMAND = re.compile(r"`(?:[A-Z_]+=\S+ )*(?:python|onestep) [^`]*`")
 

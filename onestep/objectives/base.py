@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -22,6 +22,11 @@ from onestep.denoisers.base import Denoiser
 from onestep.errors import ConfigError
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+def every_step(step: int) -> bool:
+    """``Objective.logged`` of a loss called outside the trainer: every step's logs are read."""
+    return True
 
 
 @dataclass
@@ -119,11 +124,18 @@ class Objective:
     #: that counts images (SiDA's GAN start) then counts its own batch
     images_per_step: int = 0
 
-    def set_run(self, modules: dict[str, tuple[nn.Module, str]], images_per_step: int) -> None:
+    #: whether the trainer reads the logs of generator step ``step`` (0-based; ``set_run``): a logged value that costs
+    #: extra passes (NCT's control accuracy) is computed on those steps only
+    logged: Callable[[int], bool] = staticmethod(every_step)
+
+    def set_run(self, modules: dict[str, tuple[nn.Module, str]], images_per_step: int,
+                logged: Callable[[int], bool] = every_step) -> None:
         """What the trainer knows once it built the run: the modules ``build_modules`` returned (heads trained by
-        the critic update count as critic updates without a critic network) and the global batch."""
+        the critic update count as critic updates without a critic network), the global batch and which steps
+        are log steps (``logged``)."""
         self.trains_critic_modules = any(role == "critic" for _, role in modules.values())
         self.images_per_step = images_per_step
+        self.logged = logged
 
     def build_modules(self, setup) -> dict[str, tuple[nn.Module, str]]:
         """Extra trained modules (GAN heads, log-variance heads...): name -> (module, "generator" | "critic"),

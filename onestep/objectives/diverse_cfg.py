@@ -36,7 +36,7 @@ from onestep.core import sample_t
 from onestep.errors import ConfigError
 from onestep.objectives.adversarial import GANConfig
 from onestep.objectives.base import (Batch, CriticWeighting, Nets, ObjectiveConfig, TimeDraw, check_t_dist,
-                                     check_t_range, frozen, register_objective)
+                                     check_t_range, every_step, frozen, register_objective)
 from onestep.objectives.critic import CriticObjective
 from onestep.objectives.distribution_matching import dmd_loss
 from onestep.rewards.registry import build_reward
@@ -112,8 +112,8 @@ class DiverseCFG(CriticObjective):
         return (f"objective.group={self.cfg.group} repeats the first B / {self.cfg.group} prompts of each batch "
                 f"{self.cfg.group} times and rewards each row's distance to the other rows of its prompt")
 
-    def set_run(self, modules, images_per_step: int) -> None:
-        super().set_run(modules, images_per_step)
+    def set_run(self, modules, images_per_step: int, logged=every_step) -> None:
+        super().set_run(modules, images_per_step, logged)
         if images_per_step % self.cfg.group:  # (each micro-batch is checked again as it is grouped)
             raise ConfigError(f"objective=diverse_cfg compares objective.group={self.cfg.group} samples per prompt, and "
                               f"a batch of {images_per_step} rows does not split into groups of {self.cfg.group}; pass "

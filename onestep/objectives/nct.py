@@ -18,9 +18,10 @@ is used. Only phi trains: the base (the generator's weights read from ``objectiv
 and phi is a ControlNet on the student's UNet (generator.control_adapter, denoisers/control.py), zero-initialised so
 that f_{theta,phi}(., c) = f_theta at the start.
 
-Logged: ``control_acc``, the control accuracy of samples drawn from fresh noise for the batch's controls
-(rewards/control.py: 1-of-N identification of each sample's control among the batch's; chance 1 / N), and
-``base_control_acc``, the same for the frozen base (no control): what the adapter adds.
+Logged on log steps only (``Objective.logged``: they cost two more generator passes and decodes): ``control_acc``, the
+control accuracy of samples drawn from fresh noise for the batch's controls (rewards/control.py: 1-of-N identification
+of each sample's control among the batch's; chance 1 / N), and ``base_control_acc``, the same for the frozen base (no
+control): what the adapter adds.
 """
 
 from __future__ import annotations
@@ -172,14 +173,16 @@ class NCT(Objective):
         eps = torch.randn_like(z)
         with adapter_only(nets.generator):
             consistency, boundary = nct_losses(f, base_x, z, eps, n, self.cfg.noise_steps)
-        loss = consistency + self.cfg.boundary_weight * boundary
-        with torch.no_grad():  # samples from fresh noise, the way the adapted generator is used
-            fresh = torch.randn_like(z)
-            acc = control_accuracy(self.images(f(fresh)), c, self.cfg.control, self.cfg.control_size)
-            base_acc = control_accuracy(self.images(self.generate(nets, Batch(noise=fresh, cond=cond))), c,
-                                        self.cfg.control, self.cfg.control_size)
-        return {"loss": loss, "consistency": consistency.detach(), "boundary": boundary.detach(),
-                "control_acc": z.new_tensor(acc), "base_control_acc": z.new_tensor(base_acc)}
+        out = {"loss": consistency + self.cfg.boundary_weight * boundary, "consistency": consistency.detach(),
+               "boundary": boundary.detach()}
+        if self.logged(step):  # two more generator passes and decodes: on the steps whose logs are read only
+            with torch.no_grad():  # samples from fresh noise, the way the adapted generator is used
+                fresh = torch.randn_like(z)
+                acc = control_accuracy(self.images(f(fresh)), c, self.cfg.control, self.cfg.control_size)
+                base_acc = control_accuracy(self.images(self.generate(nets, Batch(noise=fresh, cond=cond))), c,
+                                            self.cfg.control, self.cfg.control_size)
+            out |= {"control_acc": z.new_tensor(acc), "base_control_acc": z.new_tensor(base_acc)}
+        return out
 
 
 def load_base(generator, weights: dict[str, torch.Tensor], path: str) -> None:

@@ -12,6 +12,11 @@ beta) on the student's own x0 predictions:
     d         = [e_G(x^w, t) - e_ref(x^w, t)] - [e_G(x^l, t) - e_ref(x^l, t)]
     L_PSO     = -log sigmoid(-beta d)                                         (one t and eps shared by the pair)
 
+A reward pair whose gap |r(x^a) - r(x^b)| is under ``objective.tie`` is a tie and adds 0 to the batch's mean of L_PSO:
+Diffusion-DPO trains on Pick-a-Pic v2 with its tied pairs removed (Wallace et al. 2024, Sec. 5), and a near-tie of a
+saturated reward (digits_class on samples the classifier already reads as the prompted digit: gaps ~1e-3) ranks the
+pair by noise, which L_PSO would push on as hard as a real preference.
+
 The pairs (``objective.pairs``):
     reward  online PSO: two samples of the current student for the same prompt and two noises, ranked by ``reward=``
             (x^w the higher reward); the paper's online preference tuning, its reward here any reward= reward
@@ -56,6 +61,8 @@ class PSOConfig(ObjectiveConfig, TimeDraw):
     beta: float = 100.0
     #: reward (two student samples of one prompt ranked by reward=) | data (batch.real vs a student sample)
     pairs: str = "reward"
+    #: pairs=reward: a pair whose reward gap is under tie is a tie and adds 0 to L_PSO (0 = every pair counts)
+    tie: float = 0.0
 
 
 def error(model: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -64,11 +71,14 @@ def error(model: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (model.to(wdtype) - x.to(wdtype)).pow(2).flatten(1).mean(1)
 
 
-def pso_loss(pred_w, pred_l, ref_w, ref_l, x_w, x_l, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pso_loss(pred_w, pred_l, ref_w, ref_l, x_w, x_l, beta: float,
+             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_PSO averaged over the pairs, d per pair): the student's predictions ``pred_*`` (with gradient), the
-    reference's ``ref_*`` and the pair's clean samples ``x_w`` (preferred) and ``x_l``."""
+    reference's ``ref_*`` and the pair's clean samples ``x_w`` (preferred) and ``x_l``; ``keep`` (bool per pair, None =
+    all) zeroes the terms of ties."""
     d = (error(pred_w, x_w) - error(ref_w, x_w)) - (error(pred_l, x_l) - error(ref_l, x_l))
-    return F.softplus(beta * d).mean(), d  # softplus(beta d) = -log sigmoid(-beta d)
+    terms = F.softplus(beta * d)  # softplus(beta d) = -log sigmoid(-beta d)
+    return (terms if keep is None else terms * keep.to(terms)).mean(), d
 
 
 @register_objective
@@ -85,6 +95,8 @@ class PSO(Objective):
             raise ConfigError(f"objective.beta={cfg.beta} must be > 0 (the pair margin's scale in L_PSO)")
         if cfg.pairs not in PAIRS:
             raise ConfigError(f"objective.pairs='{cfg.pairs}' is unknown; choose one of {PAIRS}")
+        if cfg.tie < 0:
+            raise ConfigError(f"objective.tie={cfg.tie} must be >= 0 (the reward gap under which a pair is a tie)")
         self.reward = SampleReward(self.name)
         self.start = StudentStart(cfg.student, self.name)
 
@@ -103,22 +115,25 @@ class PSO(Objective):
         self.start.load(weights, nets.generator, nets.targets[REFERENCE])
 
     @torch.no_grad()
-    def pair(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(x^w, x^l, logs) for the batch's conditioning."""
+    def pair(self, nets: Nets, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """(x^w, x^l, keep: the pairs that are no tie, logs) for the batch's conditioning."""
         x_a = self.generate(nets, batch)
         if self.cfg.pairs == "data":
             if batch.real is None:
                 raise ConfigError("objective.pairs=data takes the preferred samples from the data: pass a data= with "
                                   "images (e.g. data=digits_text or image_text), or objective.pairs=reward")
-            return batch.real.to(x_a), x_a, {}
+            return batch.real.to(x_a), x_a, torch.ones(x_a.shape[0], dtype=torch.bool, device=x_a.device), {}
         x_b = self.generate(nets, replace(batch, noise=torch.randn_like(batch.noise)))
         r_a, r_b = self.reward(x_a, batch.cond), self.reward(x_b, batch.cond)
         a_wins = (r_a >= r_b).view(-1, *([1] * (x_a.ndim - 1)))
         x_w, x_l = torch.where(a_wins, x_a, x_b), torch.where(a_wins, x_b, x_a)
-        return x_w, x_l, {"reward": (r_a + r_b).mean() / 2, "reward_gap": (r_a - r_b).abs().mean()}
+        gap = (r_a - r_b).abs()
+        keep = gap >= self.cfg.tie
+        return x_w, x_l, keep, {"reward": (r_a + r_b).mean() / 2, "reward_gap": gap.mean(),
+                                "pso_pairs": keep.float().mean()}
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int):
-        x_w, x_l, logs = self.pair(nets, batch)
+        x_w, x_l, keep, logs = self.pair(nets, batch)
         n, sched = x_w.shape[0], nets.teacher.schedule
         t = sample_t(sched, n, self.cfg.t_lo, self.cfg.t_hi, like=x_w, dist=self.cfg.t_dist)
         eps = torch.randn_like(x_w)  # one t and one eps per pair (Diffusion-DPO)
@@ -127,5 +142,5 @@ class PSO(Objective):
         pred_w, pred_l = nets.generator.x0(x_t, tt, cond).chunk(2)
         with torch.no_grad():
             ref_w, ref_l = nets.targets[REFERENCE].x0(x_t, tt, cond).chunk(2)
-        loss, d = pso_loss(pred_w, pred_l, ref_w, ref_l, x_w, x_l, self.cfg.beta)
+        loss, d = pso_loss(pred_w, pred_l, ref_w, ref_l, x_w, x_l, self.cfg.beta, keep)
         return {"loss": loss, "pso_margin": d.mean().detach(), "pso_acc": (d < 0).float().mean(), **logs}

@@ -93,7 +93,8 @@ def setup(cfg, run_dir: str | Path | None = None) -> Training:
     if objective.data_streams():  # a second data stream (captioned stills), encoded once: rank 0 first
         with acc.main_process_first(), progress.phase(f"{cfg.objective.name} data", show):
             objective.set_data(still_sources(objective.data_streams(), built, experiment.cache_root(cfg), show))
-    objective.set_run(heads, images_per_step=tc.batch_size * tc.grad_accum)
+    objective.set_run(heads, images_per_step=tc.batch_size * tc.grad_accum,
+                      logged=lambda step: _due(step + 1, tc.log_every, tc.steps))  # (the loop's log_now)
     networks = Networks(cfg, built, critic="critic" in objective.networks, heads=heads,
                         targets=objective.targets(), device=acc.device,
                         shape=partial(shape_student, gc, objective=type(objective)), shard=fsdp.requested(cfg))
