@@ -26,6 +26,7 @@ To add an objective, add one row to BENCH (e.g. ``"cd": ["objective=cd"]``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -48,6 +49,8 @@ from onestep.objectives import objective_class
 import onestep.teachers  # noqa: F401
 from onestep import checkpoint, experiment
 from onestep.denoisers.base import guided
+from onestep.denoisers.slim import student_of
+from onestep.networks import load_generator
 from onestep.schedules import make_schedule
 from onestep.eval.evaluators import evaluated
 from onestep.eval.report import chunked, eval_inputs
@@ -378,11 +381,17 @@ def target(task: str, row: dict, t64: dict) -> tuple[bool, str]:
 
 
 def _generator(setup, ckpt: Path, cfg):
-    # the run's shape: e.g. consistency_boundary (CD rows), routed students (msd), experts (phased_dmd)
+    """The EMA generator of checkpoint ``ckpt`` built as the run builds it (networks.load_generator): the run's shape
+    (consistency_boundary, routed students, experts), a LoRA view of the shared base, a generator.arch network."""
     objective = objective_class(cfg.objective.name)
-    net = experiment.shape_student(cfg.generator, copy.deepcopy(setup.student_init), objective)
-    net.load_state_dict(load_file(str(ckpt / "generator_ema.safetensors")))
-    return net.eval()
+    # (a LoRA generator's adapters go into the network it is built from: build each checkpoint's from a copy)
+    setup = dataclasses.replace(setup, student_init=copy.deepcopy(setup.student_init))
+    if cfg.generator.arch:  # (the task's setup is the teacher-shaped one; the checkpoint's weights replace the init's)
+        setup = dataclasses.replace(setup, generator_init=student_of(setup.student_init, cfg.generator.arch)[0])
+    net, _ = load_generator(cfg, setup, ckpt.parent.parent, shape=functools.partial(experiment.shape_student, cfg.generator,
+                                                                           objective=objective),
+                            upto=checkpoint.step_of(ckpt))
+    return net
 
 
 def _student_samples(cfg, setup, ckpt: Path, n: int):
