@@ -219,7 +219,8 @@ def load_start(path: str, modules: dict[str, nn.Module], key: str = "trainer.ini
     checkpoint folder, either format) holds into it in place, weights only; return the roles loaded. The generator
     role must be there; a role of ``modules`` the checkpoint lacks keeps its fresh weights."""
     p = Path(path).expanduser()
-    ckpt = p if (p / "state.pt").is_file() else (list_checkpoints(p)[-1] if list_checkpoints(p) else None)
+    found = [p] if (p / "state.pt").is_file() else list_checkpoints(p)
+    ckpt = found[-1] if found else None
     if ckpt is None:
         raise ConfigError(f"{key}='{path}' is not a run folder with a checkpoint or a checkpoint folder: pass the "
                           "folder of the run to start from (its checkpoints/step_* folder or the run itself)")
