@@ -78,6 +78,19 @@ def ode_pairs(model: Denoiser, count: int, ts: torch.Tensor, method: str, seed: 
     return out
 
 
+def teacher_pairs(nets: Nets, c, objective: str) -> dict[str, torch.Tensor]:
+    """``c.num_pairs`` noise -> teacher-ODE-sample pairs (``c.pair_steps`` steps of ``c.pair_solver``, PAIR_SEED) on
+    the generator's device: what reflow and SlimFlow train on."""
+    teacher = nets.teacher
+    if teacher.conditional and not teacher.num_classes:
+        raise ConfigError(f"objective={objective} builds noise -> teacher-sample pairs for unconditional or class-"
+                          "conditional teachers only (no prompt pool)")
+    device = next((p.device for p in nets.generator.parameters()), torch.device("cpu"))
+    ts = teacher.schedule.default_ts(c.pair_steps)
+    return {k: v.to(device) for k, v in
+            ode_pairs(teacher, c.num_pairs, ts, c.pair_solver, PAIR_SEED, device, teacher.num_classes).items()}
+
+
 def reflow_loss(model: Denoiser, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
     """Rectified Flow eq. (1): mean || v(x_t, t) - (alpha' x + sigma' z) ||^2 on the straight path between the pair."""
     sched = model.schedule
@@ -128,14 +141,7 @@ class Reflow(Objective):
         return {"reflowed_pairs": (PairBank(self.cfg.num_pairs, setup.teacher.data_shape), "generator")}
 
     def prepare(self, nets: Nets, weights=None) -> None:
-        teacher, c = nets.teacher, self.cfg
-        if teacher.conditional and not teacher.num_classes:
-            raise ConfigError("objective=reflow builds noise -> teacher-sample pairs for unconditional or class-"
-                              "conditional teachers only (no prompt pool)")
-        device = next((p.device for p in nets.generator.parameters()), torch.device("cpu"))
-        ts = teacher.schedule.default_ts(c.pair_steps)
-        self.pairs = {k: v.to(device) for k, v in
-                      ode_pairs(teacher, c.num_pairs, ts, c.pair_solver, PAIR_SEED, device, teacher.num_classes).items()}
+        self.pairs = teacher_pairs(nets, self.cfg, "reflow")
 
     def stage(self, step: int) -> str:
         c = self.cfg

@@ -47,7 +47,7 @@ from onestep.conditioning import Cond
 from onestep.core import Batch, Nets, noised, sample_t
 from onestep.errors import ConfigError
 from onestep.objectives.base import Objective, ObjectiveConfig, TimeRange, register_objective
-from onestep.objectives.reflow import PAIR_SEED, ode_pairs, reflow_loss
+from onestep.objectives.reflow import reflow_loss, teacher_pairs
 from onestep.objectives.tcm import freeze_into
 from onestep.sampling import METHODS
 
@@ -129,14 +129,7 @@ class SlimFlow(Objective):
         return {RECTIFIED: 1.0}
 
     def prepare(self, nets: Nets, weights=None) -> None:
-        teacher, c = nets.teacher, self.cfg
-        if teacher.conditional and not teacher.num_classes:
-            raise ConfigError("objective=slimflow builds noise -> teacher-sample pairs for unconditional or class-"
-                              "conditional teachers only (no prompt pool)")
-        device = next((p.device for p in nets.generator.parameters()), torch.device("cpu"))
-        ts = teacher.schedule.default_ts(c.pair_steps)
-        self.pairs = {k: v.to(device) for k, v in
-                      ode_pairs(teacher, c.num_pairs, ts, c.pair_solver, PAIR_SEED, device, teacher.num_classes).items()}
+        self.pairs = teacher_pairs(nets, self.cfg, "slimflow")
 
     def stage(self, step: int) -> int:
         return 1 if step < self.cfg.reflow_steps else 2
