@@ -98,9 +98,23 @@ def _drop_unstarted_hydra_folder(cfg: DictConfig) -> None:
     folder = Path(hc.runtime.output_dir)
     if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
         return
+    _close_file_logs_under(folder)
     shutil.rmtree(folder)
     if folder.parent != Path(cfg.out_root) and not any(folder.parent.iterdir()):
         folder.parent.rmdir()
+
+
+def _close_file_logs_under(folder: Path) -> None:
+    """Hydra's job logging added a FileHandler for <folder>/<job>.log to the root logger; with the folder gone, the
+    handler would recreate nothing and fail on the next log line of the process (a library's logging.info in the
+    same interpreter: tests, notebooks). Detach and close it."""
+    import logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(folder.resolve()):
+            root.removeHandler(h)
+            h.close()
 
 
 def _join_submitit_tasks() -> None:
