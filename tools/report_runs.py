@@ -5,6 +5,7 @@ files (the command, wall time and evaluation protocol on top of the table), and 
     python tools/report_runs.py gmm_dmd2                                                       # ~4 min, + its bench
     python tools/report_runs.py bench_digits_dmd2                                              # ~10 min
     python tools/report_runs.py consistency                                                    # ~10 min, 5 runs
+    python tools/report_runs.py digits_methods                                                 # ~20 min, 4 runs
     python tools/report_runs.py render              # rewrite every markdown file below from its data, running nothing
 
   digits_dmd2         `onestep train` (the default job)            -> results/digits_dmd2.{json,md}
@@ -12,6 +13,7 @@ files (the command, wall time and evaluation protocol on top of the table), and 
                       `onestep bench bench.runs=[<that run>]`      -> results/bench_gmm_dmd2.{json,csv,md,png}
   bench_digits_dmd2   `onestep bench bench.runs=[<the digits run>]` -> results/bench_digits_dmd2.{json,csv,md,png}
   consistency         the consistency experiments as shipped (CONSISTENCY) -> results/consistency_experiments.{json,md}
+  digits_methods      the newer methods' digits experiments as shipped (DIGITS_METHODS) -> results/digits_methods.{json,md}
 
 The markdown is always rendered from the data (the JSON; a bench's rows from its CSV), so `render` reproduces it
 byte for byte (tests/test_results.py). consistency_experiments.json also keeps ``recorded``: a measured 1-step
@@ -37,7 +39,8 @@ from readme_block import ROOT, update_readme  # noqa: E402
 
 #: report -> (experiment trained, bench it too, write the run's own table)
 REPORTS = {"digits_dmd2": ("digits_dmd2", False, True), "gmm_dmd2": ("gmm_dmd2", True, True),
-           "bench_digits_dmd2": ("digits_dmd2", True, False), "consistency": (None, False, False)}
+           "bench_digits_dmd2": ("digits_dmd2", True, False), "consistency": (None, False, False),
+           "digits_methods": (None, False, False)}
 #: the consistency experiment yamls as shipped; "2-step" runs train the same way and are also sampled at sigma 80 -> 0.8
 TWO_STEP = ["generator.steps=2", "generator.ts=[80.0,0.8]", "eval.student_steps=[1,2]"]
 CONSISTENCY_EVAL = ["eval.num_samples=5000", "eval.teacher_steps=[64]", "eval.plot=false"]
@@ -45,6 +48,9 @@ CONSISTENCY = {"gmm_cd": ["experiment=gmm_cd", *TWO_STEP], "gmm_ict": ["experime
                "gmm_scd": ["experiment=gmm_scd", *TWO_STEP],
                "gmm_scd teacher=gmm_grid": ["experiment=gmm_scd", "teacher=gmm_grid"],
                "gmm_rcm": ["experiment=gmm_rcm"]}
+#: the digits experiments of the newer methods (issue 37), as shipped; every run evaluated on the same 2,000 samples
+DIGITS_METHODS = ("digits_tdm", "digits_apex", "digits_flow_map", "digits_mlcm")
+DIGITS_EVAL = ["eval.num_samples=2000", "eval.teacher_steps=[32]", "eval.plot=false"]
 MIXTURES = {"ring": "ring 8", "grid": "grid 25", "class_mixture": "classes"}
 PHASES = ("setup", "distill", "evaluate")
 #: the results files rendered from <name>.json (runs) and bench_<experiment>.{json,csv} (benches)
@@ -117,6 +123,44 @@ def render_consistency(d: dict) -> str:
                      f"{modes} | {mass} | {r['teacher_sliced_w2']:.4f} |")
     for rec in regressed:
         lines += ["", f"Regressed: {rec['note']} (recorded in `results/consistency_experiments.json`)."]
+    return "\n".join(lines) + "\n"
+
+
+def digits_methods_data(out_root: Path, threads: int) -> dict:
+    """Train (or reuse) each DIGITS_METHODS run and read its final evaluation: FD per student step count, the
+    teacher's 32-step FD."""
+    rows = []
+    for experiment in DIGITS_METHODS:
+        run = out_root / "digits_methods" / experiment
+        if not (run / "metrics.json").is_file():
+            _onestep(["train", f"experiment={experiment}", *DIGITS_EVAL, f"out_root={out_root}",
+                      f"hydra.run.dir={run}"], threads)
+        m = json.loads((run / "metrics.json").read_text())
+        student = {str(r["steps"]): {k: r[k] for k in ("fd", "label_acc")} for r in m["rows"]
+                   if r["model"] == "student"}
+        teacher = next(r for r in m["rows"] if r["model"] == "teacher" and r["steps"] == 32)
+        rows.append({"experiment": experiment, "objective": m["objective"], "steps": m["steps"],
+                     "wall_s": sum(m.get("seconds", {}).get(k, 0.0) for k in PHASES), "students": student,
+                     "teacher_fd": teacher["fd"], "teacher_label_acc": teacher["label_acc"]})
+    return {"where": _where(threads), "rows": rows}
+
+
+def render_digits_methods(d: dict) -> str:
+    """digits_methods.md: one row per experiment, the student's FD at 1 (and 2) steps against the teacher's 32."""
+    lines = [f"Commands: `onestep train experiment=<experiment> {' '.join(DIGITS_EVAL)}` (`python tools/report_runs.py "
+             f"digits_methods`), {d['where']}.", "",
+             "Protocol: each run's final evaluation, 2,000 samples per row, the same noise and labels in every row; FD "
+             "in the shipped digits feature space (not Inception FID) against all 1,797 digits, label accuracy from "
+             "the same network's classifier. Lower FD is better; the ratio is the 1-step student's FD over the "
+             "teacher's 32-step FD.", "",
+             "| experiment | objective | steps | wall (s) | FD 1 step | FD 2 steps | label acc (1 step) | teacher FD 32 "
+             "steps | 1-step / teacher |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        s = r["students"]
+        two = f"{s['2']['fd']:.3f}" if "2" in s else ""
+        lines.append(f"| `{r['experiment']}` | {r['objective']} | {r['steps']} | {r['wall_s']:.0f} | "
+                     f"{s['1']['fd']:.3f} | {two} | {s['1']['label_acc']:.1%} | {r['teacher_fd']:.3f} | "
+                     f"{s['1']['fd'] / r['teacher_fd']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +270,8 @@ def rendered(folder: Path) -> dict[str, str]:
     for exp in BENCH_REPORTS:
         out[f"bench_{exp}.md"] = render_bench(data(f"bench_{exp}"), read_csv(folder / f"bench_{exp}.csv"))
     out["consistency_experiments.md"] = render_consistency(data("consistency_experiments"))
+    if (folder / "digits_methods.json").is_file():
+        out["digits_methods.md"] = render_digits_methods(data("digits_methods"))
     return out
 
 
@@ -256,6 +302,8 @@ def main() -> None:
 
 def measure(report: str, out_root: Path, threads: int) -> list[tuple[str, str]]:
     experiment, with_bench, with_run = REPORTS[report]
+    if report == "digits_methods":
+        return [("digits_methods.md", write("digits_methods", digits_methods_data(out_root, threads)))]
     if experiment is None:
         saved = ROOT / "results" / "consistency_experiments.json"
         previous = json.loads(saved.read_text()) if saved.exists() else {}

@@ -1,6 +1,6 @@
 """Measure the four after-distillation experiments of the captioned-digits teacher over seeds and report their targets.
 
-    python tools/report_tuning.py --seeds 0 1 2 [--out-root runs/tuning] [--threads 1] [--note "..."]
+    python tools/report_tuning.py --seeds 0 1 2 [--out-root runs/tuning] [--threads 1] [--note "..."] [--add]
     python tools/report_tuning.py render     # rewrite results/tuning.md from its JSON, running nothing
 
 Per seed, through `onestep train` as shipped plus the evaluation keys EVAL (the same 1,000 held-out-prompt samples,
@@ -305,11 +305,17 @@ def main() -> None:
     ap.add_argument("--out-root", default="runs/tuning")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", help="how the runs were timed, shown beside the command (e.g. a shared machine)")
+    ap.add_argument("--add", action="store_true",
+                    help="keep the seeds results/tuning.json already holds and add these (their run folders may be gone)")
     args = ap.parse_args()
     out_root = Path(args.out_root).resolve()
     machine = f"{args.threads} torch thread(s)"
     data = {"asked": [str(s) for s in args.seeds], "machine": machine, "seeds": {},
             **({"note": args.note} if args.note else {})}
+    if args.add and (ROOT / DATA).is_file():
+        old = json.loads((ROOT / DATA).read_text())
+        kept = {s: v for s, v in old["seeds"].items() if int(s) not in args.seeds}
+        data.update(asked=sorted(set(old["asked"]) | set(data["asked"]), key=int), seeds=kept)
     for seed in args.seeds:  # seed by seed, the shortest runs first: a stopped measurement keeps whole rows
         for name in (BASE, PSO, NCT, DIVERSE, FLASH):
             run = run_experiment(name, seed, out_root, args.threads)
