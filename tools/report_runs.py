@@ -145,11 +145,13 @@ def digits_methods_data(out_root: Path, threads: int) -> dict:
     return {"where": _where(threads), "rows": rows}
 
 
-def render_digits_methods(d: dict) -> str:
-    """digits_methods.md: one row per experiment, the student's FD at 1 (and 2) steps against the teacher's 32."""
+def render_digits_methods(d: dict, dmd2: dict | None = None) -> str:
+    """digits_methods.md: one row per experiment, the student's FD at 1 (and 2) steps against the teacher's 32;
+    ``dmd2``: the default job's data (digits_dmd2.json), its 1-step FD quoted for reference."""
     lines = [f"Commands: `onestep train experiment=<experiment> {' '.join(DIGITS_EVAL)}` (`python tools/report_runs.py "
              f"digits_methods`), {d['where']}.", "",
-             "Protocol: each run's final evaluation, 2,000 samples per row, the same noise and labels in every row; FD "
+             "Protocol: each run's final evaluation (seed 0, one run each), 2,000 samples per row, the same noise and "
+             "labels in every row; FD "
              "in the shipped digits feature space (not Inception FID) against all 1,797 digits, label accuracy from "
              "the same network's classifier. Lower FD is better; the ratio is the 1-step student's FD over the "
              "teacher's 32-step FD.", "",
@@ -161,6 +163,11 @@ def render_digits_methods(d: dict) -> str:
         lines.append(f"| `{r['experiment']}` | {r['objective']} | {r['steps']} | {r['wall_s']:.0f} | "
                      f"{s['1']['fd']:.3f} | {two} | {s['1']['label_acc']:.1%} | {r['teacher_fd']:.3f} | "
                      f"{s['1']['fd'] / r['teacher_fd']:.2f}x |")
+    if dmd2 is not None:
+        student, teachers = _student_and_teachers(dmd2["rows"])
+        lines += ["", f"For reference, the default job (`onestep train`, DMD2, {dmd2['steps']} steps; "
+                      f"results/digits_dmd2.md): 1-step FD {student['fd']:.3f}, {dmd2['student_x_teacher']:.2f}x the "
+                      f"teacher's {teachers[-1]['steps']}-step FD."]
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +278,7 @@ def rendered(folder: Path) -> dict[str, str]:
         out[f"bench_{exp}.md"] = render_bench(data(f"bench_{exp}"), read_csv(folder / f"bench_{exp}.csv"))
     out["consistency_experiments.md"] = render_consistency(data("consistency_experiments"))
     if (folder / "digits_methods.json").is_file():
-        out["digits_methods.md"] = render_digits_methods(data("digits_methods"))
+        out["digits_methods.md"] = render_digits_methods(data("digits_methods"), data("digits_dmd2"))
     return out
 
 
