@@ -48,9 +48,10 @@ CONSISTENCY = {"gmm_cd": ["experiment=gmm_cd", *TWO_STEP], "gmm_ict": ["experime
                "gmm_scd": ["experiment=gmm_scd", *TWO_STEP],
                "gmm_scd teacher=gmm_grid": ["experiment=gmm_scd", "teacher=gmm_grid"],
                "gmm_rcm": ["experiment=gmm_rcm"]}
-#: the digits experiments of the newer methods (issue 37), as shipped; every run evaluated on the same 2,000 samples
-DIGITS_METHODS = ("digits_tdm", "digits_apex", "digits_flow_map", "digits_mlcm")
-DIGITS_EVAL = ["eval.num_samples=2000", "eval.teacher_steps=[32]", "eval.plot=false"]
+#: the digits experiments of the newer methods (issue 37), as shipped -> the teacher's many-step reference (DDIM steps:
+#: 32 on the class-conditional digits teacher, 25 on the captioned one, as results/digits_dmd2.md and digits_t2i.md)
+DIGITS_METHODS = {"digits_tdm": 32, "digits_apex": 32, "digits_flow_map": 32, "digits_mlcm": 32, "digits_t2i_hipa": 25}
+DIGITS_EVAL = ["eval.num_samples=2000", "eval.plot=false"]
 MIXTURES = {"ring": "ring 8", "grid": "grid 25", "class_mixture": "classes"}
 PHASES = ("setup", "distill", "evaluate")
 #: the results files rendered from <name>.json (runs) and bench_<experiment>.{json,csv} (benches)
@@ -130,38 +131,42 @@ def digits_methods_data(out_root: Path, threads: int) -> dict:
     """Train (or reuse) each DIGITS_METHODS run and read its final evaluation: FD per student step count, the
     teacher's 32-step FD."""
     rows = []
-    for experiment in DIGITS_METHODS:
+    for experiment, teacher_steps in DIGITS_METHODS.items():
         run = out_root / "digits_methods" / experiment
         if not (run / "metrics.json").is_file():
-            _onestep(["train", f"experiment={experiment}", *DIGITS_EVAL, f"out_root={out_root}",
-                      f"hydra.run.dir={run}"], threads)
+            _onestep(["train", f"experiment={experiment}", *DIGITS_EVAL, f"eval.teacher_steps=[{teacher_steps}]",
+                      f"out_root={out_root}", f"hydra.run.dir={run}"], threads)
         m = json.loads((run / "metrics.json").read_text())
         student = {str(r["steps"]): {k: r[k] for k in ("fd", "label_acc")} for r in m["rows"]
                    if r["model"] == "student"}
-        teacher = next(r for r in m["rows"] if r["model"] == "teacher" and r["steps"] == 32)
+        teacher = next(r for r in m["rows"] if r["model"] == "teacher" and r["steps"] == teacher_steps)
         rows.append({"experiment": experiment, "objective": m["objective"], "steps": m["steps"],
+                     "teacher_steps": teacher_steps,
                      "wall_s": sum(m.get("seconds", {}).get(k, 0.0) for k in PHASES), "students": student,
                      "teacher_fd": teacher["fd"], "teacher_label_acc": teacher["label_acc"]})
     return {"where": _where(threads), "rows": rows}
 
 
 def render_digits_methods(d: dict, dmd2: dict | None = None) -> str:
-    """digits_methods.md: one row per experiment, the student's FD at 1 (and 2) steps against the teacher's 32;
+    """digits_methods.md: one row per experiment, the student's FD at 1 (and 2) steps against the teacher's many;
     ``dmd2``: the default job's data (digits_dmd2.json), its 1-step FD quoted for reference."""
-    lines = [f"Commands: `onestep train experiment=<experiment> {' '.join(DIGITS_EVAL)}` (`python tools/report_runs.py "
+    lines = [f"Commands: `onestep train experiment=<experiment> {' '.join(DIGITS_EVAL)} eval.teacher_steps=[<n>]` "
+             "(`python tools/report_runs.py "
              f"digits_methods`), {d['where']}.", "",
              "Protocol: each run's final evaluation (seed 0, one run each), 2,000 samples per row, the same noise and "
              "labels in every row; FD "
              "in the shipped digits feature space (not Inception FID) against all 1,797 digits, label accuracy from "
-             "the same network's classifier. Lower FD is better; the ratio is the 1-step student's FD over the "
-             "teacher's 32-step FD.", "",
-             "| experiment | objective | steps | wall (s) | FD 1 step | FD 2 steps | label acc (1 step) | teacher FD 32 "
-             "steps | 1-step / teacher |", "|---|---|---|---|---|---|---|---|---|"]
+             "the same network's classifier (of the prompted digit on the captioned teacher). Lower FD is better; the "
+             "ratio is the 1-step student's FD over the teacher's n-step DDIM FD (n = 32 on the class-conditional "
+             "teacher, 25 on the captioned one: `digits_t2i_*`).", "",
+             "| experiment | objective | steps | wall (s) | FD 1 step | FD 2 steps | label acc (1 step) | teacher FD "
+             "(n steps) | 1-step / teacher |", "|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         s = r["students"]
         two = f"{s['2']['fd']:.3f}" if "2" in s else ""
         lines.append(f"| `{r['experiment']}` | {r['objective']} | {r['steps']} | {r['wall_s']:.0f} | "
-                     f"{s['1']['fd']:.3f} | {two} | {s['1']['label_acc']:.1%} | {r['teacher_fd']:.3f} | "
+                     f"{s['1']['fd']:.3f} | {two} | {s['1']['label_acc']:.1%} | {r['teacher_fd']:.3f} "
+                     f"({r.get('teacher_steps', 32)}) | "
                      f"{s['1']['fd'] / r['teacher_fd']:.2f}x |")
     if dmd2 is not None:
         student, teachers = _student_and_teachers(dmd2["rows"])
