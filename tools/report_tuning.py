@@ -1,6 +1,6 @@
 """Measure the four after-distillation experiments of the captioned-digits teacher over seeds and report their targets.
 
-    python tools/report_tuning.py --seeds 0 1 2 [--out-root runs/tuning] [--threads 1] [--note "..."] [--add]
+    python tools/report_tuning.py --seeds 0 1 2 [--out-root runs/tuning] [--threads 1] [--note "..."] [--add] [--tries]
     python tools/report_tuning.py render     # rewrite results/tuning.md from its JSON, running nothing
 
 Per seed, through `onestep train` as shipped plus the evaluation keys EVAL (the same 1,000 held-out-prompt samples,
@@ -11,6 +11,8 @@ reward=digits_class and the diversity per prompt in every row):
   digits_t2i_pso          objective.student= that seed's DMD2 run
   digits_t2i_diverse_cfg  against DMD2 at the same 200 steps (its quality end: diversity_weight=0 is DMD2's loss)
   digits_t2i_nct          objective.base= that seed's DMD2 run; control accuracy from its last log steps
+With --tries, also the variants of TRIES (one seed each, tried against a miss), into <out-root>/tries/<label>,
+each a row against its seed's DMD2 base.
 A finished run folder is reused and an unfinished one resumes (the same command finishes it). results/tuning.json and
 results/tuning.md are rewritten after every run, so an interrupted measurement keeps what it finished; the docs
 reward-tuning page's generated block is refreshed with them.
@@ -36,6 +38,10 @@ BASE, FLASH, PSO, DIVERSE, NCT = ("digits_t2i_dmd2", "digits_t2i_flash_dmd", "di
                                   "digits_t2i_nct")
 EVAL = ["reward=digits_class", "eval.num_samples=1000", "eval.teacher_steps=[1]", "eval.rewards.diversity=true",
         "eval.plot=false"]
+#: variants tried against the misses (label -> (experiment, seed, extra overrides)); the base is that seed's DMD2 run
+TRIES = {"pso_pairs_data": (PSO, 2, ["objective.pairs=data", "data=digits_text",
+                                     "data.eval_path=${onestep.asset:digits_t2i/prompts_heldout.txt}"]),
+         "nct_lr_1e-3": (NCT, 2, ["trainer.generator_optim.lr=1e-3"])}
 #: the reward-hacking guard: a tuned student's FD at most this multiple of the distilled student's
 FD_GUARD = 1.2
 #: NCT's control accuracy: the mean over the run's last this many log steps (a batch of fresh samples each)
@@ -50,8 +56,9 @@ def overrides(name: str, base_run: Path) -> list[str]:
             DIVERSE: [], NCT: [f"objective.base={base_run}"]}[name]
 
 
-def run_experiment(name: str, seed: int, out_root: Path, threads: int, extra: tuple[str, ...] = ()) -> Path:
-    run = out_root / f"seed{seed}" / name
+def run_experiment(name: str, seed: int, out_root: Path, threads: int, extra: tuple[str, ...] = (),
+                   run: Path | None = None) -> Path:
+    run = run or out_root / f"seed{seed}" / name
     if not (run / "metrics.json").is_file():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = ["onestep", "train", f"experiment={name}", f"seed={seed}", *EVAL,
@@ -246,9 +253,10 @@ def render(data: dict) -> str:
         lines += ["", "Tried: ties left out (`objective.tie`; the share of pairs that were no tie is above). The FD "
                   "still rises as it did with every pair counted, though most steps then have no pair left and a loss "
                   "of 0: ranking noise is not the whole cause. Suspected: AdamW scales the rare, tiny gradients of "
-                  "the pairs left up to full-size steps, which keep moving the student through the momentum. Not "
-                  "tried yet: the paper's reference-set pairing (`objective.pairs=data` with `data=digits_text`: the "
-                  "data's digits preferred over the student's samples), a smaller learning rate."]
+                  "the pairs left up to full-size steps, which keep moving the student through the momentum. Tried: "
+                  "the paper's reference-set pairing (`pso_pairs_data` below: `objective.pairs=data` with "
+                  "`data=digits_text`, the data's digits preferred over the student's samples). Not tried yet: a "
+                  "smaller learning rate."]
 
     rows = [r for r in (diverse_row(s, seeds[s]) for s in sorted(seeds)) if r]
     if rows:
@@ -279,11 +287,34 @@ def render(data: dict) -> str:
                          "target: control followed (gain > 2 binomial SE)"], body)
         lines += ["", "In the shipped 200 steps (learning rate 1e-4) the zero-initialised ControlNet's output "
                   "convolutions barely leave zero, so the adapted generator still draws what the base draws. Tried: "
-                  "a 10x adapter learning rate (1e-3, seed 2, runs/nct_try): the control accuracy stayed equal to the "
-                  "base's at nearly every log step and the zero convolutions still barely moved, so the NCT gradients "
-                  "on the adapter mostly cancel from batch to batch rather than being too small. Not tried yet: many "
-                  "more steps (the paper trains for thousands), a larger batch."]
+                  "a 10x adapter learning rate (`nct_lr_1e-3` below): the control accuracy stays at the base's and the "
+                  "zero convolutions still barely move, so the NCT gradients on the adapter mostly cancel from batch "
+                  "to batch rather than being too small. Not tried yet: many more steps (the paper trains for "
+                  "thousands), a larger batch."]
+    lines += _tries(data)
     return "\n".join(lines) + "\n"
+
+
+def _tries(data: dict) -> list[str]:
+    """The variants tried against the misses: one seed each, against that seed's DMD2 base."""
+    rows = []
+    for label, t in data.get("tries", {}).items():
+        b = data["seeds"].get(str(t["seed"]), {}).get(BASE)
+        if b is None:
+            continue
+        f, bf = t["final"], b["final"]
+        control = ("" if "control_acc" not in t else
+                   f"{t['control_acc']:.1%} (base {t['base_control_acc']:.1%})")
+        rows.append([f"`{label}`", f"`{t['experiment']}` {' '.join(f'`{o}`' for o in t['overrides'])}",
+                     str(t["seed"]), _f(bf["fd"]), _f(f["fd"]), _f(bf["reward"], "{:.4f}"), _f(f["reward"], "{:.4f}"),
+                     _f(bf["diversity"], "{:.4f}"), _f(f["diversity"], "{:.4f}"), control,
+                     _up(f["reward"], bf["reward"]), _guard(f["fd"], bf["fd"])])
+    if not rows:
+        return []
+    return ["", "**Tried against the misses** (`--tries`; one seed each, against that seed's distilled DMD2 student; "
+                "an NCT run's evaluation samples without a control, so its FD / reward are the base's):", "",
+            *_table(["variant", "run", "seed", "base FD", "FD", "base reward", "reward", "base diversity", "diversity",
+                     "control acc (last logs)", "target: reward up", "target: FD guard"], rows)]
 
 
 def rendered(folder: Path) -> dict[str, str]:
@@ -308,6 +339,7 @@ def main() -> None:
     ap.add_argument("--out-root", default="runs/tuning")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", help="how the runs were timed, shown beside the command (e.g. a shared machine)")
+    ap.add_argument("--tries", action="store_true", help="also run the variants of TRIES (after the seeds)")
     ap.add_argument("--add", action="store_true",
                     help="keep the seeds results/tuning.json already holds and add these (their run folders may be gone)")
     args = ap.parse_args()
@@ -318,12 +350,20 @@ def main() -> None:
     if args.add and (ROOT / DATA).is_file():
         old = json.loads((ROOT / DATA).read_text())
         kept = {s: v for s, v in old["seeds"].items() if int(s) not in args.seeds}
-        data.update(asked=sorted(set(old["asked"]) | set(data["asked"]), key=int), seeds=kept)
+        data.update(asked=sorted(set(old["asked"]) | set(data["asked"]), key=int), seeds=kept,
+                    tries=old.get("tries", {}))
     for seed in args.seeds:  # seed by seed, the shortest runs first: a stopped measurement keeps whole rows
         for name in (BASE, PSO, NCT, DIVERSE, FLASH):
             run = run_experiment(name, seed, out_root, args.threads)
             data["seeds"].setdefault(str(seed), {})[name] = run_data(run)
             write(data)
+    for label, (name, seed, extra) in (TRIES.items() if args.tries else ()):
+        run_experiment(name, seed, out_root, args.threads, tuple(extra), out_root / "tries" / label)
+        data.setdefault("tries", {})[label] = {"experiment": name, "seed": seed, "overrides": extra,
+                                               **run_data(out_root / "tries" / label)}
+        base = out_root / f"seed{seed}" / BASE  # (the row compares against it)
+        data["seeds"].setdefault(str(seed), {}).setdefault(BASE, run_data(base))
+        write(data)
     print(rendered(ROOT / "results")["tuning.md"])
 
 
