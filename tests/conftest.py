@@ -58,42 +58,6 @@ def _threads():
     torch.set_num_threads(n)
 
 
-#: DSM-fitted teacher nets of this worker process, by (teacher config, seed, device, parameter shapes): see below
-_FITTED_NETS: dict[tuple, dict[str, torch.Tensor]] = {}
-
-
-@pytest.fixture(autouse=True)
-def _fitted_teacher_nets(request, monkeypatch):
-    """Many tests train on the same mixture teacher; its MLP's DSM fit (tens of seconds on a shared core) is a
-    function of the teacher config and the seed alone. A run folder that already holds teacher_net.safetensors reads it
-    instead of fitting (experiment._fit_or_read, the product's own path), and the trainer reseeds after the teacher
-    is built, so a run is bit-identical either way (tests/test_train.py checks this). So a fit made by one test of
-    this process is written into a later run folder of the same key before the product looks; a run folder that
-    already holds a net (a test's own, corrupt or not) is left alone, and only nets this process fitted are kept.
-    A test marked ``fits_teacher`` fits in every run."""
-    if request.node.get_closest_marker("fits_teacher"):
-        return
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
-    from onestep import experiment
-
-    fit_or_read = experiment._fit_or_read
-
-    def shared(net, clean, cfg, run_dir, progress):
-        file = Path(run_dir) / "teacher_net.safetensors"
-        key = (OmegaConf.to_yaml(cfg.teacher, resolve=True), cfg.seed, str(next(net.parameters()).device),
-               tuple((k, tuple(v.shape)) for k, v in net.state_dict().items()))
-        fitted_here = not file.exists() and key not in _FITTED_NETS
-        if not file.exists() and key in _FITTED_NETS:
-            save_file(_FITTED_NETS[key], str(file))
-        fit_or_read(net, clean, cfg, run_dir, progress)
-        if fitted_here:
-            _FITTED_NETS[key] = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-
-    monkeypatch.setattr(experiment, "_fit_or_read", shared)
-
-
 def one_line(excinfo) -> str:
     """The message of a pytest.raises excinfo, asserted to be one line."""
     msg = str(excinfo.value)

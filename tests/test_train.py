@@ -50,7 +50,6 @@ def test_resume_is_bit_identical(tmp_path):
             assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
 
 
-@pytest.mark.fits_teacher
 def test_a_cached_teacher_net_gives_the_run_that_trained_it(tmp_path):
     """A run folder that already holds teacher_net.safetensors skips the teacher's DSM draws; the objective's heads
     (sCD's log-variance head here) must start the same anyway. Before commit f7d2fd0 they were drawn after the
