@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -165,8 +166,6 @@ def cli_bad_input(args, out, capsys, monkeypatch) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and len(err) == 1 and err[0].startswith("onestep: error:"), err
     assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
-    import logging
-
     left = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)
             and Path(h.baseFilename).is_relative_to(Path(out).resolve())]
     assert not left, f"the root logger still writes into the removed run folder: {left}"

@@ -129,7 +129,7 @@ def render_consistency(d: dict) -> str:
 
 def digits_methods_data(out_root: Path, threads: int) -> dict:
     """Train (or reuse) each DIGITS_METHODS run and read its final evaluation: FD per student step count, the
-    teacher's 32-step FD."""
+    teacher's FD at the experiment's reference step count."""
     rows = []
     for experiment, teacher_steps in DIGITS_METHODS.items():
         run = out_root / "digits_methods" / experiment
@@ -166,7 +166,7 @@ def render_digits_methods(d: dict, dmd2: dict | None = None) -> str:
         two = f"{s['2']['fd']:.3f}" if "2" in s else ""
         lines.append(f"| `{r['experiment']}` | {r['objective']} | {r['steps']} | {r['wall_s']:.0f} | "
                      f"{s['1']['fd']:.3f} | {two} | {s['1']['label_acc']:.1%} | {r['teacher_fd']:.3f} "
-                     f"({r.get('teacher_steps', 32)}) | "
+                     f"({r['teacher_steps']}) | "
                      f"{s['1']['fd'] / r['teacher_fd']:.2f}x |")
     if dmd2 is not None:
         student, teachers = _student_and_teachers(dmd2["rows"])

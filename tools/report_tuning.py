@@ -361,8 +361,9 @@ def main() -> None:
         run_experiment(name, seed, out_root, args.threads, tuple(extra), out_root / "tries" / label)
         data.setdefault("tries", {})[label] = {"experiment": name, "seed": seed, "overrides": extra,
                                                **run_data(out_root / "tries" / label)}
-        base = out_root / f"seed{seed}" / BASE  # (the row compares against it)
-        data["seeds"].setdefault(str(seed), {}).setdefault(BASE, run_data(base))
+        runs = data["seeds"].setdefault(str(seed), {})
+        if BASE not in runs:  # the row compares against it (with --add it may come from the JSON alone)
+            runs[BASE] = run_data(out_root / f"seed{seed}" / BASE)
         write(data)
     print(rendered(ROOT / "results")["tuning.md"])
 
