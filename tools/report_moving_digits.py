@@ -1,10 +1,12 @@
 """Distill the shipped text-to-video moving-digits teacher with the README's experiment and report it.
 
-    python tools/report_moving_digits.py [--out-root runs/report] [--threads 2] [--note "..."]
+    python tools/report_moving_digits.py [--only moving_digits_rcm,...] [--out-root runs/report] [--threads 2]
+                                         [--note "..."]
     python tools/report_moving_digits.py render     # rewrite results/moving_digits.md from its JSON, running nothing
 
 Runs `onestep train experiment=moving_digits_dmd2`, `experiment=moving_digits_mcm` and `experiment=moving_digits_rcm` (alone on the machine; a
-finished run folder is reused, with the wall seconds it recorded), then writes
+finished run folder is reused, with the wall seconds it recorded; --only reruns some and keeps the JSON's other
+entries as they were, each with its own timing note), then writes
   results/moving_digits.json    the run's steps, phase and wall seconds and evaluation rows
   results/moving_digits.md      rendered from that JSON: the table, wall seconds and the targets, checked
   docs/moving_digits.gif        held-out prompts, teacher (many steps) above the 1-step student (the run's panels)
@@ -97,12 +99,21 @@ def main() -> None:
     ap.add_argument("--out-root", default="runs/report")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--note", help="how the runs were timed, shown beside the wall seconds (e.g. a shared machine)")
+    ap.add_argument("--only", help=f"comma-separated experiments to run (default: all of {', '.join(EXPERIMENTS)}); "
+                                   "the JSON keeps the others' entries")
     args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(EXPERIMENTS)
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
+        ap.error(f"--only: unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
     out_root = Path(args.out_root).resolve()
-    runs = {name: run_experiment(name, out_root, args.threads) for name in EXPERIMENTS}
-    # the run's final evaluation panels: the same held-out prompts and noise for teacher and student
-    shutil.copyfile(runs[EXPERIMENTS[0]] / "samples.gif", ROOT / GIF)
-    (ROOT / DATA).write_text(json.dumps(report_data(runs, args.note), indent=1) + "\n", encoding="utf-8")
+    runs = {name: run_experiment(name, out_root, args.threads) for name in names}
+    if EXPERIMENTS[0] in runs:  # the run's final evaluation panels: the same held-out prompts and noise for both
+        shutil.copyfile(runs[EXPERIMENTS[0]] / "samples.gif", ROOT / GIF)
+    saved = json.loads((ROOT / DATA).read_text()) if (ROOT / DATA).is_file() else {}
+    merged = {**saved, **report_data(runs, args.note)}
+    data = {name: merged[name] for name in EXPERIMENTS if name in merged}  # (the shipped order)
+    (ROOT / DATA).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     text = rendered(ROOT / "results")["moving_digits.md"]
     (ROOT / RESULTS).write_text(text, encoding="utf-8")
     print(text)
