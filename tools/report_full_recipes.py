@@ -1,7 +1,7 @@
 """Students that beat their teachers: the papers' full recipes on real data, two stages where the paper has two.
 
     python tools/report_full_recipes.py [--only digits_dmd2_gan,...] [--seeds 0 1 2] [--out-root runs/full_recipes]
-                                        [--threads 1] [--note "..."]
+                                        [--threads 1] [--note "..."] [--sweep]
     python tools/report_full_recipes.py render     # rewrite results/full_recipes.md from its JSON, running nothing
 
 Each recipe is a list of `onestep train` stages run through the CLI, each stage after the first started from the one
@@ -12,7 +12,9 @@ teacher's many-step sampler, then mean ± std over seeds and each target (issue 
   digits_t2i  1-step FD below the teacher's 25-step FD, prompt accuracy within 2 points of the teacher's
   grid25      25/25 modes on every seed, worst mode-mass error <= 1.5x the teacher's 64-step
   classes16   sliced-W2 <= 1.0x the teacher's 64-step
-Writes results/full_recipes.{json,md} (results merge by recipe, so the tool can run in parts with --only).
+--sweep also reruns seed 0 of a recipe in SWEEPS at each of its values of one key (e.g. the GAN weight), shown as a
+small table under the recipe. Writes results/full_recipes.{json,md} (results merge by recipe, and by seed within a recipe whose stages are
+unchanged, so the tool can run in parts with --only and --seeds).
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ CLASSES16_SIDA = ["experiment=bench_classes16", "objective=sida", "objective.ttu
                   "objective.critic_t_dist=lognormal", "objective.gan_balance=official", "objective.gan_weight=1e-4",
                   "objective.gan_head=channel_mean", "objective.t_dist=karras", "objective.t_lo=0.0",
                   "objective.t_hi=0.8"]
+
+
+def _set(overrides: list[str], key: str, value: str) -> list[str]:
+    """``overrides`` with ``key`` set to ``value`` (replaced in place, or appended)."""
+    if not any(o.startswith(f"{key}=") for o in overrides):
+        return [*overrides, f"{key}={value}"]
+    return [f"{key}={value}" if o.startswith(f"{key}=") else o for o in overrides]
+
+
+#: DMD2 on classes16 with the GAN weight the seed-0 sweep below picked (SWEEPS: 0.01 -> 10 brings the 1-step
+#: sliced-W2 from 4.0x to 1.0x the teacher's; the pure adversarial student of the bench lands under the teacher)
+CLASSES16_DMD2_GAN10 = _set(CLASSES16_DMD2, "objective.gan_weight", "10")
 #: recipe -> (task, stages: each the CLI overrides of one `onestep train`)
 RECIPES: dict[str, tuple[str, list[list[str]]]] = {
     "digits_dmd2_gan": ("digits", [["experiment=digits_dmd2"], ["experiment=digits_dmd2_gan"]]),
@@ -49,7 +63,13 @@ RECIPES: dict[str, tuple[str, list[list[str]]]] = {
     "grid25_dmd2": ("grid25", [["experiment=grid25_dmd2", *GMM_EVAL]]),
     "grid25_sida": ("grid25", [["experiment=grid25_sida", *GMM_EVAL]]),
     "classes16_dmd2": ("classes16", [[*CLASSES16_DMD2, *GMM_EVAL]]),
+    "classes16_dmd2_gan10": ("classes16", [[*CLASSES16_DMD2_GAN10, *GMM_EVAL]]),
     "classes16_sida": ("classes16", [[*CLASSES16_SIDA, *GMM_EVAL]]),
+}
+#: recipe -> (key, values): seed 0 of the recipe's last stage again at each value (``--sweep``), shown under it
+SWEEPS: dict[str, tuple[str, list[str]]] = {
+    "classes16_dmd2": ("objective.gan_weight", ["0.1", "1.0", "3.0", "10.0"]),
+    "grid25_dmd2": ("objective.gan_weight", ["0.1", "1.0", "10.0"]),
 }
 #: the teacher row each task compares against (sampler steps)
 TEACHER_STEPS = {"digits": 32, "digits_t2i": 25, "grid25": 64, "classes16": 64}
@@ -59,13 +79,22 @@ def stage_dir(out_root: Path, recipe: str, seed: int, i: int) -> Path:
     return out_root / recipe / f"seed{seed}" / f"stage{i + 1}"
 
 
-def run_recipe(recipe: str, seed: int, out_root: Path, threads: int, extra: list[str]) -> list[Path]:
+def sweep_dir(out_root: Path, recipe: str, key: str, value: str) -> Path:
+    return out_root / recipe / f"seed0_{key.split('.')[-1]}={value}"
+
+
+def run_recipe(recipe: str, seed: int, out_root: Path, threads: int, extra: list[str],
+               sweep: tuple[str, str] | None = None) -> list[Path]:
     """Each stage of ``recipe`` at ``seed`` (skipped when its folder already holds metrics.json), with ``extra``
-    overrides after the recipe's; the stage folders."""
+    overrides after the recipe's, and ``sweep``'s (key, value) set in its last stage; the stage folders."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     folders: list[Path] = []
-    for i, overrides in enumerate(RECIPES[recipe][1]):
+    stages = RECIPES[recipe][1]
+    for i, overrides in enumerate(stages):
         run = stage_dir(out_root, recipe, seed, i)
+        if sweep is not None and i == len(stages) - 1:
+            overrides = _set(overrides, *sweep)
+            run = sweep_dir(out_root, recipe, *sweep) / f"stage{i + 1}"
         if not (run / "metrics.json").is_file():
             start = [f"trainer.init_from={folders[-1]}"] if folders else []
             cmd = ["onestep", "train", *overrides, *extra, *start, f"seed={seed}", "trainer.progress=false",
@@ -165,7 +194,26 @@ def render(data: dict) -> str:
         lines += ["", f"Mean ± std over {len(seeds)} seed(s): student {_ms([r['student'][key] for r in seeds.values()], fmt)}"
                   f", teacher {_ms([r['teacher'][key] for r in seeds.values()], fmt)} ({'FD' if digits else 'sliced-W2'}). "
                   f"Target: {targets(task, seeds)}."]
+        if recipe in data.get("sweeps", {}):
+            lines += ["", *render_sweep(task, data["sweeps"][recipe], d)]
     return "\n".join(lines) + "\n"
+
+
+def render_sweep(task: str, sweep: dict, recipe: dict) -> list[str]:
+    """The seed-0 sweep of one key under its recipe: the recipe's own value first, then each swept value."""
+    key, rows = sweep["key"], dict(sweep["rows"])
+    own = next(o.split("=", 1)[1] for o in recipe["stages"][-1] if o.startswith(f"{key}="))
+    rows = {own: recipe["seeds"]["0"], **rows} if "0" in recipe["seeds"] else rows
+    teacher = next(iter(rows.values()))["teacher"]
+    metric, fmt = ("fd", ".3f") if task.startswith("digits") else ("sliced_w2", ".4f")
+    head = [f"`{key}`", *(["FD", "prompt / label acc"] if task.startswith("digits") else
+                          ["sliced-W2", "modes", "worst mass err"]), "/ teacher"]
+    out = [f"Seed 0 of the same run at other values of `{key}` (the first row: the recipe's own):", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for value, r in rows.items():
+        out.append(f"| {value} | " + " | ".join(_cells(task, r["student"]))
+                   + f" | {r['student'][metric] / teacher[metric]:.2f}x |")
+    return out
 
 
 def rendered(folder: Path) -> dict[str, str]:
@@ -178,13 +226,15 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help=f"comma-separated recipes (default: all of {', '.join(RECIPES)})")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="seeds to run (none: only --sweep; the JSON keeps the seeds it has)")
     ap.add_argument("--out-root", default="runs/full_recipes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", help="how the runs were made (e.g. a machine shared with other jobs)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides after every stage's (a smoke run: trainer.steps=4 eval.num_samples=64)")
     ap.add_argument("--results", default=str(ROOT / "results"), help="folder for full_recipes.{json,md}")
+    ap.add_argument("--sweep", action="store_true", help=f"also run the seed-0 sweeps of {', '.join(SWEEPS)}")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(RECIPES)
     unknown = sorted(set(names) - set(RECIPES))
@@ -199,11 +249,22 @@ def main() -> None:
         saved["note"] = args.note
     for name in names:
         task, stages = RECIPES[name]
-        seeds = {}
+        before = saved["recipes"].get(name, {})
+        # seeds measured before with the same stages stay (seeds can run in parts, or side by side)
+        seeds = dict(before.get("seeds", {})) if before.get("stages") == stages else {}
         for seed in args.seeds:
             seeds[str(seed)] = seed_row(task, run_recipe(name, seed, out_root, args.threads, args.set))
+            seeds = dict(sorted(seeds.items(), key=lambda kv: int(kv[0])))
             saved["recipes"][name] = {"task": task, "stages": stages, "seeds": seeds}
             data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")  # each seed as it lands
+        if not args.seeds and name not in saved["recipes"]:
+            ap.error(f"--seeds with no seed: '{name}' has no seeds in {data} to show a sweep under")
+        if args.sweep and name in SWEEPS:
+            key, values = SWEEPS[name]
+            rows = saved.setdefault("sweeps", {}).setdefault(name, {"key": key, "rows": {}})["rows"]
+            for value in values:
+                rows[value] = seed_row(task, run_recipe(name, 0, out_root, args.threads, args.set, (key, value)))
+                data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
     text = rendered(results)["full_recipes.md"]
     (results / Path(RESULTS).name).write_text(text, encoding="utf-8")
     print(text)
