@@ -66,10 +66,11 @@ RECIPES: dict[str, tuple[str, list[list[str]]]] = {
     "classes16_dmd2_gan10": ("classes16", [[*CLASSES16_DMD2_GAN10, *GMM_EVAL]]),
     "classes16_sida": ("classes16", [[*CLASSES16_SIDA, *GMM_EVAL]]),
 }
-#: recipe -> (key, values): seed 0 of the recipe's last stage again at each value (``--sweep``), shown under it
-SWEEPS: dict[str, tuple[str, list[str]]] = {
-    "classes16_dmd2": ("objective.gan_weight", ["0.1", "1.0", "3.0", "10.0"]),
-    "grid25_dmd2": ("objective.gan_weight", ["0.1", "1.0", "10.0"]),
+#: recipe -> (key, the recipe's own value, values): seed 0 of the recipe's last stage again at each value
+#: (``--sweep``), shown under the recipe beside its own seed 0
+SWEEPS: dict[str, tuple[str, str, list[str]]] = {
+    "classes16_dmd2": ("objective.gan_weight", "0.01", ["0.1", "1.0", "3.0", "10.0"]),  # (CLASSES16_DMD2)
+    "grid25_dmd2": ("objective.gan_weight", "0.01", ["0.1", "1.0", "10.0"]),  # (configs/experiment/grid25_dmd2.yaml)
 }
 #: the teacher row each task compares against (sampler steps)
 TEACHER_STEPS = {"digits": 32, "digits_t2i": 25, "grid25": 64, "classes16": 64}
@@ -202,12 +203,11 @@ def render(data: dict) -> str:
 def render_sweep(task: str, sweep: dict, recipe: dict) -> list[str]:
     """The seed-0 sweep of one key under its recipe: the recipe's own value first, then each swept value."""
     key, rows = sweep["key"], dict(sweep["rows"])
-    own = next(o.split("=", 1)[1] for o in recipe["stages"][-1] if o.startswith(f"{key}="))
-    rows = {own: recipe["seeds"]["0"], **rows} if "0" in recipe["seeds"] else rows
+    rows = {sweep["own"]: recipe["seeds"]["0"], **rows} if "0" in recipe["seeds"] else rows
     teacher = next(iter(rows.values()))["teacher"]
-    metric, fmt = ("fd", ".3f") if task.startswith("digits") else ("sliced_w2", ".4f")
+    metric, label = ("fd", "FD") if task.startswith("digits") else ("sliced_w2", "sliced-W2")
     head = [f"`{key}`", *(["FD", "prompt / label acc"] if task.startswith("digits") else
-                          ["sliced-W2", "modes", "worst mass err"]), "/ teacher"]
+                          ["sliced-W2", "modes", "worst mass err"]), f"{label} / teacher's {TEACHER_STEPS[task]}-step"]
     out = [f"Seed 0 of the same run at other values of `{key}` (the first row: the recipe's own):", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for value, r in rows.items():
@@ -260,8 +260,10 @@ def main() -> None:
         if not args.seeds and name not in saved["recipes"]:
             ap.error(f"--seeds with no seed: '{name}' has no seeds in {data} to show a sweep under")
         if args.sweep and name in SWEEPS:
-            key, values = SWEEPS[name]
-            rows = saved.setdefault("sweeps", {}).setdefault(name, {"key": key, "rows": {}})["rows"]
+            key, own, values = SWEEPS[name]
+            sweep = saved.setdefault("sweeps", {}).setdefault(name, {"key": key, "own": own, "rows": {}})
+            sweep.update(key=key, own=own)
+            rows = sweep["rows"]
             for value in values:
                 rows[value] = seed_row(task, run_recipe(name, 0, out_root, args.threads, args.set, (key, value)))
                 data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
