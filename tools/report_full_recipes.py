@@ -80,6 +80,11 @@ def stage_dir(out_root: Path, recipe: str, seed: int, i: int) -> Path:
     return out_root / recipe / f"seed{seed}" / f"stage{i + 1}"
 
 
+def _order(recipe: str) -> int:
+    """A recipe's place in the table: RECIPES' order (one no longer in RECIPES last)."""
+    return list(RECIPES).index(recipe) if recipe in RECIPES else len(RECIPES)
+
+
 def sweep_dir(out_root: Path, recipe: str, key: str, value: str) -> Path:
     return out_root / recipe / f"seed0_{key.split('.')[-1]}={value}"
 
@@ -256,6 +261,7 @@ def main() -> None:
             seeds[str(seed)] = seed_row(task, run_recipe(name, seed, out_root, args.threads, args.set))
             seeds = dict(sorted(seeds.items(), key=lambda kv: int(kv[0])))
             saved["recipes"][name] = {"task": task, "stages": stages, "seeds": seeds}
+            saved["recipes"] = {k: saved["recipes"][k] for k in sorted(saved["recipes"], key=_order)}
             data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")  # each seed as it lands
         if not args.seeds and name not in saved["recipes"]:
             ap.error(f"--seeds with no seed: '{name}' has no seeds in {data} to show a sweep under")
