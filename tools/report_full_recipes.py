@@ -155,7 +155,8 @@ def targets(task: str, seeds: dict[str, dict]) -> str:
         ratio = mean(lambda r: r["student"]["fd"] / r["teacher"]["fd"])
         gap = mean(lambda r: 100 * (r["teacher"]["label_acc"] - r["student"]["label_acc"]))
         return (f"1-step FD / teacher 25-step FD = {ratio:.3f} (target < 1: {met(ratio < 1)}); prompt accuracy "
-                f"{gap:+.1f} points below the teacher's (target <= 2: {met(gap <= 2)}) (means over {len(s)} seeds)")
+                f"{abs(gap):.1f} points {'below' if gap > 0 else 'above'} the teacher's (target: at most 2 below: "
+                f"{met(gap <= 2)}) (means over {len(s)} seeds)")
     if task == "grid25":
         every = all(r["student"]["modes_covered"] == r["student"]["num_modes"] for r in s)
         ratio = mean(lambda r: r["student"]["worst_mode_mass_err"] / r["teacher"]["worst_mode_mass_err"])
