@@ -110,6 +110,16 @@ def rerender(rendered) -> bool:
     return True
 
 
+def only(ap, arg: str | None, choices, what: str) -> list[str]:
+    """A results tool's ``--only a,b``: those names (all of ``choices`` when unset); an unknown one is an argparse
+    error naming the choices."""
+    names = arg.split(",") if arg else list(choices)
+    unknown = sorted(set(names) - set(choices))
+    if unknown:
+        ap.error(f"--only: unknown {what}(s) {unknown}; choose from {', '.join(choices)}")
+    return names
+
+
 def update_readme(results_file: str, readme: Path | None = None) -> bool:
     """Refresh the block of ``results_file`` on every page (or on ``readme`` alone); True when some page holds it."""
     targets = [readme] if readme is not None else pages()

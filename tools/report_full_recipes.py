@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import ROOT, rerender, update_readme  # noqa: E402
+from readme_block import ROOT, only, rerender, update_readme  # noqa: E402
 
 RESULTS, DATA = "results/full_recipes.md", "results/full_recipes.json"
 #: the mixtures' evaluation: the teacher's 64-step sampler beside the student (onestep's gmm evaluator)
@@ -242,10 +242,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "results"), help="folder for full_recipes.{json,md}")
     ap.add_argument("--sweep", action="store_true", help=f"also run the seed-0 sweeps of {', '.join(SWEEPS)}")
     args = ap.parse_args()
-    names = args.only.split(",") if args.only else list(RECIPES)
-    unknown = sorted(set(names) - set(RECIPES))
-    if unknown:
-        ap.error(f"--only: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    names = only(ap, args.only, RECIPES, "recipe")
     out_root = Path(args.out_root).resolve()
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
@@ -253,27 +250,33 @@ def main() -> None:
     saved = json.loads(data.read_text()) if data.is_file() else {"recipes": {}}
     if args.note:
         saved["note"] = args.note
+
+    def save() -> None:
+        """The JSON as it stands (written as each run lands): recipes in RECIPES' order, seeds in number order."""
+        saved["recipes"] = {k: {**r, "seeds": dict(sorted(r["seeds"].items(), key=lambda kv: int(kv[0])))}
+                            for k, r in sorted(saved["recipes"].items(), key=lambda kv: _order(kv[0]))}
+        data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+
     for name in names:
         task, stages = RECIPES[name]
         before = saved["recipes"].get(name, {})
         # seeds measured before with the same stages stay (seeds can run in parts, or side by side)
-        seeds = dict(before.get("seeds", {})) if before.get("stages") == stages else {}
+        kept = before.get("stages") == stages
+        if not args.seeds and not kept:
+            ap.error(f"--seeds with no seed: {data} holds no seeds of '{name}' as it runs now to show a sweep under")
+        seeds = dict(before["seeds"]) if kept else {}
         for seed in args.seeds:
             seeds[str(seed)] = seed_row(task, run_recipe(name, seed, out_root, args.threads, args.set))
-            seeds = dict(sorted(seeds.items(), key=lambda kv: int(kv[0])))
             saved["recipes"][name] = {"task": task, "stages": stages, "seeds": seeds}
-            saved["recipes"] = {k: saved["recipes"][k] for k in sorted(saved["recipes"], key=_order)}
-            data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")  # each seed as it lands
-        if not args.seeds and name not in saved["recipes"]:
-            ap.error(f"--seeds with no seed: '{name}' has no seeds in {data} to show a sweep under")
+            save()
         if args.sweep and name in SWEEPS:
             key, own, values = SWEEPS[name]
-            sweep = saved.setdefault("sweeps", {}).setdefault(name, {"key": key, "own": own, "rows": {}})
-            sweep.update(key=key, own=own)
-            rows = sweep["rows"]
+            old = saved.setdefault("sweeps", {}).get(name, {})
+            rows = old["rows"] if old.get("key") == key else {}  # (values of another key are no longer this sweep)
+            saved["sweeps"][name] = {"key": key, "own": own, "rows": rows}
             for value in values:
                 rows[value] = seed_row(task, run_recipe(name, 0, out_root, args.threads, args.set, (key, value)))
-                data.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+                save()
     text = rendered(results)["full_recipes.md"]
     (results / Path(RESULTS).name).write_text(text, encoding="utf-8")
     print(text)

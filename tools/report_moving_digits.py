@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import ROOT, rerender, update_readme  # noqa: E402
+from readme_block import ROOT, only, rerender, update_readme  # noqa: E402
 
 EXPERIMENTS = ("moving_digits_dmd2", "moving_digits_mcm", "moving_digits_rcm")
 RESULTS, DATA, GIF = "results/moving_digits.md", "results/moving_digits.json", "docs/moving_digits.gif"
@@ -102,10 +102,7 @@ def main() -> None:
     ap.add_argument("--only", help=f"comma-separated experiments to run (default: all of {', '.join(EXPERIMENTS)}); "
                                    "the JSON keeps the others' entries")
     args = ap.parse_args()
-    names = args.only.split(",") if args.only else list(EXPERIMENTS)
-    unknown = sorted(set(names) - set(EXPERIMENTS))
-    if unknown:
-        ap.error(f"--only: unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    names = only(ap, args.only, EXPERIMENTS, "experiment")
     out_root = Path(args.out_root).resolve()
     runs = {name: run_experiment(name, out_root, args.threads) for name in names}
     if EXPERIMENTS[0] in runs:  # the run's final evaluation panels: the same held-out prompts and noise for both
